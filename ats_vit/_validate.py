@@ -1,0 +1,83 @@
+"""Argument checks that raise ValueError/TypeError naming the argument, never assert."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def positive_int(name: str, value: object) -> int:
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def pair(name: str, value: object) -> tuple[int, int]:
+    """An int or an (height, width) pair of positive ints."""
+    if is_int(value):
+        return positive_int(name, value), value
+    if isinstance(value, Sequence) and len(value) == 2:
+        return positive_int(f"{name}[0]", value[0]), positive_int(f"{name}[1]", value[1])
+    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
+def probability(name: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def choice(name: str, value: object, accepted: Sequence[str]) -> str:
+    if value not in accepted:
+        raise ValueError(f"{name} must be one of {tuple(accepted)}, got {value!r}")
+    return value
+
+
+def schedule(value: object, depth: int) -> tuple[int, ...]:
+    """max_tokens_per_depth: one positive int per layer, non-increasing."""
+    name = "max_tokens_per_depth"
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        raise TypeError(f"{name} must be a sequence of ints (one per layer), got {value!r}")
+    tokens = tuple(positive_int(f"{name}[{i}]", t) for i, t in enumerate(value))
+    if len(tokens) != depth:
+        raise ValueError(f"{name} must have one entry per layer (depth={depth}), got {len(tokens)}: {tokens}")
+    if any(later > earlier for earlier, later in itertools.pairwise(tokens)):
+        raise ValueError(f"{name} must be non-increasing, got {tokens}")
+    return tokens
+
+
+def images(img: object, channels: int, size: tuple[int, int], param_dtype: torch.dtype) -> Tensor:
+    """A (b, channels, *size) floating tensor with b >= 1, whose dtype the model can take."""
+    if not isinstance(img, Tensor):
+        raise TypeError(f"img must be a torch.Tensor, got {type(img).__name__}")
+    if not img.is_floating_point():
+        raise TypeError(f"img must be a floating point tensor, got dtype {img.dtype}")
+    if img.dim() != 4:
+        raise ValueError(
+            f"img must have shape (batch, {channels}, {size[0]}, {size[1]}), got {tuple(img.shape)}"
+        )
+    b, c, h, w = img.shape
+    if b == 0:
+        raise ValueError("img is an empty batch (batch size 0)")
+    if c != channels or (h, w) != size:
+        raise ValueError(
+            f"img must have shape (batch, {channels}, {size[0]}, {size[1]}) for this model "
+            f"(channels={channels}, image_size={size}), got {tuple(img.shape)}"
+        )
+    if img.dtype != param_dtype and not torch.is_autocast_enabled(img.device.type):
+        raise TypeError(
+            f"img dtype {img.dtype} does not match the model's parameters ({param_dtype}); "
+            f"cast one of them or run under torch.autocast"
+        )
+    return img

@@ -1,0 +1,244 @@
+"""A Vision Transformer whose layers keep an adaptive number of tokens per image.
+
+Same constructor arguments and forward contract as vit-pytorch's ``ats_vit.ViT`` (plus
+``sampler`` and ``static_shape``); module names follow timm's. Checkpoints of the vit-pytorch
+model load through :func:`load_vit_pytorch_state_dict`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from ats_vit import _validate
+from ats_vit.attention import SamplingAttention
+from ats_vit.sampling import SAMPLERS, Padding, Sampler, TokenSelection, gather_tokens, tokenwise
+
+__all__ = ["Block", "FeedForward", "PatchEmbed", "ViT", "load_vit_pytorch_state_dict"]
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches, flattened as ``(p1 p2 c)``, LayerNorm -> Linear -> LayerNorm."""
+
+    def __init__(self, patch_size: tuple[int, int], channels: int, dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        patch_dim = channels * patch_size[0] * patch_size[1]
+        self.norm_in = nn.LayerNorm(patch_dim)
+        self.proj = nn.Linear(patch_dim, dim)
+        self.norm_out = nn.LayerNorm(dim)
+
+    def forward(self, img: Tensor) -> Tensor:
+        """img: (b, c, H, W) -> (b, n, dim)."""
+        p1, p2 = self.patch_size
+        x = rearrange(img, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p1, p2=p2)
+        return self.norm_out(self.proj(self.norm_in(x)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; when its attention samples, the residual stream follows."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        mlp_dim: int,
+        dropout: float = 0.0,
+        max_tokens: int | None = None,
+        sampler: Sampler = "inverse_transform",
+        static_shape: bool = False,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SamplingAttention(
+            dim, heads, dim_head, dropout, max_tokens, sampler, static_shape=static_shape
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = FeedForward(dim, mlp_dim, dropout)
+
+    def forward(
+        self, x: Tensor, padding: Padding | None = None
+    ) -> tuple[Tensor, Padding | None, TokenSelection | None]:
+        """x: (b, n, dim) with its padding -> x (b, m, dim), its padding, the selection (or None)."""
+        out, selection = self.attn(self.norm1(x), padding)
+        if selection is not None:
+            x, padding = gather_tokens(x, selection.index), selection.padding
+        x = x + out
+        return x + tokenwise(lambda t: self.mlp(self.norm2(t)), x, padding), padding, selection
+
+
+class ViT(nn.Module):
+    """ViT with Adaptive Token Sampling.
+
+    ``max_tokens_per_depth[i]`` caps the patch tokens (CLS excluded) that layer ``i`` keeps;
+    a layer samples only when it has more than that. ``sampler`` is ``"inverse_transform"``
+    (the paper's; deterministic at eval) or ``"gumbel"`` (the seed's). ``static_shape=True``
+    pads every sampling layer's output to its cap instead of the batch's largest count,
+    which avoids the one host sync per sampling layer at the cost of some padded compute.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_size: int | tuple[int, int],
+        patch_size: int | tuple[int, int],
+        num_classes: int,
+        dim: int,
+        depth: int,
+        max_tokens_per_depth: Sequence[int],
+        heads: int,
+        mlp_dim: int,
+        channels: int = 3,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+        emb_dropout: float = 0.0,
+        sampler: Sampler = "inverse_transform",
+        static_shape: bool = False,
+    ) -> None:
+        super().__init__()
+        image_hw = _validate.pair("image_size", image_size)
+        patch_hw = _validate.pair("patch_size", patch_size)
+        if image_hw[0] % patch_hw[0] or image_hw[1] % patch_hw[1]:
+            raise ValueError(
+                f"image_size {image_hw} must be divisible by patch_size {patch_hw} in both dimensions"
+            )
+        for name, value in (
+            ("num_classes", num_classes),
+            ("dim", dim),
+            ("heads", heads),
+            ("mlp_dim", mlp_dim),
+            ("channels", channels),
+            ("dim_head", dim_head),
+        ):
+            _validate.positive_int(name, value)
+        depth = _validate.positive_int("depth", depth)
+        self.max_tokens_per_depth = _validate.schedule(max_tokens_per_depth, depth)
+        _validate.probability("dropout", dropout)
+        _validate.probability("emb_dropout", emb_dropout)
+        self.sampler = _validate.choice("sampler", sampler, SAMPLERS)
+
+        self.image_size = image_hw
+        self.channels = channels
+        self.num_patches = (image_hw[0] // patch_hw[0]) * (image_hw[1] // patch_hw[1])
+        self.patch_embed = PatchEmbed(patch_hw, channels, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
+        self.emb_drop = nn.Dropout(emb_dropout)
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, dim_head, mlp_dim, dropout, tokens, sampler, static_shape)
+            for tokens in self.max_tokens_per_depth
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward_features(self, img: Tensor) -> tuple[Tensor, Tensor, Padding | None, list[TokenSelection]]:
+        """img: (b, c, H, W) -> tokens (b, m, dim), their original positions (b, m) (0 = CLS),
+        their padding (None when nothing is padded), and each sampling layer's selection."""
+        img = _validate.images(img, self.channels, self.image_size, self.cls_token.dtype)
+        x = self.patch_embed(img)
+        b, n, _ = x.shape
+        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1) + self.pos_embed
+        x = self.emb_drop(x)
+        positions = torch.arange(n + 1, device=x.device).expand(b, -1)
+        padding, selections = None, []
+        for block in self.blocks:
+            x, padding, selection = block(x, padding)
+            if selection is not None:
+                positions = positions.gather(1, selection.index)
+                selections.append(selection)
+        return x, positions, padding, selections
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """x: (b, m, dim) -> logits (b, num_classes) from the CLS token."""
+        return self.head(self.norm(x[:, 0]))
+
+    def forward(self, img: Tensor, return_sampled_token_ids: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits (b, num_classes); with ``return_sampled_token_ids`` also (b, m) ids of the
+        patches alive after the last layer (0-based, CLS excluded, -1 for padding)."""
+        x, positions, padding, _ = self.forward_features(img)
+        logits = self.forward_head(x)
+        if not return_sampled_token_ids:
+            return logits
+        ids = positions[:, 1:] - 1
+        if padding is not None:
+            ids = ids.masked_fill(~padding.mask[:, 1:], -1)
+        return logits, ids
+
+
+# vit-pytorch's ats_vit.ViT parameter names -> ours
+_VIT_PYTORCH_KEYS = (
+    (r"^to_patch_embedding\.1\.", "patch_embed.norm_in."),
+    (r"^to_patch_embedding\.2\.", "patch_embed.proj."),
+    (r"^to_patch_embedding\.3\.", "patch_embed.norm_out."),
+    (r"^pos_embedding$", "pos_embed"),
+    (r"^transformer\.layers\.(\d+)\.0\.norm\.", r"blocks.\1.norm1."),
+    (r"^transformer\.layers\.(\d+)\.0\.to_qkv\.", r"blocks.\1.attn.qkv."),
+    (r"^transformer\.layers\.(\d+)\.0\.to_out\.0\.", r"blocks.\1.attn.proj."),
+    (r"^transformer\.layers\.(\d+)\.1\.net\.0\.", r"blocks.\1.norm2."),
+    (r"^transformer\.layers\.(\d+)\.1\.net\.1\.", r"blocks.\1.mlp.fc1."),
+    (r"^transformer\.layers\.(\d+)\.1\.net\.4\.", r"blocks.\1.mlp.fc2."),
+    (r"^mlp_head\.0\.", "norm."),
+    (r"^mlp_head\.1\.", "head."),
+)
+
+
+def convert_vit_pytorch_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename the keys of a vit-pytorch ``ats_vit.ViT`` state dict to ours."""
+    converted = {}
+    for key, value in state_dict.items():
+        new_key = key
+        for pattern, replacement in _VIT_PYTORCH_KEYS:
+            new_key, hits = re.subn(pattern, replacement, key)
+            if hits:
+                break
+        converted[new_key] = value
+    return converted
+
+
+def load_vit_pytorch_state_dict(model: ViT, state_dict: Mapping[str, Tensor]) -> ViT:
+    """Load a checkpoint of vit-pytorch's ``ats_vit.ViT`` into ``model`` (strictly) and return it.
+
+    Raises ValueError naming missing, unexpected or mis-shaped parameters.
+    """
+    if not isinstance(model, ViT):
+        raise TypeError(f"model must be an ats_vit.ViT, got {type(model).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
+    converted = convert_vit_pytorch_state_dict(state_dict)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(converted))
+    unexpected = sorted(set(converted) - set(own))
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in converted.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            "state_dict does not fit this model (is it a vit-pytorch ats_vit.ViT of the same sizes?): "
+            f"missing={missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected={unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
+            f"mismatched shapes={mismatched[:5]}"
+        )
+    model.load_state_dict(converted)
+    return model

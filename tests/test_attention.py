@@ -1,0 +1,83 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ats_vit.attention import SamplingAttention, attend, cls_attention
+from ats_vit.sampling import Padding
+
+
+def _padding(mask: torch.Tensor) -> Padding:
+    return Padding(mask, mask.flatten().nonzero().squeeze(1))
+
+
+def test_cls_attention_matches_full_softmax_row():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 6, 8, generator=gen), torch.randn(2, 3, 6, 8, generator=gen)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    full = (q @ k.transpose(-1, -2)) * 8**-0.5
+    full = full.masked_fill(~mask[:, None, None, :], float("-inf")).softmax(-1)
+    torch.testing.assert_close(cls_attention(q[:, :, :1], k, mask, 8**-0.5), full[:, :, 0])
+
+
+def test_padded_keys_are_never_attended():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 4, generator=gen) for _ in range(3))
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    out = attend(q, k, v, mask)
+    k2, v2 = k.clone(), v.clone()
+    k2[1, :, 3:] = 1e4
+    # finite: padded slots in the model always hold finite values (zeros or real tokens)
+    v2[1, :, 3:] = -1e4
+    torch.testing.assert_close(attend(q, k2, v2, mask), out)
+    torch.testing.assert_close(out[1], F.scaled_dot_product_attention(q[1:], k[1:, :, :3], v[1:, :, :3])[0])
+
+
+def _real(selection) -> torch.Tensor:
+    if selection.padding is None:
+        return torch.ones_like(selection.index, dtype=torch.bool)
+    return selection.padding.mask
+
+
+def _reference_attention(module: SamplingAttention, x: torch.Tensor) -> torch.Tensor:
+    q, k, v = module.qkv(x).chunk(3, dim=-1)
+    b, n, _ = x.shape
+    q, k, v = (t.view(b, n, module.heads, -1).transpose(1, 2) for t in (q, k, v))
+    attn = (q @ k.transpose(-1, -2) * module.scale).softmax(-1)
+    return module.proj((attn @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("max_tokens", [None, 9, 100])
+def test_attention_without_dropping_equals_reference(max_tokens):
+    torch.manual_seed(0)
+    module = SamplingAttention(16, heads=2, dim_head=8, max_tokens=max_tokens).eval()
+    x = torch.randn(3, 10, 16)
+    out, selection = module(x)
+    assert selection is None
+    torch.testing.assert_close(out, _reference_attention(module, x), atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_attention_outputs_equal_the_kept_rows_of_full_attention():
+    torch.manual_seed(0)
+    module = SamplingAttention(16, heads=2, dim_head=8, max_tokens=4).eval()
+    x = torch.randn(3, 12, 16)
+    out, selection = module(x)
+    assert selection is not None
+    reference = _reference_attention(module, x)
+    mask = _real(selection)
+    for i in range(3):
+        rows = selection.index[i][mask[i]]
+        torch.testing.assert_close(out[i][mask[i]], reference[i, rows], atol=1e-5, rtol=1e-5)
+        assert (out[i][~mask[i]] == 0).all()
+
+
+def test_sampling_attention_respects_input_padding():
+    torch.manual_seed(0)
+    module = SamplingAttention(16, heads=2, dim_head=8, max_tokens=3).eval()
+    x = torch.randn(2, 9, 16)
+    mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])
+    x[1, 5:] = 1e4  # whatever sits in padded slots must not matter
+    out, selection = module(x, _padding(mask))
+    alone, alone_sel = module(x[1:, :5])
+    kept = _real(selection)[1]
+    assert torch.equal(selection.index[1][kept], alone_sel.index[0])
+    torch.testing.assert_close(out[1][kept], alone[0], atol=1e-5, rtol=1e-5)

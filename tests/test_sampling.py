@@ -1,0 +1,204 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ats_vit.sampling import (
+    AdaptiveTokenSampling,
+    Padding,
+    compact,
+    gumbel_sample,
+    inverse_transform_sample,
+    keep_mask,
+    significance_scores,
+    tokenwise,
+)
+
+
+@st.composite
+def layer_inputs(draw):
+    """Random CLS attention, values and (maybe) padding for one layer, plus an ATS config."""
+    b = draw(st.integers(1, 4))
+    p = draw(st.integers(1, 3))
+    n_cand = draw(st.integers(1, 24))
+    heads = draw(st.integers(1, 3))
+    k = draw(st.integers(1, 30))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    n = p + n_cand
+    cls_attn = (3 * torch.randn(b, heads, n, generator=gen)).softmax(-1)
+    v = torch.randn(b, heads, n, 4, generator=gen)
+    padded = draw(st.booleans())
+    padding_mask = None
+    if padded:
+        counts = torch.tensor([draw(st.integers(1, n_cand)) for _ in range(b)])
+        padding_mask = torch.arange(n) < (p + counts)[:, None]
+    return dict(
+        cls_attn=cls_attn,
+        v=v,
+        mask=padding_mask,
+        k=k,
+        p=p,
+        sampler=draw(st.sampled_from(["inverse_transform", "gumbel"])),
+        static=draw(st.booleans()),
+        training=draw(st.booleans()),
+    )
+
+
+@settings(max_examples=150, deadline=None)
+@given(layer_inputs())
+def test_selection_properties(case):
+    p, k, mask = case["p"], case["k"], case["mask"]
+    b, _, n = case["cls_attn"].shape
+    ats = AdaptiveTokenSampling(k, case["sampler"], num_prefix_tokens=p, static_shape=case["static"])
+    ats.train(case["training"])
+    padding = None if mask is None else Padding(mask, mask.flatten().nonzero().squeeze(1))
+    sel = ats(case["cls_attn"], case["v"], padding)
+    index = sel.index
+    m = index.shape[1]
+    out_mask = torch.ones_like(index, dtype=torch.bool) if sel.padding is None else sel.padding.mask
+    valid_in = torch.ones(b, n, dtype=torch.bool) if mask is None else mask
+    n_valid = valid_in[:, p:].sum(1)
+    sampled = ats.needed(n)
+
+    if sampled:
+        assert m <= p + k
+        if case["static"]:
+            assert m == p + k
+    else:
+        assert m == n and sel.padding == padding, "a layer with few enough tokens keeps the input as is"
+    for i in range(b):
+        row = index[i][out_mask[i]]
+        assert torch.equal(row[:p], torch.arange(p)), "prefix tokens come first and are always kept"
+        kept = row[p:]
+        assert torch.all(kept[1:] > kept[:-1]), "kept ids are unique and ascending"
+        assert torch.all((kept >= p) & (kept < n)), "kept ids in range"
+        assert valid_in[i, kept].all(), "padding is never kept"
+        assert 1 <= kept.numel() <= (k if sampled else n - p)
+        if n_valid[i] <= k:
+            assert kept.numel() == n_valid[i], "an image with few enough tokens keeps them all"
+        # real slots form a prefix of the row
+        count = int(out_mask[i].sum())
+        assert torch.equal(out_mask[i], torch.arange(m) < count)
+    if sel.padding is not None and sel.padding.rows is not None:
+        assert torch.equal(sel.padding.rows, sel.padding.mask.flatten().nonzero().squeeze(1))
+
+
+def test_inverse_transform_known_example():
+    scores = torch.tensor([[0.5, 0.25, 0.25]])
+    # points .125 .375 .625 .875 against CDF .5 .75 1
+    assert inverse_transform_sample(scores, 4).tolist() == [[0, 0, 1, 2]]
+    assert inverse_transform_sample(scores, 1).tolist() == [[0]]
+
+
+def test_inverse_transform_concentrated_mass_keeps_one_token():
+    scores = torch.zeros(2, 50)
+    scores[0, 7] = 1.0
+    scores[1, 49] = 1.0
+    picks = inverse_transform_sample(scores, 20)
+    assert keep_mask(picks, 50).sum(1).tolist() == [1, 1]
+    assert picks[0].unique().tolist() == [7] and picks[1].unique().tolist() == [49]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    # exact zeros (padding-like) mixed with masses that float32 represents
+    st.lists(st.one_of(st.just(0.0), st.floats(1e-4, 1.0)), min_size=1, max_size=40).filter(any),
+    st.integers(1, 64),
+    st.booleans(),
+)
+def test_inverse_transform_picks_only_positive_mass(raw, k, jitter):
+    scores = torch.tensor([raw])
+    scores = scores / scores.sum()
+    picks = inverse_transform_sample(scores, k, jitter=jitter)
+    assert picks.shape == (1, k)
+    assert (scores[0, picks[0]] > 0).all()
+    assert torch.all(picks[0, 1:] >= picks[0, :-1]), "evenly ordered points give ordered picks"
+
+
+def test_inverse_transform_eval_is_deterministic_and_jitter_is_not():
+    scores = torch.rand(8, 100).softmax(-1)
+    assert torch.equal(inverse_transform_sample(scores, 30), inverse_transform_sample(scores, 30))
+    torch.manual_seed(0)
+    a = inverse_transform_sample(scores, 30, jitter=True)
+    b = inverse_transform_sample(scores, 30, jitter=True)
+    assert not torch.equal(a, b)
+
+
+def test_significance_scores_formula_and_normalisation():
+    gen = torch.Generator().manual_seed(0)
+    attn = torch.rand(2, 3, 5, generator=gen)
+    v = torch.randn(2, 3, 5, 4, generator=gen)
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    s = significance_scores(attn, v, valid)
+    raw = (attn * v.norm(dim=-1)).sum(1)
+    expected0 = raw[0] / raw[0].sum()
+    expected1 = torch.cat((raw[1, :3] / raw[1, :3].sum(), torch.zeros(2)))
+    torch.testing.assert_close(s, torch.stack((expected0, expected1)))
+
+
+def test_significance_scores_degenerate_rows_fall_back_to_uniform():
+    attn = torch.zeros(2, 1, 4)
+    attn[1, 0, 0] = float("nan")
+    v = torch.ones(2, 1, 4, 2)
+    valid = torch.tensor([[True, True, False, False], [True] * 4])
+    s = significance_scores(attn, v, valid)
+    torch.testing.assert_close(s, torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25] * 4]))
+
+
+def test_gumbel_never_picks_padding():
+    scores = torch.full((3, 10), 0.1)
+    valid = torch.arange(10) < torch.tensor([[2], [5], [10]])
+    picks = gumbel_sample(scores, 50, valid, generator=torch.Generator().manual_seed(0))
+    assert valid.gather(1, picks).all()
+
+
+def test_compact_orders_and_pads():
+    keep = torch.tensor([[False, True, False, True], [True, False, False, False]])
+    sel = compact(keep, num_prefix=1)
+    assert sel.index[0].tolist() == [0, 2, 4]
+    assert sel.index[1, :2].tolist() == [0, 1]
+    assert sel.padding.mask.tolist() == [[True, True, True], [True, True, False]]
+    assert sel.padding.rows.tolist() == [0, 1, 2, 3, 4]
+    static = compact(keep, size=4, num_prefix=1)
+    assert static.index.shape == (2, 5) and static.padding.rows is None
+    assert static.padding.mask.sum(1).tolist() == [3, 2]
+
+
+def test_compact_without_padding_returns_none():
+    keep = torch.tensor([[True, False, True], [False, True, True]])
+    sel = compact(keep)
+    assert sel.padding is None
+    assert sel.index.tolist() == [[0, 2], [1, 2]]
+
+
+def test_tokenwise_computes_real_rows_only():
+    x = torch.randn(2, 3, 4)
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    padding = Padding(mask, mask.flatten().nonzero().squeeze(1))
+    seen = []
+
+    def fn(t):
+        seen.append(t.shape[0])
+        return t * 2
+
+    out = tokenwise(fn, x, padding)
+    assert seen == [4]
+    torch.testing.assert_close(out[mask], x[mask] * 2)
+    assert (out[~mask] == 0).all()
+    assert torch.equal(tokenwise(fn, x, None), x * 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(max_tokens=0), ValueError, "max_tokens must be >= 1"),
+        (dict(max_tokens=2.5), TypeError, "max_tokens must be an int"),
+        (dict(max_tokens=True), TypeError, "max_tokens must be an int"),
+        (dict(max_tokens=4, sampler="topk"), ValueError, "sampler must be one of"),
+        (dict(max_tokens=4, num_prefix_tokens=0), ValueError, "num_prefix_tokens must be >= 1"),
+    ],
+)
+def test_ats_module_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AdaptiveTokenSampling(**kwargs)

@@ -1,0 +1,209 @@
+import pytest
+import torch
+
+from ats_vit import ViT, load_vit_pytorch_state_dict
+
+SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=4, heads=2, dim_head=16, mlp_dim=64)
+NUM_PATCHES = 16
+DROPPING = (16, 8, 6, 6)
+
+
+def small_vit(schedule=DROPPING, **kw) -> ViT:
+    torch.manual_seed(0)
+    return ViT(**{**SMALL, "max_tokens_per_depth": schedule, **kw})
+
+
+def images(b: int, seed: int = 0, size: int = 32, channels: int = 3) -> torch.Tensor:
+    return torch.randn(b, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def seed_vit(schedule, **kw):
+    vit_pytorch = pytest.importorskip("vit_pytorch.ats_vit")
+    torch.manual_seed(1)
+    sizes = {**SMALL, **kw}
+    return vit_pytorch.ViT(max_tokens_per_depth=schedule, **sizes)
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        {},
+        dict(image_size=(32, 48), patch_size=(8, 16), channels=1),
+        dict(dim=48, heads=3, dim_head=8, depth=2),
+    ],
+    ids=["square", "rect-1ch", "narrow-heads"],
+)
+def test_equals_vit_pytorch_when_nothing_is_dropped(sizes):
+    sizes = {**SMALL, **sizes}
+    h, w = sizes["image_size"] if isinstance(sizes["image_size"], tuple) else (sizes["image_size"],) * 2
+    ph, pw = sizes["patch_size"] if isinstance(sizes["patch_size"], tuple) else (sizes["patch_size"],) * 2
+    n = (h // ph) * (w // pw)
+    schedule = (n,) * sizes["depth"]
+    reference = seed_vit(schedule, **sizes).eval()
+    ours = load_vit_pytorch_state_dict(ViT(**sizes, max_tokens_per_depth=schedule), reference.state_dict())
+    ours.eval()
+    x = torch.randn(3, sizes.get("channels", 3), h, w)
+    with torch.no_grad():
+        ref_logits, ref_ids = reference(x, return_sampled_token_ids=True)
+        logits, ids = ours(x, return_sampled_token_ids=True)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ids, ref_ids)
+    assert torch.equal(ids, torch.arange(n).expand(3, n))
+
+
+def test_dropping_schedule_with_a_cap_above_the_token_count_is_the_dense_model():
+    dense, capped = small_vit((16,) * 4).eval(), small_vit((100, 50, 16, 16)).eval()
+    capped.load_state_dict(dense.state_dict())
+    x = images(2)
+    with torch.no_grad():
+        torch.testing.assert_close(capped(x), dense(x))
+
+
+def test_sampled_token_ids_contract():
+    model = small_vit().eval()
+    with torch.no_grad():
+        logits, ids = model(images(5), return_sampled_token_ids=True)
+    assert logits.shape == (5, 10)
+    assert ids.dtype == torch.int64 and ids.shape[0] == 5 and ids.shape[1] <= min(DROPPING)
+    for row in ids:
+        real = row[row >= 0]
+        assert torch.all(real[1:] > real[:-1]) and real.max() < NUM_PATCHES
+        assert torch.all(row[len(real) :] == -1), "padding is -1 and comes last"
+        assert 1 <= len(real) <= min(DROPPING)
+
+
+@pytest.mark.parametrize("static_shape", [False, True])
+def test_eval_is_deterministic_with_default_sampler(static_shape):
+    model = small_vit(static_shape=static_shape).eval()
+    assert model.sampler == "inverse_transform"
+    x = images(4)
+    with torch.no_grad():
+        a, ids_a = model(x, return_sampled_token_ids=True)
+        b, ids_b = model(x, return_sampled_token_ids=True)
+    assert torch.equal(a, b) and torch.equal(ids_a, ids_b)
+
+
+def test_static_shape_gives_the_same_result():
+    dynamic, static = peaky(small_vit()).eval(), peaky(small_vit(static_shape=True)).eval()
+    x = images(4)
+    with torch.no_grad():
+        a, ids_a = dynamic(x, return_sampled_token_ids=True)
+        b, ids_b = static(x, return_sampled_token_ids=True)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert ids_b.shape[1] == min(DROPPING)
+    for ra, rb in zip(ids_a, ids_b, strict=True):
+        assert torch.equal(ra[ra >= 0], rb[rb >= 0])
+
+
+def peaky(model: ViT, factor: float = 8.0) -> ViT:
+    """Sharpen every query so CLS attention is peaked and images keep different counts,
+    as in trained models (random init attends almost uniformly)."""
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: block.attn.inner_dim] *= factor
+    return model
+
+
+@pytest.mark.parametrize("static_shape", [False, True])
+def test_batch_equals_each_image_alone(static_shape):
+    model = peaky(small_vit(static_shape=static_shape)).eval()
+    x = images(6)
+    with torch.no_grad():
+        batch_logits, batch_ids = model(x, return_sampled_token_ids=True)
+        counts = (batch_ids >= 0).sum(1)
+        assert counts.unique().numel() > 1, "the test needs images that keep different counts"
+        for i in range(6):
+            logits, ids = model(x[i : i + 1], return_sampled_token_ids=True)
+            torch.testing.assert_close(logits[0], batch_logits[i], atol=1e-5, rtol=1e-5)
+            assert torch.equal(ids[0][ids[0] >= 0], batch_ids[i][batch_ids[i] >= 0])
+
+
+def test_gradients_reach_every_parameter():
+    model = small_vit(dropout=0.1, emb_dropout=0.1).train()
+    logits, ids = model(images(4), return_sampled_token_ids=True)
+    assert (ids >= 0).sum(1).max() <= min(DROPPING)
+    logits.logsumexp(-1).sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_training_jitter_still_gives_valid_selections():
+    model = small_vit().train()
+    torch.manual_seed(0)
+    _, ids = model(images(8), return_sampled_token_ids=True)
+    for row in ids:
+        real = row[row >= 0]
+        assert torch.all(real[1:] > real[:-1])
+
+
+def test_bfloat16_runs():
+    model = small_vit().to(torch.bfloat16).eval()
+    with torch.inference_mode():
+        logits, ids = model(images(3).to(torch.bfloat16), return_sampled_token_ids=True)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    assert (ids >= 0).sum(1).max() <= min(DROPPING)
+
+
+def test_autocast_bfloat16_runs_on_float32_weights():
+    model = small_vit().eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images(2))
+    assert torch.isfinite(logits.float()).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(max_tokens_per_depth=(16, 8, 10, 6)), ValueError, "non-increasing"),
+        (dict(max_tokens_per_depth=(16, 8, 0, 0)), ValueError, r"max_tokens_per_depth\[2\] must be >= 1"),
+        (dict(max_tokens_per_depth=(16, 8)), ValueError, "one entry per layer"),
+        (dict(max_tokens_per_depth=(16, 8.0, 6, 6)), TypeError, r"max_tokens_per_depth\[1\] must be an int"),
+        (dict(max_tokens_per_depth=16), TypeError, "max_tokens_per_depth must be a sequence"),
+        (dict(image_size=30), ValueError, "divisible by patch_size"),
+        (dict(image_size=(32, 30)), ValueError, "divisible by patch_size"),
+        (dict(patch_size=0), ValueError, "patch_size must be >= 1"),
+        (dict(image_size=(32, 32, 3)), TypeError, "image_size must be an int or a pair"),
+        (dict(sampler="topk"), ValueError, "sampler must be one of"),
+        (dict(dim=0), ValueError, "dim must be >= 1"),
+        (dict(heads=2.0), TypeError, "heads must be an int"),
+        (dict(depth=0), ValueError, "depth must be >= 1"),
+        (dict(dropout=1.0), ValueError, r"dropout must be in \[0, 1\)"),
+        (dict(emb_dropout="0.1"), TypeError, "emb_dropout must be a float"),
+    ],
+)
+def test_configuration_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ViT(**{**SMALL, "max_tokens_per_depth": DROPPING, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("make_input", "error", "match"),
+    [
+        (lambda: images(2).numpy(), TypeError, "must be a torch.Tensor"),
+        (lambda: images(2).to(torch.int64), TypeError, "floating point"),
+        (lambda: images(2)[0], ValueError, "must have shape"),
+        (lambda: images(0), ValueError, "empty batch"),
+        (lambda: images(2, channels=1), ValueError, "channels=3"),
+        (lambda: images(2, size=64), ValueError, r"image_size=\(32, 32\)"),
+        (lambda: images(2).double(), TypeError, "does not match the model's parameters"),
+    ],
+)
+def test_input_errors(make_input, error, match):
+    model = small_vit().eval()
+    with pytest.raises(error, match=match):
+        model(make_input())
+
+
+def test_load_vit_pytorch_state_dict_errors():
+    model = small_vit()
+    reference = seed_vit(DROPPING, dim=48, heads=3, dim_head=16)
+    with pytest.raises(ValueError, match="mismatched shapes"):
+        load_vit_pytorch_state_dict(model, reference.state_dict())
+    state = seed_vit(DROPPING).state_dict()
+    state.pop("cls_token")
+    with pytest.raises(ValueError, match=r"missing=\['cls_token'\]"):
+        load_vit_pytorch_state_dict(model, state)
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        load_vit_pytorch_state_dict(model, [1, 2])
+    with pytest.raises(TypeError, match=r"model must be an ats_vit\.ViT"):
+        load_vit_pytorch_state_dict(torch.nn.Linear(2, 2), {})
