@@ -160,16 +160,17 @@ def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> Token
     return TokenSelection(index, Padding(mask, rows))
 
 
-def tokenwise(fn: Callable[[Tensor], Tensor], x: Tensor, padding: Padding | None) -> Tensor:
+def tokenwise(fn: Callable[..., Tensor], x: Tensor, padding: Padding | None, *others: Tensor) -> Tensor:
     """Apply a per-token function to x: (b, m, c) -> (b, m, c'), computing only real tokens.
 
+    ``others`` are further (b, m, ...) tensors on the same grid, passed to ``fn`` after x.
     Padded slots of the result are 0. Without known rows, ``fn`` runs on the whole grid.
     """
     if padding is None or padding.rows is None:
-        return fn(x)
-    flat = x.flatten(0, 1)
-    out = fn(flat.index_select(0, padding.rows))  # (T, c')
-    full = out.new_zeros(flat.shape[0], out.shape[-1]).index_copy_(0, padding.rows, out)
+        return fn(x, *others)
+    packed = (t.flatten(0, 1).index_select(0, padding.rows) for t in (x, *others))
+    out = fn(*packed)  # (T, c')
+    full = out.new_zeros(x.shape[0] * x.shape[1], out.shape[-1]).index_copy_(0, padding.rows, out)
     return full.view(*x.shape[:2], -1)
 
 
