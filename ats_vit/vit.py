@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ats_vit import _validate
 from ats_vit.attention import SamplingAttention
+from ats_vit.flops import TokenTrace, ViTCost
 from ats_vit.sampling import SAMPLERS, Padding, Sampler, TokenSelection, gather_tokens, tokenwise
 
 __all__ = ["Block", "FeedForward", "PatchEmbed", "ViT", "load_vit_pytorch_state_dict"]
@@ -137,7 +138,18 @@ class ViT(nn.Module):
 
         self.image_size = image_hw
         self.channels = channels
-        self.num_patches = (image_hw[0] // patch_hw[0]) * (image_hw[1] // patch_hw[1])
+        self.cost = ViTCost(
+            num_patches=(image_hw[0] // patch_hw[0]) * (image_hw[1] // patch_hw[1]),
+            num_prefix_tokens=1,
+            dim=dim,
+            heads=heads,
+            attn_dim=heads * dim_head,
+            mlp_hidden=mlp_dim,
+            patch_dim=channels * patch_hw[0] * patch_hw[1],
+            num_classes=num_classes,
+            depth=depth,
+        )
+        self.num_patches = self.cost.num_patches
         self.patch_embed = PatchEmbed(patch_hw, channels, dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
@@ -151,22 +163,23 @@ class ViT(nn.Module):
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
-    def forward_features(self, img: Tensor) -> tuple[Tensor, Tensor, Padding | None, list[TokenSelection]]:
+    def forward_features(self, img: Tensor) -> tuple[Tensor, Tensor, Padding | None, TokenTrace]:
         """img: (b, c, H, W) -> tokens (b, m, dim), their original positions (b, m) (0 = CLS),
-        their padding (None when nothing is padded), and each sampling layer's selection."""
+        their padding (None when nothing is padded), and the per-block token counts (for
+        :func:`ats_vit.flops.gflops` with ``self.cost``)."""
         img = _validate.images(img, self.channels, self.image_size, self.cls_token.dtype)
         x = self.patch_embed(img)
         b, n, _ = x.shape
         x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1) + self.pos_embed
         x = self.emb_drop(x)
         positions = torch.arange(n + 1, device=x.device).expand(b, -1)
-        padding, selections = None, []
+        padding, trace = None, TokenTrace(self.num_patches, num_prefix_tokens=1)
         for block in self.blocks:
             x, padding, selection = block(x, padding)
             if selection is not None:
                 positions = positions.gather(1, selection.index)
-                selections.append(selection)
-        return x, positions, padding, selections
+            trace.record(x, padding, sampled=selection is not None)
+        return x, positions, padding, trace
 
     def forward_head(self, x: Tensor) -> Tensor:
         """x: (b, m, dim) -> logits (b, num_classes) from the CLS token."""

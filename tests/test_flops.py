@@ -1,0 +1,74 @@
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from ats_vit import ViT
+from ats_vit.flops import TokenTrace, ViTCost, gflops
+
+DEIT_S = dict(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536)
+
+
+def measured_gflops(fn) -> float:
+    """Multiply-adds PyTorch's own counter sees (it counts 2 FLOPs per multiply-add; the math
+    SDPA backend makes attention visible to it)."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def test_dense_deit_small_is_the_published_count():
+    model = ViT(**DEIT_S, max_tokens_per_depth=(196,) * 12).eval()
+    with torch.no_grad():
+        *_, trace = model.forward_features(torch.randn(1, 3, 224, 224))
+    n, d, hidden = 197, 384, 1536
+    per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * hidden
+    expected = (12 * per_block + 196 * 768 * d + d * 1000) / 1e9
+    assert gflops(model.cost, trace).item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(4.6, abs=0.01)  # DeiT-S as published
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [(196,) * 12, (196,) * 3 + (108,) * 9, (150, 100, 80, 80, 60, 60, 40, 40, 20, 20, 10, 10)],
+    ids=["dense", "paper", "steep"],
+)
+def test_analytic_count_matches_pytorch_flop_counter(schedule):
+    torch.manual_seed(0)
+    model = ViT(**DEIT_S, max_tokens_per_depth=schedule).eval()
+    x = torch.randn(1, 3, 224, 224)  # batch 1: no padding, so every computed token is real
+    traces = []
+
+    def run():
+        feats, _, _, trace = model.forward_features(x)
+        model.forward_head(feats)
+        traces.append(trace)
+
+    measured = measured_gflops(run)
+    assert gflops(model.cost, traces[0]).item() == pytest.approx(measured, rel=1e-6)
+
+
+def test_fewer_tokens_cost_less_and_counts_are_per_image():
+    cost = ViTCost(
+        num_patches=16,
+        num_prefix_tokens=1,
+        dim=8,
+        heads=2,
+        attn_dim=8,
+        mlp_hidden=16,
+        patch_dim=12,
+        num_classes=3,
+        depth=2,
+    )
+    trace = TokenTrace(16, 1)
+    trace.counts = [torch.tensor([16, 16]), torch.tensor([10, 4])]
+    trace.sampled = [False, True]
+    per_image = gflops(cost, trace)
+    assert per_image.shape == (2,) and per_image[0] > per_image[1]
+
+
+def test_trace_of_wrong_depth_is_rejected():
+    cost = ViTCost(16, 1, 8, 2, 8, 16, 12, 3, depth=2)
+    trace = TokenTrace(16, 1, counts=[torch.tensor([16])], sampled=[False])
+    with pytest.raises(ValueError, match="trace has 1 blocks but the model has depth=2"):
+        gflops(cost, trace)
