@@ -1,0 +1,250 @@
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from timm.models.deit import VisionTransformerDistilled  # noqa: E402
+from timm.models.vision_transformer import Attention, Block, ResPostBlock, VisionTransformer  # noqa: E402
+
+
+class GatedAttention(Attention):
+    """timm's Attention with its sigmoid output gate on (the forward is timm's own)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, gated=True, **kwargs)
+
+
+import ats_vit.timm as ats_timm  # noqa: E402
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+NUM_PATCHES = 16
+
+FAMILIES = {
+    "cls": lambda: VisionTransformer(**SMALL),
+    "distilled": lambda: VisionTransformerDistilled(**SMALL),
+    "registers": lambda: VisionTransformer(**SMALL, reg_tokens=4),
+    "qknorm-layerscale-nobias": lambda: VisionTransformer(
+        **SMALL, qk_norm=True, init_values=0.1, qkv_bias=False
+    ),
+    "scale-norm": lambda: VisionTransformer(**SMALL, scale_attn_norm=True, scale_mlp_norm=True),
+    "gated": lambda: VisionTransformer(**SMALL, attn_layer=GatedAttention),
+}
+
+
+def make(family: str, seed: int = 0) -> VisionTransformer:
+    torch.manual_seed(seed)
+    return FAMILIES[family]().eval()
+
+
+def images(b: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def sharpen(model: VisionTransformer, factor: float = 50.0) -> VisionTransformer:
+    """Peaked CLS attention, as in trained models, so images keep different counts."""
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: block.attn.attn_dim] *= factor
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("max_tokens", [NUM_PATCHES, 1000])
+def test_budget_that_drops_nothing_is_exact(family, max_tokens):
+    model = make(family)
+    x = images(3)
+    with torch.no_grad():
+        reference = model(x)
+        ats_timm.apply(model, layers=range(4), max_tokens=max_tokens)
+        patched = model(x)
+    torch.testing.assert_close(patched, reference, atol=1e-5, rtol=1e-5)
+    info = ats_timm.last_info(model)
+    assert torch.equal(info.token_ids, torch.arange(NUM_PATCHES).expand(3, -1))
+    assert (info.kept_per_layer == NUM_PATCHES).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_block_outputs_equal_the_dense_rows(family):
+    """Keys stay complete, so each kept token's output is exactly the dense block's."""
+    model = sharpen(make(family))
+    with torch.no_grad():
+        tokens = model.norm_pre(model._pos_embed(model.patch_embed(images(4))))
+        dense = model.blocks[0](tokens)
+        ats_timm.apply(model, layers=[0], max_tokens=6)
+        sampled = model.blocks[0](tokens)
+    state = model._ats_state
+    real = torch.ones_like(state.positions, dtype=torch.bool) if state.padding is None else state.padding.mask
+    assert sampled.shape[1] < tokens.shape[1]
+    for i in range(4):
+        rows = state.positions[i][real[i]]
+        torch.testing.assert_close(sampled[i][real[i]], dense[i, rows], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_tokens_are_always_kept(family):
+    model = sharpen(make(family))
+    p = model.num_prefix_tokens
+    ats_timm.apply(model, layers=[1, 2], max_tokens=[6, 3])
+    with torch.no_grad():
+        model(images(5))
+    positions = model._ats_state.positions  # white-box: original token positions still alive
+    assert torch.equal(positions[:, :p], torch.arange(p).expand(5, p))
+    info = ats_timm.last_info(model)
+    assert (info.kept_per_layer[:, 1] <= 6).all() and (info.kept_per_layer[:, 2:] <= 3).all()
+    for row in info.token_ids:
+        real = row[row >= 0]
+        assert torch.all(real[1:] > real[:-1]) and real.max() < NUM_PATCHES
+
+
+def test_remove_restores_exact_behaviour_and_leaves_no_trace():
+    model = make("cls")
+    x = images(4)
+    keys = set(model.state_dict())
+    with torch.no_grad():
+        reference = model(x)
+        ats_timm.apply(model, layers=range(1, 4), max_tokens=4)
+        dropped = model(x)
+        ats_timm.remove(model)
+        restored = model(x)
+    assert not torch.allclose(dropped, reference), "the budget should change the output"
+    assert torch.equal(restored, reference)
+    assert set(model.state_dict()) == keys
+    assert not ats_timm.is_patched(model)
+    assert all("forward" not in block.__dict__ and not hasattr(block, "ats") for block in model.blocks)
+
+
+def test_patching_one_instance_leaves_others_untouched():
+    a, b = make("cls"), make("cls")
+    x = images(2)
+    with torch.no_grad():
+        reference = b(x)
+        ats_timm.apply(a, layers=range(4), max_tokens=3)
+        a(x)
+        assert torch.equal(b(x), reference)
+    assert Block.forward is not None and "forward" not in vars(b.blocks[0])
+    assert not ats_timm.is_patched(b)
+
+
+def test_state_dict_round_trips_between_patched_and_plain_models():
+    patched = ats_timm.apply(make("cls", seed=1), layers=[2], max_tokens=5)
+    plain = make("cls", seed=2)
+    plain.load_state_dict(patched.state_dict())
+    ats_timm.remove(patched)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images(2)), patched(images(2)))
+
+
+def test_patched_eval_model_is_deterministic():
+    model = ats_timm.apply(sharpen(make("cls")), layers=[1, 2], max_tokens=5)
+    x = images(6)
+    with torch.no_grad():
+        first, ids = model(x), ats_timm.last_info(model).token_ids
+        assert torch.equal(model(x), first)
+        assert torch.equal(ats_timm.last_info(model).token_ids, ids)
+    assert all(not m.training for m in model.modules())
+
+
+def test_static_shape_matches_dynamic():
+    dynamic = ats_timm.apply(sharpen(make("registers")), layers=[1, 2, 3], max_tokens=12)
+    static = ats_timm.apply(sharpen(make("registers")), layers=[1, 2, 3], max_tokens=12, static_shape=True)
+    x = images(6)
+    with torch.no_grad():
+        torch.testing.assert_close(static(x), dynamic(x), atol=1e-5, rtol=1e-5)
+    counts = ats_timm.last_info(dynamic).kept_per_layer
+    assert counts[:, -1].unique().numel() > 1, "images should keep different counts"
+    assert torch.equal(ats_timm.last_info(static).kept_per_layer, counts)
+
+
+def test_batch_equals_each_image_alone():
+    model = ats_timm.apply(sharpen(make("distilled")), layers=[1, 2], max_tokens=[7, 4])
+    x = images(5)
+    with torch.no_grad():
+        batch = model(x)
+        batch_ids = ats_timm.last_info(model).token_ids
+        for i in range(5):
+            torch.testing.assert_close(model(x[i : i + 1])[0], batch[i], atol=1e-5, rtol=1e-5)
+            ids = ats_timm.last_info(model).token_ids[0]
+            assert torch.equal(ids, batch_ids[i][batch_ids[i] >= 0])
+
+
+def test_gflops_follow_the_budget():
+    model = make("cls")
+    x = images(2)
+    costs = []
+    for cap in (NUM_PATCHES, 8, 2):
+        ats_timm.apply(model, layers=range(1, 4), max_tokens=cap)
+        with torch.no_grad():
+            model(x)
+        costs.append(ats_timm.last_info(model).gflops)
+    assert (costs[0] > costs[1]).all() and (costs[1] > costs[2]).all()
+
+
+def test_training_with_drop_path_reaches_every_parameter():
+    torch.manual_seed(0)
+    model = VisionTransformer(**SMALL, drop_path_rate=0.2, attn_drop_rate=0.1, proj_drop_rate=0.1).train()
+    ats_timm.apply(model, layers=[1, 2, 3], max_tokens=5)
+    model(images(4)).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_deit_small_bf16_inference_mode():
+    model = timm.create_model("deit_small_patch16_224", pretrained=False).to(torch.bfloat16).eval()
+    ats_timm.apply(model, layers=range(3, 12), max_tokens=108)
+    with torch.inference_mode():
+        logits = model(torch.randn(2, 3, 224, 224, dtype=torch.bfloat16))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    info = ats_timm.last_info(model)
+    assert (info.kept_per_layer[:, 3:] <= 108).all()
+    assert (info.gflops < 4.6).all()
+
+
+@pytest.mark.parametrize(
+    ("make_model", "error", "match"),
+    [
+        (lambda: VisionTransformer(**SMALL, class_token=False, global_pool="avg"), ValueError, "class token"),
+        (lambda: VisionTransformer(**SMALL, global_pool="avg"), ValueError, "global_pool='avg'"),
+        (lambda: VisionTransformer(**SMALL, block_fn=ResPostBlock), TypeError, "block 0 is ResPostBlock"),
+        (lambda: torch.nn.Linear(2, 2), TypeError, "timm VisionTransformer"),
+    ],
+    ids=["gap-no-cls", "cls-avg-pool", "respost-block", "not-a-vit"],
+)
+def test_unsupported_models(make_model, error, match):
+    with pytest.raises(error, match=match):
+        ats_timm.apply(make_model(), max_tokens=4)
+
+
+def test_unsupported_model_error_names_the_model():
+    model = timm.create_model("vit_base_patch16_reg4_gap_256", pretrained=False, img_size=32, depth=1)
+    with pytest.raises(ValueError, match="vit_base_patch16_reg4_gap_256"):
+        ats_timm.apply(model, max_tokens=4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(layers=[4]), ValueError, r"block indices in \[0, 4\)"),
+        (dict(layers=[1, 1]), ValueError, "must not repeat"),
+        (dict(layers=3), TypeError, "iterable of block indices"),
+        (dict(max_tokens=0), ValueError, "max_tokens must be >= 1"),
+        (dict(max_tokens=[4, 4]), ValueError, "max_tokens has 2 entries but layers selects 4"),
+        (dict(max_tokens="8"), TypeError, "max_tokens must be an int or a sequence"),
+        (dict(max_tokens=[4, 4, 0, 4]), ValueError, r"max_tokens\[2\] must be >= 1"),
+        (dict(sampler="random"), ValueError, "sampler must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ats_timm.apply(make("cls"), **{"max_tokens": 4, **kwargs})
+
+
+def test_info_errors_and_attn_mask():
+    model = make("cls")
+    with pytest.raises(ValueError, match="not patched"):
+        ats_timm.last_info(model)
+    ats_timm.apply(model, max_tokens=4)
+    with pytest.raises(ValueError, match="no complete forward pass"):
+        ats_timm.last_info(model)
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.blocks[0](torch.randn(1, 17, 32), attn_mask=torch.ones(17, 17, dtype=torch.bool))
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        ats_timm.remove(torch.nn.Linear(2, 2))
