@@ -41,15 +41,23 @@ class TokenTrace:
 
     counts[i]: (b,) non-prefix tokens block i outputs per image. sampled[i]: whether block i
     scored and sampled (its queries were split from its keys), whatever each image kept.
+    positions[i]: for sampling blocks, (b, m) original token positions (prefix included)
+    alive after the block, -1 at padding; for pictures of what was kept.
     """
 
     num_patches: int
     num_prefix_tokens: int
     counts: list[Tensor] = field(default_factory=list)
     sampled: list[bool] = field(default_factory=list)
+    positions: dict[int, Tensor] = field(default_factory=dict)
 
-    def record(self, x: Tensor, padding: Padding | None, sampled: bool) -> None:
-        """Record a block's output x: (b, m, c) and its padding."""
+    def record(
+        self, x: Tensor, padding: Padding | None, sampled: bool, positions: Tensor | None = None
+    ) -> None:
+        """Record a block's output x: (b, m, c), its padding and (if it sampled) positions (b, m)."""
+        if sampled and positions is not None:
+            alive = positions if padding is None else positions.masked_fill(~padding.mask, -1)
+            self.positions[len(self.counts)] = alive
         if padding is None:
             count = torch.full((x.shape[0],), x.shape[1] - self.num_prefix_tokens, device=x.device)
         else:

@@ -136,7 +136,7 @@ def _block_forward(
     x = x + self.drop_path1(self.ls1(out))
     # drop path is per image, so it must see the padded (b, m, c) grid, not packed tokens
     x = x + self.drop_path2(tokenwise(lambda t: self.ls2(self.mlp(self.norm2(t))), x, state.padding))
-    state.trace.record(x, state.padding, sampled=selection is not None)
+    state.trace.record(x, state.padding, sampled=selection is not None, positions=state.positions)
     return x
 
 

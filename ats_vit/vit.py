@@ -178,7 +178,7 @@ class ViT(nn.Module):
             x, padding, selection = block(x, padding)
             if selection is not None:
                 positions = positions.gather(1, selection.index)
-            trace.record(x, padding, sampled=selection is not None)
+            trace.record(x, padding, sampled=selection is not None, positions=positions)
         return x, positions, padding, trace
 
     def forward_head(self, x: Tensor) -> Tensor:
