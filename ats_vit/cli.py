@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -57,7 +58,7 @@ def _print_rows(rows: list[dict]) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from ats_vit.train import ModelConfig, TrainConfig, train
 
-    model = ModelConfig()
+    model = ModelConfig(arch=args.arch)
     cfg = TrainConfig(
         model=model,
         epochs=args.epochs,
@@ -68,10 +69,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         amp=not args.no_amp,
         out_dir=args.out,
     )
+    import torch.distributed as dist
+
     train_data, _ = _datasets(args.data, model.image_size)
-    print(f"config: {json.dumps(asdict(cfg))}", file=sys.stderr)
+    lead = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only rank 0 reports
+    if lead:
+        print(f"config: {json.dumps(asdict(cfg))}", file=sys.stderr)
     final = train(cfg, train_data, resume=args.resume)
-    print(f"checkpoint: {final}")
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    if lead:
+        print(f"checkpoint: {final}")
     return 0
 
 
@@ -96,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_viz(args: argparse.Namespace) -> int:
     import torch
 
-    from ats_vit.train import budget_schedule, load_checkpoint, load_model
+    from ats_vit.train import budget_schedule, forward_traced, load_checkpoint, load_model
     from ats_vit.viz import save_kept_tokens_grid
 
     cfg, _, _, _ = load_checkpoint(args.checkpoint)
@@ -106,7 +114,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     _, test_data = _datasets(args.data, cfg.image_size)
     images = torch.stack([test_data[i][0] for i in range(min(args.images, len(test_data)))])
     with torch.inference_mode():
-        _, _, _, trace = model.eval().forward_features(images)
+        _, trace, _ = forward_traced(model.eval(), images)
     path = save_kept_tokens_grid(images, trace, cfg.patch_size, args.output)
     print(f"wrote {path}")
     return 0
@@ -148,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a dense ViT (single process or under torchrun)")
     train.add_argument("--data", default="demo", help="'demo' or an ImageFolder root with train/ and val/")
     train.add_argument("--out", default="runs/train")
+    train.add_argument(
+        "--arch",
+        choices=["ats_vit", "timm"],
+        default="ats_vit",
+        help="ats_vit.ViT, or timm's VisionTransformer of the same sizes",
+    )
     train.add_argument("--epochs", type=_positive_int, default=15)
     train.add_argument("--batch-size", type=_positive_int, default=64)
     train.add_argument("--lr", type=float, default=2e-3)

@@ -24,7 +24,7 @@ from ats_vit.attention import sampled_self_attention
 from ats_vit.flops import TokenTrace, ViTCost, gflops
 from ats_vit.sampling import SAMPLERS, AdaptiveTokenSampling, Padding, Sampler, gather_tokens, tokenwise
 
-__all__ = ["ATSInfo", "apply", "cost", "is_patched", "last_info", "remove"]
+__all__ = ["ATSInfo", "apply", "cost", "is_patched", "last_info", "last_trace", "remove"]
 
 _STATE = "_ats_state"
 
@@ -217,13 +217,24 @@ def remove(model: VisionTransformer) -> VisionTransformer:
     return model
 
 
-def last_info(model: VisionTransformer) -> ATSInfo:
-    """Token ids, per-layer kept counts and GFLOPs of the last forward pass of a patched model."""
+def _finished_state(model: VisionTransformer) -> _State:
     state: _State | None = getattr(model, _STATE, None)
     if state is None:
         raise ValueError(f"{_model_name(model)} is not patched with ats_vit.timm.apply")
     if state.trace is None or len(state.trace.counts) != len(model.blocks):
         raise ValueError("no complete forward pass has run since the model was patched")
+    return state
+
+
+def last_trace(model: VisionTransformer) -> TokenTrace:
+    """The per-block token trace of the last forward pass (for :func:`ats_vit.flops.gflops`
+    with :func:`cost`, and for :mod:`ats_vit.viz`)."""
+    return _finished_state(model).trace
+
+
+def last_info(model: VisionTransformer) -> ATSInfo:
+    """Token ids, per-layer kept counts and GFLOPs of the last forward pass of a patched model."""
+    state = _finished_state(model)
     p = state.num_prefix_tokens
     ids = state.positions[:, p:] - p
     if state.padding is not None:

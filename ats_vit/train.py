@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 
+from ats_vit.flops import TokenTrace, ViTCost, gflops
 from ats_vit.vit import ViT
 
 __all__ = [
@@ -42,7 +43,12 @@ class CheckpointError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """An ``ats_vit.ViT``; ``max_tokens_per_depth=None`` means dense (every patch kept)."""
+    """A ViT of these sizes; ``max_tokens_per_depth=None`` means dense (every patch kept).
+
+    ``arch="ats_vit"`` builds :class:`ats_vit.ViT`; ``arch="timm"`` builds timm's own
+    ``VisionTransformer`` with the same sizes (class-token pooling), sampling through
+    :mod:`ats_vit.timm`; timm needs ``dim_head * heads == dim``.
+    """
 
     image_size: int = 48
     patch_size: int = 8
@@ -57,6 +63,7 @@ class ModelConfig:
     emb_dropout: float = 0.0
     max_tokens_per_depth: tuple[int, ...] | None = None
     sampler: str = "inverse_transform"
+    arch: str = "ats_vit"
 
     @property
     def num_patches(self) -> int:
@@ -78,8 +85,15 @@ class TrainConfig:
     out_dir: str = "runs/demo"
 
 
-def build_model(cfg: ModelConfig) -> ViT:
+ARCHS = ("ats_vit", "timm")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {cfg.arch!r}")
     schedule = cfg.max_tokens_per_depth or (cfg.num_patches,) * cfg.depth
+    if cfg.arch == "timm":
+        return _build_timm(cfg, schedule)
     return ViT(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -95,6 +109,45 @@ def build_model(cfg: ModelConfig) -> ViT:
         emb_dropout=cfg.emb_dropout,
         sampler=cfg.sampler,
     )
+
+
+def _build_timm(cfg: ModelConfig, schedule: tuple[int, ...]) -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    import ats_vit.timm as ats_timm
+
+    if cfg.dim_head * cfg.heads != cfg.dim:
+        raise ValueError(
+            f"arch='timm' needs dim_head * heads == dim, got {cfg.dim_head} * {cfg.heads} != {cfg.dim}"
+        )
+    model = VisionTransformer(
+        img_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        in_chans=cfg.channels,
+        num_classes=cfg.num_classes,
+        embed_dim=cfg.dim,
+        depth=cfg.depth,
+        num_heads=cfg.heads,
+        mlp_ratio=cfg.mlp_dim / cfg.dim,
+        global_pool="token",
+        drop_rate=cfg.dropout,
+        pos_drop_rate=cfg.emb_dropout,
+    )
+    # always patched (no layer samples when dense), so every forward leaves a token trace
+    layers = [i for i, cap in enumerate(schedule) if cap < cfg.num_patches]
+    caps = [schedule[i] for i in layers]
+    return ats_timm.apply(model, layers=layers, max_tokens=caps or 1, sampler=cfg.sampler)
+
+
+def forward_traced(model: nn.Module, images: Tensor) -> tuple[Tensor, TokenTrace, ViTCost]:
+    """Logits, token trace and cost of one forward pass, for our ViT and patched timm models."""
+    if isinstance(model, ViT):
+        feats, _, _, trace = model.forward_features(images)
+        return model.forward_head(feats), trace, model.cost
+    import ats_vit.timm as ats_timm
+
+    logits = model(images)
+    return logits, ats_timm.last_trace(model), ats_timm.cost(model)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -156,7 +209,7 @@ def load_checkpoint(
     return cfg, state, other, meta
 
 
-def load_model(path: str | Path, **overrides) -> tuple[ViT, ModelConfig]:
+def load_model(path: str | Path, **overrides) -> tuple[nn.Module, ModelConfig]:
     """Build the checkpoint's model (with config ``overrides``, e.g. an ATS schedule) and load it."""
     cfg, state, _, _ = load_checkpoint(path)
     cfg = ModelConfig(**{**asdict(cfg), **overrides})
@@ -334,20 +387,17 @@ def train(cfg: TrainConfig, train_data: Dataset, resume: bool = False, progress:
 
 
 @torch.inference_mode()
-def evaluate(model: ViT, data: Dataset, batch_size: int = 256) -> dict[str, object]:
+def evaluate(model: nn.Module, data: Dataset, batch_size: int = 256) -> dict[str, object]:
     """Accuracy, mean kept patch tokens per layer and mean GFLOPs per image."""
-    from ats_vit.flops import gflops
-
     model.eval()
     correct, seen, kept_sum, flops_sum = 0, 0, None, 0.0
     for images, labels in DataLoader(data, batch_size=batch_size):
-        feats, _, _, trace = model.forward_features(images)
-        logits = model.forward_head(feats)
+        logits, trace, cost = forward_traced(model, images)
         correct += (logits.argmax(-1) == labels).sum().item()
         seen += len(labels)
         kept = trace.kept_per_layer().sum(0).double()
         kept_sum = kept if kept_sum is None else kept_sum + kept
-        flops_sum += gflops(model.cost, trace).sum().item()
+        flops_sum += gflops(cost, trace).sum().item()
     return dict(accuracy=correct / seen, kept_per_layer=(kept_sum / seen).tolist(), gflops=flops_sum / seen)
 
 

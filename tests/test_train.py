@@ -223,3 +223,32 @@ def test_cli_train_eval_viz_on_the_demo_data(tmp_path, capsys):
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert rows[1]["gflops"] < rows[0]["gflops"]
     assert (out / "accuracy_vs_gflops.png").exists() and (out / "kept.png").exists()
+
+
+def test_timm_architecture_trains_and_evaluates_with_budgets(tmp_path):
+    pytest.importorskip("timm")
+    from ats_vit.train import forward_traced
+    from ats_vit.viz import save_kept_tokens_grid
+
+    cfg = tiny_cfg(tmp_path)
+    cfg.model = ModelConfig(**{**TINY.__dict__, "arch": "timm"})
+    final = train(cfg, tiny_data(), progress=False)
+    model, loaded = load_model(final)
+    assert loaded.arch == "timm" and type(model).__name__ == "VisionTransformer"
+    rows = evaluate_budgets(final, tiny_data(48, seed=1), keeps=(1.0, 0.25), start_layer=1, timing_repeats=1)
+    assert rows[1]["gflops"] < rows[0]["gflops"] and rows[1]["kept_per_layer"][-1] <= 4
+    sampled, _ = load_model(final, max_tokens_per_depth=(16, 4, 4))
+    images = tiny_data(3).tensors[0]
+    with torch.no_grad():
+        _, trace, _ = forward_traced(sampled.eval(), images)
+    assert save_kept_tokens_grid(images, trace, 4, tmp_path / "timm.png").exists()
+
+
+def test_timm_architecture_needs_matching_head_sizes():
+    pytest.importorskip("timm")
+    from ats_vit.train import build_model
+
+    with pytest.raises(ValueError, match="dim_head \\* heads == dim"):
+        build_model(ModelConfig(**{**TINY.__dict__, "arch": "timm", "dim_head": 4}))
+    with pytest.raises(ValueError, match="arch must be one of"):
+        build_model(ModelConfig(**{**TINY.__dict__, "arch": "keras"}))
