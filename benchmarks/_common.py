@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -56,3 +57,21 @@ def write_json(path: str | None, config: object, rows: Sequence[dict]) -> None:
         with open(path, "w") as f:
             json.dump(dict(config=asdict(config), machine=machine(), rows=list(rows)), f, indent=2)
         print(f"wrote {path}")
+
+
+def add_timing_args(parser: argparse.ArgumentParser, config: object) -> None:
+    """--batch-sizes, --repeats, --warmup, --threads, --json, defaulting to ``config``'s."""
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(config.batch_sizes))
+    parser.add_argument("--repeats", type=int, default=config.repeats)
+    parser.add_argument("--warmup", type=int, default=config.warmup)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", help="also write config, machine and rows to this JSON file")
+
+
+def parse_timing_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, reject non-positive timing values, and set the thread count."""
+    args = parser.parse_args()
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or min(args.batch_sizes) < 1:
+        parser.error("--repeats, --threads and --batch-sizes must be >= 1, --warmup >= 0")
+    torch.set_num_threads(args.threads)
+    return args

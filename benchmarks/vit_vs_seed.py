@@ -14,7 +14,7 @@ import argparse
 from dataclasses import asdict, dataclass, field
 
 import torch
-from _common import machine, print_table, time_round_robin, write_json
+from _common import add_timing_args, machine, parse_timing_args, print_table, time_round_robin, write_json
 
 from ats_vit import ViT, load_vit_pytorch_state_dict
 
@@ -113,15 +113,8 @@ COLUMNS = (
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(Config.batch_sizes))
-    parser.add_argument("--repeats", type=int, default=Config.repeats)
-    parser.add_argument("--warmup", type=int, default=Config.warmup)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--json", help="also write config, machine and rows to this JSON file")
-    args = parser.parse_args()
-    if args.repeats < 1 or args.warmup < 0 or args.threads < 1 or min(args.batch_sizes) < 1:
-        parser.error("--repeats, --threads and --batch-sizes must be >= 1, --warmup >= 0")
-    torch.set_num_threads(args.threads)
+    add_timing_args(parser, Config)
+    args = parse_timing_args(parser)
     cfg = Config(
         batch_sizes=tuple(args.batch_sizes), repeats=args.repeats, warmup=args.warmup, threads=args.threads
     )
