@@ -56,9 +56,23 @@ def _print_rows(rows: list[dict]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from ats_vit.train import ModelConfig, TrainConfig, train
 
-    model = ModelConfig(arch=args.arch)
+    if args.data == "demo":
+        model = ModelConfig(arch=args.arch)
+        train_data, _ = _datasets(args.data, model.image_size)
+    else:
+        # an ImageFolder: RGB at the requested size, one class per sub-folder
+        train_data, _ = _datasets(args.data, args.image_size)
+        model = ModelConfig(
+            arch=args.arch,
+            image_size=args.image_size,
+            patch_size=args.patch_size,
+            channels=3,
+            num_classes=len(train_data.classes),
+        )
     cfg = TrainConfig(
         model=model,
         epochs=args.epochs,
@@ -69,9 +83,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         amp=not args.no_amp,
         out_dir=args.out,
     )
-    import torch.distributed as dist
-
-    train_data, _ = _datasets(args.data, model.image_size)
     lead = int(os.environ.get("RANK", "0")) == 0  # under torchrun, only rank 0 reports
     if lead:
         print(f"config: {json.dumps(asdict(cfg))}", file=sys.stderr)
@@ -163,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="ats_vit.ViT, or timm's VisionTransformer of the same sizes",
     )
     train.add_argument("--epochs", type=_positive_int, default=15)
+    train.add_argument("--image-size", type=_positive_int, default=224, help="for --data FOLDER (demo: 48)")
+    train.add_argument("--patch-size", type=_positive_int, default=16, help="for --data FOLDER (demo: 8)")
     train.add_argument("--batch-size", type=_positive_int, default=64)
     train.add_argument("--lr", type=float, default=2e-3)
     train.add_argument("--seed", type=int, default=0)

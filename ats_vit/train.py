@@ -213,12 +213,16 @@ def load_model(path: str | Path, **overrides) -> tuple[nn.Module, ModelConfig]:
     """Build the checkpoint's model (with config ``overrides``, e.g. an ATS schedule) and load it."""
     cfg, state, _, _ = load_checkpoint(path)
     cfg = ModelConfig(**{**asdict(cfg), **overrides})
+    return _model_with_state(cfg, state, path), cfg
+
+
+def _model_with_state(cfg: ModelConfig, state: dict[str, Tensor], path: str | Path) -> nn.Module:
     model = build_model(cfg)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} does not fit its model config: {exc}") from exc
-    return model, cfg
+    return model
 
 
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -432,10 +436,14 @@ def evaluate_budgets(
 
     rows = []
     timing_batch = next(iter(DataLoader(data, batch_size=batch_size)))[0]
+    base_cfg, state, _, _ = load_checkpoint(checkpoint)
     for keep in tqdm(keeps, desc="budgets", unit="budget"):
-        base_cfg, _, _, _ = load_checkpoint(checkpoint)
         schedule = budget_schedule(base_cfg, keep, start_layer)
-        model, _ = load_model(checkpoint, max_tokens_per_depth=schedule, sampler=sampler)
+        model = _model_with_state(
+            ModelConfig(**{**asdict(base_cfg), "max_tokens_per_depth": schedule, "sampler": sampler}),
+            state,
+            checkpoint,
+        )
         result = evaluate(model, data, batch_size)
         times = []
         with torch.inference_mode():

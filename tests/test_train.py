@@ -252,3 +252,24 @@ def test_timm_architecture_needs_matching_head_sizes():
         build_model(ModelConfig(**{**TINY.__dict__, "arch": "timm", "dim_head": 4}))
     with pytest.raises(ValueError, match="arch must be one of"):
         build_model(ModelConfig(**{**TINY.__dict__, "arch": "keras"}))
+
+
+def test_cli_trains_and_evaluates_an_image_folder(tmp_path, capsys):
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for k, color in enumerate(((250, 10, 10), (10, 10, 250))):
+            folder = tmp_path / "data" / split / f"class{k}"
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), color=color).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path / "data"), "--image-size", "32", "--patch-size", "8"]
+    assert main([*argv, "--epochs", "1", "--batch-size", "4", "--out", str(out)]) == 0
+    cfg = load_checkpoint(out / "final.safetensors")[0]
+    assert (cfg.channels, cfg.num_classes, cfg.image_size, cfg.patch_size) == (3, 2, 32, 8)
+    ckpt = str(out / "final.safetensors")
+    data = str(tmp_path / "data")
+    assert main(["eval", ckpt, "--data", data, "--keep", "1", "0.5", "--out", str(out)]) == 0
+    assert "dense" in capsys.readouterr().out
