@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ats_vit import __version__
+from ats_vit.sampling import SAMPLERS
 
 
 def _positive_int(text: str) -> int:
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="patch tokens kept per sampling layer, as a fraction of all patches",
     )
     ev.add_argument("--start-layer", type=int, default=3, help="first layer that samples (0-based)")
-    ev.add_argument("--sampler", choices=["inverse_transform", "gumbel"], default="inverse_transform")
+    ev.add_argument("--sampler", choices=SAMPLERS, default="inverse_transform")
     ev.add_argument("--batch-size", type=_positive_int, default=256)
     ev.add_argument("--out", default="runs/eval")
     ev.set_defaults(fn=cmd_eval)

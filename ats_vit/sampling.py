@@ -27,12 +27,15 @@ __all__ = [
     "gumbel_sample",
     "inverse_transform_sample",
     "keep_mask",
+    "random_select",
     "significance_scores",
     "tokenwise",
+    "topk_select",
 ]
 
-Sampler = Literal["inverse_transform", "gumbel"]
-SAMPLERS: tuple[str, ...] = ("inverse_transform", "gumbel")
+Sampler = Literal["inverse_transform", "gumbel", "topk", "random"]
+# "topk" and "random" keep a fixed count per image; they are the simple peers ATS is compared to
+SAMPLERS: tuple[str, ...] = ("inverse_transform", "gumbel", "topk", "random")
 
 
 class Padding(NamedTuple):
@@ -126,6 +129,29 @@ def gumbel_sample(
     return (logits.unsqueeze(1) + gumbel).argmax(dim=-1)
 
 
+def topk_select(cls_attn: Tensor, k: int, valid: Tensor | None = None) -> Tensor:
+    """The k candidates the CLS token attends to most, averaged over heads (EViT's rule,
+    without fusing the dropped tokens into one).
+
+    cls_attn: (b, h, n) over the candidates; valid: (b, n) bool. Returns (b, k) distinct int64
+    ids in [0, n); needs k <= n. Padding ranks last, so it is picked only when an image has
+    fewer than k valid candidates (callers keep all valid tokens of such images).
+    """
+    rank = cls_attn.float().mean(dim=1)
+    if valid is not None:
+        rank = rank.masked_fill(~valid, float("-inf"))
+    return rank.topk(k, dim=-1, sorted=False).indices
+
+
+def random_select(valid: Tensor, k: int, *, generator: torch.Generator | None = None) -> Tensor:
+    """k distinct candidates uniformly at random among the valid ones (a score-free baseline).
+
+    valid: (b, n) bool. Returns (b, k) int64 in [0, n); needs k <= n. Random at eval too.
+    """
+    u = torch.rand(valid.shape, device=valid.device, generator=generator)
+    return u.masked_fill(~valid, -1.0).topk(k, dim=-1, sorted=False).indices
+
+
 def keep_mask(picks: Tensor, num_tokens: int) -> Tensor:
     """De-duplicate picks: (b, k) int64 -> (b, num_tokens) bool, True where picked at least once."""
     keep = torch.zeros((picks.shape[0], num_tokens), dtype=torch.bool, device=picks.device)
@@ -183,6 +209,10 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 class AdaptiveTokenSampling(nn.Module):
     """Keeps at most ``max_tokens`` non-prefix tokens per image, chosen by significance.
 
+    ``sampler``: ``"inverse_transform"`` (the paper's; deterministic at eval) or ``"gumbel"``
+    (the seed's) keep an adaptive count, since repeated picks are kept once. The peers that
+    ATS is benchmarked against keep exactly ``max_tokens``: ``"topk"`` (highest head-averaged
+    CLS attention, EViT-style without fusion) and ``"random"`` (uniform, random at eval too).
     Prefix tokens (CLS, distillation, registers: the first ``num_prefix_tokens``) are always
     kept. An image with at most ``max_tokens`` valid candidates keeps all of them, so an image
     is treated the same alone as in any batch.
@@ -224,11 +254,17 @@ class AdaptiveTokenSampling(nn.Module):
             return TokenSelection(torch.arange(n, device=cls_attn.device).expand(b, n), padding)
         key_mask = None if padding is None else padding.mask
         valid = None if key_mask is None else key_mask[:, p:]
-        scores = significance_scores(cls_attn[..., p:], v[..., p:, :], valid)  # (b, n - p)
-        if self.sampler == "inverse_transform":
-            picks = inverse_transform_sample(scores, k, jitter=self.training)
+        if self.sampler == "topk":
+            picks = topk_select(cls_attn[..., p:], k, valid)
+        elif self.sampler == "random":
+            candidates = torch.ones(b, n - p, dtype=torch.bool, device=cls_attn.device)
+            picks = random_select(candidates if valid is None else valid, k)
         else:
-            picks = gumbel_sample(scores, k, valid, eps=self.eps)
+            scores = significance_scores(cls_attn[..., p:], v[..., p:, :], valid)  # (b, n - p)
+            if self.sampler == "inverse_transform":
+                picks = inverse_transform_sample(scores, k, jitter=self.training)
+            else:
+                picks = gumbel_sample(scores, k, valid, eps=self.eps)
         keep = keep_mask(picks, n - p)
         if valid is not None:
             # images with few enough valid candidates keep them all, as they would alone

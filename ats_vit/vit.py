@@ -91,7 +91,8 @@ class ViT(nn.Module):
 
     ``max_tokens_per_depth[i]`` caps the patch tokens (CLS excluded) that layer ``i`` keeps;
     a layer samples only when it has more than that. ``sampler`` is ``"inverse_transform"``
-    (the paper's; deterministic at eval) or ``"gumbel"`` (the seed's). ``static_shape=True``
+    (the paper's; deterministic at eval) or ``"gumbel"`` (the seed's); ``"topk"`` and
+    ``"random"`` are fixed-count peers for comparisons. ``static_shape=True``
     pads every sampling layer's output to its cap instead of the batch's largest count,
     which avoids the one host sync per sampling layer at the cost of some padded compute.
     """

@@ -10,8 +10,10 @@ from ats_vit.sampling import (
     gumbel_sample,
     inverse_transform_sample,
     keep_mask,
+    random_select,
     significance_scores,
     tokenwise,
+    topk_select,
 )
 
 
@@ -39,7 +41,7 @@ def layer_inputs(draw):
         mask=padding_mask,
         k=k,
         p=p,
-        sampler=draw(st.sampled_from(["inverse_transform", "gumbel"])),
+        sampler=draw(st.sampled_from(["inverse_transform", "gumbel", "topk", "random"])),
         static=draw(st.booleans()),
         training=draw(st.booleans()),
     )
@@ -77,6 +79,8 @@ def test_selection_properties(case):
         assert 1 <= kept.numel() <= (k if sampled else n - p)
         if n_valid[i] <= k:
             assert kept.numel() == n_valid[i], "an image with few enough tokens keeps them all"
+        elif case["sampler"] in ("topk", "random"):
+            assert kept.numel() == k, "the fixed-count peers keep exactly k"
         # real slots form a prefix of the row
         count = int(out_mask[i].sum())
         assert torch.equal(out_mask[i], torch.arange(m) < count)
@@ -153,6 +157,28 @@ def test_gumbel_never_picks_padding():
     assert valid.gather(1, picks).all()
 
 
+def test_topk_select_ranks_by_head_mean_and_skips_padding():
+    # head means: [0.3, 0.25, 0.5, 0.9]; the last token is padding
+    attn = torch.tensor([[[0.2, 0.4, 0.1, 0.9], [0.4, 0.1, 0.9, 0.9]]])
+    valid = torch.tensor([[True, True, True, False]])
+    assert sorted(topk_select(attn, 2, valid)[0].tolist()) == [0, 2]
+    assert sorted(topk_select(attn, 2)[0].tolist()) == [2, 3]
+
+
+def test_random_select_is_uniform_over_valid_tokens():
+    valid = torch.arange(10) < torch.tensor([[4], [10]])
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(2, 10)
+    for _ in range(400):
+        picks = random_select(valid, 3, generator=gen)
+        assert (picks.sort(1).values.diff(dim=1) > 0).all(), "picks are distinct"
+        counts += keep_mask(picks, 10)
+    assert (counts[0, 4:] == 0).all(), "padding is never picked"
+    # each valid token is picked with probability 3/4 (first row) and 3/10 (second)
+    torch.testing.assert_close(counts[0, :4] / 400, torch.full((4,), 0.75), atol=0.08, rtol=0)
+    torch.testing.assert_close(counts[1] / 400, torch.full((10,), 0.3), atol=0.08, rtol=0)
+
+
 def test_compact_orders_and_pads():
     keep = torch.tensor([[False, True, False, True], [True, False, False, False]])
     sel = compact(keep, num_prefix=1)
@@ -195,7 +221,7 @@ def test_tokenwise_computes_real_rows_only():
         (dict(max_tokens=0), ValueError, "max_tokens must be >= 1"),
         (dict(max_tokens=2.5), TypeError, "max_tokens must be an int"),
         (dict(max_tokens=True), TypeError, "max_tokens must be an int"),
-        (dict(max_tokens=4, sampler="topk"), ValueError, "sampler must be one of"),
+        (dict(max_tokens=4, sampler="top_k"), ValueError, "sampler must be one of"),
         (dict(max_tokens=4, num_prefix_tokens=0), ValueError, "num_prefix_tokens must be >= 1"),
     ],
 )

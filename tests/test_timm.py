@@ -179,6 +179,18 @@ def test_gflops_follow_the_budget():
     assert (costs[0] > costs[1]).all() and (costs[1] > costs[2]).all()
 
 
+@pytest.mark.parametrize("sampler", ["topk", "random"])
+def test_fixed_count_peers_keep_exactly_the_cap(sampler):
+    model = ats_timm.apply(
+        sharpen(make("distilled")), layers=[1, 2, 3], max_tokens=[9, 5, 5], sampler=sampler
+    )
+    with torch.no_grad():
+        model(images(3))
+    info = ats_timm.last_info(model)
+    assert info.kept_per_layer.tolist() == [[NUM_PATCHES, 9, 5, 5]] * 3
+    assert (info.token_ids >= 0).all() and torch.all(info.token_ids.diff(dim=1) > 0)
+
+
 def test_training_with_drop_path_reaches_every_parameter():
     torch.manual_seed(0)
     model = VisionTransformer(**SMALL, drop_path_rate=0.2, attn_drop_rate=0.1, proj_drop_rate=0.1).train()
@@ -229,7 +241,7 @@ def test_unsupported_model_error_names_the_model():
         (dict(max_tokens=[4, 4]), ValueError, "max_tokens has 2 entries but layers selects 4"),
         (dict(max_tokens="8"), TypeError, "max_tokens must be an int or a sequence"),
         (dict(max_tokens=[4, 4, 0, 4]), ValueError, r"max_tokens\[2\] must be >= 1"),
-        (dict(sampler="random"), ValueError, "sampler must be one of"),
+        (dict(sampler="uniform"), ValueError, "sampler must be one of"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):

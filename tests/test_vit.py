@@ -118,6 +118,18 @@ def test_batch_equals_each_image_alone(static_shape):
             assert torch.equal(ids[0][ids[0] >= 0], batch_ids[i][batch_ids[i] >= 0])
 
 
+@pytest.mark.parametrize("sampler", ["topk", "random"])
+def test_fixed_count_peers_keep_exactly_the_cap(sampler):
+    model = peaky(small_vit(sampler=sampler)).eval()
+    with torch.no_grad():
+        _, _, padding, trace = model.forward_features(images(5))
+        _, ids = model(images(5), return_sampled_token_ids=True)
+    assert padding is None, "every image keeps the same count, so nothing is padded"
+    assert trace.kept_per_layer().tolist() == [list(DROPPING)] * 5
+    assert ids.shape == (5, min(DROPPING)) and (ids >= 0).all()
+    assert torch.all(ids.diff(dim=1) > 0), "kept ids stay in ascending original order"
+
+
 def test_gradients_reach_every_parameter():
     model = small_vit(dropout=0.1, emb_dropout=0.1).train()
     logits, ids = model(images(4), return_sampled_token_ids=True)
@@ -163,7 +175,7 @@ def test_autocast_bfloat16_runs_on_float32_weights():
         (dict(image_size=(32, 30)), ValueError, "divisible by patch_size"),
         (dict(patch_size=0), ValueError, "patch_size must be >= 1"),
         (dict(image_size=(32, 32, 3)), TypeError, "image_size must be an int or a pair"),
-        (dict(sampler="topk"), ValueError, "sampler must be one of"),
+        (dict(sampler="top_k"), ValueError, "sampler must be one of"),
         (dict(dim=0), ValueError, "dim must be >= 1"),
         (dict(heads=2.0), TypeError, "heads must be an int"),
         (dict(depth=0), ValueError, "depth must be >= 1"),
