@@ -70,8 +70,9 @@ def sampled_self_attention(
 ) -> tuple[Tensor, TokenSelection | None]:
     """Self-attention over x (already normalised) that keeps only the tokens ``ats`` samples.
 
-    x: (b, n, c) with its padding -> (b, m, c_out) for the kept tokens (0 at padded slots) and
-    the selection, or None when the layer kept every token. The callables are the model's own
+    x: (b, n, c) with its padding -> (b, m, c_out) for the kept tokens (padded slots are
+    unspecified and masked downstream) and the selection, or None when the layer kept every
+    token. The callables are the model's own
     modules: ``q_norm``/``k_norm`` act per head on (b, h, n, d); ``gate`` (sigmoid gate from
     the input), ``out_norm`` and ``proj`` act per token. Keys and values are computed for all
     tokens; queries only for CLS (to score) and for the kept tokens.
@@ -139,8 +140,8 @@ class SamplingAttention(nn.Module):
         )
 
     def forward(self, x: Tensor, padding: Padding | None = None) -> tuple[Tensor, TokenSelection | None]:
-        """x: (b, n, dim) with its padding -> output (b, m, dim) for the kept tokens (0 at
-        padded slots) and the selection, or None when this layer kept every token."""
+        """x: (b, n, dim) with its padding -> output (b, m, dim) for the kept tokens (padded
+        slots unspecified) and the selection, or None when this layer kept every token."""
         return sampled_self_attention(
             x,
             padding,

@@ -4,8 +4,10 @@ Convention: one multiply-add counts as one FLOP (fvcore's, used by DeiT and the 
 DeiT-S dense = 4.6 GFLOPs). Counted: patch embedding, qkv, the CLS scoring row, attention
 (QKᵀ and AV), the significance scores (heads * candidates), output projection, MLP and
 head. Norms, softmax, GELU and the sort/search steps of sampling are ignored, as fvcore
-ignores such element-wise work. Padding costs nothing: token-wise layers
-run on packed real tokens, and attention is counted over real queries and real keys.
+ignores such element-wise work. Only real tokens are counted: token-wise layers run on packed
+real tokens whenever at least 1/32 of the batch grid is padding (below that they run on the
+grid, and up to 1/32 more rows are computed than counted), and attention is counted over
+real queries and real keys.
 """
 
 from __future__ import annotations

@@ -33,6 +33,12 @@ __all__ = [
     "topk_select",
 ]
 
+# Token-wise layers skip padding (pack the real rows, compute, scatter back) only when at least
+# this fraction of the grid is padding: the gather/scatter copies cost ~1.5% of a DeiT-S block
+# on CPU, so packing a grid that is nearly full loses more than the padded GEMM rows it saves
+# (benchmarks/profile_sampling.py).
+PACK_MIN_PADDING = 1 / 32
+
 Sampler = Literal["inverse_transform", "gumbel", "topk", "random"]
 # "topk" and "random" keep a fixed count per image; they are the simple peers ATS is compared to
 SAMPLERS: tuple[str, ...] = ("inverse_transform", "gumbel", "topk", "random")
@@ -44,7 +50,8 @@ class Padding(NamedTuple):
     mask: (b, m) bool, True for real tokens.
     rows: (T,) int64 flat positions ``i * m + j`` of the T real tokens, ascending; lets
         token-wise layers (linear, MLP) skip the padding. ``None`` when unknown without a
-        host sync (static shapes), in which case token-wise layers run on the padded grid.
+        host sync (static shapes) or when too little of the grid is padding to be worth
+        packing (:data:`PACK_MIN_PADDING`); token-wise layers then run on the whole grid.
     """
 
     mask: Tensor
@@ -164,7 +171,8 @@ def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> Token
     keep: (b, n) over the candidates, which sit after the prefix in the token axis. The output
     grid is (b, num_prefix + size). ``size=None`` pads to the largest count in the batch and
     costs one host sync (the only one in the op), which also yields the rows of real tokens
-    for packed token-wise compute; a fixed ``size`` (at least the largest count) needs none.
+    for packed token-wise compute when at least :data:`PACK_MIN_PADDING` of the grid is
+    padding; a fixed ``size`` (at least the largest count) needs no sync.
     """
     b = keep.shape[0]
     counts = keep.sum(dim=-1)  # (b,)
@@ -180,7 +188,7 @@ def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> Token
         return TokenSelection(index, None)
     mask = torch.arange(num_prefix + size, device=keep.device) < (counts + num_prefix)[:, None]
     rows = None
-    if total is not None:
+    if total is not None and (b * size - total) >= PACK_MIN_PADDING * b * (num_prefix + size):
         flat_dropped = (~mask).flatten().to(torch.uint8)
         rows = torch.argsort(flat_dropped, stable=True)[: total + b * num_prefix]
     return TokenSelection(index, Padding(mask, rows))
@@ -190,7 +198,8 @@ def tokenwise(fn: Callable[..., Tensor], x: Tensor, padding: Padding | None, *ot
     """Apply a per-token function to x: (b, m, c) -> (b, m, c'), computing only real tokens.
 
     ``others`` are further (b, m, ...) tensors on the same grid, passed to ``fn`` after x.
-    Padded slots of the result are 0. Without known rows, ``fn`` runs on the whole grid.
+    Padded slots of the result are 0. Without known rows, ``fn`` runs on the whole grid and
+    padded slots hold whatever it computes there (finite for finite inputs; always masked).
     """
     if padding is None or padding.rows is None:
         return fn(x, *others)

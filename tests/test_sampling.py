@@ -191,6 +191,19 @@ def test_compact_orders_and_pads():
     assert static.padding.mask.sum(1).tolist() == [3, 2]
 
 
+def test_compact_packs_only_grids_with_enough_padding():
+    keep = torch.ones(40, 33, dtype=torch.bool)
+    keep[0, 5] = False  # 1 padded slot of 40 * 33: packing would cost more than it saves
+    sel = compact(keep, num_prefix=1)
+    assert sel.index.shape == (40, 34) and sel.padding.rows is None
+    assert sel.padding.mask.sum().item() == 40 * 34 - 1 and not sel.padding.mask[0, -1]
+    keep[:4, :10] = False  # 40 padded slots of 1360 (2.9%): still below 1/32
+    assert compact(keep, num_prefix=1).padding.rows is None
+    keep[:8, :10] = False  # 80 of 1360 (5.9%): packed
+    rows = compact(keep, num_prefix=1).padding.rows
+    assert rows is not None and rows.numel() == 40 * 34 - 80
+
+
 def test_compact_without_padding_returns_none():
     keep = torch.tensor([[True, False, True], [False, True, True]])
     sel = compact(keep)
