@@ -134,6 +134,7 @@ def _block_forward(
         state.padding = selection.padding
         state.positions = state.positions.gather(1, selection.index)
     x = x + self.drop_path1(self.ls1(out))
+    del out  # not alive during the MLP, whose hidden activations set the peak memory
     # drop path is per image, so it must see the padded (b, m, c) grid, not packed tokens
     x = x + self.drop_path2(tokenwise(lambda t: self.ls2(self.mlp(self.norm2(t))), x, state.padding))
     state.trace.record(x, state.padding, sampled=selection is not None, positions=state.positions)

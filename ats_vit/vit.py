@@ -83,6 +83,7 @@ class Block(nn.Module):
         if selection is not None:
             x, padding = gather_tokens(x, selection.index), selection.padding
         x = x + out
+        del out  # not alive during the MLP, whose hidden activations set the peak memory
         return x + tokenwise(lambda t: self.mlp(self.norm2(t)), x, padding), padding, selection
 
 
