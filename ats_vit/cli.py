@@ -1,4 +1,4 @@
-"""The ``ats-vit`` command line: demo, train, eval, viz."""
+"""The ``ats-vit`` command line: demo, train, eval, viz, bench."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ats_vit import __version__
+from ats_vit.bench import FAMILIES
 from ats_vit.sampling import SAMPLERS
 
 
@@ -132,6 +133,58 @@ def cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_speed(args: argparse.Namespace) -> int:
+    import torch
+
+    from ats_vit.bench import SPEED_COLUMNS, SpeedConfig, machine, print_table, speed, write_json
+
+    cfg = SpeedConfig(
+        model=args.model,
+        img_size=args.img_size,
+        pretrained=args.pretrained,
+        start_layer=args.start_layer,
+        max_tokens=args.max_tokens,
+        samplers=tuple(args.samplers),
+        families=tuple(args.families),
+        batch_sizes=tuple(args.batch_sizes),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads or torch.get_num_threads(),
+    )
+    print(f"config: {json.dumps(asdict(cfg))}\nmachine: {json.dumps(machine(cfg.device))}")
+    rows = speed(cfg)
+    print_table(rows, SPEED_COLUMNS)
+    write_json(args.json, cfg, rows, cfg.device)
+    return 0
+
+
+def cmd_bench_peers(args: argparse.Namespace) -> int:
+    from ats_vit.bench import PEERS_COLUMNS, PeersConfig, machine, peers, print_table, write_json
+    from ats_vit.train import load_checkpoint
+    from ats_vit.viz import plot_methods
+
+    cfg = PeersConfig(
+        checkpoint=args.checkpoint,
+        data=args.data,
+        keeps=tuple(args.keep),
+        start_layer=args.start_layer,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+    )
+    print(f"config: {json.dumps(asdict(cfg))}\nmachine: {json.dumps(machine())}")
+    model_cfg, _, _, _ = load_checkpoint(cfg.checkpoint)
+    _, test_data = _datasets(cfg.data, model_cfg.image_size)
+    rows = peers(cfg, test_data)
+    print_table(rows, PEERS_COLUMNS)
+    write_json(args.json, cfg, rows)
+    if args.plot:
+        title = f"no fine-tuning, selection from layer {cfg.start_layer}"
+        print(f"wrote {plot_methods(rows, args.plot, title)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """train -> eval -> viz on the bundled demo task, each with its own command's defaults."""
     out = Path(args.out)
@@ -209,6 +262,39 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--images", type=_positive_int, default=6)
     viz.add_argument("--output", default="runs/kept_tokens.png")
     viz.set_defaults(fn=cmd_viz)
+
+    bench = sub.add_parser("bench", help="benchmarks: speed vs the FLOP ideal; accuracy vs GFLOPs vs peers")
+    kinds = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    sp = kinds.add_parser(
+        "speed",
+        help="throughput, peak memory and efficiency: timm dense vs ATS, ats_vit.ViT, the seed",
+    )
+    sp.add_argument("--model", default="deit_small_patch16_224", help="a timm ViT name (sets all sizes)")
+    sp.add_argument("--img-size", type=_positive_int, default=None)
+    sp.add_argument("--pretrained", action="store_true", help="timm weights (needs a download)")
+    sp.add_argument("--start-layer", type=int, default=3, help="first layer that samples (0-based)")
+    sp.add_argument("--max-tokens", type=_positive_int, default=108, help="patch tokens kept per layer")
+    sp.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=["inverse_transform", "gumbel"])
+    sp.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    sp.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 16, 64])
+    sp.add_argument("--warmup", type=int, default=1)
+    sp.add_argument("--repeats", type=_positive_int, default=5)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    sp.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+    sp.add_argument("--json", help="also write config, machine and rows here")
+    sp.set_defaults(fn=cmd_bench_speed)
+
+    pe = kinds.add_parser("peers", help="accuracy vs GFLOPs: ATS against top-k and random at matched GFLOPs")
+    pe.add_argument("checkpoint")
+    pe.add_argument("--data", default="demo")
+    pe.add_argument("--keep", type=_keep_ratio, nargs="+", default=[0.75, 0.5, 0.35, 0.25])
+    pe.add_argument("--start-layer", type=int, default=3)
+    pe.add_argument("--seeds", type=_positive_int, default=3, help="runs averaged for random samplers")
+    pe.add_argument("--batch-size", type=_positive_int, default=256)
+    pe.add_argument("--json", help="also write config, machine and rows here")
+    pe.add_argument("--plot", default="runs/bench/peers.png", help="accuracy-vs-GFLOPs PNG ('' for none)")
+    pe.set_defaults(fn=cmd_bench_peers)
     return parser
 
 
@@ -222,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return args.fn(args)
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, ValueError, ImportError) as exc:
         print(f"ats-vit {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

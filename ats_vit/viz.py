@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ats_vit.flops import TokenTrace
 
-__all__ = ["kept_patch_masks", "plot_accuracy_vs_gflops", "save_kept_tokens_grid"]
+__all__ = ["kept_patch_masks", "plot_accuracy_vs_gflops", "plot_methods", "save_kept_tokens_grid"]
 
 
 def _pyplot():
@@ -113,4 +113,27 @@ def plot_accuracy_vs_gflops(rows: Sequence[dict], path: str | Path, title: str =
     )
     ax.set_title(title or default, fontsize=9)
     ax.grid(alpha=0.3)
+    return _save(fig, path, dpi=120)
+
+
+def plot_methods(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """One accuracy-vs-GFLOPs curve per ``row['method']`` (error bars from 'accuracy_std'
+    where given); a row with method 'dense' is drawn as a single reference point."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    methods = dict.fromkeys(r["method"] for r in rows)
+    for method in methods:
+        # a peer matched to two budgets with the same schedule gives the same point twice
+        unique = {(r["gflops"], r["accuracy"]): r for r in rows if r["method"] == method}
+        points = sorted(unique.values(), key=lambda r: r["gflops"])
+        xs = [r["gflops"] for r in points]
+        ys = [100 * r["accuracy"] for r in points]
+        errs = [100 * r.get("accuracy_std", 0.0) for r in points]
+        style = dict(marker="*", markersize=10, linestyle="none") if method == "dense" else dict(marker="o")
+        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, label=method, capsize=2, **style)
+    ax.set_xlabel("GFLOPs per image (tokens actually kept)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title or "token selection without fine-tuning", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     return _save(fig, path, dpi=120)
