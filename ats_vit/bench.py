@@ -54,10 +54,12 @@ def time_round_robin(
     repeats: int,
     device: torch.device | None = None,
     on_call: Callable[[], object] | None = None,
+    min_seconds: float = 0.0,
 ) -> dict[str, float]:
     """Median seconds per call of each function; calls are interleaved across functions so
-    that machine noise hits all of them alike. ``device`` is synchronised around each call;
-    ``on_call`` runs after every call (a progress bar)."""
+    that machine noise hits all of them alike. Rounds go on past ``repeats`` until every
+    function has run for ``min_seconds`` in all, so that short calls get enough samples.
+    ``device`` is synchronised around each call; ``on_call`` runs after every call."""
     device = device or torch.device("cpu")
     tick = on_call or (lambda: None)
     for fn in fns.values():
@@ -65,7 +67,7 @@ def time_round_robin(
             fn()
             tick()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    while len(samples[next(iter(fns))]) < repeats or min(map(sum, samples.values())) < min_seconds:
         for name, fn in fns.items():
             _sync(device)
             start = time.perf_counter()
@@ -195,6 +197,7 @@ class SpeedConfig:
     batch_sizes: tuple[int, ...] = (1, 16, 64)
     warmup: int = 1
     repeats: int = 5
+    min_seconds: float = 3.0  # per variant and batch: short calls are repeated more
     seed: int = 0
     device: str = "cpu"
     threads: int = field(default_factory=torch.get_num_threads)
@@ -203,8 +206,11 @@ class SpeedConfig:
         for name in ("max_tokens", "repeats", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0 or self.start_layer < 0:
-            raise ValueError(f"warmup and start_layer must be >= 0, got {self.warmup}, {self.start_layer}")
+        if self.warmup < 0 or self.start_layer < 0 or self.min_seconds < 0:
+            raise ValueError(
+                "warmup, start_layer and min_seconds must be >= 0, got "
+                f"{self.warmup}, {self.start_layer}, {self.min_seconds}"
+            )
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes must be positive ints, got {self.batch_sizes}")
         for name, values, accepted in (
@@ -368,7 +374,8 @@ def speed(cfg: SpeedConfig) -> list[dict]:
     variants, image_hw = _variants(cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     rows = []
-    # per variant and batch: a counting pass, the timed calls, a memory pass
+    # per variant and batch: a counting pass, the timed calls, a memory pass (a lower bound:
+    # short calls are repeated until they fill min_seconds)
     calls = len(cfg.batch_sizes) * len(variants) * (cfg.warmup + cfg.repeats + 2)
     bar = tqdm(total=calls, desc="speed", unit="forward")
     with torch.inference_mode():
@@ -387,6 +394,7 @@ def speed(cfg: SpeedConfig) -> list[dict]:
                 cfg.repeats,
                 device,
                 on_call=bar.update,
+                min_seconds=cfg.min_seconds,
             )
             dense = {v.family: v for v in variants if v.dense}
             seed_ats = next((v for v in variants if v.family == "seed" and not v.dense), None)

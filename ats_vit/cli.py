@@ -149,6 +149,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         batch_sizes=tuple(args.batch_sizes),
         warmup=args.warmup,
         repeats=args.repeats,
+        min_seconds=args.min_seconds,
         seed=args.seed,
         device=args.device,
         threads=args.threads or torch.get_num_threads(),
@@ -278,7 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     sp.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 16, 64])
     sp.add_argument("--warmup", type=int, default=1)
-    sp.add_argument("--repeats", type=_positive_int, default=5)
+    sp.add_argument("--repeats", type=_positive_int, default=5, help="timed calls per variant, at least")
+    sp.add_argument(
+        "--min-seconds", type=float, default=3.0, help="repeat until each variant ran this long in all"
+    )
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     sp.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")

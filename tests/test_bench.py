@@ -1,5 +1,6 @@
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ TINY_SPEED = dict(
     batch_sizes=(2,),
     warmup=0,
     repeats=1,
+    min_seconds=0.0,
 )
 
 
@@ -37,6 +39,9 @@ def test_time_round_robin_interleaves_and_returns_medians():
     medians = time_round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 1, 3)
     assert calls == ["a", "b"] + ["a", "b"] * 3
     assert set(medians) == {"a", "b"} and all(t >= 0 for t in medians.values())
+    calls.clear()
+    time_round_robin({"slow": lambda: (calls.append(1), time.sleep(0.01))}, 0, 2, min_seconds=0.1)
+    assert 10 <= len(calls) <= 12, "short calls repeat until they fill min_seconds"
 
 
 def test_speed_rows_compare_each_family_to_its_dense_model():
@@ -83,6 +88,7 @@ def test_speed_without_the_seed_has_no_seed_ratio():
         (dict(families=()), "families must be a non-empty subset"),
         (dict(batch_sizes=(0,)), "batch_sizes must be positive"),
         (dict(repeats=0), "repeats must be >= 1"),
+        (dict(min_seconds=-1.0), "min_seconds must be >= 0"),
     ],
 )
 def test_speed_config_errors(kwargs, match):
@@ -157,19 +163,9 @@ def test_cli_bench_peers_writes_table_json_and_plot(tiny_checkpoint, tmp_path, c
 
 def test_cli_bench_speed_prints_the_table_and_reports_bad_values(tmp_path, capsys):
     pytest.importorskip("timm")
-    argv = ["bench", "speed", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--start-layer", "1"]
-    argv += [
-        "--max-tokens",
-        "8",
-        "--batch-sizes",
-        "1",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--families",
-        "ours",
-    ]
+    command = "bench speed --model vit_tiny_patch16_224 --img-size 64 --start-layer 1 --max-tokens 8 "
+    command += "--batch-sizes 1 --repeats 1 --warmup 0 --min-seconds 0 --families ours"
+    argv = command.split()
     assert main([*argv, "--json", str(tmp_path / "speed.json")]) == 0
     assert "efficiency" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "speed.json").read_text())["rows"]) == 3
