@@ -53,21 +53,30 @@ def time_round_robin(
     warmup: int,
     repeats: int,
     device: torch.device | None = None,
-    on_call: Callable[[], object] | None = None,
+    progress=None,
     min_seconds: float = 0.0,
 ) -> dict[str, float]:
     """Median seconds per call of each function; calls are interleaved across functions so
     that machine noise hits all of them alike. Rounds go on past ``repeats`` until every
     function has run for ``min_seconds`` in all, so that short calls get enough samples.
-    ``device`` is synchronised around each call; ``on_call`` runs after every call."""
+    ``device`` is synchronised around each call; ``progress`` (a tqdm bar counting calls,
+    ``warmup + repeats`` per function) is advanced, and grown by the extra rounds."""
     device = device or torch.device("cpu")
-    tick = on_call or (lambda: None)
+
+    def tick() -> None:
+        if progress is not None:
+            progress.update()
+
     for fn in fns.values():
         for _ in range(warmup):
             fn()
             tick()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    while len(samples[next(iter(fns))]) < repeats or min(map(sum, samples.values())) < min_seconds:
+    rounds = 0
+    while rounds < repeats or min(map(sum, samples.values())) < min_seconds:
+        rounds += 1
+        if rounds > repeats and progress is not None:
+            progress.total += len(fns)
         for name, fn in fns.items():
             _sync(device)
             start = time.perf_counter()
@@ -374,8 +383,7 @@ def speed(cfg: SpeedConfig) -> list[dict]:
     variants, image_hw = _variants(cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     rows = []
-    # per variant and batch: a counting pass, the timed calls, a memory pass (a lower bound:
-    # short calls are repeated until they fill min_seconds)
+    # per variant and batch: a counting pass, the timed calls, a memory pass
     calls = len(cfg.batch_sizes) * len(variants) * (cfg.warmup + cfg.repeats + 2)
     bar = tqdm(total=calls, desc="speed", unit="forward")
     with torch.inference_mode():
@@ -393,7 +401,7 @@ def speed(cfg: SpeedConfig) -> list[dict]:
                 cfg.warmup,
                 cfg.repeats,
                 device,
-                on_call=bar.update,
+                progress=bar,
                 min_seconds=cfg.min_seconds,
             )
             dense = {v.family: v for v in variants if v.dense}

@@ -3,14 +3,15 @@
 1. A torch.profiler table of one forward, ops grouped by role: GEMMs, fused attention, the
    sampling op itself (scores, CDF search, de-duplication, compaction), packing (gathering
    real tokens and scattering results back), and everything else.
-2. An interleaved A/B of token-wise packing: always packed (threshold 0) against the default
-   (`ats_vit.sampling.PACK_MIN_PADDING`: pack only grids that are at least 1/32 padding).
+2. An interleaved A/B/C of token-wise packing: never packed, always packed (threshold 0), and
+   the default (`ats_vit.sampling.PACK_MIN_PADDING`: pack only grids at least 1/32 padding).
 
 Random-init models attend almost uniformly and keep the cap in every image, so there is no
 padding; `--sharpen` scales the query weights to make CLS attention peaked, as in trained
 models, so that images keep different counts and the batch gets padded.
 
     python benchmarks/profile_sampling.py --batch-size 16 --sharpen 4 --json profile.json
+    python benchmarks/profile_sampling.py --batch-size 16 --sharpen 30   # much padding
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from ats_vit.bench import machine, print_table, time_round_robin, write_json
 ROLES = {
     "GEMM": ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"),
     "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product_attention"),
+    "element-wise": ("aten::gelu", "aten::native_layer_norm", "aten::layer_norm", "aten::add", "aten::mul"),
+    # mostly addmm's bias broadcast into its output, which timm's dense model pays alike
+    "copies": ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::cat"),
+    "patch embedding": ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution"),
     "sampling op": (
         "aten::linalg_vector_norm",
         "aten::einsum",
@@ -107,7 +112,11 @@ def main() -> None:
     print_table(rows, (("role", "role", "<12"), ("ms", "ms", ".1f"), ("share", "share", ".1%")))
 
     default = sampling.PACK_MIN_PADDING
-    thresholds = {"always pack": 0.0, f"pack if >= {default:.3g} padding": default}
+    thresholds = {
+        "never pack": float("inf"),
+        "always pack": 0.0,
+        f"pack if >= {default:.3g} padding": default,
+    }
 
     def forward_with(threshold: float):
         def fn():
@@ -121,7 +130,7 @@ def main() -> None:
             times = time_round_robin({k: forward_with(v) for k, v in thresholds.items()}, 1, cfg.repeats)
     finally:
         sampling.PACK_MIN_PADDING = default
-    base = times["always pack"]
+    base = times["never pack"]
     ab = [dict(variant=k, ms=1e3 * t, speedup=base / t) for k, t in times.items()]
     print(f"\npacking A/B (median of {cfg.repeats} interleaved repeats)")
     print_table(

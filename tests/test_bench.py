@@ -1,6 +1,7 @@
 import json
 import math
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -40,8 +41,13 @@ def test_time_round_robin_interleaves_and_returns_medians():
     assert calls == ["a", "b"] + ["a", "b"] * 3
     assert set(medians) == {"a", "b"} and all(t >= 0 for t in medians.values())
     calls.clear()
-    time_round_robin({"slow": lambda: (calls.append(1), time.sleep(0.01))}, 0, 2, min_seconds=0.1)
+    bar = SimpleNamespace(n=0, total=2)
+    bar.update = lambda: setattr(bar, "n", bar.n + 1)
+    time_round_robin(
+        {"slow": lambda: (calls.append(1), time.sleep(0.01))}, 0, 2, progress=bar, min_seconds=0.1
+    )
     assert 10 <= len(calls) <= 12, "short calls repeat until they fill min_seconds"
+    assert bar.n == bar.total == len(calls), "the progress bar grows with the extra rounds"
 
 
 def test_speed_rows_compare_each_family_to_its_dense_model():
