@@ -222,6 +222,14 @@ class SpeedConfig:
             )
         if not self.batch_sizes or min(self.batch_sizes) < 1:
             raise ValueError(f"batch_sizes must be positive ints, got {self.batch_sizes}")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError as exc:
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}") from exc
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but no CUDA device is available; use 'cpu'")
         for name, values, accepted in (
             ("samplers", self.samplers, SAMPLERS),
             ("families", self.families, FAMILIES),

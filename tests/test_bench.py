@@ -95,11 +95,19 @@ def test_speed_without_the_seed_has_no_seed_ratio():
         (dict(batch_sizes=(0,)), "batch_sizes must be positive"),
         (dict(repeats=0), "repeats must be >= 1"),
         (dict(min_seconds=-1.0), "min_seconds must be >= 0"),
+        (dict(device="tpu"), "device must be 'cpu', 'cuda' or 'cuda:N'"),
+        (dict(device="mps"), "device must be 'cpu', 'cuda' or 'cuda:N'"),
     ],
 )
 def test_speed_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SpeedConfig(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_speed_on_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="no CUDA device is available"):
+        SpeedConfig(device="cuda")
 
 
 def test_speed_start_layer_must_fit_the_model():
