@@ -488,7 +488,7 @@ def peers(cfg: PeersConfig, data) -> list[dict]:
     """Accuracy, GFLOPs and kept tokens of ATS and its peers on ``data``, no fine-tuning."""
     from tqdm.auto import tqdm
 
-    from ats_vit.train import ModelConfig, _model_with_state, budget_schedule, evaluate, load_checkpoint
+    from ats_vit.train import budget_schedule, evaluate, load_checkpoint, model_with_budget
 
     base, state, _, _ = load_checkpoint(cfg.checkpoint)
     if not 0 <= cfg.start_layer < base.depth:
@@ -498,11 +498,7 @@ def peers(cfg: PeersConfig, data) -> list[dict]:
     bar = tqdm(total=plan, desc="peers", unit="eval")
 
     def run(schedule: tuple[int, ...] | None, sampler: str) -> dict:
-        model = _model_with_state(
-            ModelConfig(**{**asdict(base), "max_tokens_per_depth": schedule, "sampler": sampler}),
-            state,
-            cfg.checkpoint,
-        )
+        model = model_with_budget(base, state, cfg.checkpoint, schedule, sampler)
         seeds = range(cfg.seeds if sampler in random_samplers and schedule is not None else 1)
         results = []
         for seed in seeds:

@@ -32,6 +32,7 @@ __all__ = [
     "build_model",
     "evaluate",
     "load_checkpoint",
+    "model_with_budget",
     "save_checkpoint",
     "train",
 ]
@@ -214,6 +215,20 @@ def load_model(path: str | Path, **overrides) -> tuple[nn.Module, ModelConfig]:
     cfg, state, _, _ = load_checkpoint(path)
     cfg = ModelConfig(**{**asdict(cfg), **overrides})
     return _model_with_state(cfg, state, path), cfg
+
+
+def model_with_budget(
+    cfg: ModelConfig,
+    state: dict[str, Tensor],
+    path: str | Path,
+    schedule: tuple[int, ...] | None,
+    sampler: str,
+) -> nn.Module:
+    """The model of a loaded checkpoint (``cfg``, ``state`` from :func:`load_checkpoint`) with
+    another token schedule (``None``: dense) and sampler, without reading the file again."""
+    return _model_with_state(
+        ModelConfig(**{**asdict(cfg), "max_tokens_per_depth": schedule, "sampler": sampler}), state, path
+    )
 
 
 def _model_with_state(cfg: ModelConfig, state: dict[str, Tensor], path: str | Path) -> nn.Module:
@@ -440,11 +455,7 @@ def evaluate_budgets(
     base_cfg, state, _, _ = load_checkpoint(checkpoint)
     for keep in tqdm(keeps, desc="budgets", unit="budget"):
         schedule = budget_schedule(base_cfg, keep, start_layer)
-        model = _model_with_state(
-            ModelConfig(**{**asdict(base_cfg), "max_tokens_per_depth": schedule, "sampler": sampler}),
-            state,
-            checkpoint,
-        )
+        model = model_with_budget(base_cfg, state, checkpoint, schedule, sampler)
         result = evaluate(model, data, batch_size)
         times = []
         with torch.inference_mode():
