@@ -36,13 +36,19 @@ def _keep_ratio(text: str) -> float:
 
 
 def _datasets(spec: str, image_size: int):
-    """'demo' -> the bundled cluttered digits; otherwise an ImageFolder root with train/ and val/."""
+    """(train, calibration, test): 'demo' -> the bundled cluttered digits (train, val, test);
+    otherwise an ImageFolder root: train/ for training, its images without augmentation for
+    calibration, val/ for evaluation."""
     from ats_vit.data import cluttered_digits, image_folder
 
     if spec == "demo":
         return cluttered_digits()
     root = Path(spec)
-    return image_folder(root / "train", image_size, train=True), image_folder(root / "val", image_size)
+    return (
+        image_folder(root / "train", image_size, train=True),
+        image_folder(root / "train", image_size),
+        image_folder(root / "val", image_size),
+    )
 
 
 def _print_rows(rows: list[dict]) -> None:
@@ -64,10 +70,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.data == "demo":
         model = ModelConfig(arch=args.arch)
-        train_data, _ = _datasets(args.data, model.image_size)
+        train_data, *_ = _datasets(args.data, model.image_size)
     else:
         # an ImageFolder: RGB at the requested size, one class per sub-folder
-        train_data, _ = _datasets(args.data, args.image_size)
+        train_data, *_ = _datasets(args.data, args.image_size)
         model = ModelConfig(
             arch=args.arch,
             image_size=args.image_size,
@@ -101,7 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ats_vit.viz import plot_accuracy_vs_gflops
 
     cfg, _, _, _ = load_checkpoint(args.checkpoint)
-    _, test_data = _datasets(args.data, cfg.image_size)
+    *_, test_data = _datasets(args.data, cfg.image_size)
     rows = evaluate_budgets(
         args.checkpoint, test_data, tuple(args.keep), args.start_layer, args.sampler, args.batch_size
     )
@@ -124,7 +130,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     model, cfg = load_model(
         args.checkpoint, max_tokens_per_depth=budget_schedule(cfg, args.keep, args.start_layer)
     )
-    _, test_data = _datasets(args.data, cfg.image_size)
+    *_, test_data = _datasets(args.data, cfg.image_size)
     images = torch.stack([test_data[i][0] for i in range(min(args.images, len(test_data)))])
     with torch.inference_mode():
         _, trace, _ = forward_traced(model.eval(), images)
@@ -176,7 +182,7 @@ def cmd_bench_peers(args: argparse.Namespace) -> int:
     )
     print(f"config: {json.dumps(asdict(cfg))}\nmachine: {json.dumps(machine())}")
     model_cfg, _, _, _ = load_checkpoint(cfg.checkpoint)
-    _, test_data = _datasets(cfg.data, model_cfg.image_size)
+    *_, test_data = _datasets(cfg.data, model_cfg.image_size)
     rows = peers(cfg, test_data)
     print_table(rows, PEERS_COLUMNS)
     write_json(args.json, cfg, rows)

@@ -9,20 +9,38 @@ SMALL = DemoConfig(
 
 
 def test_cluttered_digits_is_deterministic_and_well_formed():
-    train_a, test_a = cluttered_digits(SMALL)
-    train_b, test_b = cluttered_digits(SMALL)
-    for a, b in ((train_a, train_b), (test_a, test_b)):
+    first, second = cluttered_digits(SMALL), cluttered_digits(SMALL)
+    for a, b in zip(first, second, strict=True):
         assert all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors, strict=True))
-    images, labels = train_a.tensors
+    images, labels = first.train.tensors
     assert images.shape[1:] == (1, 32, 32) and images.dtype == torch.float32
     assert images.min() >= 0.0 and images.max() <= 1.0
     assert set(labels.tolist()) == set(range(10))
-    assert len(train_a) + len(test_a) == 1797  # every bundled digit, split once
-    assert len(test_a) == round(0.2 * 1797)
+    assert sum(len(split) for split in first) == 1797  # every bundled digit, split once
+    assert len(first.test) == round(0.2 * 1797) and len(first.val) == round(0.1 * 1797)
+
+
+def test_splits_hold_disjoint_digits():
+    # with no clutter on a canvas the size of a digit, every image is exactly its digit
+    cfg = DemoConfig(canvas=16, digit=16, fragments=0, fragment=4, train_copies=1, test_copies=1, seed=1)
+    splits = cluttered_digits(cfg)
+    flat = [split.tensors[0].flatten(1) for split in splits]
+    for i in range(3):
+        for j in range(i + 1, 3):
+            same = (flat[i][:, None, :] == flat[j][None, :, :]).all(-1)
+            assert not same.any(), "no digit appears in two splits"
+
+
+def test_training_copies_leave_val_and_test_unchanged():
+    more = cluttered_digits(DemoConfig(**{**SMALL.__dict__, "train_copies": 2}))
+    base = cluttered_digits(SMALL)
+    assert len(more.train) == 2 * len(base.train)
+    for name in ("val", "test"):
+        assert torch.equal(getattr(more, name).tensors[0], getattr(base, name).tensors[0])
 
 
 def test_most_patches_are_background():
-    _, test = cluttered_digits(SMALL)
+    test = cluttered_digits(SMALL).test
     images = test.tensors[0]
     patches = images.unfold(2, 8, 8).unfold(3, 8, 8)  # (n, 1, 4, 4, 8, 8)
     empty = (patches.amax(dim=(-1, -2)) == 0).float().mean()
@@ -30,8 +48,8 @@ def test_most_patches_are_background():
 
 
 def test_another_seed_gives_other_placements():
-    a = cluttered_digits(SMALL)[1].tensors[0]
-    b = cluttered_digits(DemoConfig(**{**SMALL.__dict__, "seed": 4}))[1].tensors[0]
+    a = cluttered_digits(SMALL).test.tensors[0]
+    b = cluttered_digits(DemoConfig(**{**SMALL.__dict__, "seed": 4})).test.tensors[0]
     assert not torch.equal(a, b)
 
 
@@ -40,6 +58,8 @@ def test_another_seed_gives_other_placements():
     [
         (DemoConfig(canvas=8, digit=16), "fragment <= digit <= canvas"),
         (DemoConfig(test_fraction=1.0), "test_fraction"),
+        (DemoConfig(val_fraction=0.0), "val_fraction"),
+        (DemoConfig(val_fraction=0.5, test_fraction=0.5), "val_fraction \\+ test_fraction"),
         (DemoConfig(train_copies=0), "train_copies must be >= 1"),
         (DemoConfig(test_copies=0), "test_copies must be >= 1"),
         (DemoConfig(align=0), "align must be >= 1"),
