@@ -81,3 +81,11 @@ def images(img: object, channels: int, size: tuple[int, int], param_dtype: torch
             f"cast one of them or run under torch.autocast"
         )
     return img
+
+
+def positive_float(name: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} ({value!r})")
+    if not (value > 0 and value < float("inf")):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)

@@ -2,21 +2,33 @@
 
 The CLS attention row is computed on its own (one query against all keys) to score tokens;
 everything else goes through fused ``F.scaled_dot_product_attention`` for only the kept
-queries, with a key padding mask once a batch has been padded. The functions here are shared
-by our :class:`~ats_vit.vit.ViT` and the timm integration.
+queries, with a key padding mask once a batch has been padded. Once tokens have been merged,
+each stands for ``size`` patches and gets ``log(size)`` added to its attention logits
+(ToMe's proportional attention), so a merged token draws the attention its patches would
+have drawn together. The functions here are shared by our :class:`~ats_vit.vit.ViT` and the
+timm and Hugging Face integrations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ats_vit.sampling import AdaptiveTokenSampling, Padding, Sampler, TokenSelection, gather_tokens, tokenwise
+from ats_vit.sampling import (
+    AdaptiveTokenSampling,
+    Dropped,
+    Padding,
+    Sampler,
+    TokenSelection,
+    select_tokens,
+    tokenwise,
+)
 
-__all__ = ["SamplingAttention", "attend", "cls_attention", "sampled_self_attention"]
+__all__ = ["SamplingAttention", "attend", "cls_attention", "key_bias", "sampled_self_attention"]
 
 TensorFn = Callable[[Tensor], Tensor]
 
@@ -25,14 +37,26 @@ def _identity(t: Tensor) -> Tensor:
     return t
 
 
-def cls_attention(q_cls: Tensor, k: Tensor, key_mask: Tensor | None, scale: float) -> Tensor:
+def key_bias(padding: Padding | None, size: Tensor | None) -> Tensor | None:
+    """What attention adds per key: None, a (b, n) bool mask (True: attend), or, once tokens
+    carry sizes, (b, n) float ``log(size)`` with ``-inf`` at padding."""
+    if size is None:
+        return None if padding is None else padding.mask
+    bias = size.float().clamp_min(1.0).log()
+    return bias if padding is None else bias.masked_fill(~padding.mask, float("-inf"))
+
+
+def cls_attention(q_cls: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
     """Softmax attention of the CLS query over all keys, in float32.
 
-    q_cls: (b, h, 1, d), k: (b, h, n, d), key_mask: (b, n) bool or None -> (b, h, n).
+    q_cls: (b, h, 1, d), k: (b, h, n, d), bias: from :func:`key_bias` (or None) -> (b, h, n).
     """
     logits = (q_cls @ k.transpose(-1, -2)).squeeze(-2).float() * scale
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
+    if bias is not None:
+        if bias.dtype == torch.bool:
+            logits = logits.masked_fill(~bias[:, None, :], float("-inf"))
+        else:
+            logits = logits + bias[:, None, :]
     return logits.softmax(dim=-1)
 
 
@@ -40,15 +64,18 @@ def attend(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    key_mask: Tensor | None,
+    bias: Tensor | None,
     dropout_p: float = 0.0,
     scale: float | None = None,
 ) -> Tensor:
-    """Fused attention of queries over keys that are not padding.
+    """Fused attention of queries over keys, skipping padding (and with proportional attention
+    once tokens carry sizes).
 
-    q: (b, h, m, d), k/v: (b, h, n, d), key_mask: (b, n) bool or None -> (b, h, m, d).
+    q: (b, h, m, d), k/v: (b, h, n, d), bias: from :func:`key_bias` (or None) -> (b, h, m, d).
     """
-    attn_mask = None if key_mask is None else rearrange(key_mask, "b n -> b 1 1 n")
+    attn_mask = None
+    if bias is not None:
+        attn_mask = rearrange(bias if bias.dtype == torch.bool else bias.to(q.dtype), "b n -> b 1 1 n")
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
@@ -57,6 +84,7 @@ def sampled_self_attention(
     padding: Padding | None,
     ats: AdaptiveTokenSampling | None,
     *,
+    size: Tensor | None = None,
     qkv_weight: Tensor,
     qkv_bias: Tensor | None,
     heads: int,
@@ -70,14 +98,15 @@ def sampled_self_attention(
 ) -> tuple[Tensor, TokenSelection | None]:
     """Self-attention over x (already normalised) that keeps only the tokens ``ats`` samples.
 
-    x: (b, n, c) with its padding -> (b, m, c_out) for the kept tokens (padded slots are
-    unspecified and masked downstream) and the selection, or None when the layer kept every
-    token. The callables are the model's own
+    x: (b, n, c) with its padding and token sizes (None: one patch each) -> (b, m, c_out) for
+    the kept tokens (padded slots are unspecified and masked downstream) and the selection, or
+    None when the layer kept every token; the caller takes its residual stream through the
+    same selection (:func:`~ats_vit.sampling.select_tokens`). The callables are the model's own
     modules: ``q_norm``/``k_norm`` act per head on (b, h, n, d); ``gate`` (sigmoid gate from
     the input), ``out_norm`` and ``proj`` act per token. Keys and values are computed for all
     tokens; queries only for CLS (to score) and for the kept tokens.
     """
-    key_mask = None if padding is None else padding.mask
+    bias = key_bias(padding, size)
     if ats is None or not ats.needed(x.shape[1]):
         qkv = tokenwise(lambda t: F.linear(t, qkv_weight, qkv_bias), x, padding)
         q, k, v = rearrange(qkv, "b n (t h d) -> t b h n d", t=3, h=heads)
@@ -90,13 +119,16 @@ def sampled_self_attention(
         kv = tokenwise(lambda t: F.linear(t, w_kv, b_kv), x, padding)
         k, v = rearrange(kv, "b n (t h d) -> t b h n d", t=2, h=heads)
         k = k_norm(k)
-        q_cls = q_norm(rearrange(F.linear(x[:, :1], w_q, b_q), "b n (h d) -> b h n d", h=heads))
-        selection = ats(cls_attention(q_cls, k, key_mask, scale), v, padding)
+        cls_attn = None
+        if ats.uses_cls_attention:
+            q_cls = q_norm(rearrange(F.linear(x[:, :1], w_q, b_q), "b n (h d) -> b h n d", h=heads))
+            cls_attn = cls_attention(q_cls, k, bias, scale)
+        selection = ats(cls_attn, v, padding, k=k, size=size)
         out_padding = selection.padding
-        queries = gather_tokens(x, selection.index)
+        queries = select_tokens(x, selection)
         q = tokenwise(lambda t: F.linear(t, w_q, b_q), queries, out_padding)
         q = q_norm(rearrange(q, "b m (h d) -> b h m d", h=heads))
-    out = rearrange(attend(q, k, v, key_mask, dropout_p, scale), "b h m d -> b m (h d)")
+    out = rearrange(attend(q, k, v, bias, dropout_p, scale), "b h m d -> b m (h d)")
     if gate is None:
         return tokenwise(lambda t: proj(out_norm(t)), out, out_padding), selection
     gated = tokenwise(lambda t, t_in: proj(out_norm(t) * gate(t_in).sigmoid()), out, out_padding, queries)
@@ -122,6 +154,8 @@ class SamplingAttention(nn.Module):
         *,
         num_prefix_tokens: int = 1,
         static_shape: bool = False,
+        temperature: float = 1.0,
+        dropped: Dropped | None = None,
     ) -> None:
         super().__init__()
         self.heads = heads
@@ -135,17 +169,26 @@ class SamplingAttention(nn.Module):
             None
             if max_tokens is None
             else AdaptiveTokenSampling(
-                max_tokens, sampler, num_prefix_tokens=num_prefix_tokens, static_shape=static_shape
+                max_tokens,
+                sampler,
+                num_prefix_tokens=num_prefix_tokens,
+                static_shape=static_shape,
+                temperature=temperature,
+                dropped=dropped,
             )
         )
 
-    def forward(self, x: Tensor, padding: Padding | None = None) -> tuple[Tensor, TokenSelection | None]:
-        """x: (b, n, dim) with its padding -> output (b, m, dim) for the kept tokens (padded
-        slots unspecified) and the selection, or None when this layer kept every token."""
+    def forward(
+        self, x: Tensor, padding: Padding | None = None, size: Tensor | None = None
+    ) -> tuple[Tensor, TokenSelection | None]:
+        """x: (b, n, dim) with its padding and token sizes -> output (b, m, dim) for the kept
+        tokens (padded slots unspecified) and the selection, or None when this layer kept
+        every token."""
         return sampled_self_attention(
             x,
             padding,
             self.ats,
+            size=size,
             qkv_weight=self.qkv.weight,
             qkv_bias=self.qkv.bias,
             heads=self.heads,

@@ -260,7 +260,7 @@ def _seed_trace(model: nn.Module, x: Tensor, num_patches: int) -> TokenTrace:
     def hook(_module, _inputs, output) -> None:
         _, mask, sampled_ids = output
         trace.counts.append(mask.sum(dim=1) - 1)
-        trace.sampled.append(sampled_ids is not None)
+        trace.rules.append(None if sampled_ids is None else "score")
 
     handles = [layer[0].register_forward_hook(hook) for layer in model.transformer.layers]
     try:

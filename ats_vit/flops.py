@@ -3,8 +3,9 @@
 Convention: one multiply-add counts as one FLOP (fvcore's, used by DeiT and the ATS paper;
 DeiT-S dense = 4.6 GFLOPs). Counted: patch embedding, qkv, the CLS scoring row, attention
 (QKᵀ and AV), the significance scores (heads * candidates), output projection, MLP and
-head. Norms, softmax, GELU and the sort/search steps of sampling are ignored, as fvcore
-ignores such element-wise work. Only real tokens are counted: token-wise layers run on packed
+head, and in layers that merge, the token similarities and the weighted merging itself.
+Norms, softmax, GELU and the sort/search steps of sampling are ignored, as fvcore ignores
+such element-wise work. Only real tokens are counted: token-wise layers run on packed
 real tokens whenever at least 1/32 of the batch grid is padding (below that they run on the
 grid, and up to 1/32 more rows are computed than counted), and attention is counted over
 real queries and real keys.
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from ats_vit.sampling import Padding
 
-__all__ = ["TokenTrace", "ViTCost", "gflops"]
+__all__ = ["RULES", "TokenTrace", "ViTCost", "gflops"]
 
 
 @dataclass(frozen=True)
@@ -37,12 +38,19 @@ class ViTCost:
     depth: int
 
 
+# what a sampling block computes besides the kept tokens' attention and MLP, by
+# AdaptiveTokenSampling.rule: a CLS-scored selection (ATS and the top-k / random peers), the
+# same with the dropped tokens fused or merged, or ToMe's bipartite matching
+RULES = ("score", "score+fuse", "score+merge", "bipartite")
+
+
 @dataclass
 class TokenTrace:
     """How many tokens each block handled in one forward pass.
 
-    counts[i]: (b,) non-prefix tokens block i outputs per image. sampled[i]: whether block i
-    scored and sampled (its queries were split from its keys), whatever each image kept.
+    counts[i]: (b,) non-prefix tokens block i outputs per image. rules[i]: ``None`` for a
+    block that kept every token, else how it selected (one of :data:`RULES`; its queries were
+    split from its keys), whatever each image kept.
     positions[i]: for sampling blocks, (b, m) original token positions (prefix included)
     alive after the block, -1 at padding; for pictures of what was kept.
     """
@@ -50,14 +58,22 @@ class TokenTrace:
     num_patches: int
     num_prefix_tokens: int
     counts: list[Tensor] = field(default_factory=list)
-    sampled: list[bool] = field(default_factory=list)
+    rules: list[str | None] = field(default_factory=list)
     positions: dict[int, Tensor] = field(default_factory=dict)
 
+    @property
+    def sampled(self) -> list[bool]:
+        """Per block, whether it selected tokens."""
+        return [rule is not None for rule in self.rules]
+
     def record(
-        self, x: Tensor, padding: Padding | None, sampled: bool, positions: Tensor | None = None
+        self, x: Tensor, padding: Padding | None, rule: str | None = None, positions: Tensor | None = None
     ) -> None:
-        """Record a block's output x: (b, m, c), its padding and (if it sampled) positions (b, m)."""
-        if sampled and positions is not None:
+        """Record a block's output x: (b, m, c), its padding, how it selected (None: it kept
+        every token) and, if it selected, positions (b, m)."""
+        if rule is not None and rule not in RULES:
+            raise ValueError(f"rule must be None or one of {RULES}, got {rule!r}")
+        if rule is not None and positions is not None:
             alive = positions if padding is None else positions.masked_fill(~padding.mask, -1)
             self.positions[len(self.counts)] = alive
         if padding is None:
@@ -65,7 +81,7 @@ class TokenTrace:
         else:
             count = padding.mask.sum(dim=1) - self.num_prefix_tokens
         self.counts.append(count)
-        self.sampled.append(sampled)
+        self.rules.append(rule)
 
     def kept_per_layer(self) -> Tensor:
         """(b, depth) non-prefix tokens each block outputs, per image."""
@@ -77,21 +93,31 @@ def gflops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     if len(trace.counts) != cost.depth:
         raise ValueError(f"trace has {len(trace.counts)} blocks but the model has depth={cost.depth}")
     p, d, a, hidden = cost.num_prefix_tokens, cost.dim, cost.attn_dim, cost.mlp_hidden
+    head_dim = a / cost.heads
     kept = trace.kept_per_layer().double() + p  # (b, depth) tokens out of each block
     b = kept.shape[0]
     # the trace knows the patch count of this input (timm models may take several image sizes)
     first = torch.full((b, 1), float(trace.num_patches + p), dtype=kept.dtype, device=kept.device)
     n_in = torch.cat((first, kept[:, :-1]), dim=1)
-    sampled = torch.tensor(trace.sampled, dtype=torch.bool, device=kept.device)
     n_out = kept
-    qkv = torch.where(
-        sampled,
-        # k, v of all; q of CLS and kept; the CLS row; significance Σ_h A·||V||
-        n_in * d * 2 * a + (n_out + 1) * d * a + n_in * a + (n_in - p) * cost.heads,
-        n_in * d * 3 * a,
+
+    def where_rule(rules: tuple[str, ...]) -> Tensor:
+        return torch.tensor([r in rules for r in trace.rules], dtype=torch.bool, device=kept.device)
+
+    sampled = where_rule(RULES)
+    candidates = n_in - p
+    # k, v of all; q of the kept tokens
+    qkv = torch.where(sampled, n_in * d * 2 * a + n_out * d * a, n_in * d * 3 * a)
+    # the CLS query and its attention row, and the significance Σ_h A·||V||
+    scoring = torch.where(where_rule(RULES[:3]), d * a + n_in * a + candidates * cost.heads, 0.0)
+    # merging averages the residual stream and the normalised input into the kept slots
+    merging = torch.where(where_rule(RULES[1:]), 2 * n_in * d, 0.0)
+    similarity = torch.where(where_rule(("score+merge",)), candidates * n_out * head_dim, 0.0)
+    similarity = similarity + torch.where(
+        where_rule(("bipartite",)), torch.ceil(candidates / 2) * torch.floor(candidates / 2) * head_dim, 0.0
     )
     attention = 2 * n_out * n_in * a
     rest = n_out * a * d + 2 * n_out * d * hidden  # projection and MLP
-    blocks = (qkv + attention + rest).sum(dim=1)
+    blocks = (qkv + scoring + merging + similarity + attention + rest).sum(dim=1)
     stem = trace.num_patches * cost.patch_dim * d + d * cost.num_classes
     return ((blocks + stem) / 1e9).float()

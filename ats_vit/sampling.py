@@ -4,6 +4,15 @@ Nothing here knows about models: a layer hands over the attention of its CLS que
 value vectors, and gets back which tokens survive. Every function is batched and free of
 per-sample Python loops; the only host sync is the one that sizes a dynamically padded output
 (see :func:`compact`), and ``static_shape=True`` removes it.
+
+Beyond the paper's op, three things a budget can turn (all exact no-ops at their defaults):
+``temperature`` reshapes the significance scores before sampling (the cost knob: the
+inverse transform keeps more distinct tokens as the scores flatten), and ``dropped`` says what
+happens to the tokens a layer does not keep: ``"discard"`` (the paper), ``"fuse"`` them into
+one token (EViT-style), or ``"merge"`` each into its most similar kept token (ToMe-style). The
+``"tome"`` sampler is ToMe's bipartite matching in the same framework, for comparisons.
+Merging makes tokens stand for several patches; their ``size`` then biases attention
+(proportional attention), see :mod:`ats_vit.attention`.
 """
 
 from __future__ import annotations
@@ -18,16 +27,23 @@ from torch import Tensor, nn
 from ats_vit import _validate
 
 __all__ = [
+    "DROPPED",
     "SAMPLERS",
     "AdaptiveTokenSampling",
+    "Merge",
     "Padding",
     "TokenSelection",
+    "bipartite_match",
     "compact",
     "gather_tokens",
     "gumbel_sample",
     "inverse_transform_sample",
     "keep_mask",
+    "merge_plan",
+    "nearest_kept",
     "random_select",
+    "select_tokens",
+    "sharpen",
     "significance_scores",
     "tokenwise",
     "topk_select",
@@ -39,9 +55,11 @@ __all__ = [
 # (benchmarks/profile_sampling.py).
 PACK_MIN_PADDING = 1 / 32
 
-Sampler = Literal["inverse_transform", "gumbel", "topk", "random"]
-# "topk" and "random" keep a fixed count per image; they are the simple peers ATS is compared to
-SAMPLERS: tuple[str, ...] = ("inverse_transform", "gumbel", "topk", "random")
+Sampler = Literal["inverse_transform", "gumbel", "topk", "random", "tome"]
+# "topk", "random" and "tome" keep a fixed count per image; they are the peers ATS is compared to
+SAMPLERS: tuple[str, ...] = ("inverse_transform", "gumbel", "topk", "random", "tome")
+Dropped = Literal["discard", "fuse", "merge"]
+DROPPED: tuple[str, ...] = ("discard", "fuse", "merge")
 
 
 class Padding(NamedTuple):
@@ -58,6 +76,18 @@ class Padding(NamedTuple):
     rows: Tensor | None
 
 
+class Merge(NamedTuple):
+    """How the n input tokens of a layer combine into its m output slots.
+
+    dest: (b, n) int64 slot in [0, m] each input token joins; ``m`` means none (discarded
+        tokens, padding). weight: (b, n) float, the token's share of its slot (the weights of
+        a slot sum to 1), so each slot is the weighted mean of the tokens sent to it.
+    """
+
+    dest: Tensor
+    weight: Tensor
+
+
 class TokenSelection(NamedTuple):
     """Which tokens a sampling layer keeps.
 
@@ -65,10 +95,16 @@ class TokenSelection(NamedTuple):
         kept tokens in ascending original order. Padded slots hold a valid position (so a
         gather never goes out of range) and are marked in ``padding``.
     padding: the padding of the (b, m) output grid; ``None`` when no slot is padding.
+    merge: ``None`` when the kept tokens are simply gathered (dropped ones are discarded);
+        otherwise how dropped tokens are averaged into kept slots (see :func:`select_tokens`).
+    size: (b, m) float, how many patches each output token stands for; ``None`` while every
+        token is one patch (nothing was ever merged).
     """
 
     index: Tensor
     padding: Padding | None
+    merge: Merge | None = None
+    size: Tensor | None = None
 
 
 def significance_scores(cls_attn: Tensor, v: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -88,6 +124,22 @@ def significance_scores(cls_attn: Tensor, v: Tensor, valid: Tensor | None = None
     total = scores.sum(dim=-1, keepdim=True)
     uniform = valid.float() / valid.sum(dim=-1, keepdim=True).clamp_min(1)
     return torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny), uniform)
+
+
+def sharpen(scores: Tensor, temperature: float) -> Tensor:
+    """``S^(1/temperature)`` renormalised: the cost knob of a budget.
+
+    scores: (b, n) non-negative, rows with positive mass (as from :func:`significance_scores`).
+    A temperature above 1 flattens the scores, so the k evenly spaced points of the inverse
+    transform land on more distinct tokens (more kept, more cost); below 1 it concentrates
+    them on the most significant tokens. Zeros (padding) stay zero. ``temperature == 1``
+    returns ``scores`` itself: the paper's ATS.
+    """
+    if temperature == 1.0:
+        return scores
+    logs = scores.log() / temperature  # log-space, so large exponents neither overflow nor underflow
+    weights = (logs - logs.amax(dim=-1, keepdim=True)).exp()
+    return weights / weights.sum(dim=-1, keepdim=True)
 
 
 def inverse_transform_sample(
@@ -165,6 +217,75 @@ def keep_mask(picks: Tensor, num_tokens: int) -> Tensor:
     return keep.scatter_(1, picks, True)
 
 
+def _unit(metric: Tensor) -> Tensor:
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+
+
+def bipartite_match(metric: Tensor, keep_count: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """ToMe's bipartite soft matching (Bolya et al., ICLR 2023) over n candidates.
+
+    metric: (b, n, d) features to compare (keys averaged over heads); valid: (b, n) bool.
+    Candidates alternate into a set A (even positions) and B (odd). Each A token's match is
+    its most similar (cosine) B token, and the A tokens with the closest matches merge into
+    theirs until ``keep_count`` valid candidates remain. Only A tokens merge, so one layer at
+    most halves the tokens. Returns keep: (b, n) bool and into: (b, n) int64, the candidate
+    each merged token joins (-1 for the others).
+    """
+    b, n, _ = metric.shape
+    if valid is None:
+        valid = torch.ones(b, n, dtype=torch.bool, device=metric.device)
+    unit = _unit(metric.float())
+    sim = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)  # (b, |A|, |B|)
+    sim = sim.masked_fill(~valid[:, None, 1::2], float("-inf"))
+    best, match = sim.max(dim=-1)  # (b, |A|)
+    valid_a = valid[:, ::2] & torch.isfinite(best)  # an A token with no valid partner stays
+    best = best.masked_fill(~valid_a, float("-inf"))
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    merges = (valid.sum(dim=-1, keepdim=True) - keep_count).clamp_min(0)  # (b, 1)
+    merged = (rank < merges) & valid_a
+    keep = valid.clone()
+    keep[:, ::2] &= ~merged
+    into = torch.full((b, n), -1, dtype=torch.long, device=metric.device)
+    into[:, ::2] = torch.where(merged, 2 * match + 1, -1)
+    return keep, into
+
+
+def nearest_kept(metric: Tensor, kept_metric: Tensor, allowed: Tensor) -> Tensor:
+    """The most similar (cosine) allowed slot for every token.
+
+    metric: (b, n, d); kept_metric: (b, m, d) features of the output slots; allowed: (b, m)
+    bool (False for prefix and padding slots). Returns (b, n) int64 slot ids in [0, m).
+    """
+    sim = _unit(metric.float()) @ _unit(kept_metric.float()).transpose(-1, -2)  # (b, n, m)
+    return sim.masked_fill(~allowed[:, None, :], float("-inf")).argmax(dim=-1)
+
+
+def merge_plan(dest: Tensor, weight: Tensor, num_slots: int) -> Merge:
+    """A :class:`Merge` whose weights are normalised per slot.
+
+    dest: (b, n) int64 in [0, num_slots] (``num_slots``: joins no slot); weight: (b, n) >= 0.
+    """
+    total = weight.new_zeros(weight.shape[0], num_slots + 1).scatter_add_(1, dest, weight)
+    return Merge(dest, weight / total.gather(1, dest).clamp_min(torch.finfo(weight.dtype).tiny))
+
+
+def select_tokens(x: Tensor, selection: TokenSelection) -> Tensor:
+    """x: (b, n, ...) a layer's input -> (b, m, ...) its output tokens: the kept rows of x, or,
+    when the selection merges, each slot the weighted mean of the rows sent to it."""
+    if selection.merge is None:
+        return gather_tokens(x, selection.index)
+    dest, weight = selection.merge
+    b, m = selection.index.shape
+    flat = x.flatten(2)  # (b, n, c)
+    c = flat.shape[-1]
+    out = flat.new_zeros(b, m + 1, c)
+    out.scatter_add_(1, dest[..., None].expand(-1, -1, c), flat * weight[..., None].to(flat.dtype))
+    return out[:, :m].view(b, m, *x.shape[2:])
+
+
 def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> TokenSelection:
     """Positions of the True entries of ``keep``, ascending, after ``num_prefix`` prefix positions.
 
@@ -221,10 +342,18 @@ class AdaptiveTokenSampling(nn.Module):
     ``sampler``: ``"inverse_transform"`` (the paper's; deterministic at eval) or ``"gumbel"``
     (the seed's) keep an adaptive count, since repeated picks are kept once. The peers that
     ATS is benchmarked against keep exactly ``max_tokens``: ``"topk"`` (highest head-averaged
-    CLS attention, EViT-style without fusion) and ``"random"`` (uniform, random at eval too).
+    CLS attention, EViT-style), ``"random"`` (uniform, random at eval too) and ``"tome"``
+    (ToMe's bipartite matching of keys; at most halves the tokens of a layer).
     Prefix tokens (CLS, distillation, registers: the first ``num_prefix_tokens``) are always
     kept. An image with at most ``max_tokens`` valid candidates keeps all of them, so an image
     is treated the same alone as in any batch.
+
+    ``temperature`` reshapes the significance scores as ``S^(1/temperature)`` before the ATS
+    samplers draw (:func:`sharpen`); ``dropped`` is what becomes of the tokens not kept:
+    ``"discard"``, ``"fuse"`` (one more token per image, the significance-weighted mean of the
+    dropped ones, placed where the most significant of them was) or ``"merge"`` (each joins its
+    most similar kept token, weighted by size; the default, and the only choice, for ``"tome"``).
+    ``temperature=1, dropped="discard"`` is the paper's ATS, bit for bit.
     """
 
     def __init__(
@@ -234,6 +363,8 @@ class AdaptiveTokenSampling(nn.Module):
         *,
         num_prefix_tokens: int = 1,
         static_shape: bool = False,
+        temperature: float = 1.0,
+        dropped: Dropped | None = None,
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
@@ -242,40 +373,123 @@ class AdaptiveTokenSampling(nn.Module):
         self.sampler = _validate.choice("sampler", sampler, SAMPLERS)
         self.num_prefix_tokens = _validate.positive_int("num_prefix_tokens", num_prefix_tokens)
         self.static_shape = static_shape
+        self.temperature = _validate.positive_float("temperature", temperature)
+        default = "merge" if sampler == "tome" else "discard"
+        self.dropped = _validate.choice("dropped", default if dropped is None else dropped, DROPPED)
+        if sampler == "tome" and self.dropped != "merge":
+            raise ValueError(
+                f"sampler='tome' merges the tokens it drops; dropped must be 'merge', got {dropped!r}"
+            )
         self.eps = eps
 
     def extra_repr(self) -> str:
         return (
             f"max_tokens={self.max_tokens}, sampler={self.sampler!r}, "
-            f"num_prefix_tokens={self.num_prefix_tokens}, static_shape={self.static_shape}"
+            f"num_prefix_tokens={self.num_prefix_tokens}, static_shape={self.static_shape}, "
+            f"temperature={self.temperature:g}, dropped={self.dropped!r}"
         )
+
+    @property
+    def rule(self) -> str:
+        """What a sampling layer computes besides the kept tokens' attention (for FLOPs)."""
+        if self.sampler == "tome":
+            return "bipartite"
+        return "score" if self.dropped == "discard" else f"score+{self.dropped}"
+
+    @property
+    def uses_cls_attention(self) -> bool:
+        return self.sampler != "tome"
 
     def needed(self, num_tokens: int) -> bool:
         """Whether a layer with ``num_tokens`` tokens (prefix included) samples at all."""
         return num_tokens - self.num_prefix_tokens > self.max_tokens
 
-    def forward(self, cls_attn: Tensor, v: Tensor, padding: Padding | None = None) -> TokenSelection:
-        """cls_attn: (b, h, n) CLS attention over all n tokens; v: (b, h, n, d); padding of the
-        n input tokens, or None."""
-        p, k = self.num_prefix_tokens, self.max_tokens
-        b, _, n = cls_attn.shape
+    def forward(
+        self,
+        cls_attn: Tensor | None,
+        v: Tensor,
+        padding: Padding | None = None,
+        *,
+        k: Tensor | None = None,
+        size: Tensor | None = None,
+    ) -> TokenSelection:
+        """cls_attn: (b, h, n) CLS attention over all n tokens (unused, may be None, for
+        ``"tome"``); v, k: (b, h, n, d) values and keys (keys are needed to merge); padding of
+        the n input tokens, or None; size: (b, n) patches per token, or None (all 1)."""
+        p, cap = self.num_prefix_tokens, self.max_tokens
+        b, _, n, _ = v.shape
         if not self.needed(n):
-            return TokenSelection(torch.arange(n, device=cls_attn.device).expand(b, n), padding)
-        key_mask = None if padding is None else padding.mask
-        valid = None if key_mask is None else key_mask[:, p:]
-        if self.sampler == "topk":
-            picks = topk_select(cls_attn[..., p:], k, valid)
-        elif self.sampler == "random":
-            candidates = torch.ones(b, n - p, dtype=torch.bool, device=cls_attn.device)
-            picks = random_select(candidates if valid is None else valid, k)
-        else:
+            return TokenSelection(torch.arange(n, device=v.device).expand(b, n), padding, size=size)
+        if k is None and (self.dropped == "merge"):
+            raise ValueError(f"dropped='merge' (sampler={self.sampler!r}) needs the keys k to compare tokens")
+        valid = None if padding is None else padding.mask[:, p:]
+        scores, into = None, None
+        if self.sampler in ("inverse_transform", "gumbel") or self.dropped == "fuse":
             scores = significance_scores(cls_attn[..., p:], v[..., p:, :], valid)  # (b, n - p)
-            if self.sampler == "inverse_transform":
-                picks = inverse_transform_sample(scores, k, jitter=self.training)
+        if self.sampler == "tome":
+            keep, into = bipartite_match(k.mean(dim=1)[:, p:], cap, valid)
+        else:
+            if self.sampler == "topk":
+                picks = topk_select(cls_attn[..., p:], cap, valid)
+            elif self.sampler == "random":
+                candidates = torch.ones(b, n - p, dtype=torch.bool, device=v.device)
+                picks = random_select(candidates if valid is None else valid, cap)
+            elif self.sampler == "inverse_transform":
+                picks = inverse_transform_sample(sharpen(scores, self.temperature), cap, jitter=self.training)
             else:
-                picks = gumbel_sample(scores, k, valid, eps=self.eps)
-        keep = keep_mask(picks, n - p)
-        if valid is not None:
-            # images with few enough valid candidates keep them all, as they would alone
-            keep = torch.where(valid.sum(-1, keepdim=True) <= k, valid, keep)
-        return compact(keep, k if self.static_shape else None, num_prefix=p)
+                picks = gumbel_sample(sharpen(scores, self.temperature), cap, valid, eps=self.eps)
+            keep = keep_mask(picks, n - p)
+            if valid is not None:
+                # images with few enough valid candidates keep them all, as they would alone
+                keep = torch.where(valid.sum(-1, keepdim=True) <= cap, valid, keep)
+        dropped = ~keep if valid is None else valid & ~keep
+        if self.dropped == "fuse":
+            # the fused token takes the slot of the most significant dropped token
+            host = scores.masked_fill(~dropped, -1.0).argmax(dim=-1, keepdim=True)  # (b, 1)
+            keep = keep.scatter(1, host, dropped.any(dim=-1, keepdim=True) | keep.gather(1, host))
+        static = cap + (self.dropped == "fuse") if self.static_shape else None
+        selection = compact(keep, static, num_prefix=p)
+        if self.dropped == "discard":
+            return (
+                selection if size is None else selection._replace(size=gather_tokens(size, selection.index))
+            )
+        return self._merged(selection, keep, dropped, scores, into, k, size)
+
+    def _merged(
+        self,
+        selection: TokenSelection,
+        keep: Tensor,
+        dropped: Tensor,
+        scores: Tensor | None,
+        into: Tensor | None,
+        k: Tensor | None,
+        size: Tensor | None,
+    ) -> TokenSelection:
+        """Add to ``selection`` where each dropped candidate goes and the output sizes.
+
+        keep, dropped: (b, n - p) bool over the candidates (the fused token's host is kept
+        and dropped: it holds itself and the others); scores: (b, n - p) significance."""
+        p = self.num_prefix_tokens
+        b, m = selection.index.shape
+        slot = p + keep.long().cumsum(dim=-1) - 1  # (b, n - p) output slot of each kept candidate
+        if self.dropped == "fuse":
+            target = slot.masked_fill(~(keep & dropped), -1).amax(dim=-1, keepdim=True).expand_as(slot)
+        elif into is not None:  # tome: the matched candidate's slot
+            target = slot.gather(1, into.clamp_min(0))
+        else:
+            metric = k.mean(dim=1)  # (b, n, d) keys averaged over heads, as ToMe compares tokens
+            allowed = (torch.arange(m, device=slot.device) >= p).expand(b, m)
+            if selection.padding is not None:
+                allowed = allowed & selection.padding.mask
+            target = nearest_kept(metric[:, p:], gather_tokens(metric, selection.index), allowed)
+        joins = dropped & ~keep if self.dropped != "fuse" else dropped
+        dest = torch.where(keep & ~joins, slot, torch.where(joins, target, m))
+        dest = torch.cat((torch.arange(p, device=dest.device).expand(b, p), dest), dim=1)  # (b, n)
+        ones = torch.ones(dest.shape, device=dest.device)
+        weight = ones if size is None else size.float()
+        if self.dropped == "fuse":
+            # significance-weighted, as EViT weights by attention; kept tokens are alone in their slot
+            weight = torch.cat((ones[:, :p], torch.where(dropped, scores, 1.0)), dim=1)
+        patches = ones if size is None else size.float()
+        size_out = patches.new_zeros(b, m + 1).scatter_add_(1, dest, patches)[:, :m]
+        return selection._replace(merge=merge_plan(dest, weight, m), size=size_out)

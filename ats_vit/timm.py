@@ -22,9 +22,17 @@ from torch import Tensor, nn
 from ats_vit import _validate
 from ats_vit.attention import sampled_self_attention
 from ats_vit.flops import TokenTrace, ViTCost, gflops
-from ats_vit.sampling import SAMPLERS, AdaptiveTokenSampling, Padding, Sampler, gather_tokens, tokenwise
+from ats_vit.sampling import (
+    SAMPLERS,
+    AdaptiveTokenSampling,
+    Dropped,
+    Padding,
+    Sampler,
+    select_tokens,
+    tokenwise,
+)
 
-__all__ = ["ATSInfo", "apply", "cost", "is_patched", "last_info", "last_trace", "remove"]
+__all__ = ["ATSInfo", "adapter", "apply", "cost", "is_patched", "last_info", "last_trace", "remove"]
 
 _STATE = "_ats_state"
 
@@ -50,12 +58,13 @@ class _State:
         self.num_prefix_tokens = model.num_prefix_tokens
         self.cost = cost(model)
         self.padding: Padding | None = None
+        self.size: Tensor | None = None
         self.positions: Tensor | None = None
         self.trace: TokenTrace | None = None
 
     def start(self, x: Tensor) -> None:
         b, n, _ = x.shape
-        self.padding = None
+        self.padding, self.size = None, None
         self.positions = torch.arange(n, device=x.device).expand(b, n)
         self.trace = TokenTrace(n - self.num_prefix_tokens, self.num_prefix_tokens)
 
@@ -118,6 +127,7 @@ def _block_forward(
         self.norm1(x),
         state.padding,
         ats,
+        size=state.size,
         qkv_weight=attn.qkv.weight,
         qkv_bias=attn.qkv.bias,
         heads=attn.num_heads,
@@ -130,14 +140,15 @@ def _block_forward(
         proj=lambda t: attn.proj_drop(attn.proj(t)),
     )
     if selection is not None:
-        x = gather_tokens(x, selection.index)
-        state.padding = selection.padding
+        x = select_tokens(x, selection)
+        state.padding, state.size = selection.padding, selection.size
         state.positions = state.positions.gather(1, selection.index)
     x = x + self.drop_path1(self.ls1(out))
     del out  # not alive during the MLP, whose hidden activations set the peak memory
     # drop path is per image, so it must see the padded (b, m, c) grid, not packed tokens
     x = x + self.drop_path2(tokenwise(lambda t: self.ls2(self.mlp(self.norm2(t))), x, state.padding))
-    state.trace.record(x, state.padding, sampled=selection is not None, positions=state.positions)
+    rule = None if selection is None else ats.rule
+    state.trace.record(x, state.padding, rule=rule, positions=state.positions)
     return x
 
 
@@ -162,13 +173,17 @@ def apply(
     *,
     sampler: Sampler = "inverse_transform",
     static_shape: bool = False,
+    temperature: float = 1.0,
+    dropped: Dropped | None = None,
 ) -> VisionTransformer:
     """Make ``model``'s blocks in ``layers`` (default: all) keep at most ``max_tokens`` patch
     tokens each (an int, or one per chosen layer, in ``layers`` order after sorting).
 
-    Prefix tokens (class, distillation, registers) are always kept. Patches in place and
-    returns the model; applying again replaces the previous patch. See :func:`last_info`
-    for what the last forward kept.
+    ``sampler``, ``static_shape``, ``temperature`` and ``dropped`` are those of
+    :class:`~ats_vit.sampling.AdaptiveTokenSampling` (defaults: the paper's ATS). Prefix
+    tokens (class, distillation, registers) are always kept. Patches in place and returns the
+    model; applying again replaces the previous patch. See :func:`last_info` for what the
+    last forward kept.
     """
     _check_supported(model)
     depth = len(model.blocks)
@@ -193,12 +208,43 @@ def apply(
                 sampler,
                 num_prefix_tokens=model.num_prefix_tokens,
                 static_shape=static_shape,
+                temperature=temperature,
+                dropped=dropped,
             ).train(block.training)  # new modules default to training mode, which jitters
         setattr(block, _STATE, state)
         block._ats_first = i == 0
         block.forward = types.MethodType(_block_forward, block)
     setattr(model, _STATE, state)
     return model
+
+
+def adapter(model: VisionTransformer):
+    """The :class:`ats_vit.budget.Adapter` of a timm model: budgets patch it through :func:`apply`
+    (a dense budget patches no layer, so every forward still leaves a trace of its cost)."""
+    from ats_vit.budget import Adapter
+
+    _check_supported(model)
+    depth, n = len(model.blocks), model.patch_embed.num_patches
+
+    def configure(budget) -> None:
+        if budget is None:
+            apply(model, layers=[], max_tokens=1)
+            return
+        caps = budget.schedule(depth, n)[budget.start_layer :]
+        apply(
+            model,
+            layers=range(budget.start_layer, depth),
+            max_tokens=list(caps),
+            sampler=budget.sampler,
+            temperature=budget.temperature,
+            dropped=budget.dropped,
+        )
+
+    def run(images: Tensor) -> tuple[Tensor, Tensor]:
+        logits = model(images)
+        return logits, last_info(model).gflops
+
+    return Adapter(depth, n, configure, run)
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -17,7 +17,17 @@ from torch import Tensor, nn
 from ats_vit import _validate
 from ats_vit.attention import SamplingAttention
 from ats_vit.flops import TokenTrace, ViTCost
-from ats_vit.sampling import SAMPLERS, Padding, Sampler, TokenSelection, gather_tokens, tokenwise
+from ats_vit.sampling import (
+    DROPPED,
+    SAMPLERS,
+    AdaptiveTokenSampling,
+    Dropped,
+    Padding,
+    Sampler,
+    TokenSelection,
+    select_tokens,
+    tokenwise,
+)
 
 __all__ = ["Block", "FeedForward", "PatchEmbed", "ViT", "load_vit_pytorch_state_dict"]
 
@@ -66,25 +76,36 @@ class Block(nn.Module):
         max_tokens: int | None = None,
         sampler: Sampler = "inverse_transform",
         static_shape: bool = False,
+        temperature: float = 1.0,
+        dropped: Dropped | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = SamplingAttention(
-            dim, heads, dim_head, dropout, max_tokens, sampler, static_shape=static_shape
+            dim,
+            heads,
+            dim_head,
+            dropout,
+            max_tokens,
+            sampler,
+            static_shape=static_shape,
+            temperature=temperature,
+            dropped=dropped,
         )
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, mlp_dim, dropout)
 
     def forward(
-        self, x: Tensor, padding: Padding | None = None
-    ) -> tuple[Tensor, Padding | None, TokenSelection | None]:
-        """x: (b, n, dim) with its padding -> x (b, m, dim), its padding, the selection (or None)."""
-        out, selection = self.attn(self.norm1(x), padding)
+        self, x: Tensor, padding: Padding | None = None, size: Tensor | None = None
+    ) -> tuple[Tensor, TokenSelection | None]:
+        """x: (b, n, dim) with its padding and token sizes -> x (b, m, dim) and the selection
+        (None when every token was kept), which carries the new padding and sizes."""
+        out, selection = self.attn(self.norm1(x), padding, size)
         if selection is not None:
-            x, padding = gather_tokens(x, selection.index), selection.padding
+            x, padding = select_tokens(x, selection), selection.padding
         x = x + out
         del out  # not alive during the MLP, whose hidden activations set the peak memory
-        return x + tokenwise(lambda t: self.mlp(self.norm2(t)), x, padding), padding, selection
+        return x + tokenwise(lambda t: self.mlp(self.norm2(t)), x, padding), selection
 
 
 class ViT(nn.Module):
@@ -92,10 +113,12 @@ class ViT(nn.Module):
 
     ``max_tokens_per_depth[i]`` caps the patch tokens (CLS excluded) that layer ``i`` keeps;
     a layer samples only when it has more than that. ``sampler`` is ``"inverse_transform"``
-    (the paper's; deterministic at eval) or ``"gumbel"`` (the seed's); ``"topk"`` and
-    ``"random"`` are fixed-count peers for comparisons. ``static_shape=True``
+    (the paper's; deterministic at eval) or ``"gumbel"`` (the seed's); ``"topk"``,
+    ``"random"`` and ``"tome"`` are fixed-count peers for comparisons. ``static_shape=True``
     pads every sampling layer's output to its cap instead of the batch's largest count,
     which avoids the one host sync per sampling layer at the cost of some padded compute.
+    ``temperature`` and ``dropped`` are those of :class:`~ats_vit.sampling.AdaptiveTokenSampling`
+    (defaults: the paper's ATS). :mod:`ats_vit.budget` sets all of these per layer afterwards.
     """
 
     def __init__(
@@ -115,6 +138,8 @@ class ViT(nn.Module):
         emb_dropout: float = 0.0,
         sampler: Sampler = "inverse_transform",
         static_shape: bool = False,
+        temperature: float = 1.0,
+        dropped: Dropped | None = None,
     ) -> None:
         super().__init__()
         image_hw = _validate.pair("image_size", image_size)
@@ -133,10 +158,8 @@ class ViT(nn.Module):
         ):
             _validate.positive_int(name, value)
         depth = _validate.positive_int("depth", depth)
-        self.max_tokens_per_depth = _validate.schedule(max_tokens_per_depth, depth)
         _validate.probability("dropout", dropout)
         _validate.probability("emb_dropout", emb_dropout)
-        self.sampler = _validate.choice("sampler", sampler, SAMPLERS)
 
         self.image_size = image_hw
         self.channels = channels
@@ -156,14 +179,47 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
         self.emb_drop = nn.Dropout(emb_dropout)
-        self.blocks = nn.ModuleList(
-            Block(dim, heads, dim_head, mlp_dim, dropout, tokens, sampler, static_shape)
-            for tokens in self.max_tokens_per_depth
-        )
+        self.blocks = nn.ModuleList(Block(dim, heads, dim_head, mlp_dim, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.set_sampling(
+            max_tokens_per_depth,
+            sampler=sampler,
+            static_shape=static_shape,
+            temperature=temperature,
+            dropped=dropped,
+        )
+
+    def set_sampling(
+        self,
+        max_tokens_per_depth: Sequence[int],
+        *,
+        sampler: Sampler = "inverse_transform",
+        static_shape: bool = False,
+        temperature: float = 1.0,
+        dropped: Dropped | None = None,
+    ) -> ViT:
+        """Give every layer a new token cap and sampling rule (the constructor's arguments of
+        the same names); weights are untouched. Returns the model. This is what
+        :meth:`ats_vit.budget.Budget.apply` calls."""
+        schedule = _validate.schedule(max_tokens_per_depth, len(self.blocks))
+        self.sampler = _validate.choice("sampler", sampler, SAMPLERS)
+        if dropped is not None:
+            _validate.choice("dropped", dropped, DROPPED)
+        for block, cap in zip(self.blocks, schedule, strict=True):
+            block.attn.ats = AdaptiveTokenSampling(
+                cap,
+                sampler,
+                static_shape=static_shape,
+                temperature=temperature,
+                dropped=dropped,
+            ).train(block.training)  # new modules default to training mode, which jitters
+        self.max_tokens_per_depth = schedule
+        self.static_shape, self.temperature = static_shape, temperature
+        self.dropped = self.blocks[0].attn.ats.dropped
+        return self
 
     def forward_features(self, img: Tensor) -> tuple[Tensor, Tensor, Padding | None, TokenTrace]:
         """img: (b, c, H, W) -> tokens (b, m, dim), their original positions (b, m) (0 = CLS),
@@ -175,12 +231,14 @@ class ViT(nn.Module):
         x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1) + self.pos_embed
         x = self.emb_drop(x)
         positions = torch.arange(n + 1, device=x.device).expand(b, -1)
-        padding, trace = None, TokenTrace(self.num_patches, num_prefix_tokens=1)
+        padding, size, trace = None, None, TokenTrace(self.num_patches, num_prefix_tokens=1)
         for block in self.blocks:
-            x, padding, selection = block(x, padding)
+            x, selection = block(x, padding, size)
+            rule = None
             if selection is not None:
+                padding, size, rule = selection.padding, selection.size, block.attn.ats.rule
                 positions = positions.gather(1, selection.index)
-            trace.record(x, padding, sampled=selection is not None, positions=positions)
+            trace.record(x, padding, rule=rule, positions=positions)
         return x, positions, padding, trace
 
     def forward_head(self, x: Tensor) -> Tensor:

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ats_vit.attention import SamplingAttention, attend, cls_attention
+from ats_vit.attention import SamplingAttention, attend, cls_attention, key_bias
 from ats_vit.sampling import Padding
 
 
@@ -30,6 +30,27 @@ def test_padded_keys_are_never_attended():
     v2[1, :, 3:] = -1e4
     torch.testing.assert_close(attend(q, k2, v2, mask), out)
     torch.testing.assert_close(out[1], F.scaled_dot_product_attention(q[1:], k[1:, :, :3], v[1:, :, :3])[0])
+
+
+def test_a_token_of_size_two_draws_the_attention_of_two_copies():
+    """Proportional attention: keys [k0, k1, k1] == keys [k0, k1] with sizes [1, 2]."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 4, 8, generator=gen)
+    k, v = torch.randn(2, 3, 2, 8, generator=gen), torch.randn(2, 3, 2, 8, generator=gen)
+    copies = attend(q, torch.cat((k, k[:, :, 1:]), 2), torch.cat((v, v[:, :, 1:]), 2), None)
+    size = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    torch.testing.assert_close(attend(q, k, v, key_bias(None, size)), copies)
+    row = cls_attention(q[:, :, :1], k, key_bias(None, size), 8**-0.5)
+    full = cls_attention(q[:, :, :1], torch.cat((k, k[:, :, 1:]), 2), None, 8**-0.5)
+    torch.testing.assert_close(row, torch.stack((full[..., 0], full[..., 1] + full[..., 2]), -1))
+
+
+def test_key_bias_is_none_a_mask_or_log_sizes():
+    mask = torch.tensor([[True, True, False]])
+    assert key_bias(None, None) is None
+    assert key_bias(Padding(mask, None), None) is mask
+    bias = key_bias(Padding(mask, None), torch.tensor([[1.0, 4.0, 0.0]]))
+    assert bias.tolist() == [[0.0, torch.tensor(4.0).log().item(), float("-inf")]]
 
 
 def _real(selection) -> torch.Tensor:

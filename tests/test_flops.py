@@ -48,6 +48,40 @@ def test_analytic_count_matches_pytorch_flop_counter(schedule):
     assert gflops(model.cost, traces[0]).item() == pytest.approx(measured, rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    "rule",
+    [
+        dict(temperature=3.0),
+        dict(dropped="fuse"),
+        dict(dropped="merge"),
+        dict(sampler="topk", dropped="fuse"),
+        dict(sampler="tome"),
+    ],
+    ids=["hot", "fuse", "merge", "evit", "tome"],
+)
+def test_analytic_count_of_every_rule_matches_pytorch_flop_counter(rule):
+    """The counter sees every matmul (similarities included) but not the weighted merging
+    itself (a scatter-add: one multiply-add per element of the residual and the normalised
+    input), which the analytic count adds."""
+    torch.manual_seed(0)
+    schedule = (196,) * 2 + (150, 120, 100, 100, 80, 60, 40, 40, 20, 20)
+    model = ViT(**DEIT_S, max_tokens_per_depth=schedule, **rule).eval()
+    x = torch.randn(1, 3, 224, 224)
+    traces = []
+
+    def run():
+        feats, _, _, trace = model.forward_features(x)
+        model.forward_head(feats)
+        traces.append(trace)
+
+    measured = measured_gflops(run)
+    trace = traces[0]
+    assert trace.rules[2] == model.blocks[2].attn.ats.rule
+    n_in = [197] + [int(c) + 1 for c in trace.kept_per_layer()[0, :-1]]
+    merging = sum(2 * n * 384 for n, r in zip(n_in, trace.rules, strict=True) if r not in (None, "score"))
+    assert gflops(model.cost, trace).item() == pytest.approx(measured + merging / 1e9, rel=1e-6)
+
+
 def test_fewer_tokens_cost_less_and_counts_are_per_image():
     cost = ViTCost(
         num_patches=16,
@@ -62,13 +96,13 @@ def test_fewer_tokens_cost_less_and_counts_are_per_image():
     )
     trace = TokenTrace(16, 1)
     trace.counts = [torch.tensor([16, 16]), torch.tensor([10, 4])]
-    trace.sampled = [False, True]
+    trace.rules = [None, "score"]
     per_image = gflops(cost, trace)
     assert per_image.shape == (2,) and per_image[0] > per_image[1]
 
 
 def test_trace_of_wrong_depth_is_rejected():
     cost = ViTCost(16, 1, 8, 2, 8, 16, 12, 3, depth=2)
-    trace = TokenTrace(16, 1, counts=[torch.tensor([16])], sampled=[False])
+    trace = TokenTrace(16, 1, counts=[torch.tensor([16])], rules=[None])
     with pytest.raises(ValueError, match="trace has 1 blocks but the model has depth=2"):
         gflops(cost, trace)

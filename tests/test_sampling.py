@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -6,11 +8,14 @@ from hypothesis import strategies as st
 from ats_vit.sampling import (
     AdaptiveTokenSampling,
     Padding,
+    bipartite_match,
     compact,
     gumbel_sample,
     inverse_transform_sample,
     keep_mask,
     random_select,
+    select_tokens,
+    sharpen,
     significance_scores,
     tokenwise,
     topk_select,
@@ -44,6 +49,10 @@ def layer_inputs(draw):
         sampler=draw(st.sampled_from(["inverse_transform", "gumbel", "topk", "random"])),
         static=draw(st.booleans()),
         training=draw(st.booleans()),
+        temperature=draw(st.sampled_from([1.0, 0.3, 3.0])),
+        dropped=draw(st.sampled_from(["discard", "fuse", "merge"])),
+        keys=torch.randn(b, heads, n, 4, generator=gen),
+        size=draw(st.sampled_from([None, "random"])),
     )
 
 
@@ -52,10 +61,23 @@ def layer_inputs(draw):
 def test_selection_properties(case):
     p, k, mask = case["p"], case["k"], case["mask"]
     b, _, n = case["cls_attn"].shape
-    ats = AdaptiveTokenSampling(k, case["sampler"], num_prefix_tokens=p, static_shape=case["static"])
+    dropped = case["dropped"]
+    ats = AdaptiveTokenSampling(
+        k,
+        case["sampler"],
+        num_prefix_tokens=p,
+        static_shape=case["static"],
+        temperature=case["temperature"],
+        dropped=dropped,
+    )
     ats.train(case["training"])
     padding = None if mask is None else Padding(mask, mask.flatten().nonzero().squeeze(1))
-    sel = ats(case["cls_attn"], case["v"], padding)
+    size = None
+    if case["size"] is not None:
+        size = torch.randint(1, 4, (b, n)).float()
+        if mask is not None:
+            size = size.masked_fill(~mask, 0.0)
+    sel = ats(case["cls_attn"], case["v"], padding, k=case["keys"], size=size)
     index = sel.index
     m = index.shape[1]
     out_mask = torch.ones_like(index, dtype=torch.bool) if sel.padding is None else sel.padding.mask
@@ -63,10 +85,11 @@ def test_selection_properties(case):
     n_valid = valid_in[:, p:].sum(1)
     sampled = ats.needed(n)
 
+    fused = dropped == "fuse"
     if sampled:
-        assert m <= p + k
+        assert m <= p + k + fused
         if case["static"]:
-            assert m == p + k
+            assert m == p + k + fused
     else:
         assert m == n and sel.padding == padding, "a layer with few enough tokens keeps the input as is"
     for i in range(b):
@@ -76,16 +99,35 @@ def test_selection_properties(case):
         assert torch.all(kept[1:] > kept[:-1]), "kept ids are unique and ascending"
         assert torch.all((kept >= p) & (kept < n)), "kept ids in range"
         assert valid_in[i, kept].all(), "padding is never kept"
-        assert 1 <= kept.numel() <= (k if sampled else n - p)
+        assert 1 <= kept.numel() <= (k + fused if sampled else n - p)
         if n_valid[i] <= k:
             assert kept.numel() == n_valid[i], "an image with few enough tokens keeps them all"
         elif case["sampler"] in ("topk", "random"):
-            assert kept.numel() == k, "the fixed-count peers keep exactly k"
+            assert kept.numel() == k + fused, "the fixed-count peers keep exactly k (and the fused token)"
         # real slots form a prefix of the row
         count = int(out_mask[i].sum())
         assert torch.equal(out_mask[i], torch.arange(m) < count)
     if sel.padding is not None and sel.padding.rows is not None:
         assert torch.equal(sel.padding.rows, sel.padding.mask.flatten().nonzero().squeeze(1))
+    if not sampled:
+        return
+    in_size = (torch.ones(b, n) if size is None else size) * valid_in
+    if dropped == "discard":
+        assert sel.merge is None
+        if size is not None:
+            torch.testing.assert_close(sel.size * out_mask, in_size.gather(1, index) * out_mask)
+    else:
+        # merging and fusing lose no patch: every valid token joins exactly one real slot
+        assert sel.merge is not None and sel.size is not None
+        torch.testing.assert_close(sel.size.sum(1), in_size.sum(1))
+        dest = sel.merge.dest
+        real_dest = (dest < m) & valid_in
+        assert torch.equal(real_dest, valid_in), "valid tokens all land in a slot, padding in none"
+        assert out_mask.gather(1, dest.clamp_max(m - 1))[real_dest].all(), "never into a padded slot"
+        assert (dest[:, :p] == torch.arange(p)).all(), "prefix tokens stay alone in their own slot"
+        # the weights of a slot sum to 1, so a constant input stays that constant
+        x = torch.full((b, n, 3), 2.5)
+        torch.testing.assert_close(select_tokens(x, sel)[out_mask], torch.full((int(out_mask.sum()), 3), 2.5))
 
 
 def test_inverse_transform_known_example():
@@ -127,6 +169,83 @@ def test_inverse_transform_eval_is_deterministic_and_jitter_is_not():
     a = inverse_transform_sample(scores, 30, jitter=True)
     b = inverse_transform_sample(scores, 30, jitter=True)
     assert not torch.equal(a, b)
+
+
+def test_sharpen_is_the_identity_at_temperature_one_and_a_power_otherwise():
+    scores = torch.tensor([[0.5, 0.3, 0.2, 0.0]])
+    assert sharpen(scores, 1.0) is scores
+    hot = sharpen(scores, 2.0)
+    expected = scores.sqrt() / scores.sqrt().sum()
+    torch.testing.assert_close(hot, expected)
+    assert hot[0, 3] == 0.0, "padding stays at zero mass"
+    torch.testing.assert_close(
+        sharpen(scores, 1e3), torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]]), atol=1e-3, rtol=0
+    )
+    torch.testing.assert_close(sharpen(scores, 1e-3), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+
+
+def test_temperature_is_a_smooth_monotone_cost_knob():
+    # peaked scores, as in trained models: the kept count grows with the temperature
+    gen = torch.Generator().manual_seed(0)
+    scores = (4 * torch.randn(256, 196, generator=gen)).softmax(-1)
+    counts = []
+    for t in (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0):
+        picks = inverse_transform_sample(sharpen(scores, t), 98)
+        counts.append(keep_mask(picks, 196).sum(1).float().mean().item())
+    assert all(b > a for a, b in itertools.pairwise(counts)), counts
+    assert counts[0] < 5 and counts[-1] > 97
+
+
+def test_fuse_adds_the_significance_weighted_mean_of_the_dropped_tokens():
+    # one head, one prefix token; candidate values have norm 1, so significance = attention
+    attn = torch.tensor([[[0.0, 0.6, 0.2, 0.1, 0.1]]])
+    v = torch.zeros(1, 1, 5, 2)
+    v[..., 0] = 1.0
+    ats = AdaptiveTokenSampling(1, "topk", dropped="fuse").eval()
+    sel = ats(attn, v, k=torch.randn(1, 1, 5, 2))
+    # keeps token 1; the fused token sits where the most significant dropped token (2) was
+    assert sel.index.tolist() == [[0, 1, 2]]
+    assert sel.size.tolist() == [[1.0, 1.0, 3.0]]
+    x = torch.arange(5.0)[None, :, None]
+    fused = (0.2 * 2 + 0.1 * 3 + 0.1 * 4) / 0.4
+    torch.testing.assert_close(select_tokens(x, sel)[0, :, 0], torch.tensor([0.0, 1.0, fused]))
+
+
+def test_merge_sends_each_dropped_token_to_its_most_similar_kept_token():
+    attn = torch.tensor([[[0.0, 0.5, 0.4, 0.05, 0.05]]])
+    v = torch.ones(1, 1, 5, 2)
+    k = torch.tensor([[[[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]]]])
+    sel = AdaptiveTokenSampling(2, "topk", dropped="merge").eval()(attn, v, k=k)
+    assert sel.index.tolist() == [[0, 1, 2]]
+    # token 3 is like token 1, token 4 like token 2; sizes add up; means weighted by size
+    assert sel.merge.dest.tolist() == [[0, 1, 2, 1, 2]]
+    assert sel.size.tolist() == [[1.0, 2.0, 2.0]]
+    x = torch.arange(5.0)[None, :, None]
+    torch.testing.assert_close(select_tokens(x, sel)[0, :, 0], torch.tensor([0.0, 2.0, 3.0]))
+
+
+def test_bipartite_match_merges_the_closest_pairs_of_a_into_b():
+    # A = candidates 0, 2, 4; B = 1, 3. A0 ~ B1 closely, A2 ~ B3 loosely, A4 ~ nothing much
+    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.3, 1.0], [-1.0, -1.0]]])
+    keep, into = bipartite_match(metric, keep_count=4)
+    assert keep.tolist() == [[False, True, True, True, True]]
+    assert into.tolist() == [[1, -1, -1, -1, -1]]
+    keep, into = bipartite_match(metric, keep_count=3)
+    assert keep.tolist() == [[False, True, False, True, True]]
+    assert into.tolist() == [[1, -1, 3, -1, -1]]
+    # at most |A| tokens merge: one layer no more than halves the tokens
+    keep, _ = bipartite_match(metric, keep_count=1)
+    assert keep.sum().item() == 2
+
+
+def test_tome_keeps_a_fixed_count_and_conserves_size():
+    gen = torch.Generator().manual_seed(0)
+    k = torch.randn(3, 2, 17, 4, generator=gen)
+    v = torch.randn(3, 2, 17, 4, generator=gen)
+    sel = AdaptiveTokenSampling(10, "tome").eval()(None, v, k=k)
+    assert sel.padding is None and sel.index.shape == (3, 11)
+    assert sel.size.sum(1).tolist() == [17.0] * 3
+    assert (sel.merge.dest[:, 0] == 0).all()
 
 
 def test_significance_scores_formula_and_normalisation():
@@ -236,6 +355,10 @@ def test_tokenwise_computes_real_rows_only():
         (dict(max_tokens=True), TypeError, "max_tokens must be an int"),
         (dict(max_tokens=4, sampler="top_k"), ValueError, "sampler must be one of"),
         (dict(max_tokens=4, num_prefix_tokens=0), ValueError, "num_prefix_tokens must be >= 1"),
+        (dict(max_tokens=4, temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(max_tokens=4, temperature="hot"), TypeError, "temperature must be a float"),
+        (dict(max_tokens=4, dropped="keep"), ValueError, "dropped must be one of"),
+        (dict(max_tokens=4, sampler="tome", dropped="discard"), ValueError, "dropped must be 'merge'"),
     ],
 )
 def test_ats_module_errors(kwargs, error, match):

@@ -104,14 +104,28 @@ def peaky(model: ViT, factor: float = 8.0) -> ViT:
     return model
 
 
+# every deterministic selection rule: the paper's, with the knob, fused, merged, and the peers
+RULES = [
+    dict(),
+    dict(temperature=2.0),
+    dict(temperature=0.5, dropped="fuse"),
+    dict(dropped="merge"),
+    dict(sampler="topk", dropped="fuse"),
+    dict(sampler="tome"),
+]
+RULE_IDS = ["paper", "hot", "cold-fuse", "merge", "evit", "tome"]
+
+
 @pytest.mark.parametrize("static_shape", [False, True])
-def test_batch_equals_each_image_alone(static_shape):
-    model = peaky(small_vit(static_shape=static_shape)).eval()
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+def test_batch_equals_each_image_alone(static_shape, rule):
+    model = peaky(small_vit(static_shape=static_shape, **rule)).eval()
     x = images(6)
     with torch.no_grad():
         batch_logits, batch_ids = model(x, return_sampled_token_ids=True)
         counts = (batch_ids >= 0).sum(1)
-        assert counts.unique().numel() > 1, "the test needs images that keep different counts"
+        if rule.get("sampler") is None:
+            assert counts.unique().numel() > 1, "the test needs images that keep different counts"
         for i in range(6):
             logits, ids = model(x[i : i + 1], return_sampled_token_ids=True)
             torch.testing.assert_close(logits[0], batch_logits[i], atol=1e-5, rtol=1e-5)
@@ -130,10 +144,38 @@ def test_fixed_count_peers_keep_exactly_the_cap(sampler):
     assert torch.all(ids.diff(dim=1) > 0), "kept ids stay in ascending original order"
 
 
-def test_gradients_reach_every_parameter():
-    model = small_vit(dropout=0.1, emb_dropout=0.1).train()
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+def test_static_shape_equals_dynamic_for_every_rule(rule):
+    dynamic = peaky(small_vit(**rule)).eval()
+    static = peaky(small_vit(static_shape=True, **rule)).eval()
+    x = images(5)
+    with torch.no_grad():
+        torch.testing.assert_close(static(x), dynamic(x), atol=1e-5, rtol=1e-5)
+
+
+def test_set_sampling_replaces_the_rule_and_keeps_the_weights():
+    model = peaky(small_vit()).eval()
+    x = images(3)
+    with torch.no_grad():
+        paper = model(x)
+        model.set_sampling((16, 8, 4, 4), dropped="merge", temperature=2.0)
+        assert model.max_tokens_per_depth == (16, 8, 4, 4) and model.dropped == "merge"
+        assert all(b.attn.ats.temperature == 2.0 and not b.attn.ats.training for b in model.blocks)
+        merged, ids = model(x, return_sampled_token_ids=True)
+        assert (ids >= 0).sum(1).max() <= 4
+        model.set_sampling(DROPPING)
+        torch.testing.assert_close(model(x), paper)
+    assert not torch.allclose(merged, paper)
+    with pytest.raises(ValueError, match="non-increasing"):
+        model.set_sampling((8, 16, 4, 4))
+
+
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+def test_gradients_reach_every_parameter(rule):
+    model = small_vit(dropout=0.1, emb_dropout=0.1, **rule).train()
     logits, ids = model(images(4), return_sampled_token_ids=True)
-    assert (ids >= 0).sum(1).max() <= min(DROPPING)
+    fused = rule.get("dropped") == "fuse"  # the fused token comes on top of the cap
+    assert (ids >= 0).sum(1).max() <= min(DROPPING) + fused
     logits.logsumexp(-1).sum().backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
