@@ -11,7 +11,8 @@ timm and Hugging Face integrations.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -79,14 +80,26 @@ def attend(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
+def _project(
+    x: Tensor, projections: list[tuple[Tensor, Tensor | None, int]], padding: Padding | None, heads: int
+) -> list[Tensor]:
+    """x: (b, n, c) through each (weight, bias, parts) GEMM, split into its ``parts`` of
+    (b, h, n, d) each: [q], [k, v] or [q, k, v]."""
+    out = []
+    for weight, bias, parts in projections:
+        y = tokenwise(partial(F.linear, weight=weight, bias=bias), x, padding)
+        out.extend(rearrange(y, "b n (t h d) -> t b h n d", t=parts, h=heads).unbind(0))
+    return out
+
+
 def sampled_self_attention(
     x: Tensor,
     padding: Padding | None,
     ats: AdaptiveTokenSampling | None,
     *,
     size: Tensor | None = None,
-    qkv_weight: Tensor,
-    qkv_bias: Tensor | None,
+    qkv_weight: Tensor | Sequence[Tensor],
+    qkv_bias: Tensor | Sequence[Tensor | None] | None,
     heads: int,
     scale: float,
     dropout_p: float = 0.0,
@@ -101,33 +114,39 @@ def sampled_self_attention(
     x: (b, n, c) with its padding and token sizes (None: one patch each) -> (b, m, c_out) for
     the kept tokens (padded slots are unspecified and masked downstream) and the selection, or
     None when the layer kept every token; the caller takes its residual stream through the
-    same selection (:func:`~ats_vit.sampling.select_tokens`). The callables are the model's own
+    same selection (:func:`~ats_vit.sampling.select_tokens`). ``qkv_weight`` is one fused
+    (3 * inner, c) weight (timm, ours) or separate query, key and value weights (Hugging
+    Face); ``qkv_bias`` likewise, or None. The callables are the model's own
     modules: ``q_norm``/``k_norm`` act per head on (b, h, n, d); ``gate`` (sigmoid gate from
     the input), ``out_norm`` and ``proj`` act per token. Keys and values are computed for all
     tokens; queries only for CLS (to score) and for the kept tokens.
     """
     bias = key_bias(padding, size)
-    if ats is None or not ats.needed(x.shape[1]):
-        qkv = tokenwise(lambda t: F.linear(t, qkv_weight, qkv_bias), x, padding)
-        q, k, v = rearrange(qkv, "b n (t h d) -> t b h n d", t=3, h=heads)
-        q, k = q_norm(q), k_norm(k)
-        selection, out_padding, queries = None, padding, x
-    else:
+    # (weight, bias, heads-groups) GEMMs that make q, then k and v: one fused (timm, ours) or separate
+    if isinstance(qkv_weight, Tensor):
         inner = qkv_weight.shape[0] // 3
         w_q, w_kv = qkv_weight.split((inner, 2 * inner))
         b_q, b_kv = (None, None) if qkv_bias is None else qkv_bias.split((inner, 2 * inner))
-        kv = tokenwise(lambda t: F.linear(t, w_kv, b_kv), x, padding)
-        k, v = rearrange(kv, "b n (t h d) -> t b h n d", t=2, h=heads)
+        q_proj, kv_proj, all_proj = [(w_q, b_q, 1)], [(w_kv, b_kv, 2)], [(qkv_weight, qkv_bias, 3)]
+    else:
+        (w_q, w_k, w_v), (b_q, b_k, b_v) = qkv_weight, qkv_bias or (None, None, None)
+        q_proj, kv_proj = [(w_q, b_q, 1)], [(w_k, b_k, 1), (w_v, b_v, 1)]
+        all_proj = q_proj + kv_proj
+    if ats is None or not ats.needed(x.shape[1]):
+        q, k, v = _project(x, all_proj, padding, heads)
+        q, k = q_norm(q), k_norm(k)
+        selection, out_padding, queries = None, padding, x
+    else:
+        k, v = _project(x, kv_proj, padding, heads)
         k = k_norm(k)
         cls_attn = None
         if ats.uses_cls_attention:
-            q_cls = q_norm(rearrange(F.linear(x[:, :1], w_q, b_q), "b n (h d) -> b h n d", h=heads))
+            q_cls = q_norm(_project(x[:, :1], q_proj, None, heads)[0])
             cls_attn = cls_attention(q_cls, k, bias, scale)
         selection = ats(cls_attn, v, padding, k=k, size=size)
         out_padding = selection.padding
         queries = select_tokens(x, selection)
-        q = tokenwise(lambda t: F.linear(t, w_q, b_q), queries, out_padding)
-        q = q_norm(rearrange(q, "b m (h d) -> b h m d", h=heads))
+        q = q_norm(_project(queries, q_proj, out_padding, heads)[0])
     out = rearrange(attend(q, k, v, bias, dropout_p, scale), "b h m d -> b m (h d)")
     if gate is None:
         return tokenwise(lambda t: proj(out_norm(t)), out, out_padding), selection

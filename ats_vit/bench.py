@@ -9,6 +9,7 @@ alike. Nothing here is asserted as a timing in tests.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 import time
@@ -22,15 +23,17 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ats_vit._progress import bar as progress_bar
 from ats_vit.flops import TokenTrace, ViTCost, gflops
 from ats_vit.sampling import SAMPLERS
 
 __all__ = [
-    "PeersConfig",
+    "FrontierConfig",
     "SpeedConfig",
+    "binomial_ci95",
+    "frontier",
     "machine",
     "peak_memory",
-    "peers",
     "print_table",
     "speed",
     "time_round_robin",
@@ -384,8 +387,6 @@ def speed(cfg: SpeedConfig) -> list[dict]:
     over the variant's (from the tokens actually kept); efficiency = speed-up / ideal;
     vs seed ATS: throughput over the seed's ATS model. NaN where a column does not apply.
     """
-    from tqdm.auto import tqdm
-
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.threads)
     variants, image_hw = _variants(cfg, device)
@@ -393,7 +394,7 @@ def speed(cfg: SpeedConfig) -> list[dict]:
     rows = []
     # per variant and batch: a counting pass, the timed calls, a memory pass
     calls = len(cfg.batch_sizes) * len(variants) * (cfg.warmup + cfg.repeats + 2)
-    bar = tqdm(total=calls, desc="speed", unit="forward")
+    bar = progress_bar(total=calls, desc="speed", unit="forward")
     with torch.inference_mode():
         for b in cfg.batch_sizes:
             bar.set_postfix(batch=b)
@@ -442,95 +443,141 @@ def speed(cfg: SpeedConfig) -> list[dict]:
     return rows
 
 
-# ---------------------------------------------------------------- accuracy vs GFLOPs against peers
+# ---------------------------------------------------------------- accuracy vs GFLOPs: the frontier
+
+# the simple peers the recommended method must match or beat at every cost
+PEERS = ("topk", "random", "tome")
 
 
 @dataclass
-class PeersConfig:
-    """ATS (both samplers) at caps ``keeps`` from ``start_layer`` on, against top-k and random
-    selection keeping, layer by layer, the mean number of tokens ATS kept (matched GFLOPs).
-    Random samplers (gumbel, random) are averaged over ``seeds`` runs."""
+class FrontierConfig:
+    """Every method calibrated to each GFLOP target on the calibration split (labels: their
+    accuracy is maximised), then measured on the test split, for each checkpoint."""
 
-    checkpoint: str
+    checkpoints: tuple[str, ...]
     data: str = "demo"
-    keeps: tuple[float, ...] = (0.75, 0.5, 0.35, 0.25)
-    start_layer: int = 3
-    samplers: tuple[str, ...] = ("inverse_transform", "gumbel")
-    peers: tuple[str, ...] = ("topk", "random")
-    seeds: int = 3
+    methods: tuple[str, ...] = (
+        "auto",
+        "paper",
+        "ats",
+        "ats-fuse",
+        "ats-merge",
+        "topk",
+        "evit",
+        "random",
+        "tome",
+    )
+    targets: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+    calib_images: int | None = None  # None: the whole calibration split
     batch_size: int = 256
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.seeds < 1 or self.batch_size < 1:
-            raise ValueError(f"seeds and batch_size must be >= 1, got {self.seeds}, {self.batch_size}")
-        if not self.keeps or not all(0.0 < k < 1.0 for k in self.keeps):
-            raise ValueError(f"keeps must be ratios in (0, 1) (dense is always included), got {self.keeps}")
-        for name, values, accepted in (
-            ("samplers", self.samplers, ("inverse_transform", "gumbel")),
-            ("peers", self.peers, ("topk", "random")),
-        ):
-            if not values or any(v not in accepted for v in values):
-                raise ValueError(f"{name} must be a non-empty subset of {accepted}, got {values}")
+        from ats_vit.budget import METHODS
+
+        if not self.checkpoints:
+            raise ValueError("checkpoints must name at least one checkpoint")
+        known = ("auto", *METHODS)
+        bad = [m for m in self.methods if m not in known]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {known}, got {self.methods}")
+        if not self.targets or not all(0.0 < t <= 1.0 for t in self.targets):
+            raise ValueError(f"targets must be GFLOP fractions in (0, 1], got {self.targets}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-PEERS_COLUMNS = (
-    ("matched_to", "matched to", "<22"),
-    ("method", "method", "<20"),
-    ("gflops", "GFLOPs", ".4f"),
-    ("gflops_vs_dense", "vs dense", ".0%"),
-    ("kept", "kept (last)", ".1f"),
+FRONTIER_COLUMNS = (
+    ("checkpoint", "checkpoint", "<12"),
+    ("method", "method", "<10"),
+    ("chosen", "chosen", "<10"),
+    ("target", "target", ".2f"),
+    ("gflops_ratio", "GFLOPs", ".3f"),
     ("accuracy_pct", "accuracy %", ".2f"),
-    ("accuracy_std_pct", "± std", ".2f"),
+    ("ci95_pct", "±", ".2f"),
+    ("calib_score_pct", "calib %", ".2f"),
+    ("start_layer", "start", "d"),
+    ("temperature", "temp", ".3g"),
+    ("kept", "kept (last)", ".1f"),
 )
 
 
-def peers(cfg: PeersConfig, data) -> list[dict]:
-    """Accuracy, GFLOPs and kept tokens of ATS and its peers on ``data``, no fine-tuning."""
-    from tqdm.auto import tqdm
+def binomial_ci95(accuracy: float, n: int) -> float:
+    """Half-width of the 95% normal interval of an accuracy measured on ``n`` images."""
+    return 1.96 * math.sqrt(max(accuracy * (1 - accuracy), 1e-12) / n)
 
-    from ats_vit.train import budget_schedule, evaluate, load_checkpoint, model_with_budget
 
-    base, state, _, _ = load_checkpoint(cfg.checkpoint)
-    if not 0 <= cfg.start_layer < base.depth:
-        raise ValueError(f"start_layer must be in [0, {base.depth}), got {cfg.start_layer}")
-    random_samplers = ("gumbel", "random")
-    plan = 1 + len(cfg.samplers) * len(cfg.keeps) * (1 + len(cfg.peers))
-    bar = tqdm(total=plan, desc="peers", unit="eval")
+def frontier(cfg: FrontierConfig) -> list[dict]:
+    """Test accuracy and GFLOPs of every method at every target on every checkpoint.
 
-    def run(schedule: tuple[int, ...] | None, sampler: str) -> dict:
-        model = model_with_budget(base, state, cfg.checkpoint, schedule, sampler)
-        seeds = range(cfg.seeds if sampler in random_samplers and schedule is not None else 1)
-        results = []
-        for seed in seeds:
-            torch.manual_seed(seed)
-            results.append(evaluate(model, data, cfg.batch_size))
-        bar.update(1)
-        acc = [r["accuracy"] for r in results]
-        kept = torch.tensor([r["kept_per_layer"] for r in results]).mean(0)
-        return dict(
-            schedule=None if schedule is None else list(schedule),
-            accuracy=statistics.fmean(acc),
-            accuracy_std=statistics.pstdev(acc),
-            runs=len(acc),
-            kept_per_layer=kept.tolist(),
-            kept=kept[-1].item(),
-            gflops=statistics.fmean(r["gflops"] for r in results),
+    Settings are chosen on the calibration split only (:class:`ats_vit.budget.Calibration`);
+    the test split is measured once per chosen budget. A target a method cannot reach is
+    skipped (no row). Dense rows have method ``"dense"``.
+    """
+    from ats_vit.budget import BudgetError, Calibration, measure
+    from ats_vit.checkpoint import load_model
+    from ats_vit.data import load_split, take
+
+    rows = []
+    for checkpoint in cfg.checkpoints:
+        name = Path(checkpoint).parent.name or str(checkpoint)
+        model, model_cfg = load_model(checkpoint)
+        model.eval()
+        calib_x, calib_y = take(
+            load_split(cfg.data, "calib", model_cfg.image_size), cfg.calib_images, cfg.seed
         )
-
-    dense = run(None, "inverse_transform")
-    rows = [dict(matched_to="-", method="dense", **dense)]
-    for sampler in cfg.samplers:
-        for keep in cfg.keeps:
-            ats = run(budget_schedule(base, keep, cfg.start_layer), sampler)
-            label = f"ATS {sampler} {keep:g}"
-            rows.append(dict(matched_to=label, method=f"ATS {sampler}", keep=keep, **ats))
-            # the peers keep, at every layer, the tokens ATS kept on average there
-            matched = tuple(max(1, round(k)) for k in ats["kept_per_layer"])
-            for peer in cfg.peers:
-                rows.append(dict(matched_to=label, method=peer, keep=keep, **run(matched, peer)))
-    bar.close()
+        test_x, test_y = take(load_split(cfg.data, "test", model_cfg.image_size))
+        dense_pred, dense_cost = measure(model, test_x, None, batch_size=cfg.batch_size)
+        dense_gflops = dense_cost.double().mean().item()
+        accuracy = (dense_pred == test_y).float().mean().item()
+        rows.append(
+            dict(
+                checkpoint=name,
+                method="dense",
+                chosen="dense",
+                target=1.0,
+                gflops=dense_gflops,
+                gflops_ratio=1.0,
+                accuracy=accuracy,
+                ci95=binomial_ci95(accuracy, len(test_y)),
+                calib_score=float("nan"),
+                start_layer=model_cfg.depth,
+                temperature=1.0,
+                kept=float(model_cfg.num_patches),
+                budget=None,
+                test_images=len(test_y),
+            )
+        )
+        search = Calibration(model, calib_x, calib_y, batch_size=cfg.batch_size, progress=False)
+        for method in cfg.methods:
+            for target in cfg.targets:
+                torch.manual_seed(cfg.seed)  # the random peers draw at eval too
+                try:
+                    budget = search(target, method)
+                except BudgetError:
+                    continue
+                torch.manual_seed(cfg.seed)
+                pred, cost = measure(model, test_x, budget, batch_size=cfg.batch_size)
+                accuracy = (pred == test_y).float().mean().item()
+                rows.append(
+                    dict(
+                        checkpoint=name,
+                        method=method,
+                        chosen=budget.method,
+                        target=target,
+                        gflops=cost.double().mean().item(),
+                        gflops_ratio=cost.double().mean().item() / dense_gflops,
+                        accuracy=accuracy,
+                        ci95=binomial_ci95(accuracy, len(test_y)),
+                        calib_score=budget.calibration["accuracy"],
+                        start_layer=budget.start_layer,
+                        temperature=budget.temperature,
+                        kept=float(budget.max_tokens[-1]),
+                        budget=budget.to_dict(),
+                        test_images=len(test_y),
+                    )
+                )
     for r in rows:
-        r["gflops_vs_dense"] = r["gflops"] / dense["gflops"]
-        r["accuracy_pct"] = 100 * r["accuracy"]
-        r["accuracy_std_pct"] = 100 * r["accuracy_std"]
+        r["accuracy_pct"], r["ci95_pct"] = 100 * r["accuracy"], 100 * r["ci95"]
+        r["calib_score_pct"] = 100 * r["calib_score"]
     return rows

@@ -20,7 +20,17 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ats_vit import _validate
 
-__all__ = ["DemoConfig", "DemoSplits", "cluttered_digits", "image_folder"]
+__all__ = [
+    "SPLITS",
+    "BadImageError",
+    "DemoConfig",
+    "DemoSplits",
+    "cluttered_digits",
+    "collate_skipping",
+    "image_folder",
+    "load_split",
+    "take",
+]
 
 
 @dataclass(frozen=True)
@@ -122,8 +132,61 @@ def cluttered_digits(cfg: DemoConfig = DemoConfig()) -> DemoSplits:
     return DemoSplits(**splits)
 
 
-def image_folder(root: str | Path, image_size: int, *, train: bool = False) -> Dataset:
-    """torchvision ImageFolder resized to ``image_size``, normalised as ImageNet models expect.
+class BadImageError(ValueError):
+    """An image file that cannot be read; the message names the file."""
+
+
+def _read_image(path: str):
+    """PIL's RGB image of ``path``, or :class:`BadImageError` naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise BadImageError(
+            f"cannot read image {path!r} ({type(exc).__name__}: {exc}); fix or remove it, "
+            "or pass --skip-bad-images to leave such files out (they are counted)"
+        ) from exc
+
+
+class _SkipBad(Dataset):
+    """An ImageFolder whose unreadable images come back as None (see :func:`collate_skipping`)."""
+
+    def __init__(self, folder: Dataset) -> None:
+        self.folder = folder
+        self.classes = folder.classes
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.folder[i]
+        except BadImageError:
+            return None
+
+
+def collate_skipping(items: list) -> tuple[Tensor | None, Tensor | None, int]:
+    """Default collation that drops the ``None`` items of unreadable images:
+    (images or None, labels or None, how many were dropped)."""
+    from torch.utils.data import default_collate
+
+    good = [item for item in items if item is not None]
+    if not good:
+        return None, None, len(items)
+    images, labels = default_collate(good)
+    return images, labels, len(items) - len(good)
+
+
+def image_folder(
+    root: str | Path, image_size: int, *, train: bool = False, transform=None, skip_bad: bool = False
+) -> Dataset:
+    """torchvision ImageFolder resized to ``image_size``, normalised as ImageNet models expect
+    (or preprocessed by ``transform``, e.g. a pretrained model's own).
+
+    An unreadable image raises :class:`BadImageError` naming the file when it is loaded; with
+    ``skip_bad`` it is returned as None instead, for :func:`collate_skipping` to drop and count.
 
     Raises ValueError for a missing or empty folder (torchvision's own message is about
     file extensions, which hides the usual mistake: a wrong path).
@@ -142,10 +205,57 @@ def image_folder(root: str | Path, image_size: int, *, train: bool = False) -> D
     resize = [transforms.Resize(int(image_size * 1.14)), transforms.CenterCrop(image_size)]
     if train:
         resize = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
-    tf = transforms.Compose(
+    tf = transform or transforms.Compose(
         [*resize, transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
     )
     try:
-        return datasets.ImageFolder(str(root), transform=tf)
+        folder = datasets.ImageFolder(str(root), transform=tf, loader=_read_image)
     except (FileNotFoundError, RuntimeError) as exc:
         raise ValueError(f"data folder {str(root)!r} holds no readable images: {exc}") from exc
+    return _SkipBad(folder) if skip_bad else folder
+
+
+# what each split is for: training, choosing settings (calibration), reporting
+SPLITS = ("train", "calib", "test")
+
+
+def load_split(spec: str, split: str, image_size: int, *, transform=None, skip_bad: bool = False) -> Dataset:
+    """One split of the data named by ``spec``.
+
+    ``spec="demo"``: the bundled cluttered digits (``calib`` is their validation split). A
+    folder root: ``train`` is ``ROOT/train`` with training augmentation, ``calib`` the same
+    images without it (settings are chosen on training images, never on the reported ones),
+    ``test`` is ``ROOT/val``. ``transform`` replaces the evaluation preprocessing of a folder
+    (for pretrained models, their own); only the folders a split needs must exist.
+    """
+    _validate.choice("split", split, SPLITS)
+    if spec == "demo":
+        splits = cluttered_digits()
+        return {"train": splits.train, "calib": splits.val, "test": splits.test}[split]
+    root = Path(spec)
+    folder = root / ("val" if split == "test" else "train")
+    if not folder.is_dir():
+        raise ValueError(
+            f"data folder {str(root)!r} has no {folder.name}/ sub-folder, which the {split!r} split "
+            f"reads (expected ROOT/train/<class>/... for training and calibration, ROOT/val/<class>/... "
+            f"for evaluation)"
+        )
+    return image_folder(folder, image_size, train=split == "train", transform=transform, skip_bad=skip_bad)
+
+
+def take(data: Dataset, count: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(images, labels) of ``count`` items drawn without replacement by ``seed`` (all, in
+    order, when ``count`` is None or at least the data set's size), stacked into tensors."""
+    n = len(data)
+    if count is None or count >= n:
+        index = torch.arange(n)
+    else:
+        index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[
+            : _validate.positive_int("count", count)
+        ]
+    if isinstance(data, TensorDataset):
+        return tuple(t[index] for t in data.tensors)
+    items = [item for item in (data[i] for i in index.tolist()) if item is not None]
+    if not items:
+        raise ValueError("no readable images to take")
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])

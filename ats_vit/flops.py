@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ats_vit.sampling import Padding
 
-__all__ = ["RULES", "TokenTrace", "ViTCost", "gflops"]
+__all__ = ["RULES", "TokenTrace", "ViTCost", "flops", "gflops"]
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,13 @@ class TokenTrace:
 
 
 def gflops(cost: ViTCost, trace: TokenTrace) -> Tensor:
-    """(b,) GFLOPs per image of the forward pass that ``trace`` recorded."""
+    """(b,) GFLOPs per image (float32) of the forward pass that ``trace`` recorded."""
+    return (flops(cost, trace) / 1e9).float()
+
+
+def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
+    """(b,) multiply-adds per image as float64 integers (exact: sums over many images do not
+    depend on their order, so a split evaluation adds up to the same number)."""
     if len(trace.counts) != cost.depth:
         raise ValueError(f"trace has {len(trace.counts)} blocks but the model has depth={cost.depth}")
     p, d, a, hidden = cost.num_prefix_tokens, cost.dim, cost.attn_dim, cost.mlp_hidden
@@ -120,4 +126,4 @@ def gflops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     rest = n_out * a * d + 2 * n_out * d * hidden  # projection and MLP
     blocks = (qkv + scoring + merging + similarity + attention + rest).sum(dim=1)
     stem = trace.num_patches * cost.patch_dim * d + d * cost.num_classes
-    return ((blocks + stem) / 1e9).float()
+    return blocks + stem

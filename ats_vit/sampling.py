@@ -353,7 +353,8 @@ class AdaptiveTokenSampling(nn.Module):
     ``"discard"``, ``"fuse"`` (one more token per image, the significance-weighted mean of the
     dropped ones, placed where the most significant of them was) or ``"merge"`` (each joins its
     most similar kept token, weighted by size; the default, and the only choice, for ``"tome"``).
-    ``temperature=1, dropped="discard"`` is the paper's ATS, bit for bit.
+    ``temperature=1, dropped="discard"`` is the paper's ATS, bit for bit. In training the
+    inverse-transform points are jittered inside their strata (``jitter=False``: not).
     """
 
     def __init__(
@@ -365,6 +366,7 @@ class AdaptiveTokenSampling(nn.Module):
         static_shape: bool = False,
         temperature: float = 1.0,
         dropped: Dropped | None = None,
+        jitter: bool = True,
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
@@ -380,6 +382,7 @@ class AdaptiveTokenSampling(nn.Module):
             raise ValueError(
                 f"sampler='tome' merges the tokens it drops; dropped must be 'merge', got {dropped!r}"
             )
+        self.jitter = jitter
         self.eps = eps
 
     def extra_repr(self) -> str:
@@ -435,7 +438,8 @@ class AdaptiveTokenSampling(nn.Module):
                 candidates = torch.ones(b, n - p, dtype=torch.bool, device=v.device)
                 picks = random_select(candidates if valid is None else valid, cap)
             elif self.sampler == "inverse_transform":
-                picks = inverse_transform_sample(sharpen(scores, self.temperature), cap, jitter=self.training)
+                jitter = self.training and self.jitter
+                picks = inverse_transform_sample(sharpen(scores, self.temperature), cap, jitter=jitter)
             else:
                 picks = gumbel_sample(sharpen(scores, self.temperature), cap, valid, eps=self.eps)
             keep = keep_mask(picks, n - p)

@@ -11,62 +11,18 @@ imports timm.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
-import torch
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
-from ats_vit import _validate
+from ats_vit import _patch
+from ats_vit._patch import ATSInfo
 from ats_vit.attention import sampled_self_attention
-from ats_vit.flops import TokenTrace, ViTCost, gflops
-from ats_vit.sampling import (
-    SAMPLERS,
-    AdaptiveTokenSampling,
-    Dropped,
-    Padding,
-    Sampler,
-    select_tokens,
-    tokenwise,
-)
+from ats_vit.flops import TokenTrace, ViTCost
+from ats_vit.sampling import Dropped, Sampler, tokenwise
 
 __all__ = ["ATSInfo", "adapter", "apply", "cost", "is_patched", "last_info", "last_trace", "remove"]
-
-_STATE = "_ats_state"
-
-
-@dataclass
-class ATSInfo:
-    """What the last forward pass of a patched model kept.
-
-    token_ids: (b, m) patch indices (0-based, prefix tokens excluded) alive after the last
-        block, -1 for padding. kept_per_layer: (b, depth) patch tokens each block output.
-    gflops: (b,) analytic GFLOPs per image from the tokens actually kept.
-    """
-
-    token_ids: Tensor
-    kept_per_layer: Tensor
-    gflops: Tensor
-
-
-class _State:
-    """Carries padding and bookkeeping from block to block within one forward pass."""
-
-    def __init__(self, model: VisionTransformer) -> None:
-        self.num_prefix_tokens = model.num_prefix_tokens
-        self.cost = cost(model)
-        self.padding: Padding | None = None
-        self.size: Tensor | None = None
-        self.positions: Tensor | None = None
-        self.trace: TokenTrace | None = None
-
-    def start(self, x: Tensor) -> None:
-        b, n, _ = x.shape
-        self.padding, self.size = None, None
-        self.positions = torch.arange(n, device=x.device).expand(b, n)
-        self.trace = TokenTrace(n - self.num_prefix_tokens, self.num_prefix_tokens)
 
 
 def _model_name(model: nn.Module) -> str:
@@ -118,15 +74,14 @@ def _block_forward(
     """Block.forward with token sampling; bound to ATS-patched block instances."""
     if attn_mask is not None or is_causal:
         raise ValueError("ATS-patched blocks do not support attn_mask or is_causal")
-    state: _State = getattr(self, _STATE)
-    if self._ats_first:
-        state.start(x)
+    state = _patch.block_state(self, x)
+    if (replayed := state.skip(self)) is not None:
+        return replayed
     attn: Attention = self.attn
-    ats = getattr(self, "ats", None)
     out, selection = sampled_self_attention(
         self.norm1(x),
         state.padding,
-        ats,
+        getattr(self, "ats", None),
         size=state.size,
         qkv_weight=attn.qkv.weight,
         qkv_bias=attn.qkv.bias,
@@ -139,31 +94,12 @@ def _block_forward(
         out_norm=attn.norm,
         proj=lambda t: attn.proj_drop(attn.proj(t)),
     )
-    if selection is not None:
-        x = select_tokens(x, selection)
-        state.padding, state.size = selection.padding, selection.size
-        state.positions = state.positions.gather(1, selection.index)
-    x = x + self.drop_path1(self.ls1(out))
+    x = state.select(x, selection) + self.drop_path1(self.ls1(out))
     del out  # not alive during the MLP, whose hidden activations set the peak memory
     # drop path is per image, so it must see the padded (b, m, c) grid, not packed tokens
     x = x + self.drop_path2(tokenwise(lambda t: self.ls2(self.mlp(self.norm2(t))), x, state.padding))
-    rule = None if selection is None else ats.rule
-    state.trace.record(x, state.padding, rule=rule, positions=state.positions)
+    state.record(x, self, selection)
     return x
-
-
-def _layers(layers: Iterable[int] | None, depth: int) -> list[int]:
-    if layers is None:
-        return list(range(depth))
-    if isinstance(layers, int) or not isinstance(layers, Iterable):
-        raise TypeError(f"layers must be an iterable of block indices, got {layers!r}")
-    chosen = list(layers)
-    for i in chosen:
-        if not _validate.is_int(i) or not 0 <= i < depth:
-            raise ValueError(f"layers must hold block indices in [0, {depth}), got {i!r} in {chosen}")
-    if len(set(chosen)) != len(chosen):
-        raise ValueError(f"layers must not repeat a block, got {chosen}")
-    return sorted(chosen)
 
 
 def apply(
@@ -186,104 +122,46 @@ def apply(
     last forward kept.
     """
     _check_supported(model)
-    depth = len(model.blocks)
-    chosen = _layers(layers, depth)
-    if _validate.is_int(max_tokens):
-        caps = [_validate.positive_int("max_tokens", max_tokens)] * len(chosen)
-    elif isinstance(max_tokens, Sequence) and not isinstance(max_tokens, str):
-        caps = [_validate.positive_int(f"max_tokens[{i}]", t) for i, t in enumerate(max_tokens)]
-        if len(caps) != len(chosen):
-            raise ValueError(f"max_tokens has {len(caps)} entries but layers selects {len(chosen)} blocks")
-    else:
-        raise TypeError(f"max_tokens must be an int or a sequence of ints, got {max_tokens!r}")
-    _validate.choice("sampler", sampler, SAMPLERS)
-
-    remove(model)
-    state = _State(model)
-    caps_by_layer = dict(zip(chosen, caps, strict=True))
-    for i, block in enumerate(model.blocks):
-        if i in caps_by_layer:
-            block.ats = AdaptiveTokenSampling(
-                caps_by_layer[i],
-                sampler,
-                num_prefix_tokens=model.num_prefix_tokens,
-                static_shape=static_shape,
-                temperature=temperature,
-                dropped=dropped,
-            ).train(block.training)  # new modules default to training mode, which jitters
-        setattr(block, _STATE, state)
-        block._ats_first = i == 0
-        block.forward = types.MethodType(_block_forward, block)
-    setattr(model, _STATE, state)
+    state = _patch.PatchState(model.num_prefix_tokens, cost(model), len(model.blocks))
+    _patch.patch(
+        model,
+        model.blocks,
+        _block_forward,
+        state,
+        layers,
+        max_tokens,
+        sampler=sampler,
+        static_shape=static_shape,
+        temperature=temperature,
+        dropped=dropped,
+    )
     return model
 
 
 def adapter(model: VisionTransformer):
-    """The :class:`ats_vit.budget.Adapter` of a timm model: budgets patch it through :func:`apply`
-    (a dense budget patches no layer, so every forward still leaves a trace of its cost)."""
-    from ats_vit.budget import Adapter
-
+    """The :class:`ats_vit.budget.Adapter` of a timm model (budgets patch it through :func:`apply`)."""
     _check_supported(model)
-    depth, n = len(model.blocks), model.patch_embed.num_patches
-
-    def configure(budget) -> None:
-        if budget is None:
-            apply(model, layers=[], max_tokens=1)
-            return
-        caps = budget.schedule(depth, n)[budget.start_layer :]
-        apply(
-            model,
-            layers=range(budget.start_layer, depth),
-            max_tokens=list(caps),
-            sampler=budget.sampler,
-            temperature=budget.temperature,
-            dropped=budget.dropped,
-        )
-
-    def run(images: Tensor) -> tuple[Tensor, Tensor]:
-        logits = model(images)
-        return logits, last_info(model).gflops
-
-    return Adapter(depth, n, configure, run)
+    return _patch.budget_adapter(model, model.blocks, cost(model), lambda **kw: apply(model, **kw), model)
 
 
 def is_patched(model: nn.Module) -> bool:
-    return hasattr(model, _STATE)
+    return hasattr(model, _patch.STATE)
 
 
 def remove(model: VisionTransformer) -> VisionTransformer:
     """Undo :func:`apply` (a no-op on an unpatched model); returns the model."""
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"model must be a timm VisionTransformer (or subclass), got {type(model).__name__}")
-    for block in model.blocks:
-        for name in ("ats", _STATE, "_ats_first", "forward"):
-            if name in block.__dict__ or name in block._modules:
-                delattr(block, name)
-    if _STATE in model.__dict__:
-        delattr(model, _STATE)
+    _patch.unpatch(model, model.blocks)
     return model
-
-
-def _finished_state(model: VisionTransformer) -> _State:
-    state: _State | None = getattr(model, _STATE, None)
-    if state is None:
-        raise ValueError(f"{_model_name(model)} is not patched with ats_vit.timm.apply")
-    if state.trace is None or len(state.trace.counts) != len(model.blocks):
-        raise ValueError("no complete forward pass has run since the model was patched")
-    return state
 
 
 def last_trace(model: VisionTransformer) -> TokenTrace:
     """The per-block token trace of the last forward pass (for :func:`ats_vit.flops.gflops`
     with :func:`cost`, and for :mod:`ats_vit.viz`)."""
-    return _finished_state(model).trace
+    return _patch.finished_state(model, _model_name(model), "ats_vit.timm").trace
 
 
 def last_info(model: VisionTransformer) -> ATSInfo:
     """Token ids, per-layer kept counts and GFLOPs of the last forward pass of a patched model."""
-    state = _finished_state(model)
-    p = state.num_prefix_tokens
-    ids = state.positions[:, p:] - p
-    if state.padding is not None:
-        ids = ids.masked_fill(~state.padding.mask[:, p:], -1)
-    return ATSInfo(ids, state.trace.kept_per_layer(), gflops(state.cost, state.trace))
+    return _patch.finished_state(model, _model_name(model), "ats_vit.timm").info()

@@ -221,18 +221,35 @@ class ViT(nn.Module):
         self.dropped = self.blocks[0].attn.ats.dropped
         return self
 
-    def forward_features(self, img: Tensor) -> tuple[Tensor, Tensor, Padding | None, TokenTrace]:
+    def forward_features(
+        self, img: Tensor, *, resume: tuple[int, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Padding | None, TokenTrace]:
         """img: (b, c, H, W) -> tokens (b, m, dim), their original positions (b, m) (0 = CLS),
         their padding (None when nothing is padded), and the per-block token counts (for
-        :func:`ats_vit.flops.gflops` with ``self.cost``)."""
+        :func:`ats_vit.flops.gflops` with ``self.cost``).
+
+        ``resume=(layer, hidden)`` starts at block ``layer`` from ``hidden``, the (b, n + 1, dim)
+        input that block gets when every earlier block keeps every token (as captured from a
+        dense pass); the skipped blocks are traced as dense. Budget calibration uses it so that
+        the dense layers before the first sampling layer are computed once.
+        """
         img = _validate.images(img, self.channels, self.image_size, self.cls_token.dtype)
-        x = self.patch_embed(img)
+        trace = TokenTrace(self.num_patches, num_prefix_tokens=1)
+        if resume is None:
+            start = 0
+            x = self.patch_embed(img)
+            x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+            x = self.emb_drop(x)
+        else:
+            start, x = resume
+            if x.shape != (img.shape[0], self.num_patches + 1, self.pos_embed.shape[-1]):
+                raise ValueError(f"resume hidden state must be (b, n + 1, dim), got {tuple(x.shape)}")
+            for _ in range(start):
+                trace.record(x, None)
         b, n, _ = x.shape
-        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1) + self.pos_embed
-        x = self.emb_drop(x)
-        positions = torch.arange(n + 1, device=x.device).expand(b, -1)
-        padding, size, trace = None, None, TokenTrace(self.num_patches, num_prefix_tokens=1)
-        for block in self.blocks:
+        positions = torch.arange(n, device=x.device).expand(b, -1)
+        padding, size = None, None
+        for block in self.blocks[start:]:
             x, selection = block(x, padding, size)
             rule = None
             if selection is not None:

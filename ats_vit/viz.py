@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ats_vit.flops import TokenTrace
 
-__all__ = ["kept_patch_masks", "plot_accuracy_vs_gflops", "plot_methods", "save_kept_tokens_grid"]
+__all__ = ["kept_patch_masks", "plot_accuracy_vs_gflops", "plot_frontier", "save_kept_tokens_grid"]
 
 
 def _pyplot():
@@ -48,9 +48,12 @@ def kept_patch_masks(trace: TokenTrace, grid: tuple[int, int]) -> dict[int, Tens
     return masks
 
 
-def save_kept_tokens_grid(images: Tensor, trace: TokenTrace, patch_size: int, path: str | Path) -> Path:
+def save_kept_tokens_grid(
+    images: Tensor, trace: TokenTrace, patch_size: int, path: str | Path, title: str = ""
+) -> Path:
     """A PNG grid: one row per image, the input and then each sampling layer's patches (kept
-    ones outlined in green, dropped ones dimmed and tinted). images: (b, c, H, W)."""
+    ones outlined in green, dropped ones dimmed and tinted), under ``title`` (say which model
+    and budget). images: (b, c, H, W)."""
     plt = _pyplot()
     b, c, h, w = images.shape
     masks = kept_patch_masks(trace, (h // patch_size, w // patch_size))
@@ -89,51 +92,51 @@ def save_kept_tokens_grid(images: Tensor, trace: TokenTrace, patch_size: int, pa
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=8, wrap=True)
     return _save(fig, path, dpi=110)
 
 
 def plot_accuracy_vs_gflops(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """rows: dicts with 'gflops', 'accuracy', and 'keep' (ratio; 1 = dense) (one point per budget)."""
+    """rows: dicts with 'gflops', 'accuracy' and 'label' (one point per budget, as from
+    :func:`ats_vit.evaluate.evaluate_budgets`)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     xs = [r["gflops"] for r in rows]
     ys = [100 * r["accuracy"] for r in rows]
-    ax.plot(xs, ys, "o-")
+    ax.plot(xs, ys, "o")
     # short labels, alternating above / below in GFLOPs order, so close budgets stay legible
     order = sorted(range(len(rows)), key=lambda i: xs[i])
     for rank, i in enumerate(order):
-        text = "dense" if rows[i].get("keep", 1.0) == 1.0 else f"{rows[i]['keep']:g}"
         offset = (3, 6 if rank % 2 else -12)
-        ax.annotate(text, (xs[i], ys[i]), textcoords="offset points", xytext=offset, fontsize=7)
+        ax.annotate(rows[i]["label"], (xs[i], ys[i]), textcoords="offset points", xytext=offset, fontsize=7)
     ax.set_xlabel("GFLOPs per image (tokens actually kept)")
     ax.set_ylabel("top-1 accuracy (%)")
-    start = rows[-1].get("start_layer")
-    default = "ATS without fine-tuning: keep ratio" + (
-        f", sampling from layer {start}" if start is not None else ""
-    )
-    ax.set_title(title or default, fontsize=9)
+    ax.set_title(title or "accuracy vs GFLOPs without fine-tuning", fontsize=9)
     ax.grid(alpha=0.3)
     return _save(fig, path, dpi=120)
 
 
-def plot_methods(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """One accuracy-vs-GFLOPs curve per ``row['method']`` (error bars from 'accuracy_std'
-    where given); a row with method 'dense' is drawn as a single reference point."""
+def plot_frontier(rows: Sequence[dict], path: str | Path) -> Path:
+    """One panel per checkpoint, one curve per method: test accuracy against GFLOPs (as a
+    fraction of dense) with the 95% interval of the test split (``ats-vit bench frontier``)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    methods = dict.fromkeys(r["method"] for r in rows)
-    for method in methods:
-        # a peer matched to two budgets with the same schedule gives the same point twice
-        unique = {(r["gflops"], r["accuracy"]): r for r in rows if r["method"] == method}
-        points = sorted(unique.values(), key=lambda r: r["gflops"])
-        xs = [r["gflops"] for r in points]
-        ys = [100 * r["accuracy"] for r in points]
-        errs = [100 * r.get("accuracy_std", 0.0) for r in points]
-        style = dict(marker="*", markersize=10, linestyle="none") if method == "dense" else dict(marker="o")
-        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, label=method, capsize=2, **style)
-    ax.set_xlabel("GFLOPs per image (tokens actually kept)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or "token selection without fine-tuning", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    fig, axes = plt.subplots(1, len(checkpoints), figsize=(5.2 * len(checkpoints), 4.0), squeeze=False)
+    for ax, name in zip(axes[0], checkpoints, strict=True):
+        mine = [r for r in rows if r["checkpoint"] == name]
+        for method in dict.fromkeys(r["method"] for r in mine):
+            points = sorted((r for r in mine if r["method"] == method), key=lambda r: r["gflops_ratio"])
+            xs = [r["gflops_ratio"] for r in points]
+            ys = [100 * r["accuracy"] for r in points]
+            errs = [100 * r["ci95"] for r in points]
+            if method == "dense":
+                ax.axhline(ys[0], color="grey", linewidth=0.8, linestyle="--", label="dense")
+                continue
+            ax.errorbar(xs, ys, yerr=errs, marker="o", markersize=3, capsize=2, linewidth=1, label=method)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("GFLOPs / dense GFLOPs (test split)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     return _save(fig, path, dpi=120)

@@ -6,7 +6,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ats_vit.bench import PeersConfig, SpeedConfig, peak_memory, peers, speed, time_round_robin
+from ats_vit.bench import (
+    FrontierConfig,
+    SpeedConfig,
+    binomial_ci95,
+    frontier,
+    peak_memory,
+    speed,
+    time_round_robin,
+)
+from ats_vit.budget import Budget
 from ats_vit.cli import main
 
 TINY_SPEED = dict(
@@ -116,63 +125,55 @@ def test_speed_start_layer_must_fit_the_model():
         speed(SpeedConfig(**{**TINY_SPEED, "start_layer": 12, "families": ("timm",)}))
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    from test_train import tiny_cfg, tiny_data
+@pytest.fixture
+def tiny_splits(monkeypatch):
+    """The tiny checkpoint's data in place of the demo set: calibration and test differ."""
+    from helpers import tiny_data
 
-    from ats_vit.train import train
+    import ats_vit.data
 
-    return train(tiny_cfg(tmp_path_factory.mktemp("run")), tiny_data(), progress=False)
-
-
-def test_peers_match_ats_layer_by_layer(tiny_checkpoint):
-    from test_train import tiny_data
-
-    cfg = PeersConfig(str(tiny_checkpoint), keeps=(0.5, 0.25), start_layer=1, seeds=2, batch_size=32)
-    rows = peers(cfg, tiny_data(48, seed=1))
-    assert rows[0]["method"] == "dense" and rows[0]["gflops_vs_dense"] == 1.0
-    assert [r["method"] for r in rows[1:5]] == [
-        "ATS inverse_transform",
-        "topk",
-        "random",
-        "ATS inverse_transform",
-    ]
-    for ats in (r for r in rows if r["method"].startswith("ATS")):
-        matched = [r for r in rows if r["matched_to"] == ats["matched_to"] and r is not ats]
-        assert {r["method"] for r in matched} == {"topk", "random"}
-        schedule = [max(1, round(k)) for k in ats["kept_per_layer"]]
-        for peer in matched:
-            assert peer["schedule"] == schedule
-            assert peer["kept_per_layer"] == pytest.approx(schedule), "peers keep exactly the matched counts"
-            assert peer["gflops"] == pytest.approx(ats["gflops"], rel=0.15)
-            assert peer["runs"] == (2 if peer["method"] == "random" else 1)
-        assert ats["runs"] == (2 if "gumbel" in ats["method"] else 1)
-        assert 0.0 <= ats["accuracy"] <= 1.0 and ats["gflops"] < rows[0]["gflops"]
+    splits = {"calib": tiny_data(64, seed=1), "test": tiny_data(80, seed=2)}
+    monkeypatch.setattr(ats_vit.data, "load_split", lambda spec, split, size, **kw: splits[split])
+    return splits
 
 
-def test_peers_config_errors(tiny_checkpoint):
-    with pytest.raises(ValueError, match=r"keeps must be ratios in \(0, 1\)"):
-        PeersConfig(str(tiny_checkpoint), keeps=(1.0,))
-    with pytest.raises(ValueError, match="peers must be a non-empty subset"):
-        PeersConfig(str(tiny_checkpoint), peers=("evit",))
+def test_frontier_calibrates_each_method_and_reports_the_test_split(tiny_checkpoint, tiny_splits):
+    cfg = FrontierConfig((str(tiny_checkpoint),), methods=("ats-merge", "topk"), targets=(0.6, 0.85))
+    rows = frontier(cfg)
+    assert rows[0]["method"] == "dense" and rows[0]["gflops_ratio"] == 1.0
+    assert rows[0]["test_images"] == 80
+    methods = [(r["method"], r["target"]) for r in rows[1:]]
+    assert methods == [("ats-merge", 0.6), ("ats-merge", 0.85), ("topk", 0.6), ("topk", 0.85)]
+    for r in rows[1:]:
+        assert r["gflops_ratio"] == pytest.approx(r["target"], abs=0.08), "held-out cost near the target"
+        assert r["ci95"] == pytest.approx(binomial_ci95(r["accuracy"], 80))
+        assert Budget.from_dict(r["budget"]).method == r["method"]
 
 
-def test_cli_bench_peers_writes_table_json_and_plot(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+def test_frontier_config_errors(tiny_checkpoint):
+    with pytest.raises(ValueError, match="methods must be a non-empty subset"):
+        FrontierConfig((str(tiny_checkpoint),), methods=("magic",))
+    with pytest.raises(ValueError, match=r"targets must be GFLOP fractions in \(0, 1\]"):
+        FrontierConfig((str(tiny_checkpoint),), targets=(1.5,))
+    with pytest.raises(ValueError, match="at least one checkpoint"):
+        FrontierConfig(())
+
+
+def test_binomial_interval():
+    assert binomial_ci95(0.5, 100) == pytest.approx(0.098, abs=1e-3)
+    assert binomial_ci95(1.0, 100) < 1e-4
+
+
+def test_cli_bench_frontier_writes_table_json_and_plot(tiny_checkpoint, tiny_splits, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from test_train import tiny_data
-
-    import ats_vit.cli as cli
-
-    # the tiny checkpoint's data, not the demo set
-    monkeypatch.setattr(cli, "_datasets", lambda spec, size: (None, tiny_data(48, seed=1)))
-    argv = ["bench", "peers", str(tiny_checkpoint), "--keep", "0.5", "--start-layer", "1", "--seeds", "1"]
-    argv += ["--json", str(tmp_path / "peers.json"), "--plot", str(tmp_path / "peers.png")]
+    argv = ["bench", "frontier", str(tiny_checkpoint), "--methods", "paper", "random", "--targets", "0.7"]
+    argv += ["--json", str(tmp_path / "frontier.json"), "--plot", str(tmp_path / "frontier.png")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "matched to" in out and "topk" in out and "random" in out
-    record = json.loads((tmp_path / "peers.json").read_text())
-    assert record["config"]["keeps"] == [0.5] and len(record["rows"]) == 1 + 2 * 3
-    assert (tmp_path / "peers.png").stat().st_size > 0
+    assert "paper" in out and "random" in out and "±" in out
+    record = json.loads((tmp_path / "frontier.json").read_text())
+    assert record["config"]["targets"] == [0.7] and len(record["rows"]) == 3
+    assert (tmp_path / "frontier.png").stat().st_size > 0
 
 
 def test_cli_bench_speed_prints_the_table_and_reports_bad_values(tmp_path, capsys):

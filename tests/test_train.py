@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -7,61 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, tiny_cfg, tiny_data, weights
 from torch.utils.data import TensorDataset
 
-from ats_vit.cli import main
-from ats_vit.train import (
-    CheckpointError,
-    ModelConfig,
-    TrainConfig,
-    evaluate,
-    evaluate_budgets,
-    load_checkpoint,
-    load_model,
-    save_checkpoint,
-    train,
-)
-
-TINY = ModelConfig(
-    image_size=16, patch_size=4, num_classes=3, channels=1, dim=16, depth=3, heads=2, dim_head=8, mlp_dim=32
-)
-
-
-def tiny_data(n: int = 96, seed: int = 0) -> TensorDataset:
-    """Three classes told apart by where a bright square sits: learnable in a few steps."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 3, (n,), generator=gen)
-    images = 0.1 * torch.rand(n, 1, 16, 16, generator=gen)
-    for i, y in enumerate(labels.tolist()):
-        images[i, 0, 4 * y : 4 * y + 4, 4 * y : 4 * y + 4] = 1.0
-    return TensorDataset(images, labels)
-
-
-def tiny_cfg(out: Path, **kw) -> TrainConfig:
-    return TrainConfig(
-        model=TINY, epochs=2, batch_size=16, lr=3e-3, warmup_steps=2, ckpt_every=4, out_dir=str(out), **kw
-    )
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)[1]
-
-
-def test_train_eval_budgets_and_viz(tmp_path):
-    final = train(tiny_cfg(tmp_path), tiny_data(), progress=False)
-    assert final.exists() and (tmp_path / "last.safetensors").exists()
-    rows = list(csv_rows(tmp_path / "metrics.csv"))
-    assert rows and rows[-1]["step"] == "12"
-    model, cfg = load_model(final)
-    assert cfg == TINY
-    result = evaluate(model, tiny_data(48, seed=1))
-    assert 0.0 <= result["accuracy"] <= 1.0 and len(result["kept_per_layer"]) == 3
-    budgets = evaluate_budgets(
-        final, tiny_data(48, seed=1), keeps=(1.0, 0.5, 0.25), start_layer=1, timing_repeats=1
-    )
-    assert budgets[0]["label"] == "dense"
-    assert budgets[0]["gflops"] > budgets[1]["gflops"] > budgets[2]["gflops"]
-    assert budgets[2]["kept_per_layer"][-1] <= 4
+from ats_vit.checkpoint import CheckpointError, load_checkpoint, load_model
+from ats_vit.evaluate import evaluate
+from ats_vit.models import ModelConfig
+from ats_vit.train import train
 
 
 def csv_rows(path: Path):
@@ -69,6 +20,18 @@ def csv_rows(path: Path):
 
     with open(path) as f:
         yield from csv.DictReader(f)
+
+
+def test_train_writes_checkpoints_and_metrics(tmp_path):
+    final = train(tiny_cfg(tmp_path), tiny_data(), progress=False)
+    assert final.exists() and (tmp_path / "last.safetensors").exists()
+    rows = list(csv_rows(tmp_path / "metrics.csv"))
+    assert rows and rows[-1]["step"] == "12"
+    model, cfg = load_model(final)
+    assert cfg == TINY
+    result = evaluate(model, tiny_data(48, seed=1))
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["images"] == 48 and len(result["kept_per_layer"]) == 3
 
 
 class Crash(Exception):
@@ -109,33 +72,9 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
         train(other, tiny_data(), resume=True, progress=False)
 
 
-def test_checkpoint_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
-        load_checkpoint(tmp_path / "nope.safetensors")
-    corrupt = tmp_path / "corrupt.safetensors"
-    corrupt.write_bytes(os.urandom(256))
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        load_checkpoint(corrupt)
-    from safetensors.torch import save_file
-
-    foreign = tmp_path / "foreign.safetensors"
-    save_file({"w": torch.zeros(2)}, str(foreign))
-    with pytest.raises(CheckpointError, match="not written by ats-vit"):
-        load_checkpoint(foreign)
-    mismatched = tmp_path / "mismatched.safetensors"
-    from ats_vit.train import build_model
-
-    save_checkpoint(mismatched, build_model(TINY), ModelConfig(**{**TINY.__dict__, "dim": 24}))
-    with pytest.raises(CheckpointError, match="does not fit its model config"):
-        load_model(mismatched)
-
-
-def test_checkpoints_hold_no_pickled_code(tmp_path):
-    final = train(tiny_cfg(tmp_path), tiny_data(), progress=False)
-    header_len = int.from_bytes(final.read_bytes()[:8], "little")
-    header = json.loads(final.read_bytes()[8 : 8 + header_len])
-    assert header["__metadata__"]["format"] == "ats-vit/1"
-    assert all(v["dtype"] in {"F32", "I64", "U8", "BF16"} for k, v in header.items() if k != "__metadata__")
+def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
+    train(tiny_cfg(tmp_path / "fresh"), tiny_data(), resume=True, progress=False)
+    assert "no checkpoint at" in capsys.readouterr().err
 
 
 def test_ddp_two_processes(tmp_path):
@@ -144,7 +83,7 @@ def test_ddp_two_processes(tmp_path):
         textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_train import tiny_cfg, tiny_data
+        from helpers import tiny_cfg, tiny_data
         from ats_vit.train import train
         import torch.distributed as dist
         torch.set_num_threads(1)
@@ -154,24 +93,7 @@ def test_ddp_two_processes(tmp_path):
         dist.destroy_process_group()
     """)
     )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            str(script),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = torchrun(script, 29517)
     assert "world 2" in run.stdout
     final = tmp_path / "ddp" / "final.safetensors"
     assert final.exists()
@@ -179,55 +101,19 @@ def test_ddp_two_processes(tmp_path):
     assert int(load_checkpoint(tmp_path / "ddp" / "last.safetensors")[2]["train.step"]) == 6
 
 
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["eval", "missing.safetensors"], "does not exist"),
-        (["viz", "missing.safetensors"], "does not exist"),
-        (["train", "--data", "no/such/folder", "--epochs", "1"], "does not exist"),
-    ],
-)
-def test_cli_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    assert main(argv) == 2
-    assert message in capsys.readouterr().err
+def torchrun(script: Path, port: int, *args: str) -> subprocess.CompletedProcess:
+    """Two gloo processes running ``script``; fails the test with their stderr if one fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(port), str(script), *args]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["eval", "x", "--keep", "0"],
-        ["eval", "x", "--keep", "1.5"],
-        ["train", "--epochs", "0"],
-        ["viz", "x", "--images", "-1"],
-    ],
-)
-def test_cli_rejects_bad_values(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    assert "expected a" in capsys.readouterr().err
-
-
-def test_cli_train_eval_viz_on_the_demo_data(tmp_path, capsys):
-    """The commands the demo chains, end to end on the real demo data (one short epoch)."""
-    pytest.importorskip("sklearn")
-    pytest.importorskip("matplotlib")
-    out = tmp_path / "run"
-    assert main(["train", "--epochs", "1", "--out", str(out), "--batch-size", "128"]) == 0
-    ckpt = out / "final.safetensors"
-    assert main(["eval", str(ckpt), "--keep", "1", "0.25", "--out", str(out), "--batch-size", "512"]) == 0
-    assert main(["viz", str(ckpt), "--images", "3", "--output", str(out / "kept.png")]) == 0
-    printed = capsys.readouterr().out
-    assert "dense" in printed and "keep 0.25" in printed and "from layer 3" in printed
-    rows = json.loads((out / "eval.json").read_text())["rows"]
-    assert rows[1]["gflops"] < rows[0]["gflops"]
-    assert (out / "accuracy_vs_gflops.png").exists() and (out / "kept.png").exists()
-
-
-def test_timm_architecture_trains_and_evaluates_with_budgets(tmp_path):
+def test_timm_architecture_trains_and_samples(tmp_path):
     pytest.importorskip("timm")
-    from ats_vit.train import forward_traced
+    from ats_vit.models import forward_traced
     from ats_vit.viz import save_kept_tokens_grid
 
     cfg = tiny_cfg(tmp_path)
@@ -235,18 +121,19 @@ def test_timm_architecture_trains_and_evaluates_with_budgets(tmp_path):
     final = train(cfg, tiny_data(), progress=False)
     model, loaded = load_model(final)
     assert loaded.arch == "timm" and type(model).__name__ == "VisionTransformer"
-    rows = evaluate_budgets(final, tiny_data(48, seed=1), keeps=(1.0, 0.25), start_layer=1, timing_repeats=1)
-    assert rows[1]["gflops"] < rows[0]["gflops"] and rows[1]["kept_per_layer"][-1] <= 4
-    sampled, _ = load_model(final, max_tokens_per_depth=(16, 4, 4))
+    from ats_vit.budget import Budget
+
+    sampled = Budget(1, (4, 4)).apply(model)
     images = tiny_data(3).tensors[0]
     with torch.no_grad():
         _, trace, _ = forward_traced(sampled.eval(), images)
+    assert trace.kept_per_layer()[:, -1].max() <= 4
     assert save_kept_tokens_grid(images, trace, 4, tmp_path / "timm.png").exists()
 
 
 def test_timm_architecture_needs_matching_head_sizes():
     pytest.importorskip("timm")
-    from ats_vit.train import build_model
+    from ats_vit.models import build_model
 
     with pytest.raises(ValueError, match="dim_head \\* heads == dim"):
         build_model(ModelConfig(**{**TINY.__dict__, "arch": "timm", "dim_head": 4}))
@@ -254,22 +141,81 @@ def test_timm_architecture_needs_matching_head_sizes():
         build_model(ModelConfig(**{**TINY.__dict__, "arch": "keras"}))
 
 
-def test_cli_trains_and_evaluates_an_image_folder(tmp_path, capsys):
-    pytest.importorskip("torchvision")
-    from PIL import Image
+ATS_BUDGET = dict(start_layer=1, max_tokens=(8, 4), dropped="merge", temperature=2.0)
 
-    for split in ("train", "val"):
-        for k, color in enumerate(((250, 10, 10), (10, 10, 250))):
-            folder = tmp_path / "data" / split / f"class{k}"
-            folder.mkdir(parents=True)
-            for i in range(4):
-                Image.new("RGB", (40, 40), color=color).save(folder / f"{i}.png")
-    out = tmp_path / "run"
-    argv = ["train", "--data", str(tmp_path / "data"), "--image-size", "32", "--patch-size", "8"]
-    assert main([*argv, "--epochs", "1", "--batch-size", "4", "--out", str(out)]) == 0
-    cfg = load_checkpoint(out / "final.safetensors")[0]
-    assert (cfg.channels, cfg.num_classes, cfg.image_size, cfg.patch_size) == (3, 2, 32, 8)
-    ckpt = str(out / "final.safetensors")
-    data = str(tmp_path / "data")
-    assert main(["eval", ckpt, "--data", data, "--keep", "1", "0.5", "--out", str(out)]) == 0
-    assert "dense" in capsys.readouterr().out
+
+def ats_cfg(out: Path, **kw):
+    from dataclasses import replace
+
+    from ats_vit.budget import Budget
+
+    cfg = tiny_cfg(out, **kw)
+    cfg.model = replace(TINY, budget=Budget(**ATS_BUDGET).to_dict())
+    return cfg
+
+
+def test_training_with_a_budget_keeps_it_in_the_checkpoint(tmp_path):
+    from ats_vit.budget import Budget
+
+    final = train(ats_cfg(tmp_path), tiny_data(), progress=False)
+    model, cfg = load_model(final)
+    assert Budget.from_dict(cfg.budget) == Budget(**ATS_BUDGET)
+    assert model.max_tokens_per_depth == (16, 8, 4) and model.dropped == "merge"
+    result = evaluate(model, tiny_data(32, seed=1))
+    assert result["kept_per_layer"][-1] <= 4
+
+
+def test_resume_with_a_budget_gives_the_same_final_weights(tmp_path):
+    """The jittered sample points come from the saved RNG state, so a resumed ATS run matches."""
+    data = tiny_data()
+    reference = train(ats_cfg(tmp_path / "straight"), data, progress=False)
+    interrupted = tmp_path / "killed"
+    with pytest.raises(Crash):
+        train(ats_cfg(interrupted), CrashingData(data, limit=16 * 7 + 5), progress=False)
+    resumed = train(ats_cfg(interrupted), data, resume=True, progress=False)
+    a, b = weights(reference), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finetuning_starts_from_the_checkpoint_and_refuses_other_sizes(tmp_path, tiny_checkpoint):
+    from dataclasses import replace
+
+    cfg = ats_cfg(tmp_path / "ft")
+    cfg.init_from, cfg.epochs, cfg.lr = str(tiny_checkpoint), 1, 0.0  # lr 0: the weights stay
+    final = train(cfg, tiny_data(), progress=False)
+    start, tuned = weights(tiny_checkpoint), weights(final)
+    assert all(torch.equal(start[k], tuned[k]) for k in start)
+    other = ats_cfg(tmp_path / "other")
+    other.model, other.init_from = replace(other.model, dim=24), str(tiny_checkpoint)
+    with pytest.raises(CheckpointError, match="not a model of the sizes to train"):
+        train(other, tiny_data(), progress=False)
+
+
+@pytest.mark.parametrize("budget", [False, True], ids=["dense", "ats"])
+def test_ddp_trains_the_same_model_as_one_process(tmp_path, budget):
+    """2 processes with batch B end with the weights of 1 process with batch 2B over the same
+    sample order (ATS with the sample points not jittered)."""
+    make = "ats_cfg" if budget else "tiny_cfg"
+    script = tmp_path / "ddp_same.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from helpers import tiny_cfg, tiny_data
+        from test_train import ats_cfg
+        from ats_vit.distributed import finish
+        from ats_vit.train import train
+        torch.set_num_threads(1)
+        cfg = {make}(__import__("pathlib").Path(sys.argv[1]), jitter=False)
+        cfg.batch_size = int(sys.argv[2])
+        train(cfg, tiny_data(), progress=False)
+        finish()
+    """)
+    )
+    torchrun(script, 29521 + budget, str(tmp_path / "two"), "8")
+    one = (ats_cfg if budget else tiny_cfg)(tmp_path / "one", jitter=False)
+    one.batch_size = 16
+    train(one, tiny_data(), progress=False)
+    a, b = weights(tmp_path / "one" / "final.safetensors"), weights(tmp_path / "two" / "final.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)

@@ -61,6 +61,6 @@ def test_grid_without_sampling_is_an_error(tmp_path):
 
 
 def test_accuracy_plot_is_written(tmp_path):
-    rows = [dict(keep=1.0, gflops=1.0, accuracy=0.97), dict(keep=0.5, gflops=0.6, accuracy=0.96)]
+    rows = [dict(label="dense", gflops=1.0, accuracy=0.97), dict(label="keep 0.5", gflops=0.6, accuracy=0.96)]
     path = plot_accuracy_vs_gflops(rows, tmp_path / "plot.png")
     assert path.stat().st_size > 1000

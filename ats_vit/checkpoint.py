@@ -1,0 +1,131 @@
+"""Checkpoints: safetensors files (no pickled code) that carry their model config, written
+atomically (temp file + rename), so a kill leaves the old file or the new one, never half."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ats_vit.models import ModelConfig, build_model
+
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "load_model",
+    "load_optimizer_tensors",
+    "optimizer_tensors",
+    "save_checkpoint",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or made for another configuration."""
+
+
+def _legacy_budget(raw: dict) -> dict | None:
+    """The budget of a config written before budgets (a per-layer schedule and a sampler)."""
+    from ats_vit.budget import Budget
+
+    schedule, sampler = raw.pop("max_tokens_per_depth", None), raw.pop("sampler", "inverse_transform")
+    n = (raw.get("image_size", 48) // raw.get("patch_size", 8)) ** 2
+    if schedule is None or all(cap >= n for cap in schedule):
+        return None
+    start = next(i for i, cap in enumerate(schedule) if cap < n)
+    return Budget(start, tuple(schedule[start:]), sampler=sampler).to_dict()
+
+
+def _model_config_from_json(text: str) -> ModelConfig:
+    raw = json.loads(text)
+    if "max_tokens_per_depth" in raw or "sampler" in raw:
+        raw["budget"] = _legacy_budget(raw)
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise CheckpointError(f"checkpoint model config has unknown fields {sorted(unknown)}")
+    return ModelConfig(**raw)
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    cfg: ModelConfig,
+    extra: dict[str, Tensor] | None = None,
+    meta: dict[str, str] | None = None,
+) -> None:
+    """Write weights (+ optional training state) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors.update({k: v.contiguous().cpu() for k, v in (extra or {}).items()})
+    metadata = {"format": "ats-vit/1", "model_config": json.dumps(asdict(cfg)), **(meta or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one, never half
+
+
+def load_checkpoint(
+    path: str | Path,
+) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Tensor], dict[str, str]]:
+    """(model config, model state dict, other tensors, metadata); raises CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        hint = path / "final.safetensors"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a directory, not a checkpoint file"
+            + (f" (did you mean {str(hint)!r}?)" if hint.is_file() else "")
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a readable safetensors file: {exc}") from exc
+    if meta.get("format") != "ats-vit/1" or "model_config" not in meta:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} was not written by ats-vit (metadata {sorted(meta)})"
+        )
+    cfg = _model_config_from_json(meta["model_config"])
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    other = {k: v for k, v in tensors.items() if not k.startswith("model.")}
+    return cfg, state, other, meta
+
+
+def load_model(path: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """Build the checkpoint's model (with the budget it was trained with) and load its weights."""
+    cfg, state, _, _ = load_checkpoint(path)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not fit its model config: {exc}") from exc
+    return model, cfg
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for name, value in st.items():
+            out[f"optim.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, Tensor]) -> None:
+    state_dict = opt.state_dict()
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state.setdefault(int(i), {})[name] = value
+    state_dict["state"] = state
+    opt.load_state_dict(state_dict)

@@ -1,0 +1,115 @@
+import json
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import image_folder_tree, tiny_data
+from test_train import torchrun
+
+from ats_vit.budget import Budget
+from ats_vit.checkpoint import load_model
+from ats_vit.data import BadImageError, image_folder
+from ats_vit.evaluate import evaluate, evaluate_budgets, keep_budget
+
+BUDGET = Budget(1, (6, 3), temperature=2.0, dropped="merge")
+
+
+def test_evaluate_budgets_rows_and_timing(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint)
+    budgets = [("dense", None), ("keep 0.25", keep_budget(model, 0.25, 1)), ("merge", BUDGET)]
+    rows = evaluate_budgets(model, tiny_data(48, seed=1), budgets, timing_repeats=2, timing_batch=16)
+    assert [r["label"] for r in rows] == ["dense", "keep 0.25", "merge"]
+    assert rows[0]["budget"] is None and Budget.from_dict(rows[2]["budget"]) == BUDGET
+    assert rows[0]["gflops"] > rows[1]["gflops"] and rows[0]["gflops_ratio"] == 1.0
+    assert rows[1]["kept_per_layer"][-1] <= 4 and rows[2]["kept_per_layer"][-1] <= 3
+    assert all(r["img_per_s"] > 0 and r["images"] == 48 for r in rows)
+    assert rows[0]["speedup"] == 1.0
+    # the model is left dense
+    assert model.max_tokens_per_depth == (16, 16, 16)
+    untimed = evaluate_budgets(model, tiny_data(8), budgets[:1], timing_repeats=0)
+    assert math.isnan(untimed[0]["img_per_s"])
+
+
+def test_keep_budget_is_the_papers_constant_cap(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint)
+    assert keep_budget(model, 1.0, 1) is None
+    budget = keep_budget(model, 0.5, 1, "topk")
+    assert budget == Budget(1, (8, 8), sampler="topk", method="paper")
+    with pytest.raises(ValueError, match=r"keep ratios must be in \(0, 1\]"):
+        keep_budget(model, 0.0, 1)
+    with pytest.raises(ValueError, match=r"start_layer must be in \[0, 3\)"):
+        keep_budget(model, 0.5, 3)
+
+
+def test_unreadable_images_are_named_or_skipped_and_counted(tmp_path):
+    pytest.importorskip("torchvision")
+    root = image_folder_tree(tmp_path / "data", splits=("val",))
+    bad = root / "val" / "class1" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    data = image_folder(root / "val", 32)
+    broken = next(i for i, (path, _) in enumerate(data.samples) if path.endswith("broken.png"))
+    with pytest.raises(BadImageError, match=r"broken\.png"):
+        data[broken]
+    from ats_vit import ViT
+
+    model = ViT(
+        image_size=32,
+        patch_size=8,
+        num_classes=2,
+        dim=16,
+        depth=2,
+        heads=2,
+        dim_head=8,
+        mlp_dim=32,
+        max_tokens_per_depth=(16, 16),
+    ).eval()
+    with pytest.raises(BadImageError, match=r"broken\.png"):
+        evaluate(model, image_folder(root / "val", 32))
+    result = evaluate(model, image_folder(root / "val", 32, skip_bad=True), batch_size=3)
+    assert result["images"] == 8 and result["skipped"] == 1
+
+
+def test_ddp_evaluation_equals_one_process_exactly(tmp_path, tiny_checkpoint):
+    """2 gloo processes split 51 images (unevenly) and all-reduce: the same numbers, exactly."""
+    script = tmp_path / "ddp_eval.py"
+    out = tmp_path / "ddp.json"
+    script.write_text(
+        textwrap.dedent(f"""
+        import json, sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from helpers import tiny_data
+        from test_evaluate import BUDGET
+        from ats_vit.checkpoint import load_model
+        from ats_vit.distributed import finish, init_distributed, rank_world
+        from ats_vit.evaluate import evaluate
+        torch.set_num_threads(1)
+        init_distributed()
+        model, _ = load_model({str(tiny_checkpoint)!r})
+        BUDGET.apply(model)
+        result = evaluate(model, tiny_data(51, seed=3), batch_size=8)
+        if rank_world()[0] == 0:
+            open({str(out)!r}, "w").write(json.dumps(dict(world=rank_world()[1], **result)))
+        finish()
+    """)
+    )
+    torchrun(script, 29519)
+    distributed = json.loads(out.read_text())
+    model, _ = load_model(tiny_checkpoint)
+    BUDGET.apply(model)
+    alone = evaluate(model, tiny_data(51, seed=3), batch_size=8)
+    assert distributed.pop("world") == 2
+    assert distributed == alone, "accuracy, kept tokens and GFLOPs add up exactly"
+
+
+def test_evaluate_counts_the_flops_of_every_family(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint)
+    BUDGET.apply(model.eval())
+    images = tiny_data(5).tensors[0]
+    with torch.no_grad():
+        _, _, _, trace = model.forward_features(images)
+    from ats_vit.flops import gflops
+
+    result = evaluate(model, tiny_data(5))
+    assert result["gflops"] == pytest.approx(gflops(model.cost, trace).double().mean().item(), rel=1e-6)
