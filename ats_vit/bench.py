@@ -213,8 +213,13 @@ class SpeedConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = field(default_factory=torch.get_num_threads)
+    static: bool = False  # also time ATS with static_shape=True (no host sync, padded to the cap)
+    compile: bool = False  # also time torch.compile'd dense and ATS models (timm and ours)
+    dtype: str = "float32"  # or "bfloat16": autocast, as GPU inference runs
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         for name in ("max_tokens", "repeats", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -249,6 +254,12 @@ class _Variant:
     model: nn.Module
     dense: bool
     cost: Callable[[Tensor], tuple[Tensor, Tensor]]  # images -> ((b,) GFLOPs, (b,) kept after the last layer)
+    compiled: bool = False
+    eager: str | None = None  # for a compiled variant, the name of its eager twin
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}/{self.name}"
 
 
 def _trace_cost(cost: ViTCost, trace: TokenTrace) -> tuple[Tensor, Tensor]:
@@ -302,13 +313,19 @@ def _variants(cfg: SpeedConfig, device: torch.device) -> tuple[list[_Variant], t
 
     if "timm" in cfg.families:
         # the baseline is timm's own model; a copy patched to sample nowhere counts its FLOPs
-        counter = ats_timm.apply(copy.deepcopy(dense_timm), layers=[], max_tokens=1)
+        counter = ats_timm.apply(copy.deepcopy(dense_timm), layers=[], max_tokens=1).to(device).eval()
         variants.append(_Variant("timm", "dense", dense_timm, True, timm_cost(counter)))
         for sampler in cfg.samplers:
-            patched = ats_timm.apply(
-                copy.deepcopy(dense_timm), layers=layers, max_tokens=cfg.max_tokens, sampler=sampler
-            )
-            variants.append(_Variant("timm", f"ATS {sampler}", patched, False, timm_cost(patched)))
+            for static in (False, True) if cfg.static else (False,):
+                patched = ats_timm.apply(
+                    copy.deepcopy(dense_timm),
+                    layers=layers,
+                    max_tokens=cfg.max_tokens,
+                    sampler=sampler,
+                    static_shape=static,
+                )
+                name = f"ATS {sampler}" + (" static" if static else "")
+                variants.append(_Variant("timm", name, patched, False, timm_cost(patched)))
 
     n = cost.num_patches
     image_hw = tuple(dense_timm.patch_embed.img_size)
@@ -357,18 +374,26 @@ def _variants(cfg: SpeedConfig, device: torch.device) -> tuple[list[_Variant], t
         dense_ours = ours(dense_schedule)
         variants.append(_Variant("ours", "dense", dense_ours, True, ours_cost(dense_ours)))
         for sampler in cfg.samplers:
-            model = ours(schedule, sampler)
-            variants.append(_Variant("ours", f"ATS {sampler}", model, False, ours_cost(model)))
+            for static in (False, True) if cfg.static else (False,):
+                model = ours(schedule, sampler)
+                model.set_sampling(schedule, sampler=sampler, static_shape=static)
+                name = f"ATS {sampler}" + (" static" if static else "")
+                variants.append(_Variant("ours", name, model, False, ours_cost(model)))
 
     for v in variants:
         v.model.to(device).eval()
+    if cfg.compile:
+        # compiled twins of timm's and our models; the seed is left eager
+        for v in [v for v in variants if v.family != "seed"]:
+            twin = torch.compile(v.model)
+            variants.append(replace(v, name=f"{v.name} compiled", model=twin, compiled=True, eager=v.name))
     return variants, image_hw
 
 
 SPEED_COLUMNS = (
     ("batch", "batch", "d"),
     ("family", "family", "<6"),
-    ("variant", "variant", "<26"),
+    ("variant", "variant", "<34"),
     ("gflops", "GFLOPs", ".3f"),
     ("kept", "kept", ".1f"),
     ("img_per_s", "img/s", ".2f"),
@@ -376,6 +401,7 @@ SPEED_COLUMNS = (
     ("speedup", "speed-up", ".2f"),
     ("ideal", "ideal", ".2f"),
     ("efficiency", "efficiency", ".2f"),
+    ("vs_eager", "vs eager", ".2f"),
     ("vs_seed_ats", "vs seed ATS", ".2f"),
 )
 
@@ -383,59 +409,64 @@ SPEED_COLUMNS = (
 def speed(cfg: SpeedConfig) -> list[dict]:
     """Throughput, peak activation memory, GFLOPs and efficiency of every variant and batch.
 
-    speed-up: throughput over the same family's dense model; ideal: the family's dense GFLOPs
-    over the variant's (from the tokens actually kept); efficiency = speed-up / ideal;
-    vs seed ATS: throughput over the seed's ATS model. NaN where a column does not apply.
+    speed-up: throughput over the same family's dense model, compiled over compiled; ideal:
+    that dense model's GFLOPs over the variant's (from the tokens actually kept); efficiency
+    = speed-up / ideal; vs eager: a compiled variant's throughput over its eager twin's; vs
+    seed ATS: throughput over the seed's ATS model. NaN where a column does not apply.
     """
     device = torch.device(cfg.device)
     torch.set_num_threads(cfg.threads)
     variants, image_hw = _variants(cfg, device)
     gen = torch.Generator().manual_seed(cfg.seed)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
     rows = []
     # per variant and batch: a counting pass, the timed calls, a memory pass
     calls = len(cfg.batch_sizes) * len(variants) * (cfg.warmup + cfg.repeats + 2)
     bar = progress_bar(total=calls, desc="speed", unit="forward")
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
         for b in cfg.batch_sizes:
-            bar.set_postfix(batch=b)
+            bar.set_postfix(batch=b, refresh=False)
             x = torch.randn(b, 3, *image_hw, generator=gen).to(device)
             costs = {}
             for v in variants:
                 torch.manual_seed(cfg.seed)
                 flops, kept = v.cost(x)
-                costs[v.family, v.name] = (flops.double().mean().item(), kept.double().mean().item())
+                costs[v.key] = (flops.double().mean().item(), kept.double().mean().item())
                 bar.update()
             times = time_round_robin(
-                {f"{v.family}/{v.name}": (lambda m=v.model, x=x: m(x)) for v in variants},
+                {v.key: (lambda m=v.model, x=x: m(x)) for v in variants},
                 cfg.warmup,
                 cfg.repeats,
                 device,
                 progress=bar,
                 min_seconds=cfg.min_seconds,
             )
-            dense = {v.family: v for v in variants if v.dense}
+            dense = {(v.family, v.compiled): v for v in variants if v.dense}
             seed_ats = next((v for v in variants if v.family == "seed" and not v.dense), None)
             for v in variants:
-                t = times[f"{v.family}/{v.name}"]
-                base = dense[v.family]
-                speedup = times[f"{base.family}/{base.name}"] / t
-                ideal = costs[base.family, base.name][0] / costs[v.family, v.name][0]
-                vs_seed = float("nan") if seed_ats is None else times[f"seed/{seed_ats.name}"] / t
-                peak = peak_memory(lambda m=v.model, x=x: m(x), device)
+                t = times[v.key]
+                base = dense[v.family, v.compiled]
+                speedup = times[base.key] / t
+                ideal = costs[base.key][0] / costs[v.key][0]
+                vs_seed = float("nan") if seed_ats is None else times[seed_ats.key] / t
+                vs_eager = times[f"{v.family}/{v.eager}"] / t if v.compiled else float("nan")
+                # the dispatch mode that follows CPU tensors does not see inside compiled code
+                peak = float("nan") if v.compiled else peak_memory(lambda m=v.model, x=x: m(x), device)
                 bar.update()
                 rows.append(
                     dict(
                         batch=b,
                         family=v.family,
                         variant=v.name,
-                        gflops=costs[v.family, v.name][0],
-                        kept=costs[v.family, v.name][1],
+                        gflops=costs[v.key][0],
+                        kept=costs[v.key][1],
                         img_per_s=b / t,
                         ms_per_batch=1e3 * t,
                         peak_mib=peak / 2**20,
                         speedup=speedup,
                         ideal=ideal,
                         efficiency=speedup / ideal,
+                        vs_eager=vs_eager,
                         vs_seed_ats=vs_seed,
                     )
                 )

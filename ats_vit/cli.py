@@ -380,6 +380,9 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         threads=args.threads or torch.get_num_threads(),
+        static=args.static,
+        compile=args.compile,
+        dtype=args.dtype,
     )
     print(f"config: {json.dumps(asdict(cfg))}\nmachine: {json.dumps(machine(cfg.device))}")
     rows = speed(cfg)
@@ -571,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     sp.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
+    sp.add_argument("--static", action="store_true", help="also ATS with static_shape=True (no host sync)")
+    sp.add_argument("--compile", action="store_true", help="also torch.compile'd timm and our models")
+    sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")
     sp.add_argument("--json", help="also write config, machine and rows here")
     sp.set_defaults(fn=cmd_bench_speed)
 

@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 
-TIMED = ("img_per_s", "speedup", "efficiency", "vs_seed_ats")
+TIMED = ("img_per_s", "speedup", "efficiency", "vs_eager", "vs_seed_ats")
 
 
 def cell(values: list[float], spec: str) -> str:
@@ -39,14 +39,16 @@ def main() -> None:
     first = records[0]
     print(f"{len(records)} runs; machine: {first['machine']}\n")
     columns = ["batch", "model", "variant", "GFLOPs", "kept", "peak MiB", "img/s", "speed-up", "ideal"]
-    columns += ["efficiency", "vs seed ATS"]
+    columns += ["efficiency", "vs eager", "vs seed ATS"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for i, row in enumerate(first["rows"]):
         timed = {key: [r["rows"][i][key] for r in records] for key in TIMED}
         cells = [row["batch"], row["family"], row["variant"], f"{row['gflops']:.3f}", f"{row['kept']:.1f}"]
-        cells += [f"{row['peak_mib']:.1f}", cell(timed["img_per_s"], ".1f"), cell(timed["speedup"], ".2f")]
-        cells += [f"{row['ideal']:.2f}", cell(timed["efficiency"], ".2f"), cell(timed["vs_seed_ats"], ".2f")]
+        peak = "n/a" if math.isnan(row["peak_mib"]) else f"{row['peak_mib']:.1f}"
+        cells += [peak, cell(timed["img_per_s"], ".1f"), cell(timed["speedup"], ".2f")]
+        cells += [f"{row['ideal']:.2f}", cell(timed["efficiency"], ".2f"), cell(timed["vs_eager"], ".2f")]
+        cells += [cell(timed["vs_seed_ats"], ".2f")]
         print("| " + " | ".join(map(str, cells)) + " |")
 
 
