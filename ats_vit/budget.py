@@ -496,38 +496,16 @@ class Calibration:
 
 
 def calibrate(
-    model: nn.Module,
-    images: Tensor,
-    target: float,
-    labels: Tensor | None = None,
-    *,
-    method: str = RECOMMENDED,
-    start_layers: Iterable[int] | None = None,
-    batch_size: int = 256,
-    tolerance: float = 0.005,
-    steps: int = 10,
-    progress: bool = True,
+    model: nn.Module, images: Tensor, target: float, labels: Tensor | None = None, **options
 ) -> Budget:
-    """The budget of ``method`` that costs ``target`` (GFLOPs as a fraction of dense) on
-    ``images`` with the best accuracy there (``labels``), or the best agreement with the dense
-    model's own top-1 when no labels are given.
+    """The budget that costs ``target`` (GFLOPs as a fraction of dense) on ``images`` with the
+    best accuracy there (``labels``), or the best agreement with the dense model's own top-1
+    when no labels are given; the model is left configured with it.
 
     images: (N, C, H, W) calibration images (not the ones you report on); labels: (N,) or None.
-    ``start_layers`` limits the layers where selection may start (default: all). For each
-    start layer (and cap decay) the method's knob is bisected (``steps`` times at most, or
-    until the cost is within ``tolerance`` of the target). The model is left configured with
-    the returned budget. Raises :class:`BudgetError` naming the reachable range when
-    ``target`` is out of it.
+    ``options`` are :class:`Calibration`'s: ``method`` (default :data:`RECOMMENDED`),
+    ``start_layers`` (where selection may start; default all), ``batch_size``, ``tolerance``
+    and ``steps`` (of the bisection of each knob), ``progress``. Raises :class:`BudgetError`
+    naming the reachable range when ``target`` is out of it.
     """
-    search = Calibration(
-        model,
-        images,
-        labels,
-        method=method,
-        start_layers=start_layers,
-        batch_size=batch_size,
-        tolerance=tolerance,
-        steps=steps,
-        progress=progress,
-    )
-    return search(target)
+    return Calibration(model, images, labels, **options)(target)

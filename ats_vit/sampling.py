@@ -164,7 +164,9 @@ def inverse_transform_sample(
     else:
         offset = torch.full((b, k), 0.5, device=scores.device, dtype=cdf.dtype)
     points = (steps + offset) / k
-    return torch.searchsorted(cdf, points.contiguous()).clamp_max_(n - 1)
+    # the first index whose CDF reaches a point is the number of CDF entries below it (the
+    # CDF is non-decreasing): searchsorted's answer, in ops that ONNX also has
+    return (cdf.unsqueeze(1) < points.unsqueeze(2)).sum(dim=-1).clamp_max_(n - 1)
 
 
 def gumbel_sample(
@@ -240,10 +242,11 @@ def bipartite_match(metric: Tensor, keep_count: int, valid: Tensor | None = None
     best, match = sim.max(dim=-1)  # (b, |A|)
     valid_a = valid[:, ::2] & torch.isfinite(best)  # an A token with no valid partner stays
     best = best.masked_fill(~valid_a, float("-inf"))
-    order = best.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
-    )
+    # each A token's place when sorted by best match, closest first, ties by position: a stable
+    # sort's ranks by counting (no sort op, which ONNX lacks in a stable form)
+    above = best[:, None, :] > best[:, :, None]  # (b, i, j): j's match is closer than i's
+    before = (best[:, None, :] == best[:, :, None]) & torch.ones_like(above[0]).tril(-1)
+    rank = (above | before).sum(dim=-1)
     merges = (valid.sum(dim=-1, keepdim=True) - keep_count).clamp_min(0)  # (b, 1)
     merged = (rank < merges) & valid_a
     keep = valid.clone()
@@ -301,8 +304,12 @@ def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> Token
     if size is None:
         # one sync answers "how wide", "is any row padded" and "how many real tokens"
         smallest, size, total = torch.stack((counts.min(), counts.max(), counts.sum())).tolist()
-    # a stable argsort on "dropped" puts kept tokens first, in their original order
-    order = torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True)[:, :size]
+    # kept tokens first, then dropped ones, each in original order (what a stable argsort on
+    # "dropped" gives, without a sort: ONNX has no stable sort, and two cumsums are cheaper)
+    n = keep.shape[1]
+    slot = torch.where(keep, keep.cumsum(-1) - 1, counts[:, None] + (~keep).cumsum(-1) - 1)
+    order = torch.empty_like(slot).scatter_(1, slot, torch.arange(n, device=keep.device).expand(b, n))
+    order = order[:, :size]
     prefix = torch.arange(num_prefix, device=keep.device).expand(b, num_prefix)
     index = torch.cat((prefix, order + num_prefix), dim=1)
     if total is not None and smallest == size:
@@ -310,8 +317,7 @@ def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> Token
     mask = torch.arange(num_prefix + size, device=keep.device) < (counts + num_prefix)[:, None]
     rows = None
     if total is not None and (b * size - total) >= PACK_MIN_PADDING * b * (num_prefix + size):
-        flat_dropped = (~mask).flatten().to(torch.uint8)
-        rows = torch.argsort(flat_dropped, stable=True)[: total + b * num_prefix]
+        rows = mask.flatten().nonzero().squeeze(1)
     return TokenSelection(index, Padding(mask, rows))
 
 
@@ -445,7 +451,8 @@ class AdaptiveTokenSampling(nn.Module):
             keep = keep_mask(picks, n - p)
             if valid is not None:
                 # images with few enough valid candidates keep them all, as they would alone
-                keep = torch.where(valid.sum(-1, keepdim=True) <= cap, valid, keep)
+                few = valid.sum(-1, keepdim=True) <= cap
+                keep = (few & valid) | (~few & keep)
         dropped = ~keep if valid is None else valid & ~keep
         if self.dropped == "fuse":
             # the fused token takes the slot of the most significant dropped token
@@ -489,11 +496,10 @@ class AdaptiveTokenSampling(nn.Module):
         joins = dropped & ~keep if self.dropped != "fuse" else dropped
         dest = torch.where(keep & ~joins, slot, torch.where(joins, target, m))
         dest = torch.cat((torch.arange(p, device=dest.device).expand(b, p), dest), dim=1)  # (b, n)
-        ones = torch.ones(dest.shape, device=dest.device)
-        weight = ones if size is None else size.float()
+        patches = torch.ones(dest.shape, device=dest.device) if size is None else size.float()
+        weight = patches  # merging averages by size, as ToMe does
         if self.dropped == "fuse":
             # significance-weighted, as EViT weights by attention; kept tokens are alone in their slot
-            weight = torch.cat((ones[:, :p], torch.where(dropped, scores, 1.0)), dim=1)
-        patches = ones if size is None else size.float()
+            weight = torch.cat((torch.ones_like(patches[:, :p]), torch.where(dropped, scores, 1.0)), dim=1)
         size_out = patches.new_zeros(b, m + 1).scatter_add_(1, dest, patches)[:, :m]
         return selection._replace(merge=merge_plan(dest, weight, m), size=size_out)

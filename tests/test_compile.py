@@ -1,0 +1,115 @@
+"""torch.compile, torch.export and ONNX: static shapes capture whole, adaptive shapes break
+the graph at the one host sync per sampling layer, and every path computes what eager does.
+
+Tracing takes tens of seconds per model on a 2-core CPU, so the default suite checks the
+paper's rule; every rule, timm models and inductor's code generation run in the slow suite
+(``pytest -m slow``)."""
+
+import copy
+
+import pytest
+import torch
+
+from ats_vit import ViT
+
+SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=4, heads=2, dim_head=16, mlp_dim=64)
+SCHEDULE = (16, 8, 6, 6)
+RULES = [dict(), dict(dropped="merge", temperature=2.0), dict(dropped="fuse"), dict(sampler="tome")]
+IDS = ["paper", "merge", "fuse", "tome"]
+
+
+def peaky_vit(**kw) -> ViT:
+    torch.manual_seed(0)
+    model = ViT(**SMALL, max_tokens_per_depth=SCHEDULE, **kw).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight[: block.attn.inner_dim] *= 6.0
+    return model
+
+
+def images(b: int = 3) -> torch.Tensor:
+    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def graph_breaks(model, x) -> int:
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return torch._dynamo.explain(model)(x).graph_break_count
+
+
+def each_rule(fast: int = 1):
+    """The rules, the first ``fast`` of them in the default suite and the rest marked slow."""
+    return [
+        pytest.param(rule, id=name, marks=() if i < fast else pytest.mark.slow)
+        for i, (rule, name) in enumerate(zip(RULES, IDS, strict=True))
+    ]
+
+
+@pytest.mark.parametrize("rule", each_rule())
+def test_static_shapes_compile_without_graph_breaks_and_export(rule):
+    model, x = peaky_vit(static_shape=True, **rule), images()
+    assert graph_breaks(model, x) == 0
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), eager)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), eager)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", RULES[:2], ids=IDS[:2])
+def test_patched_timm_with_static_shapes_compiles_without_graph_breaks(rule):
+    timm = pytest.importorskip("timm")
+    import ats_vit.timm as ats_timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10).eval()
+    ats_timm.apply(model, layers=[1, 2, 3], max_tokens=[8, 6, 6], static_shape=True, **rule)
+    x = images()
+    assert graph_breaks(model, x) == 0
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), eager)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), eager)
+
+
+def test_adaptive_shapes_break_the_graph_at_the_sync():
+    """Each sampling layer's host sync (sizing the padded output) breaks the graph."""
+    assert graph_breaks(peaky_vit(), images()) > 0
+
+
+@pytest.mark.slow
+def test_adaptive_shapes_compile_to_what_eager_computes():
+    model, x = peaky_vit(), images()
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), eager)
+
+
+@pytest.mark.parametrize("rule", each_rule())
+def test_static_shapes_export_to_onnx_and_run_in_onnxruntime(rule, tmp_path):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    model, x = peaky_vit(static_shape=True, **rule), images()
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    program.save(str(tmp_path / "model.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"))
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("static_shape", [True, False], ids=["static", "adaptive"])
+def test_inductor_compiled_model_equals_eager(static_shape):
+    model, x = peaky_vit(static_shape=static_shape, dropped="merge"), images()
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(model))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
