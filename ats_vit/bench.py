@@ -25,11 +25,12 @@ from torch.utils._pytree import tree_leaves
 
 from ats_vit._progress import bar as progress_bar
 from ats_vit.flops import TokenTrace, ViTCost, gflops
-from ats_vit.sampling import SAMPLERS
+from ats_vit.sampling import DROPPED, SAMPLERS
 
 __all__ = [
     "FrontierConfig",
     "SpeedConfig",
+    "TrainSpeedConfig",
     "binomial_ci95",
     "frontier",
     "machine",
@@ -37,6 +38,7 @@ __all__ = [
     "print_table",
     "speed",
     "time_round_robin",
+    "train_speed",
     "write_json",
 ]
 
@@ -205,6 +207,7 @@ class SpeedConfig:
     start_layer: int = 3
     max_tokens: int = 108
     samplers: tuple[str, ...] = ("inverse_transform", "gumbel")
+    dropped: tuple[str, ...] = ("discard",)  # each sampler with each (ToMe always merges)
     families: tuple[str, ...] = FAMILIES
     batch_sizes: tuple[int, ...] = (1, 16, 64)
     warmup: int = 1
@@ -240,6 +243,7 @@ class SpeedConfig:
             raise ValueError(f"device={self.device!r} but no CUDA device is available; use 'cpu'")
         for name, values, accepted in (
             ("samplers", self.samplers, SAMPLERS),
+            ("dropped", self.dropped, DROPPED),
             ("families", self.families, FAMILIES),
         ):
             bad = [v for v in values if v not in accepted]
@@ -260,6 +264,18 @@ class _Variant:
     @property
     def key(self) -> str:
         return f"{self.family}/{self.name}"
+
+
+def _rules(cfg: SpeedConfig) -> list[tuple[str, dict]]:
+    """(name, AdaptiveTokenSampling options) of every ATS variant to time."""
+    rules = []
+    for sampler in cfg.samplers:
+        for dropped in ("merge",) if sampler == "tome" else cfg.dropped:
+            for static in (False, True) if cfg.static else (False,):
+                suffix = "" if dropped == "discard" or sampler == "tome" else f" {dropped}"
+                name = f"ATS {sampler}{suffix}" + (" static" if static else "")
+                rules.append((name, dict(sampler=sampler, dropped=dropped, static_shape=static)))
+    return rules
 
 
 def _trace_cost(cost: ViTCost, trace: TokenTrace) -> tuple[Tensor, Tensor]:
@@ -315,17 +331,11 @@ def _variants(cfg: SpeedConfig, device: torch.device) -> tuple[list[_Variant], t
         # the baseline is timm's own model; a copy patched to sample nowhere counts its FLOPs
         counter = ats_timm.apply(copy.deepcopy(dense_timm), layers=[], max_tokens=1).to(device).eval()
         variants.append(_Variant("timm", "dense", dense_timm, True, timm_cost(counter)))
-        for sampler in cfg.samplers:
-            for static in (False, True) if cfg.static else (False,):
-                patched = ats_timm.apply(
-                    copy.deepcopy(dense_timm),
-                    layers=layers,
-                    max_tokens=cfg.max_tokens,
-                    sampler=sampler,
-                    static_shape=static,
-                )
-                name = f"ATS {sampler}" + (" static" if static else "")
-                variants.append(_Variant("timm", name, patched, False, timm_cost(patched)))
+        for name, rule in _rules(cfg):
+            patched = ats_timm.apply(
+                copy.deepcopy(dense_timm), layers=layers, max_tokens=cfg.max_tokens, **rule
+            )
+            variants.append(_Variant("timm", name, patched, False, timm_cost(patched)))
 
     n = cost.num_patches
     image_hw = tuple(dense_timm.patch_embed.img_size)
@@ -364,8 +374,8 @@ def _variants(cfg: SpeedConfig, device: torch.device) -> tuple[list[_Variant], t
 
     if "ours" in cfg.families:
 
-        def ours(sched: tuple[int, ...], sampler: str = "inverse_transform") -> ViT:
-            model = ViT(max_tokens_per_depth=sched, sampler=sampler, **sizes)
+        def ours(sched: tuple[int, ...]) -> ViT:
+            model = ViT(max_tokens_per_depth=sched, **sizes)
             return model if weights is None else load_vit_pytorch_state_dict(model, weights)
 
         def ours_cost(model: ViT) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
@@ -373,12 +383,9 @@ def _variants(cfg: SpeedConfig, device: torch.device) -> tuple[list[_Variant], t
 
         dense_ours = ours(dense_schedule)
         variants.append(_Variant("ours", "dense", dense_ours, True, ours_cost(dense_ours)))
-        for sampler in cfg.samplers:
-            for static in (False, True) if cfg.static else (False,):
-                model = ours(schedule, sampler)
-                model.set_sampling(schedule, sampler=sampler, static_shape=static)
-                name = f"ATS {sampler}" + (" static" if static else "")
-                variants.append(_Variant("ours", name, model, False, ours_cost(model)))
+        for name, rule in _rules(cfg):
+            model = ours(schedule).set_sampling(schedule, **rule)
+            variants.append(_Variant("ours", name, model, False, ours_cost(model)))
 
     for v in variants:
         v.model.to(device).eval()
@@ -550,6 +557,9 @@ def frontier(cfg: FrontierConfig) -> list[dict]:
     from ats_vit.data import load_split, take
 
     rows = []
+    bar = progress_bar(
+        total=len(cfg.checkpoints) * len(cfg.methods) * len(cfg.targets), desc="frontier", unit="budget"
+    )
     for checkpoint in cfg.checkpoints:
         name = Path(checkpoint).parent.name or str(checkpoint)
         model, model_cfg = load_model(checkpoint)
@@ -583,6 +593,8 @@ def frontier(cfg: FrontierConfig) -> list[dict]:
         for method in cfg.methods:
             for target in cfg.targets:
                 torch.manual_seed(cfg.seed)  # the random peers draw at eval too
+                bar.set_postfix(checkpoint=name, method=method, target=target, refresh=False)
+                bar.update()
                 try:
                     budget = search(target, method)
                 except BudgetError:
@@ -608,7 +620,92 @@ def frontier(cfg: FrontierConfig) -> list[dict]:
                         test_images=len(test_y),
                     )
                 )
+    bar.close()
     for r in rows:
         r["accuracy_pct"], r["ci95_pct"] = 100 * r["accuracy"], 100 * r["ci95"]
         r["calib_score_pct"] = 100 * r["calib_score"]
+    return rows
+
+
+# ---------------------------------------------------------------- training speed
+
+
+@dataclass
+class TrainSpeedConfig:
+    """Training steps (forward, backward, AdamW) per second of a checkpoint's model, dense and
+    with each budget active, timed interleaved on one batch of the demo data."""
+
+    checkpoint: str
+    budgets: tuple[str, ...]  # budget files
+    batch_size: int = 64
+    warmup: int = 2
+    repeats: int = 10
+    min_seconds: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.budgets:
+            raise ValueError("budgets must name at least one budget file")
+        if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError(
+                f"batch_size and repeats must be >= 1 and warmup >= 0, got {self.batch_size}, "
+                f"{self.repeats}, {self.warmup}"
+            )
+
+
+TRAIN_SPEED_COLUMNS = (
+    ("variant", "variant", "<28"),
+    ("gflops_ratio", "GFLOPs (fwd)", ".3f"),
+    ("steps_per_s", "steps/s", ".2f"),
+    ("speedup", "speed-up", ".2f"),
+    ("ideal", "ideal", ".2f"),
+    ("efficiency", "efficiency", ".2f"),
+)
+
+
+def train_speed(cfg: TrainSpeedConfig) -> list[dict]:
+    """steps/s of each variant; speed-up over dense measured in the same run, ideal = dense
+    forward GFLOPs / the variant's (training costs about three forward passes in both)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from ats_vit.budget import Budget, measure
+    from ats_vit.checkpoint import load_model
+    from ats_vit.data import load_split, take
+
+    base, model_cfg = load_model(cfg.checkpoint)
+    images, labels = take(load_split("demo", "train", model_cfg.image_size), cfg.batch_size, cfg.seed)
+    variants = {"dense": None, **{Path(p).stem: Budget.load(p) for p in cfg.budgets}}
+    models, steps, costs = {}, {}, {}
+    for name, budget in variants.items():
+        model = copy.deepcopy(base)
+        _, cost = measure(model, images, budget)  # configures the model with the budget too
+        costs[name] = cost.double().mean().item()
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step(model=model, opt=opt) -> None:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(images), labels).backward()
+            opt.step()
+
+        models[name], steps[name] = model, step
+    torch.manual_seed(cfg.seed)
+    bar = progress_bar(total=len(steps) * (cfg.warmup + cfg.repeats), desc="train speed", unit="step")
+    times = time_round_robin(steps, cfg.warmup, cfg.repeats, progress=bar, min_seconds=cfg.min_seconds)
+    bar.close()
+    rows = []
+    for name in variants:
+        speedup, ideal = times["dense"] / times[name], costs["dense"] / costs[name]
+        rows.append(
+            dict(
+                variant=name,
+                gflops_ratio=costs[name] / costs["dense"],
+                steps_per_s=1 / times[name],
+                speedup=speedup,
+                ideal=ideal,
+                efficiency=speedup / ideal,
+            )
+        )
     return rows

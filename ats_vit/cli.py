@@ -13,7 +13,7 @@ from pathlib import Path
 from ats_vit import __version__
 from ats_vit.bench import FAMILIES
 from ats_vit.budget import METHODS, RECOMMENDED
-from ats_vit.sampling import SAMPLERS
+from ats_vit.sampling import DROPPED, SAMPLERS
 
 # ---------------------------------------------------------------- argument types
 
@@ -319,7 +319,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     finish()
     if not is_lead():
         return 0
-    print(f"{loaded.name} on {rows[0]['images']} images, no fine-tuning:")
+    trained = "" if cfg is None or cfg.budget is None else " (trained with a budget)"
+    print(f"{loaded.name}{trained} on {rows[0]['images']} images:")
     _print_eval(rows)
     if rows[0]["skipped"]:
         print(f"skipped {rows[0]['skipped']} unreadable images (--skip-bad-images)")
@@ -331,7 +332,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     (out / "eval.json").write_text(json.dumps(record, indent=2))
     from ats_vit.viz import plot_accuracy_vs_gflops
 
-    plot_accuracy_vs_gflops(rows, out / "accuracy_vs_gflops.png", title=f"{loaded.name}: no fine-tuning")
+    plot_accuracy_vs_gflops(rows, out / "accuracy_vs_gflops.png", title=f"{loaded.name}{trained}")
     print(f"wrote {out / 'eval.json'} and {out / 'accuracy_vs_gflops.png'}")
     return 0
 
@@ -372,6 +373,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         start_layer=args.start_layer,
         max_tokens=args.max_tokens,
         samplers=tuple(args.samplers),
+        dropped=tuple(args.dropped),
         families=tuple(args.families),
         batch_sizes=tuple(args.batch_sizes),
         warmup=args.warmup,
@@ -411,6 +413,30 @@ def cmd_bench_frontier(args: argparse.Namespace) -> int:
     write_json(args.json, cfg, rows)
     if args.plot:
         print(f"wrote {plot_frontier(rows, args.plot)}")
+    return 0
+
+
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from ats_vit.bench import (
+        TRAIN_SPEED_COLUMNS,
+        TrainSpeedConfig,
+        machine,
+        print_table,
+        train_speed,
+        write_json,
+    )
+
+    cfg = TrainSpeedConfig(
+        checkpoint=args.checkpoint,
+        budgets=tuple(args.budget),
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        min_seconds=args.min_seconds,
+    )
+    print(f"config: {json.dumps(asdict(cfg))}\nmachine: {json.dumps(machine())}")
+    rows = train_speed(cfg)
+    print_table(rows, TRAIN_SPEED_COLUMNS)
+    write_json(args.json, cfg, rows)
     return 0
 
 
@@ -564,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--start-layer", type=int, default=3, help="first layer that samples (0-based)")
     sp.add_argument("--max-tokens", type=_positive_int, default=108, help="patch tokens kept per layer")
     sp.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=["inverse_transform", "gumbel"])
+    sp.add_argument("--dropped", nargs="+", choices=DROPPED, default=["discard"], help="with each sampler")
     sp.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     sp.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 16, 64])
     sp.add_argument("--warmup", type=int, default=1, help="untimed calls per variant")
@@ -597,6 +624,19 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--json", help="also write config, machine and rows here")
     fr.add_argument("--plot", default="runs/bench/frontier.png", help="accuracy-vs-GFLOPs PNG ('' for none)")
     fr.set_defaults(fn=cmd_bench_frontier)
+
+    tr = kinds.add_parser(
+        "train",
+        help="training steps per second: dense against budgets, on a demo checkpoint",
+        formatter_class=_Formatter,
+    )
+    tr.add_argument("checkpoint", help="a checkpoint of `ats-vit train` on the demo data")
+    tr.add_argument("--budget", nargs="+", required=True, metavar="FILE", help="budget files to train with")
+    tr.add_argument("--batch-size", type=_positive_int, default=64)
+    tr.add_argument("--repeats", type=_positive_int, default=10, help="timed steps per variant, at least")
+    tr.add_argument("--min-seconds", type=float, default=5.0, help="repeat until each variant ran this long")
+    tr.add_argument("--json", help="also write config, machine and rows here")
+    tr.set_defaults(fn=cmd_bench_train)
     return parser
 
 

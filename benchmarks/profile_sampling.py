@@ -39,16 +39,15 @@ ROLES = {
         "aten::linalg_vector_norm",
         "aten::einsum",
         "aten::cumsum",
-        "aten::searchsorted",
+        "aten::lt",
+        "aten::sum",
         "aten::scatter",
-        "aten::sort",
-        "aten::argsort",
         "aten::topk",
         "aten::softmax",
         "aten::_softmax",
         "aten::gather",
     ),
-    "packing": ("aten::index_select", "aten::index_copy", "aten::new_zeros"),
+    "packing": ("aten::index_select", "aten::index_copy", "aten::new_zeros", "aten::nonzero"),
 }
 
 

@@ -9,11 +9,13 @@ import torch
 from ats_vit.bench import (
     FrontierConfig,
     SpeedConfig,
+    TrainSpeedConfig,
     binomial_ci95,
     frontier,
     peak_memory,
     speed,
     time_round_robin,
+    train_speed,
 )
 from ats_vit.budget import Budget
 from ats_vit.cli import main
@@ -132,7 +134,7 @@ def tiny_splits(monkeypatch):
 
     import ats_vit.data
 
-    splits = {"calib": tiny_data(64, seed=1), "test": tiny_data(80, seed=2)}
+    splits = {"train": tiny_data(96), "calib": tiny_data(64, seed=1), "test": tiny_data(80, seed=2)}
     monkeypatch.setattr(ats_vit.data, "load_split", lambda spec, split, size, **kw: splits[split])
     return splits
 
@@ -186,3 +188,16 @@ def test_cli_bench_speed_prints_the_table_and_reports_bad_values(tmp_path, capsy
     assert len(json.loads((tmp_path / "speed.json").read_text())["rows"]) == 3
     assert main([*argv[:-2], "--start-layer", "40"]) == 2
     assert "start_layer must be in [0, 12)" in capsys.readouterr().err
+
+
+def test_train_speed_times_dense_and_each_budget_in_one_run(tiny_checkpoint, tiny_splits, tmp_path):
+    budget = Budget(1, (8, 4), dropped="merge").save(tmp_path / "merge.json")
+    cfg = TrainSpeedConfig(str(tiny_checkpoint), (str(budget),), batch_size=16, warmup=1, repeats=2)
+    cfg.min_seconds = 0.0
+    rows = train_speed(cfg)
+    assert [r["variant"] for r in rows] == ["dense", "merge"]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["gflops_ratio"] == 1.0
+    assert 0 < rows[1]["gflops_ratio"] < 1 and rows[1]["steps_per_s"] > 0
+    assert rows[1]["efficiency"] == pytest.approx(rows[1]["speedup"] / rows[1]["ideal"])
+    with pytest.raises(ValueError, match="at least one budget file"):
+        TrainSpeedConfig(str(tiny_checkpoint), ())
