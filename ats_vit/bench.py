@@ -390,12 +390,21 @@ def _variants(cfg: SpeedConfig, device: torch.device) -> tuple[list[_Variant], t
     for v in variants:
         v.model.to(device).eval()
     if cfg.compile:
-        # compiled twins of timm's and our models; the seed is left eager
+        # compiled twins of timm's and our models; the seed is left eager. One static graph per
+        # batch size, as a server with a fixed batch compiles (dynamic batch shapes hit an
+        # inductor assertion on CUDA with torch 2.11)
+        # The adaptive path breaks the graph at each sampling layer's sync, and the code after
+        # a break is compiled once per block (its guards see the block): allow that, or the
+        # blocks past the limit (8) run eagerly
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
         for v in [v for v in variants if v.family != "seed"]:
-            twin = torch.compile(v.model)
+            twin = torch.compile(v.model, dynamic=False)
             variants.append(replace(v, name=f"{v.name} compiled", model=twin, compiled=True, eager=v.name))
     return variants, image_hw
 
+
+# torch._dynamo's recompile limit for compiled adaptive models: several frames per block
+RECOMPILE_LIMIT = 64
 
 SPEED_COLUMNS = (
     ("batch", "batch", "d"),
