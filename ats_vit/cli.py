@@ -361,10 +361,21 @@ def cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(run, cfg, columns, json_path: str | None, device: str = "cpu") -> list[dict]:
+    """Print the config and machine, run the benchmark, print its table and write its JSON."""
+    from ats_vit.bench import machine, print_table, write_json
+
+    print(f"config: {json.dumps(asdict(cfg))}\nmachine: {json.dumps(machine(device))}")
+    rows = run(cfg)
+    print_table(rows, columns)
+    write_json(json_path, cfg, rows, device)
+    return rows
+
+
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     import torch
 
-    from ats_vit.bench import SPEED_COLUMNS, SpeedConfig, machine, print_table, speed, write_json
+    from ats_vit.bench import SPEED_COLUMNS, SpeedConfig, speed
 
     cfg = SpeedConfig(
         model=args.model,
@@ -386,15 +397,12 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         compile=args.compile,
         dtype=args.dtype,
     )
-    print(f"config: {json.dumps(asdict(cfg))}\nmachine: {json.dumps(machine(cfg.device))}")
-    rows = speed(cfg)
-    print_table(rows, SPEED_COLUMNS)
-    write_json(args.json, cfg, rows, cfg.device)
+    _run_bench(speed, cfg, SPEED_COLUMNS, args.json, cfg.device)
     return 0
 
 
 def cmd_bench_frontier(args: argparse.Namespace) -> int:
-    from ats_vit.bench import FRONTIER_COLUMNS, FrontierConfig, frontier, machine, print_table, write_json
+    from ats_vit.bench import FRONTIER_COLUMNS, FrontierConfig, frontier
     from ats_vit.viz import plot_frontier
 
     cfg = FrontierConfig(
@@ -406,11 +414,8 @@ def cmd_bench_frontier(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    print(f"config: {json.dumps(asdict(cfg))}\nmachine: {json.dumps(machine())}")
-    rows = frontier(cfg)
-    print_table(rows, FRONTIER_COLUMNS)
+    rows = _run_bench(frontier, cfg, FRONTIER_COLUMNS, args.json)
     print("±: 95% interval from the test-split size; settings were chosen on the calibration split")
-    write_json(args.json, cfg, rows)
     if args.plot:
         print(f"wrote {plot_frontier(rows, args.plot)}")
     return 0
@@ -420,10 +425,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     from ats_vit.bench import (
         TRAIN_SPEED_COLUMNS,
         TrainSpeedConfig,
-        machine,
-        print_table,
         train_speed,
-        write_json,
     )
 
     cfg = TrainSpeedConfig(
@@ -433,10 +435,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         min_seconds=args.min_seconds,
     )
-    print(f"config: {json.dumps(asdict(cfg))}\nmachine: {json.dumps(machine())}")
-    rows = train_speed(cfg)
-    print_table(rows, TRAIN_SPEED_COLUMNS)
-    write_json(args.json, cfg, rows)
+    _run_bench(train_speed, cfg, TRAIN_SPEED_COLUMNS, args.json)
     return 0
 
 

@@ -2,8 +2,8 @@
 the graph at the one host sync per sampling layer, and every path computes what eager does.
 
 Tracing takes tens of seconds per model on a 2-core CPU, so the default suite checks the
-paper's rule; every rule, timm models and inductor's code generation run in the slow suite
-(``pytest -m slow``)."""
+paper's rule (ours and patched timm); the other rules and inductor's code generation run in
+the slow suite (``pytest -m slow``)."""
 
 import copy
 
@@ -37,6 +37,18 @@ def graph_breaks(model, x) -> int:
         return torch._dynamo.explain(model)(x).graph_break_count
 
 
+def assert_captured_whole(model, x) -> None:
+    """No graph break, and compiled (aot_eager) and exported outputs equal eager."""
+    assert graph_breaks(model, x) == 0
+    with torch.no_grad():
+        eager = model(x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), eager)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), eager)
+
+
 def each_rule(fast: int = 1):
     """The rules, the first ``fast`` of them in the default suite and the rest marked slow."""
     return [
@@ -47,19 +59,10 @@ def each_rule(fast: int = 1):
 
 @pytest.mark.parametrize("rule", each_rule())
 def test_static_shapes_compile_without_graph_breaks_and_export(rule):
-    model, x = peaky_vit(static_shape=True, **rule), images()
-    assert graph_breaks(model, x) == 0
-    with torch.no_grad():
-        eager = model(x)
-        torch._dynamo.reset()
-        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), eager)
-    exported = torch.export.export(model, (x,))
-    with torch.no_grad():
-        torch.testing.assert_close(exported.module()(x), eager)
+    assert_captured_whole(peaky_vit(static_shape=True, **rule), images())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("rule", RULES[:2], ids=IDS[:2])
+@pytest.mark.parametrize("rule", each_rule()[:2])
 def test_patched_timm_with_static_shapes_compiles_without_graph_breaks(rule):
     timm = pytest.importorskip("timm")
     import ats_vit.timm as ats_timm
@@ -67,15 +70,7 @@ def test_patched_timm_with_static_shapes_compiles_without_graph_breaks(rule):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10).eval()
     ats_timm.apply(model, layers=[1, 2, 3], max_tokens=[8, 6, 6], static_shape=True, **rule)
-    x = images()
-    assert graph_breaks(model, x) == 0
-    with torch.no_grad():
-        eager = model(x)
-        torch._dynamo.reset()
-        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), eager)
-    exported = torch.export.export(model, (x,))
-    with torch.no_grad():
-        torch.testing.assert_close(exported.module()(x), eager)
+    assert_captured_whole(model, images())
 
 
 def test_adaptive_shapes_break_the_graph_at_the_sync():
