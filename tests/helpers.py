@@ -14,6 +14,17 @@ TINY = ModelConfig(
 )
 
 
+# a tiny Hugging Face ViT/DeiT config (transformers' config keyword arguments)
+HF_TINY = dict(
+    image_size=32,
+    patch_size=8,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    intermediate_size=64,
+)
+
+
 def tiny_data(n: int = 96, seed: int = 0) -> TensorDataset:
     """Three classes told apart by where a bright square sits: learnable in a few steps."""
     gen = torch.Generator().manual_seed(seed)

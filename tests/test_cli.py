@@ -174,19 +174,11 @@ def test_cli_evaluates_and_calibrates_a_timm_model_from_a_weights_file(tmp_path,
 
 def test_cli_evaluates_a_hugging_face_model_from_a_directory(tmp_path, capsys):
     pytest.importorskip("transformers")
-    from helpers import image_folder_tree
+    from helpers import HF_TINY, image_folder_tree
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=2,
-    )
+    config = ViTConfig(**HF_TINY, num_labels=2)
     ViTForImageClassification(config).save_pretrained(tmp_path / "hf")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "hf")
     data = str(image_folder_tree(tmp_path / "data", splits=("val",)))

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from helpers import HF_TINY  # noqa: E402
 from transformers import (  # noqa: E402
     DeiTConfig,
     DeiTForImageClassification,
@@ -17,14 +18,6 @@ import ats_vit.hf as ats_hf  # noqa: E402
 from ats_vit.budget import Budget, calibrate, measure  # noqa: E402
 from ats_vit.flops import gflops  # noqa: E402
 
-SIZES = dict(
-    image_size=32,
-    patch_size=8,
-    hidden_size=32,
-    num_hidden_layers=3,
-    num_attention_heads=2,
-    intermediate_size=64,
-)
 CLASSES = [
     (ViTConfig, ViTForImageClassification, 1),
     (ViTConfig, ViTModel, 1),
@@ -37,7 +30,7 @@ IDS = [cls.__name__ for _, cls, _ in CLASSES]
 
 def build(config_cls, model_cls, attn="sdpa", peaky=False, **kw):
     torch.manual_seed(0)
-    config = config_cls(**SIZES, num_labels=5, attn_implementation=attn, **kw)
+    config = config_cls(**HF_TINY, num_labels=5, attn_implementation=attn, **kw)
     model = model_cls(config).eval()
     if peaky:  # sharpen the queries: peaked CLS attention, as in trained models
         with torch.no_grad():
@@ -147,7 +140,7 @@ def test_budgets_and_calibration_work_on_hf_models():
 
 
 def test_unsupported_models_are_refused_by_name():
-    config = ViTConfig(**SIZES)
+    config = ViTConfig(**HF_TINY)
     with pytest.raises(TypeError, match=r"ats_vit\.hf supports .* got ViTForMaskedImageModeling"):
         ats_hf.apply(ViTForMaskedImageModeling(config))
     with pytest.raises(TypeError, match="got Linear"):
