@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -24,7 +25,8 @@ def positive_int(name: str, value: object) -> int:
 def pair(name: str, value: object) -> tuple[int, int]:
     """An int or an (height, width) pair of positive ints."""
     if is_int(value):
-        return positive_int(name, value), value
+        side = positive_int(name, value)
+        return side, side
     if isinstance(value, Sequence) and len(value) == 2:
         return positive_int(f"{name}[0]", value[0]), positive_int(f"{name}[1]", value[1])
     raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -38,15 +40,14 @@ def probability(name: str, value: object) -> float:
     return float(value)
 
 
-def choice(name: str, value: object, accepted: Sequence[str]) -> str:
-    if value not in accepted:
+def choice(name: str, value: Any, accepted: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in accepted:
         raise ValueError(f"{name} must be one of {tuple(accepted)}, got {value!r}")
     return value
 
 
-def schedule(value: object, depth: int) -> tuple[int, ...]:
-    """max_tokens_per_depth: one positive int per layer, non-increasing."""
-    name = "max_tokens_per_depth"
+def schedule(value: object, depth: int, name: str = "max_tokens_per_depth") -> tuple[int, ...]:
+    """One positive int per layer, non-increasing (a token cap per layer)."""
     if not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(f"{name} must be a sequence of ints (one per layer), got {value!r}")
     tokens = tuple(positive_int(f"{name}[{i}]", t) for i, t in enumerate(value))
@@ -89,3 +90,30 @@ def positive_float(name: str, value: object) -> float:
     if not (value > 0 and value < float("inf")):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
+
+
+def state_dict_mismatch(own: Mapping[str, Tensor], given: Mapping[str, Tensor], shown: int = 4) -> str | None:
+    """A short summary of how ``given`` does not fit a model whose state dict is ``own`` (counts
+    of missing, unexpected and mis-shaped keys with the first few names), or None if it fits."""
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    mismatched = [
+        f"{k} {tuple(given[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in given and tuple(given[k].shape) != tuple(own[k].shape)
+    ]
+
+    def first(names: list[str]) -> str:
+        more = f", ... {len(names) - shown} more" if len(names) > shown else ""
+        return ", ".join(names[:shown]) + more
+
+    parts = [
+        f"{len(names)} {what} ({first(names)})"
+        for what, names in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("keys of another shape (file vs model)", mismatched),
+        )
+        if names
+    ]
+    return "; ".join(parts) if parts else None

@@ -19,15 +19,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from ats_vit.sampling import (
-    AdaptiveTokenSampling,
-    Dropped,
-    Padding,
-    Sampler,
-    TokenSelection,
-    select_tokens,
-    tokenwise,
-)
+from ats_vit.options import SamplingOptions
+from ats_vit.sampling import AdaptiveTokenSampling, Padding, TokenSelection, select_tokens, tokenwise
 
 __all__ = ["SamplingAttention", "attend", "cls_attention", "key_bias", "sampled_self_attention"]
 
@@ -80,12 +73,13 @@ def attend(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
-def _project(
-    x: Tensor, projections: list[tuple[Tensor, Tensor | None, int]], padding: Padding | None, heads: int
-) -> list[Tensor]:
+Projection = tuple[Tensor, Tensor | None, int]  # (weight, bias, heads groups)
+
+
+def _project(x: Tensor, projections: list[Projection], padding: Padding | None, heads: int) -> list[Tensor]:
     """x: (b, n, c) through each (weight, bias, parts) GEMM, split into its ``parts`` of
     (b, h, n, d) each: [q], [k, v] or [q, k, v]."""
-    out = []
+    out: list[Tensor] = []
     for weight, bias, parts in projections:
         y = tokenwise(partial(F.linear, weight=weight, bias=bias), x, padding)
         out.extend(rearrange(y, "b n (t h d) -> t b h n d", t=parts, h=heads).unbind(0))
@@ -123,13 +117,16 @@ def sampled_self_attention(
     """
     bias = key_bias(padding, size)
     # (weight, bias, heads-groups) GEMMs that make q, then k and v: one fused (timm, ours) or separate
+    q_proj: list[Projection]
     if isinstance(qkv_weight, Tensor):
         inner = qkv_weight.shape[0] // 3
         w_q, w_kv = qkv_weight.split((inner, 2 * inner))
-        b_q, b_kv = (None, None) if qkv_bias is None else qkv_bias.split((inner, 2 * inner))
-        q_proj, kv_proj, all_proj = [(w_q, b_q, 1)], [(w_kv, b_kv, 2)], [(qkv_weight, qkv_bias, 3)]
+        fused_bias = qkv_bias if isinstance(qkv_bias, Tensor) else None
+        b_q, b_kv = (None, None) if fused_bias is None else fused_bias.split((inner, 2 * inner))
+        q_proj, kv_proj, all_proj = [(w_q, b_q, 1)], [(w_kv, b_kv, 2)], [(qkv_weight, fused_bias, 3)]
     else:
-        (w_q, w_k, w_v), (b_q, b_k, b_v) = qkv_weight, qkv_bias or (None, None, None)
+        biases = (None, None, None) if qkv_bias is None or isinstance(qkv_bias, Tensor) else qkv_bias
+        (w_q, w_k, w_v), (b_q, b_k, b_v) = qkv_weight, biases
         q_proj, kv_proj = [(w_q, b_q, 1)], [(w_k, b_k, 1), (w_v, b_v, 1)]
         all_proj = q_proj + kv_proj
     if ats is None or not ats.needed(x.shape[1]):
@@ -159,7 +156,8 @@ class SamplingAttention(nn.Module):
 
     With ``max_tokens=None``, or when a layer has no more than ``max_tokens`` non-prefix
     tokens, it is plain attention. Otherwise keys and values are computed for all tokens,
-    queries only for the CLS token (to score) and for the kept tokens (to produce outputs).
+    queries only for the CLS token (to score) and for the kept tokens (to produce outputs);
+    ``options`` say how tokens are selected (default: the paper's ATS).
     """
 
     def __init__(
@@ -169,12 +167,9 @@ class SamplingAttention(nn.Module):
         dim_head: int = 64,
         dropout: float = 0.0,
         max_tokens: int | None = None,
-        sampler: Sampler = "inverse_transform",
+        options: SamplingOptions | None = None,
         *,
         num_prefix_tokens: int = 1,
-        static_shape: bool = False,
-        temperature: float = 1.0,
-        dropped: Dropped | None = None,
     ) -> None:
         super().__init__()
         self.heads = heads
@@ -187,14 +182,7 @@ class SamplingAttention(nn.Module):
         self.ats = (
             None
             if max_tokens is None
-            else AdaptiveTokenSampling(
-                max_tokens,
-                sampler,
-                num_prefix_tokens=num_prefix_tokens,
-                static_shape=static_shape,
-                temperature=temperature,
-                dropped=dropped,
-            )
+            else AdaptiveTokenSampling(max_tokens, options, num_prefix_tokens=num_prefix_tokens)
         )
 
     def forward(

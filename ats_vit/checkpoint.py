@@ -27,22 +27,8 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or made for another configuration."""
 
 
-def _legacy_budget(raw: dict) -> dict | None:
-    """The budget of a config written before budgets (a per-layer schedule and a sampler)."""
-    from ats_vit.budget import Budget
-
-    schedule, sampler = raw.pop("max_tokens_per_depth", None), raw.pop("sampler", "inverse_transform")
-    n = (raw.get("image_size", 48) // raw.get("patch_size", 8)) ** 2
-    if schedule is None or all(cap >= n for cap in schedule):
-        return None
-    start = next(i for i, cap in enumerate(schedule) if cap < n)
-    return Budget(start, tuple(schedule[start:]), sampler=sampler).to_dict()
-
-
 def _model_config_from_json(text: str) -> ModelConfig:
     raw = json.loads(text)
-    if "max_tokens_per_depth" in raw or "sampler" in raw:
-        raw["budget"] = _legacy_budget(raw)
     known = {f.name for f in fields(ModelConfig)}
     unknown = set(raw) - known
     if unknown:
@@ -55,7 +41,6 @@ def save_checkpoint(
     model: nn.Module,
     cfg: ModelConfig,
     extra: dict[str, Tensor] | None = None,
-    meta: dict[str, str] | None = None,
 ) -> None:
     """Write weights (+ optional training state) as safetensors, atomically."""
     from safetensors.torch import save_file
@@ -64,7 +49,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tensors.update({k: v.contiguous().cpu() for k, v in (extra or {}).items()})
-    metadata = {"format": "ats-vit/1", "model_config": json.dumps(asdict(cfg)), **(meta or {})}
+    metadata = {"format": "ats-vit/1", "model_config": json.dumps(asdict(cfg))}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one, never half

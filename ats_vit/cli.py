@@ -1,4 +1,9 @@
-"""The ``ats-vit`` command line: demo, train, calibrate, eval, viz, bench."""
+"""The ``ats-vit`` command line: argument parsing and thin commands over the library.
+
+Commands never write over what exists: a run folder that holds a run is refused unless
+``--resume`` continues it or ``--overwrite`` replaces it, output files likewise, and a
+checkpoint being fine-tuned is never an output. Errors a user can cause are one line.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,17 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 from ats_vit import __version__
-from ats_vit.bench import FAMILIES
-from ats_vit.budget import METHODS, RECOMMENDED
-from ats_vit.sampling import DROPPED, SAMPLERS
+from ats_vit.bench.speed import FAMILIES
+from ats_vit.calibrate import METHODS, RECOMMENDED
+from ats_vit.options import DROPPED, SAMPLERS
+
+METHOD_NAMES = tuple(METHODS)
 
 # ---------------------------------------------------------------- argument types
 
@@ -38,7 +46,7 @@ def _count(text: str) -> int:
     return value
 
 
-def _fraction(what: str):
+def _fraction(what: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -52,16 +60,44 @@ def _fraction(what: str):
 
 
 _keep_ratio = _fraction("a keep ratio")
-_target = _fraction("a GFLOPs fraction of dense")
+_target = _fraction("a fraction of the dense cost")
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, but not the noise of 'default: None'."""
+    """Shows defaults (0 included), but not the noise of 'default: None' or of flags."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, False, argparse.SUPPRESS) or action.help is None:
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or action.help is None:
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _writable(paths: Sequence[str | Path], overwrite: bool) -> None:
+    """Refuse to replace existing files unless ``--overwrite`` was given."""
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise ValueError(
+            f"{', '.join(existing)} already exist(s); pass --overwrite to replace, or choose --out"
+        )
+
+
+def _print_config(cfg: object) -> None:
+    """The config of a run, one field per line (nested ones indented), on stderr."""
+
+    def lines(value: dict[str, Any], indent: str) -> list[str]:
+        out = []
+        for key, item in value.items():
+            if isinstance(item, dict) and item:
+                out += [f"{indent}{key}:", *lines(item, indent + "  ")]
+            else:
+                out.append(f"{indent}{key}: {json.dumps(item)}")
+        return out
+
+    print("\n".join(["config:", *lines(asdict(cfg), "  ")]), file=sys.stderr)  # type: ignore[call-overload]
 
 
 # ---------------------------------------------------------------- models and data
@@ -85,10 +121,21 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace):
-    """(Pretrained, our ModelConfig or None) from CHECKPOINT, --timm or --hf."""
-    from ats_vit.checkpoint import load_model
-    from ats_vit.models import Pretrained, hf_model, timm_model
+def _add_data(parser: argparse.ArgumentParser, split: str) -> None:
+    folder = "train/" if split == "val" else "val/"
+    parser.add_argument(
+        "--data",
+        default="demo",
+        help=f"'demo' (its {split} split) or an ImageFolder root ({folder}<class>/...)",
+    )
+    parser.add_argument(
+        "--skip-bad-images", action="store_true", help="leave unreadable images out (counted)"
+    )
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The :class:`ats_vit.sources.Source` of CHECKPOINT, --timm or --hf."""
+    from ats_vit.sources import checkpoint_source, hf_source, timm_source
 
     sources = [s for s in (args.checkpoint, args.timm, args.hf) if s]
     if len(sources) != 1:
@@ -96,48 +143,74 @@ def _load(args: argparse.Namespace):
     if (args.pretrained or args.weights or args.img_size) and not args.timm:
         raise ValueError("--pretrained, --weights and --img-size go with --timm")
     if args.timm:
-        return timm_model(
+        return timm_source(
             args.timm, pretrained=args.pretrained, weights=args.weights, img_size=args.img_size
-        ), None
+        )
     if args.hf:
-        return hf_model(args.hf), None
-    model, cfg = load_model(args.checkpoint)
-    return Pretrained(model.eval(), Path(args.checkpoint).name, cfg.image_size, cfg.channels), cfg
+        return hf_source(args.hf)
+    return checkpoint_source(args.checkpoint)
 
 
-def _patch_size(model) -> int:
-    from ats_vit.vit import ViT
-
-    if isinstance(model, ViT):
-        return model.patch_embed.patch_size[0]
-    if hasattr(model, "patch_embed"):  # timm
-        return model.patch_embed.patch_size[0]
-    return model.config.patch_size  # Hugging Face
-
-
-def _split(args: argparse.Namespace, loaded, split: str):
+def _split(args: argparse.Namespace, source: Any, split: str) -> Any:
     """One split of --data for the loaded model (its own preprocessing for pretrained ones)."""
     from ats_vit.data import load_split
 
-    if args.data == "demo" and (loaded.channels, loaded.image_size) != (1, 48):
+    family = source.family
+    if args.data == "demo" and (family.channels, family.image_size) != (1, (48, 48)):
         raise ValueError(
-            f"the demo data (1 x 48 x 48 digits) does not fit {loaded.name} "
-            f"({loaded.channels} x {loaded.image_size} x {loaded.image_size}); give --data ROOT, an "
+            f"the demo data (1 x 48 x 48 digits) does not fit {source.name} "
+            f"({family.channels} x {family.image_size[0]} x {family.image_size[1]}); give --data ROOT, an "
             "ImageFolder with val/<class>/... (and train/<class>/... for calibration)"
         )
-    skip = getattr(args, "skip_bad_images", False)
-    return load_split(args.data, split, loaded.image_size, transform=loaded.transform, skip_bad=skip)
+    data = load_split(
+        args.data,
+        split,
+        family.image_size[0],
+        channels=family.channels,
+        transform=source.transform,
+        skip_bad=args.skip_bad_images,
+    )
+    classes = getattr(data, "classes", None)
+    if classes is not None and family.num_classes and len(classes) != family.num_classes:
+        print(
+            f"warning: {args.data} has {len(classes)} classes and {source.name} scores "
+            f"{family.num_classes}; accuracy compares folder order (0..{len(classes) - 1}) with the "
+            "model's classes, which is meaningful only if they are the same classes. Otherwise "
+            "calibrate with --no-labels (agreement with the dense model) and read GFLOPs and speed only.",
+            file=sys.stderr,
+        )
+    return data
 
 
-def _budgets(args: argparse.Namespace, model, cfg) -> list:
+# the paper's first sampling layer on DeiT-S (12 layers)
+PAPER_START = 3
+
+
+def _start_layer(args: argparse.Namespace, depth: int) -> int:
+    """--start-layer, or the paper's layer 3 (the last layer of shallower models)."""
+    return min(PAPER_START, depth - 1) if args.start_layer is None else int(args.start_layer)
+
+
+def _describe(budget: Any) -> str:
+    if budget is None:
+        return "dense"
+    knob = "" if budget.temperature == 1.0 else f", temperature {budget.temperature:.3g}"
+    kept = "" if budget.dropped == "discard" else f", dropped tokens {budget.dropped}d"
+    name = budget.method or budget.sampler
+    return f"{name}: from layer {budget.start_layer}, caps {list(budget.caps)}{knob}{kept}"
+
+
+def _eval_budgets(args: argparse.Namespace, source: Any) -> list[tuple[str, Any]]:
     """(label, Budget or None) rows of eval: dense, the budget a checkpoint was trained with,
-    each --budget file, each --keep ratio."""
+    each --budget file, each --keep ratio; every one checked against the model up front."""
     from ats_vit.budget import Budget
-    from ats_vit.evaluate import keep_budget
 
-    rows = [("dense", None)]
-    if cfg is not None and cfg.budget is not None:
-        rows.append(("trained budget", Budget.from_dict(cfg.budget)))
+    family = source.family
+    rows: list[tuple[str, Any]] = [("dense", None)]
+    if source.config is not None and source.config.budget is not None:
+        rows.append(
+            ("trained budget", Budget.from_dict(source.config.budget, source=f"{source.name}'s config"))
+        )
     for path in args.budget or []:
         budget = Budget.load(path)
         target = f" @ {budget.target:g}" if budget.target is not None else ""
@@ -145,38 +218,58 @@ def _budgets(args: argparse.Namespace, model, cfg) -> list:
     keeps = args.keep if args.keep is not None else ([] if len(rows) > 1 else [0.75, 0.5, 0.35, 0.25])
     for keep in keeps:
         if keep != 1.0:
-            rows.append((f"keep {keep:g}", keep_budget(model, keep, args.start_layer, args.sampler)))
+            start = _start_layer(args, family.depth)
+            budget = Budget.paper(keep, start, family.depth, family.num_patches, args.sampler)
+            rows.append((f"keep {keep:g}", budget))
+    for _, budget in rows:
+        if budget is not None:
+            budget.check(family)  # before any work, naming the file
     return rows
 
 
-def _describe(budget) -> str:
-    if budget is None:
-        return "dense"
-    knob = "" if budget.temperature == 1.0 else f", temperature {budget.temperature:.3g}"
-    kept = "" if budget.dropped == "discard" else f", dropped tokens {budget.dropped}d"
-    caps = list(budget.max_tokens)
-    return f"{budget.method or budget.sampler}: from layer {budget.start_layer}, caps {caps}{knob}{kept}"
+def _cell(value: float, q1: float, q3: float, fmt: str, suffix: str = "") -> str:
+    if math.isnan(value):
+        return ""
+    return f"{value:{fmt}}{suffix} ({q1:{fmt}}-{q3:{fmt}})"
 
 
-def _print_eval(rows: list[dict]) -> None:
-    print(
-        f"{'budget':<22} {'accuracy':>9} {'GFLOPs':>9} {'vs dense':>8} {'kept (last)':>11} "
-        f"{'img/s':>8} {'speed-up':>8}"
+def _print_eval(rows: list[dict[str, Any]]) -> None:
+    cells = [
+        (
+            r["label"],
+            (r["budget"] or {}).get("method") or ("dense" if r["budget"] is None else "custom"),
+            f"{100 * r['accuracy']:.2f}%",
+            f"{r['gflops']:.4f}",
+            "" if math.isnan(r["gflops_ratio"]) else f"{r['gflops_ratio']:.0%}",
+            f"{r['kept_per_layer'][-1]:.1f}",
+            _cell(r["img_per_s"], r["img_per_s_q1"], r["img_per_s_q3"], ".1f"),
+            _cell(r["speedup"], r["speedup_q1"], r["speedup_q3"], ".2f", "x"),
+        )
+        for r in rows
+    ]
+    header = (
+        "budget",
+        "method",
+        "accuracy",
+        "GFLOPs",
+        "vs dense",
+        "kept (last)",
+        "img/s (IQR)",
+        "speed-up (IQR)",
     )
-    for r in rows:
-        ratio = "" if math.isnan(r["gflops_ratio"]) else f"{r['gflops_ratio']:.0%}"
-        speed = "" if math.isnan(r["img_per_s"]) else f"{r['img_per_s']:.1f}"
-        up = "" if math.isnan(r["speedup"]) else f"{r['speedup']:.2f}x"
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    for line in (header, *cells):
         print(
-            f"{r['label']:<22} {100 * r['accuracy']:>8.2f}% {r['gflops']:>9.4f} {ratio:>8} "
-            f"{r['kept_per_layer'][-1]:>11.1f} {speed:>8} {up:>8}"
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            )
         )
 
 
 # ---------------------------------------------------------------- commands
 
 
-def _train_budget(args: argparse.Namespace, cfg) -> dict | None:
+def _train_budget(args: argparse.Namespace, model_cfg: Any) -> dict[str, Any] | None:
     """The budget to train with: --budget FILE, or the paper's --keep R from --start-layer."""
     from ats_vit.budget import Budget
 
@@ -185,43 +278,63 @@ def _train_budget(args: argparse.Namespace, cfg) -> dict | None:
     if args.budget:
         budget = Budget.load(args.budget)
     elif args.keep is not None and args.keep < 1.0:
-        if not 0 <= args.start_layer < cfg.depth:
-            raise ValueError(f"--start-layer must be in [0, {cfg.depth}), got {args.start_layer}")
-        cap = max(1, round(args.keep * cfg.num_patches))
-        budget = Budget(args.start_layer, (cap,) * (cfg.depth - args.start_layer), method="paper")
+        start = _start_layer(args, model_cfg.depth)
+        budget = Budget.paper(args.keep, start, model_cfg.depth, model_cfg.num_patches)
     else:
         return None
-    budget.schedule(cfg.depth, cfg.num_patches)  # refuses a budget made for another depth
+    name = "ats_vit.ViT" if model_cfg.arch == "ats_vit" else "VisionTransformer"
+    budget.check_sizes(model_cfg.depth, model_cfg.num_patches, name)
     return budget.to_dict()
 
 
-def _run_training(args: argparse.Namespace, cfg) -> int:
+def _run_training(args: argparse.Namespace, cfg: Any) -> int:
     from ats_vit.data import load_split
     from ats_vit.distributed import finish, is_lead
-    from ats_vit.train import train
+    from ats_vit.train import RunExistsError, TrainingInterrupted, train
 
-    train_data = load_split(args.data, "train", cfg.model.image_size)
+    train_data = load_split(args.data, "train", cfg.model.image_size, channels=cfg.model.channels)
     if is_lead():
-        print(f"config: {json.dumps(asdict(cfg))}", file=sys.stderr)
-    final = train(cfg, train_data, resume=args.resume)
+        _print_config(cfg)
+    try:
+        final = train(cfg, train_data, resume=args.resume, overwrite=args.overwrite)
+    except RunExistsError as exc:
+        raise ValueError(f"{exc}: --resume continues it, --overwrite replaces it") from None
+    except TrainingInterrupted as exc:
+        command = "finetune CHECKPOINT" if args.command == "finetune" else args.command
+        raise TrainingInterrupted(
+            f"{exc}; continue with `ats-vit {command} --out {cfg.out_dir} --resume`"
+        ) from None
     finish()
     if is_lead():
         print(f"checkpoint: {final}")
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+def _train_config(args: argparse.Namespace, model: Any, **extra: Any) -> Any:
+    from ats_vit.train import TrainConfig
 
+    return TrainConfig(
+        model=replace(model, budget=_train_budget(args, model)),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        ckpt_every=args.ckpt_every,
+        amp=not args.no_amp,
+        out_dir=args.out,
+        **extra,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from ats_vit.data import load_split
     from ats_vit.models import ModelConfig
-    from ats_vit.train import TrainConfig
 
     if args.data == "demo":
         model = ModelConfig(arch=args.arch)
     else:
         # an ImageFolder: RGB at the requested size, one class per sub-folder
-        classes = load_split(args.data, "train", args.image_size).classes
+        classes = getattr(load_split(args.data, "train", args.image_size), "classes", [])
         model = ModelConfig(
             arch=args.arch,
             image_size=args.image_size,
@@ -229,56 +342,32 @@ def cmd_train(args: argparse.Namespace) -> int:
             channels=3,
             num_classes=len(classes),
         )
-    model = replace(model, budget=_train_budget(args, model))
-    cfg = TrainConfig(
-        model=model,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        ckpt_every=args.ckpt_every,
-        amp=not args.no_amp,
-        out_dir=args.out,
-    )
-    return _run_training(args, cfg)
+    return _run_training(args, _train_config(args, model))
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from ats_vit.checkpoint import load_checkpoint
-    from ats_vit.train import TrainConfig
 
     model, _, _, _ = load_checkpoint(args.checkpoint)
-    budget = _train_budget(args, model)
-    if budget is None:
+    cfg = _train_config(args, model, warmup_steps=args.warmup_steps, init_from=str(args.checkpoint))
+    if cfg.model.budget is None:
         raise ValueError("fine-tuning needs a budget: --budget FILE or --keep RATIO below 1")
-    cfg = TrainConfig(
-        model=replace(model, budget=budget),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        seed=args.seed,
-        ckpt_every=args.ckpt_every,
-        amp=not args.no_amp,
-        out_dir=args.out,
-        init_from=str(args.checkpoint),
-    )
     return _run_training(args, cfg)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ats_vit.budget import Calibration
+    from ats_vit.calibrate import Calibration
     from ats_vit.data import take
 
     targets = args.target
     if len(targets) > 1 and "{target}" not in args.out:
         raise ValueError(f"several targets need an --out with a {{target}} placeholder, got {args.out!r}")
-    loaded, _ = _load(args)
-    images, labels = take(_split(args, loaded, "calib"), args.images, args.seed)
+    paths = [args.out.format(target=f"{t:g}") for t in targets]
+    _writable(paths, args.overwrite)
+    source = _load(args)
+    images, labels = take(_split(args, source, "calib"), args.images, args.seed)
     search = Calibration(
-        loaded.model,
+        source.model,
         images,
         None if args.no_labels else labels,
         method=args.method,
@@ -288,9 +377,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     objective = search.objective
     print(f"calibrating {args.method} on {len(images)} images of the calibration split ({objective})")
     print(f"{'target':>6} {'GFLOPs':>7} {objective:>9} {'budget'}")
-    for target in targets:
+    for target, path in zip(targets, paths, strict=True):
         budget = search(target)
-        path = budget.save(args.out.format(target=f"{target:g}"))
+        budget.save(path)
         cal = budget.calibration
         print(f"{target:>6.2f} {cal['gflops_ratio']:>7.3f} {100 * cal[objective]:>8.2f}% {_describe(budget)}")
         print(f"{'':>6} wrote {path}")
@@ -301,12 +390,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ats_vit.distributed import finish, init_distributed, is_lead
     from ats_vit.evaluate import evaluate_budgets
+    from ats_vit.timing import WIDE_SPREAD
 
+    out = Path(args.out)
+    _writable([out / "eval.json", out / "accuracy_vs_gflops.png"], args.overwrite)
     device = init_distributed()
-    loaded, cfg = _load(args)
-    model = loaded.model.to(device)
-    data = _split(args, loaded, "test")
-    budgets = _budgets(args, model, cfg)
+    source = _load(args)
+    model = source.model.to(device)
+    budgets = _eval_budgets(args, source)
+    data = _split(args, source, "test")
     rows = evaluate_budgets(
         model,
         data,
@@ -319,20 +411,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     finish()
     if not is_lead():
         return 0
-    trained = "" if cfg is None or cfg.budget is None else " (trained with a budget)"
-    print(f"{loaded.name}{trained} on {rows[0]['images']} images:")
+    trained = "" if source.config is None or source.config.budget is None else " (trained with a budget)"
+    print(f"{source.name}{trained} on {rows[0]['images']} images:")
     _print_eval(rows)
     if rows[0]["skipped"]:
         print(f"skipped {rows[0]['skipped']} unreadable images (--skip-bad-images)")
-    if not math.isnan(rows[0]["img_per_s"]):
-        print(f"img/s: median of {args.timing_repeats} interleaved passes over {args.timing_batch} images")
-    out = Path(args.out)
+    timed = rows[0]["timing_images"]
+    if timed:
+        whole = (
+            ""
+            if timed == args.timing_batch
+            else f" (the whole split: fewer than --timing-batch {args.timing_batch})"
+        )
+        print(
+            f"img/s and speed-up: median (interquartile range) of {args.timing_repeats} interleaved rounds, "
+            f"each one forward pass over a batch of {timed} images{whole}"
+        )
+        wide = [r["label"] for r in rows if r.get("img_per_s_spread", 0) > WIDE_SPREAD]
+        if wide:
+            print(
+                f"warning: unsteady timings for {', '.join(wide)} (interquartile range above "
+                f"{100 * WIDE_SPREAD:.0f}% of the median): the machine was busy; rerun with more "
+                "--timing-repeats before trusting the speed-ups",
+                file=sys.stderr,
+            )
     out.mkdir(parents=True, exist_ok=True)
-    record = dict(model=loaded.name, data=args.data, rows=rows)
+    record = dict(model=source.name, data=args.data, rows=rows)
     (out / "eval.json").write_text(json.dumps(record, indent=2))
-    from ats_vit.viz import plot_accuracy_vs_gflops
+    from ats_vit.viz import plot_accuracy_vs_cost
 
-    plot_accuracy_vs_gflops(rows, out / "accuracy_vs_gflops.png", title=f"{loaded.name}{trained}")
+    plot_accuracy_vs_cost(
+        rows, out / "accuracy_vs_gflops.png", title=f"{source.name}{trained} on {args.data}"
+    )
     print(f"wrote {out / 'eval.json'} and {out / 'accuracy_vs_gflops.png'}")
     return 0
 
@@ -340,35 +450,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_viz(args: argparse.Namespace) -> int:
     import torch
 
-    from ats_vit.budget import Budget
+    from ats_vit.budget import Budget, configure
     from ats_vit.data import take
-    from ats_vit.evaluate import keep_budget
-    from ats_vit.models import forward_traced
     from ats_vit.viz import save_kept_tokens_grid
 
-    loaded, _ = _load(args)
-    model = loaded.model
-    budget = Budget.load(args.budget) if args.budget else keep_budget(model, args.keep, args.start_layer)
-    if budget is None:
-        raise ValueError("a dense model keeps every token: give --budget FILE or --keep below 1")
-    budget.apply(model)
-    images, _ = take(_split(args, loaded, "test"), args.images)
+    _writable([args.output], args.overwrite)
+    source = _load(args)
+    family = source.family
+    if args.budget:
+        budget = Budget.load(args.budget)
+    else:
+        budget = Budget.paper(args.keep, _start_layer(args, family.depth), family.depth, family.num_patches)
+    configure(family, budget)
+    images, _ = take(_split(args, source, "test"), args.images)
     with torch.inference_mode():
-        _, trace, _ = forward_traced(model.eval(), images)
-    title = f"{loaded.name}, {_describe(budget)}"
-    path = save_kept_tokens_grid(images, trace, _patch_size(model), args.output, title=title)
+        source.model.eval()
+        _, state = family.run(images)
+    title = f"{source.name}, {_describe(budget)}"
+    path = save_kept_tokens_grid(images, state.trace, family.patch_size[0], args.output, title=title)
     print(f"wrote {path}")
     return 0
 
 
-def _run_bench(run, cfg, columns, json_path: str | None, device: str = "cpu") -> list[dict]:
+def _run_bench(
+    run: Callable[[Any], list[dict[str, Any]]], cfg: Any, columns: Any, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """Print the config and machine, run the benchmark, print its table and write its JSON."""
     from ats_vit.bench import machine, print_table, write_json
 
-    print(f"config: {json.dumps(asdict(cfg))}\nmachine: {json.dumps(machine(device))}")
+    _writable([p for p in (args.json, getattr(args, "plot", None)) if p], args.overwrite)
+    device = getattr(cfg, "device", "cpu")
+    _print_config(cfg)
+    print(f"machine: {json.dumps(machine(device))}", file=sys.stderr)
     rows = run(cfg)
     print_table(rows, columns)
-    write_json(json_path, cfg, rows, device)
+    write_json(args.json, cfg, rows, device)
     return rows
 
 
@@ -397,7 +513,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         compile=args.compile,
         dtype=args.dtype,
     )
-    _run_bench(speed, cfg, SPEED_COLUMNS, args.json, cfg.device)
+    _run_bench(speed, cfg, SPEED_COLUMNS, args)
     return 0
 
 
@@ -414,7 +530,7 @@ def cmd_bench_frontier(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
     )
-    rows = _run_bench(frontier, cfg, FRONTIER_COLUMNS, args.json)
+    rows = _run_bench(frontier, cfg, FRONTIER_COLUMNS, args)
     print("±: 95% interval from the test-split size; settings were chosen on the calibration split")
     if args.plot:
         print(f"wrote {plot_frontier(rows, args.plot)}")
@@ -422,11 +538,7 @@ def cmd_bench_frontier(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from ats_vit.bench import (
-        TRAIN_SPEED_COLUMNS,
-        TrainSpeedConfig,
-        train_speed,
-    )
+    from ats_vit.bench import TRAIN_SPEED_COLUMNS, TrainSpeedConfig, train_speed
 
     cfg = TrainSpeedConfig(
         checkpoint=args.checkpoint,
@@ -435,33 +547,77 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         min_seconds=args.min_seconds,
     )
-    _run_bench(train_speed, cfg, TRAIN_SPEED_COLUMNS, args.json)
+    _run_bench(train_speed, cfg, TRAIN_SPEED_COLUMNS, args)
     return 0
+
+
+DEMO_OUTPUTS = (
+    "budget-*.json",
+    "eval.json",
+    "accuracy_vs_gflops.png",
+    "kept_tokens.png",
+    "kept_tokens_paper.png",
+)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """train -> calibrate -> eval -> viz on the bundled demo task."""
+    from ats_vit.train import RUN_FILES
+
     out = Path(args.out)
+    existing = [p.name for p in out.glob("*") if p.name in RUN_FILES or any(p.match(g) for g in DEMO_OUTPUTS)]
+    if existing and not (args.resume or args.overwrite):
+        raise ValueError(
+            f"{out} already holds a demo run ({', '.join(sorted(existing))}): --resume continues it "
+            "(and redoes the steps after training), --overwrite starts afresh, or choose --out"
+        )
     ckpt = str(out / "final.safetensors")
     budget = str(out / "budget-{target}.json")
     targets = [f"{t:g}" for t in args.targets]
+    again = ["--overwrite"] if existing else []  # the steps after training redo their outputs
+    train = ["train", "--out", str(out), "--epochs", str(args.epochs), "--seed", str(args.seed)]
     steps = [
-        ["train", "--out", str(out), "--epochs", str(args.epochs), "--seed", str(args.seed)]
-        + (["--resume"] if args.resume else []),
-        ["calibrate", ckpt, "--target", *targets, "--out", budget],
-        ["eval", ckpt, "--out", str(out), "--keep", "0.5", "--budget"]
-        + [budget.format(target=t) for t in targets],
-        ["viz", ckpt, "--budget", budget.format(target=targets[0]), "--output", str(out / "kept_tokens.png")],
+        train + (["--resume"] if args.resume else ["--overwrite"] if args.overwrite else []),
+        ["calibrate", ckpt, "--target", *targets, "--out", budget, *again],
+        [
+            "eval",
+            ckpt,
+            "--out",
+            str(out),
+            "--keep",
+            "0.5",
+            "--budget",
+            *(budget.format(target=t) for t in targets),
+            *again,
+        ],
+        [
+            "viz",
+            ckpt,
+            "--budget",
+            budget.format(target=targets[0]),
+            "--output",
+            str(out / "kept_tokens.png"),
+            *again,
+        ],
+        # the paper's ATS: every image keeps its own number of tokens
+        [
+            "viz",
+            ckpt,
+            "--keep",
+            "0.5",
+            "--start-layer",
+            "3",
+            "--output",
+            str(out / "kept_tokens_paper.png"),
+            *again,
+        ],
     ]
     parser = build_parser()
     for argv in steps:
         print(f"\n$ ats-vit {' '.join(argv)}", flush=True)
         step = parser.parse_args(argv)
         step.fn(step)
-    outputs = (
-        "final.safetensors, metrics.csv, budget-*.json, eval.json, accuracy_vs_gflops.png, kept_tokens.png"
-    )
-    print(f"\noutputs in {out}/: {outputs}")
+    print(f"\noutputs in {out}/: final.safetensors, metrics.csv, {', '.join(DEMO_OUTPUTS)}")
     return 0
 
 
@@ -471,14 +627,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ats-vit",
-        description="Adaptive Token Sampling for Vision Transformers.",
+        description="Adaptive Token Sampling for Vision Transformers: budgets in GFLOPs for ats_vit.ViT, "
+        "timm ViTs and Hugging Face ViT/DeiT, without or with fine-tuning.",
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, formatter_class=_Formatter)
+    def command(name: str, help: str, parent: Any = sub) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help, description=help, formatter_class=_Formatter)
 
     demo = command(
         "demo", "train on the bundled demo task, calibrate budgets, evaluate them and draw the kept tokens"
@@ -489,22 +646,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--targets", type=_target, nargs="+", default=[0.5, 0.7], help="GFLOPs fractions to calibrate"
     )
-    demo.add_argument("--resume", action="store_true", help="continue training from OUT/last.safetensors")
+    demo.add_argument(
+        "--resume", action="store_true", help="continue training in OUT, then redo the later steps"
+    )
+    demo.add_argument("--overwrite", action="store_true", help="replace a demo run already in OUT")
     demo.set_defaults(fn=cmd_demo)
 
     def training_options(p: argparse.ArgumentParser, epochs: int, lr: float, out: str) -> None:
         p.add_argument("--data", default="demo", help="'demo' or an ImageFolder root with train/<class>/...")
-        p.add_argument("--out", default=out, help="output folder (checkpoints, metrics.csv)")
+        p.add_argument("--out", default=out, help="output folder (checkpoints, metrics.csv, config.json)")
         p.add_argument("--epochs", type=_positive_int, default=epochs, help="training epochs")
         p.add_argument("--budget", metavar="FILE", help="train with this budget active (`ats-vit calibrate`)")
         p.add_argument("--keep", type=_keep_ratio, help="or with the paper's budget: this keep ratio ...")
-        p.add_argument("--start-layer", type=int, default=3, help="... from this layer on")
+        p.add_argument("--start-layer", type=_count, help="... from this layer on (default: 3, or the last)")
         p.add_argument("--batch-size", type=_positive_int, default=64, help="per process")
         p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW, cosine)")
         p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
         p.add_argument("--ckpt-every", type=_positive_int, default=200, help="steps between checkpoints")
         p.add_argument("--no-amp", action="store_true", help="train in float32 on GPUs too")
-        p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
+        p.add_argument(
+            "--resume", action="store_true", help="continue the run in OUT from its last.safetensors"
+        )
+        p.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
 
     train = command("train", "train a ViT, dense or with a budget active (single process or torchrun)")
     training_options(train, epochs=10, lr=2e-3, out="runs/train")
@@ -519,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(fn=cmd_train)
 
     ft = command("finetune", "fine-tune a checkpoint with a budget active (single process or torchrun)")
-    ft.add_argument("checkpoint", help="a checkpoint of `ats-vit train` (.safetensors)")
+    ft.add_argument("checkpoint", help="a checkpoint of `ats-vit train` (.safetensors); never written over")
     training_options(ft, epochs=3, lr=5e-4, out="runs/finetune")
     ft.add_argument("--warmup-steps", type=_count, default=20, help="linear warm-up steps")
     ft.set_defaults(fn=cmd_finetune)
@@ -528,9 +691,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(cal)
     cal.add_argument("--target", type=_target, nargs="+", required=True, help="GFLOPs as a fraction of dense")
     cal.add_argument(
-        "--method", choices=("auto", *METHODS), default=RECOMMENDED, help="how tokens are selected"
+        "--method", choices=(RECOMMENDED, *METHOD_NAMES), default=RECOMMENDED, help="how tokens are selected"
     )
-    cal.add_argument("--data", default="demo", help="'demo' (its val split) or an ImageFolder root (train/)")
+    _add_data(cal, "val")
     cal.add_argument("--images", type=_positive_int, default=512, help="calibration images")
     cal.add_argument(
         "--no-labels", action="store_true", help="maximise agreement with the dense top-1 instead"
@@ -541,11 +704,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass")
     cal.add_argument("--seed", type=int, default=0, help="which calibration images")
     cal.add_argument("--out", default="budget.json", help="budget file; with several targets use {target}")
+    cal.add_argument("--overwrite", action="store_true", help="replace existing budget files")
     cal.set_defaults(fn=cmd_calibrate)
 
     ev = command("eval", "accuracy / GFLOPs / throughput at several budgets (torchrun: split across ranks)")
     _add_model_source(ev)
-    ev.add_argument("--data", default="demo", help="'demo' (its test split) or an ImageFolder root (val/)")
+    _add_data(ev, "test")
     ev.add_argument("--budget", nargs="+", metavar="FILE", help="budget files from `ats-vit calibrate`")
     ev.add_argument(
         "--keep",
@@ -554,104 +718,140 @@ def build_parser() -> argparse.ArgumentParser:
         help="the paper's budgets: patch tokens per layer as a fraction of all patches "
         "(default without --budget: 0.75 0.5 0.35 0.25)",
     )
-    ev.add_argument("--start-layer", type=int, default=3, help="first layer that samples, for --keep")
+    ev.add_argument(
+        "--start-layer", type=_count, help="first layer that samples, for --keep (default: 3, or the last)"
+    )
     ev.add_argument("--sampler", choices=SAMPLERS, default="inverse_transform", help="for --keep")
     ev.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass")
     ev.add_argument("--workers", type=_count, default=0, help="data loading processes")
-    ev.add_argument("--timing-repeats", type=_count, default=5, help="timed passes per budget (0: no timing)")
+    ev.add_argument("--timing-repeats", type=_count, default=5, help="timed rounds per budget (0: no timing)")
     ev.add_argument("--timing-batch", type=_positive_int, default=64, help="images per timed pass")
-    ev.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images out (counted)")
     ev.add_argument("--out", default="runs/eval", help="folder for eval.json and accuracy_vs_gflops.png")
+    ev.add_argument("--overwrite", action="store_true", help="replace eval.json and the plot in OUT")
     ev.set_defaults(fn=cmd_eval)
 
     viz = command("viz", "PNG grid of the patches each sampling layer kept")
     _add_model_source(viz)
-    viz.add_argument("--data", default="demo", help="'demo' (its test split) or an ImageFolder root (val/)")
+    _add_data(viz, "test")
     viz.add_argument("--budget", metavar="FILE", help="a budget file from `ats-vit calibrate`")
     viz.add_argument(
         "--keep", type=_keep_ratio, default=0.75, help="without --budget: the paper's keep ratio"
     )
-    viz.add_argument("--start-layer", type=int, default=3, help="without --budget: first layer that samples")
+    viz.add_argument(
+        "--start-layer",
+        type=_count,
+        help="without --budget: first layer that samples (default: 3, or the last)",
+    )
     viz.add_argument("--images", type=_positive_int, default=6, help="images (rows) to draw")
     viz.add_argument("--output", default="runs/kept_tokens.png", help="PNG path")
+    viz.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     viz.set_defaults(fn=cmd_viz)
 
-    bench = command("bench", "benchmarks: speed vs the FLOP ideal; accuracy vs GFLOPs of every method")
+    bench = command(
+        "bench", "benchmarks: speed vs the FLOP ideal; accuracy vs GFLOPs of every method; training speed"
+    )
     kinds = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
-    sp = kinds.add_parser(
-        "speed",
-        help="throughput, peak memory and efficiency: timm dense vs ATS, ats_vit.ViT, the seed",
-        formatter_class=_Formatter,
+
+    def outputs(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", help="also write config, machine and rows to this file")
+        p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    sp = command(
+        "speed", "throughput, peak memory and efficiency: timm dense vs ATS, ats_vit.ViT, the seed", kinds
     )
     sp.add_argument("--model", default="deit_small_patch16_224", help="a timm ViT name (sets all sizes)")
-    sp.add_argument("--img-size", type=_positive_int, default=None, help="image size (default: the model's)")
+    sp.add_argument("--img-size", type=_positive_int, help="image size (default: the model's)")
     sp.add_argument("--pretrained", action="store_true", help="timm weights (needs a download)")
-    sp.add_argument("--start-layer", type=int, default=3, help="first layer that samples (0-based)")
-    sp.add_argument("--max-tokens", type=_positive_int, default=108, help="patch tokens kept per layer")
-    sp.add_argument("--samplers", nargs="+", choices=SAMPLERS, default=["inverse_transform", "gumbel"])
-    sp.add_argument("--dropped", nargs="+", choices=DROPPED, default=["discard"], help="with each sampler")
-    sp.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    sp.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 16, 64])
-    sp.add_argument("--warmup", type=int, default=1, help="untimed calls per variant")
-    sp.add_argument("--repeats", type=_positive_int, default=5, help="timed calls per variant, at least")
+    sp.add_argument("--start-layer", type=_count, default=3, help="first layer that samples (0-based)")
     sp.add_argument(
-        "--min-seconds", type=float, default=3.0, help="repeat until each variant ran this long in all"
+        "--max-tokens", type=_positive_int, default=108, help="patch tokens kept per sampling layer"
     )
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument(
+        "--samplers",
+        nargs="+",
+        choices=SAMPLERS,
+        default=["inverse_transform", "gumbel"],
+        help="selection rules",
+    )
+    sp.add_argument("--dropped", nargs="+", choices=DROPPED, default=["discard"], help="with each sampler")
+    sp.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="implementations")
+    sp.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 16, 64], help="batch sizes")
+    sp.add_argument("--warmup", type=_count, default=1, help="untimed calls per variant")
+    sp.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds, at least")
+    sp.add_argument(
+        "--min-seconds", type=float, default=3.0, help="more rounds until each variant ran this long"
+    )
+    sp.add_argument("--seed", type=int, default=0, help="weights and images")
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    sp.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
-    sp.add_argument("--static", action="store_true", help="also ATS with static_shape=True (no host sync)")
+    sp.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
+    sp.add_argument("--static", action="store_true", help="also ATS with static shapes (no host sync)")
     sp.add_argument("--compile", action="store_true", help="also torch.compile'd timm and our models")
     sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")
-    sp.add_argument("--json", help="also write config, machine and rows here")
+    outputs(sp)
     sp.set_defaults(fn=cmd_bench_speed)
 
-    fr = kinds.add_parser(
+    fr = command(
         "frontier",
-        help="accuracy vs GFLOPs: every method calibrated to each target, measured on the test split",
-        formatter_class=_Formatter,
+        "accuracy vs GFLOPs: every method calibrated to each target, measured on the test split",
+        kinds,
     )
     fr.add_argument("checkpoints", nargs="+", help="checkpoints of `ats-vit train`")
     fr.add_argument("--data", default="demo", help="'demo' or an ImageFolder root")
-    fr.add_argument("--methods", nargs="+", choices=("auto", *METHODS), default=["auto", *METHODS])
-    fr.add_argument("--targets", type=_target, nargs="+", default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    fr.add_argument(
+        "--methods",
+        nargs="+",
+        choices=(RECOMMENDED, *METHOD_NAMES),
+        default=[RECOMMENDED, *METHOD_NAMES],
+        help="methods to compare",
+    )
+    fr.add_argument(
+        "--targets",
+        type=_target,
+        nargs="+",
+        default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+        help="GFLOPs fractions",
+    )
     fr.add_argument(
         "--calib-images", type=_positive_int, help="calibration images (default: the whole split)"
     )
-    fr.add_argument("--batch-size", type=_positive_int, default=256)
-    fr.add_argument("--seed", type=int, default=0)
-    fr.add_argument("--json", help="also write config, machine and rows here")
+    fr.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass")
+    fr.add_argument("--seed", type=int, default=0, help="which calibration images; random peers' draws")
     fr.add_argument("--plot", default="runs/bench/frontier.png", help="accuracy-vs-GFLOPs PNG ('' for none)")
+    outputs(fr)
     fr.set_defaults(fn=cmd_bench_frontier)
 
-    tr = kinds.add_parser(
-        "train",
-        help="training steps per second: dense against budgets, on a demo checkpoint",
-        formatter_class=_Formatter,
-    )
+    tr = command("train", "training steps per second: dense against budgets, on a demo checkpoint", kinds)
     tr.add_argument("checkpoint", help="a checkpoint of `ats-vit train` on the demo data")
     tr.add_argument("--budget", nargs="+", required=True, metavar="FILE", help="budget files to train with")
-    tr.add_argument("--batch-size", type=_positive_int, default=64)
+    tr.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
     tr.add_argument("--repeats", type=_positive_int, default=10, help="timed steps per variant, at least")
     tr.add_argument("--min-seconds", type=float, default=5.0, help="repeat until each variant ran this long")
-    tr.add_argument("--json", help="also write config, machine and rows here")
+    outputs(tr)
     tr.set_defaults(fn=cmd_bench_train)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from ats_vit.checkpoint import CheckpointError
+    from ats_vit.data import BadImageError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
-    try:
-        return args.fn(args)
-    except (CheckpointError, ValueError, TypeError, ImportError) as exc:
-        print(f"ats-vit {args.command}: error: {exc}", file=sys.stderr)
+        parser.print_help(sys.stderr)
         return 2
+    name = args.command if args.command != "bench" else f"bench {args.bench}"
+    try:
+        return int(args.fn(args))
+    except BadImageError as exc:
+        print(f"ats-vit {name}: error: {exc} (--skip-bad-images leaves such files out)", file=sys.stderr)
+        return 2
+    except (CheckpointError, ValueError, TypeError, ImportError) as exc:
+        print(f"ats-vit {name}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"\nats-vit {name}: interrupted{f': {exc}' if str(exc) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

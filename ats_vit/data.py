@@ -9,9 +9,10 @@ a seed, so the data set is identical on every machine.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -136,31 +137,36 @@ class BadImageError(ValueError):
     """An image file that cannot be read; the message names the file."""
 
 
-def _read_image(path: str):
-    """PIL's RGB image of ``path``, or :class:`BadImageError` naming the file."""
-    from PIL import Image, UnidentifiedImageError
+def _reader(mode: str) -> Callable[[str], Any]:
+    """A loader giving PIL's image of a path in ``mode`` ("RGB" or "L"), or
+    :class:`BadImageError` naming the file."""
 
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise BadImageError(
-            f"cannot read image {path!r} ({type(exc).__name__}: {exc}); fix or remove it, "
-            "or pass --skip-bad-images to leave such files out (they are counted)"
-        ) from exc
+    def read(path: str) -> Any:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with open(path, "rb") as f:
+                return Image.open(f).convert(mode)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+            raise BadImageError(
+                f"cannot read image {path!r} ({type(exc).__name__}: {exc}); fix or remove it, or "
+                "leave unreadable images out (skip_bad=True; they are counted)"
+            ) from exc
+
+    return read
 
 
 class _SkipBad(Dataset):
     """An ImageFolder whose unreadable images come back as None (see :func:`collate_skipping`)."""
 
-    def __init__(self, folder: Dataset) -> None:
+    def __init__(self, folder: Any) -> None:
         self.folder = folder
-        self.classes = folder.classes
+        self.classes: list[str] = folder.classes
 
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i: int) -> Any:
         try:
             return self.folder[i]
         except BadImageError:
@@ -180,10 +186,18 @@ def collate_skipping(items: list) -> tuple[Tensor | None, Tensor | None, int]:
 
 
 def image_folder(
-    root: str | Path, image_size: int, *, train: bool = False, transform=None, skip_bad: bool = False
+    root: str | Path,
+    image_size: int,
+    *,
+    channels: int = 3,
+    train: bool = False,
+    transform: Callable[[Any], Tensor] | None = None,
+    skip_bad: bool = False,
 ) -> Dataset:
-    """torchvision ImageFolder resized to ``image_size``, normalised as ImageNet models expect
-    (or preprocessed by ``transform``, e.g. a pretrained model's own).
+    """torchvision ImageFolder resized to ``image_size`` (or preprocessed by ``transform``, e.g.
+    a pretrained model's own). ``channels=3``: RGB, normalised as ImageNet models expect;
+    ``channels=1``: grayscale in [0, 1], as the demo data (so a 1-channel demo checkpoint can
+    read a folder of images).
 
     An unreadable image raises :class:`BadImageError` naming the file when it is loaded; with
     ``skip_bad`` it is returned as None instead, for :func:`collate_skipping` to drop and count.
@@ -195,6 +209,8 @@ def image_folder(
         from torchvision import datasets, transforms
     except ImportError as exc:  # pragma: no cover
         raise ImportError("ImageFolder data needs torchvision: pip install 'ats-vit[timm]'") from exc
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"data folder {str(root)!r} does not exist or is not a directory")
@@ -205,11 +221,12 @@ def image_folder(
     resize = [transforms.Resize(int(image_size * 1.14)), transforms.CenterCrop(image_size)]
     if train:
         resize = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
-    tf = transform or transforms.Compose(
-        [*resize, transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
-    )
+    normalise = [transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))] if channels == 3 else []
+    tf = transform or transforms.Compose([*resize, transforms.ToTensor(), *normalise])
     try:
-        folder = datasets.ImageFolder(str(root), transform=tf, loader=_read_image)
+        folder = datasets.ImageFolder(
+            str(root), transform=tf, loader=_reader("RGB" if channels == 3 else "L")
+        )
     except (FileNotFoundError, RuntimeError) as exc:
         raise ValueError(f"data folder {str(root)!r} holds no readable images: {exc}") from exc
     return _SkipBad(folder) if skip_bad else folder
@@ -219,7 +236,15 @@ def image_folder(
 SPLITS = ("train", "calib", "test")
 
 
-def load_split(spec: str, split: str, image_size: int, *, transform=None, skip_bad: bool = False) -> Dataset:
+def load_split(
+    spec: str,
+    split: str,
+    image_size: int,
+    *,
+    channels: int = 3,
+    transform: Callable[[Any], Tensor] | None = None,
+    skip_bad: bool = False,
+) -> Dataset:
     """One split of the data named by ``spec``.
 
     ``spec="demo"``: the bundled cluttered digits (``calib`` is their validation split). A
@@ -233,6 +258,8 @@ def load_split(spec: str, split: str, image_size: int, *, transform=None, skip_b
         splits = cluttered_digits()
         return {"train": splits.train, "calib": splits.val, "test": splits.test}[split]
     root = Path(spec)
+    if not root.is_dir():
+        raise ValueError(f"data folder {spec!r} does not exist or is not a directory")
     folder = root / ("val" if split == "test" else "train")
     if not folder.is_dir():
         raise ValueError(
@@ -240,10 +267,12 @@ def load_split(spec: str, split: str, image_size: int, *, transform=None, skip_b
             f"reads (expected ROOT/train/<class>/... for training and calibration, ROOT/val/<class>/... "
             f"for evaluation)"
         )
-    return image_folder(folder, image_size, train=split == "train", transform=transform, skip_bad=skip_bad)
+    return image_folder(
+        folder, image_size, channels=channels, train=split == "train", transform=transform, skip_bad=skip_bad
+    )
 
 
-def take(data: Dataset, count: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
+def take(data: Any, count: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
     """(images, labels) of ``count`` items drawn without replacement by ``seed`` (all, in
     order, when ``count`` is None or at least the data set's size), stacked into tensors."""
     n = len(data)
@@ -254,7 +283,8 @@ def take(data: Dataset, count: int | None = None, seed: int = 0) -> tuple[Tensor
             : _validate.positive_int("count", count)
         ]
     if isinstance(data, TensorDataset):
-        return tuple(t[index] for t in data.tensors)
+        images, labels = data.tensors[:2]
+        return images[index], labels[index]
     items = [item for item in (data[i] for i in index.tolist()) if item is not None]
     if not items:
         raise ValueError("no readable images to take")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,12 +18,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ats_vit._progress import bar as progress_bar
-from ats_vit.budget import Budget, adapt
+from ats_vit.budget import Budget, configure
 from ats_vit.data import collate_skipping
 from ats_vit.distributed import rank_world
+from ats_vit.families import family_of
 from ats_vit.flops import flops
+from ats_vit.timing import Timing, speedup, time_round_robin
 
-__all__ = ["evaluate", "evaluate_budgets", "keep_budget", "time_budgets"]
+__all__ = ["evaluate", "evaluate_budgets", "measure", "time_budgets"]
 
 
 @torch.inference_mode()
@@ -33,24 +36,24 @@ def evaluate(
     *,
     workers: int = 0,
     progress: bool = False,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Accuracy, mean kept patch tokens per layer and mean GFLOPs per image of ``model`` as it
-    is configured (our ViT, or a timm / Hugging Face model, patched or not).
+    is configured (our ViT, or a timm / Hugging Face model).
 
-    Images that a folder data set could not read (``--skip-bad-images``) are counted in
-    ``skipped`` and left out.
+    Images that a folder data set could not read (``image_folder(skip_bad=True)``) are
+    counted in ``skipped`` and left out.
     """
-    adapter = adapt(model)
+    family = family_of(model)
     model.eval()
     device = next(model.parameters()).device
     rank, world = rank_world()
-    mine = Subset(data, range(rank, len(data), world))
+    mine = Subset(data, range(rank, len(data), world))  # type: ignore[arg-type]
     loader = DataLoader(mine, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping)
     # integer sums on the device; one sync at the end instead of several per batch
     correct = torch.zeros((), dtype=torch.long, device=device)
     seen = torch.zeros((), dtype=torch.long, device=device)
     skipped = torch.zeros((), dtype=torch.long, device=device)
-    kept = torch.zeros(adapter.depth, dtype=torch.long, device=device)
+    kept = torch.zeros(family.depth, dtype=torch.long, device=device)
     total_flops = torch.zeros((), dtype=torch.float64, device=device)
     bar = progress_bar(total=len(loader), desc="eval", unit="batch", disable=not progress or rank != 0)
     for images, labels, bad in loader:
@@ -59,11 +62,11 @@ def evaluate(
         if images is None:
             continue
         images, labels = images.to(device), labels.to(device)
-        logits, trace = adapter.run(images)
+        logits, state = family.run(images)
         correct += (logits.argmax(-1) == labels).sum()
         seen += len(labels)
-        kept += trace.kept_per_layer().sum(0).to(device)
-        total_flops += flops(adapter.cost, trace).to(device).sum()
+        kept += state.trace.kept_per_layer().sum(0).to(device)
+        total_flops += flops(family.cost, state.trace).to(device).sum()
     bar.close()
     sums = [correct, seen, skipped, kept, total_flops]
     if world > 1:
@@ -79,20 +82,23 @@ def evaluate(
     )
 
 
-def keep_budget(
-    model: nn.Module, keep: float, start_layer: int, sampler: str = "inverse_transform"
-) -> Budget | None:
-    """The paper's budget: ``round(keep * num_patches)`` patch tokens per layer from
-    ``start_layer`` on (``keep=1``: dense, None)."""
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep ratios must be in (0, 1], got {keep}")
-    adapter = adapt(model)
-    if not 0 <= start_layer < adapter.depth:
-        raise ValueError(f"start_layer must be in [0, {adapter.depth}), got {start_layer}")
-    if keep == 1.0:
-        return None
-    cap = max(1, round(keep * adapter.num_patches))
-    return Budget(start_layer, (cap,) * (adapter.depth - start_layer), sampler=sampler, method="paper")
+@torch.inference_mode()
+def measure(
+    model: nn.Module, images: Tensor, budget: Budget | None, *, batch_size: int = 256
+) -> tuple[Tensor, Tensor]:
+    """Top-1 predictions (N,) and GFLOPs per image (N,) of ``model`` under ``budget`` (``None``:
+    dense), in eval mode, batch by batch. The model is left configured with the budget."""
+    family = family_of(model)
+    configure(family, budget)
+    was_training = model.training
+    model.eval()
+    preds, costs = [], []
+    for batch in images.split(batch_size):
+        logits, cost = family.forward(batch)
+        preds.append(logits.argmax(dim=-1))
+        costs.append(cost)
+    model.train(was_training)
+    return torch.cat(preds), torch.cat(costs)
 
 
 def time_budgets(
@@ -102,25 +108,34 @@ def time_budgets(
     *,
     repeats: int = 5,
     warmup: int = 1,
-) -> list[float]:
+) -> list[Timing]:
     """Seconds per forward pass over ``images`` under each budget: the budgets run interleaved
-    round-robin and each time is a median, so machine load hits them alike
-    (:func:`ats_vit.bench.time_round_robin`)."""
-    from ats_vit.bench import time_round_robin
+    round-robin (:func:`ats_vit.timing.time_round_robin`), so machine load hits them alike."""
+    family = family_of(model)
+    for budget in budgets:
+        if budget is not None:
+            budget.check(family)
 
-    adapter = adapt(model)
-
-    def call(budget: Budget | None):
+    def call(budget: Budget | None) -> Any:
         @torch.inference_mode()
         def run() -> None:
-            adapter.configure(budget)  # switching budgets builds a few parameter-free modules
-            adapter.run(images)
+            configure(family, budget)  # sets numbers on the sampling modules: nothing is rebuilt
+            family.run(images)
 
         return run
 
     fns = {str(i): call(b) for i, b in enumerate(budgets)}
     times = time_round_robin(fns, warmup, repeats, images.device)
     return [times[str(i)] for i in range(len(budgets))]
+
+
+def _timing_images(data: Dataset, count: int, device: torch.device) -> Tensor | None:
+    """Up to ``count`` readable images of ``data``, stacked (fewer when the split is smaller)."""
+    loader = DataLoader(data, batch_size=count, collate_fn=collate_skipping)
+    for images, _, _ in loader:
+        if images is not None:
+            return images.to(device)
+    return None
 
 
 def evaluate_budgets(
@@ -133,28 +148,45 @@ def evaluate_budgets(
     timing_repeats: int = 5,
     timing_batch: int = 64,
     progress: bool = True,
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     """One row per ``(label, budget)`` (``None``: dense): accuracy, kept tokens, GFLOPs, and
-    throughput measured in one interleaved run over one batch of ``timing_batch`` images
-    (``timing_repeats=0``, or several processes: no timing, NaN), with the speed-up over the
-    first row when it is the dense model."""
+    throughput measured in one interleaved run over one batch of up to ``timing_batch`` images
+    (the whole split when it is smaller: ``timing_images`` says how many were timed). Each
+    row has the median images/s and speed-up over the first row (when it is dense) with their
+    interquartile ranges over the interleaved rounds. ``timing_repeats=0``, or several
+    processes: no timing (NaN). Every budget is checked against the model before any work."""
+    family = family_of(model)
+    for _, budget in budgets:
+        if budget is not None:
+            budget.check(family)
     rank, world = rank_world()
-    adapter = adapt(model)
     rows = []
     quiet = not progress or rank != 0
     for label, budget in progress_bar(iterable=budgets, desc="budgets", unit="budget", disable=quiet):
-        adapter.configure(budget)
+        configure(family, budget)
         result = evaluate(model, data, batch_size, workers=workers)
         rows.append(dict(label=label, budget=None if budget is None else budget.to_dict(), **result))
-    seconds = [math.nan] * len(rows)
-    if timing_repeats > 0 and world == 1 and rows:
-        images = next(iter(DataLoader(data, batch_size=timing_batch, collate_fn=collate_skipping)))[0]
-        images = images.to(next(model.parameters()).device)
-        seconds = time_budgets(model, [b for _, b in budgets], images, repeats=timing_repeats)
     dense_first = bool(budgets) and budgets[0][1] is None
-    for row, t in zip(rows, seconds, strict=True):
-        row["img_per_s"] = timing_batch / t
-        row["speedup"] = seconds[0] / t if dense_first else math.nan
-        row["gflops_ratio"] = row["gflops"] / rows[0]["gflops"] if dense_first else math.nan
-    adapter.configure(None)
+    images = None
+    if timing_repeats > 0 and world == 1 and rows:
+        images = _timing_images(data, timing_batch, next(model.parameters()).device)
+    timings = (
+        [] if images is None else time_budgets(model, [b for _, b in budgets], images, repeats=timing_repeats)
+    )
+    nan = math.nan
+    for i, row in enumerate(rows):
+        row["gflops_ratio"] = row["gflops"] / rows[0]["gflops"] if dense_first else nan
+        row["timing_images"] = 0 if images is None else len(images)
+        row.update(
+            img_per_s=nan, img_per_s_q1=nan, img_per_s_q3=nan, speedup=nan, speedup_q1=nan, speedup_q3=nan
+        )
+        if timings and images is not None:
+            rate = timings[i].per_second(len(images))
+            row["img_per_s"], (row["img_per_s_q1"], row["img_per_s_q3"]) = rate.median, rate.quartiles()
+            row["img_per_s_spread"] = rate.spread
+            if dense_first:
+                up = speedup(timings[0], timings[i])
+                row["speedup"], (row["speedup_q1"], row["speedup_q3"]) = up.median, up.quartiles()
+                row["speedup_spread"] = up.spread
+    configure(family, None)
     return rows

@@ -61,11 +61,6 @@ class TokenTrace:
     rules: list[str | None] = field(default_factory=list)
     positions: dict[int, Tensor] = field(default_factory=dict)
 
-    @property
-    def sampled(self) -> list[bool]:
-        """Per block, whether it selected tokens."""
-        return [rule is not None for rule in self.rules]
-
     def record(
         self, x: Tensor, padding: Padding | None, rule: str | None = None, positions: Tensor | None = None
     ) -> None:

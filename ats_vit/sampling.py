@@ -18,20 +18,24 @@ Merging makes tokens stand for several patches; their ``size`` then biases atten
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from einops import einsum
 from torch import Tensor, nn
 
 from ats_vit import _validate
+from ats_vit.options import DROPPED, SAMPLERS, Dropped, Sampler, SamplingOptions
 
 __all__ = [
     "DROPPED",
     "SAMPLERS",
     "AdaptiveTokenSampling",
+    "Dropped",
     "Merge",
     "Padding",
+    "Sampler",
+    "SamplingOptions",
     "TokenSelection",
     "bipartite_match",
     "compact",
@@ -55,11 +59,8 @@ __all__ = [
 # (benchmarks/profile_sampling.py).
 PACK_MIN_PADDING = 1 / 32
 
-Sampler = Literal["inverse_transform", "gumbel", "topk", "random", "tome"]
-# "topk", "random" and "tome" keep a fixed count per image; they are the peers ATS is compared to
-SAMPLERS: tuple[str, ...] = ("inverse_transform", "gumbel", "topk", "random", "tome")
-Dropped = Literal["discard", "fuse", "merge"]
-DROPPED: tuple[str, ...] = ("discard", "fuse", "merge")
+# the seed's epsilon inside log(scores) for Gumbel draws
+GUMBEL_EPS = 1e-6
 
 
 class Padding(NamedTuple):
@@ -99,12 +100,15 @@ class TokenSelection(NamedTuple):
         otherwise how dropped tokens are averaged into kept slots (see :func:`select_tokens`).
     size: (b, m) float, how many patches each output token stands for; ``None`` while every
         token is one patch (nothing was ever merged).
+    rule: how the layer selected (:attr:`AdaptiveTokenSampling.rule`, one of
+        :data:`ats_vit.flops.RULES`, for the cost trace); ``None`` when it kept every token.
     """
 
-    index: Tensor
+    index: Tensor  # type: ignore[assignment]  # a field, not tuple.index
     padding: Padding | None
     merge: Merge | None = None
     size: Tensor | None = None
+    rule: str | None = None
 
 
 def significance_scores(cls_attn: Tensor, v: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -282,11 +286,14 @@ def select_tokens(x: Tensor, selection: TokenSelection) -> Tensor:
         return gather_tokens(x, selection.index)
     dest, weight = selection.merge
     b, m = selection.index.shape
-    flat = x.flatten(2)  # (b, n, c)
-    c = flat.shape[-1]
-    out = flat.new_zeros(b, m + 1, c)
-    out.scatter_add_(1, dest[..., None].expand(-1, -1, c), flat * weight[..., None].to(flat.dtype))
-    return out[:, :m].view(b, m, *x.shape[2:])
+    n = x.shape[1]
+    rows = x.reshape(b * n, -1) * weight.reshape(b * n, 1).to(x.dtype)  # (b n, c)
+    # one flat index_add_ over rows (several times faster than a scatter_add_ along the token
+    # axis on CPU); tokens that join no slot (dest == m) all land in one spare row at the end
+    offsets = torch.arange(b, device=dest.device)[:, None] * m
+    target = torch.where(dest < m, dest + offsets, b * m).flatten()
+    out = rows.new_zeros(b * m + 1, rows.shape[1]).index_add_(0, target, rows)
+    return out[: b * m].view(b, m, *x.shape[2:])
 
 
 def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> TokenSelection:
@@ -338,76 +345,76 @@ def tokenwise(fn: Callable[..., Tensor], x: Tensor, padding: Padding | None, *ot
 
 def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     """x: (b, n, ...) , index: (b, m) -> (b, m, ...) rows of x at index."""
-    idx = index.reshape(*index.shape, *((1,) * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, idx)
+    if x.dim() == 2:
+        return x.gather(1, index)
+    b, n = x.shape[:2]
+    # rows of the flattened (b n) axis: index_select copies whole rows, several times faster
+    # on CPU than a gather with an index expanded over the feature axes
+    rows = (index + torch.arange(b, device=index.device)[:, None] * n).flatten()
+    return x.reshape(b * n, *x.shape[2:]).index_select(0, rows).view(b, index.shape[1], *x.shape[2:])
 
 
 class AdaptiveTokenSampling(nn.Module):
     """Keeps at most ``max_tokens`` non-prefix tokens per image, chosen by significance.
 
-    ``sampler``: ``"inverse_transform"`` (the paper's; deterministic at eval) or ``"gumbel"``
-    (the seed's) keep an adaptive count, since repeated picks are kept once. The peers that
-    ATS is benchmarked against keep exactly ``max_tokens``: ``"topk"`` (highest head-averaged
-    CLS attention, EViT-style), ``"random"`` (uniform, random at eval too) and ``"tome"``
-    (ToMe's bipartite matching of keys; at most halves the tokens of a layer).
-    Prefix tokens (CLS, distillation, registers: the first ``num_prefix_tokens``) are always
-    kept. An image with at most ``max_tokens`` valid candidates keeps all of them, so an image
-    is treated the same alone as in any batch.
+    How it selects is ``options`` (:class:`~ats_vit.options.SamplingOptions`): the paper's
+    inverse transform and the seed's Gumbel draws keep an adaptive count (repeated picks are
+    kept once); the peers ATS is benchmarked against (top-k, random, ToMe) keep exactly
+    ``max_tokens``. Prefix tokens (CLS, distillation, registers: the first
+    ``num_prefix_tokens``) are always kept. An image with at most ``max_tokens`` valid
+    candidates keeps all of them, so an image is treated the same alone as in any batch.
+    ``SamplingOptions()`` is the paper's ATS, bit for bit.
 
-    ``temperature`` reshapes the significance scores as ``S^(1/temperature)`` before the ATS
-    samplers draw (:func:`sharpen`); ``dropped`` is what becomes of the tokens not kept:
-    ``"discard"``, ``"fuse"`` (one more token per image, the significance-weighted mean of the
-    dropped ones, placed where the most significant of them was) or ``"merge"`` (each joins its
-    most similar kept token, weighted by size; the default, and the only choice, for ``"tome"``).
-    ``temperature=1, dropped="discard"`` is the paper's ATS, bit for bit. In training the
-    inverse-transform points are jittered inside their strata (``jitter=False``: not).
+    The module has no parameters; :meth:`configure` changes its cap and options in place,
+    which is how budgets and calibration set a model (patch once, then set numbers).
     """
 
     def __init__(
-        self,
-        max_tokens: int,
-        sampler: Sampler = "inverse_transform",
-        *,
-        num_prefix_tokens: int = 1,
-        static_shape: bool = False,
-        temperature: float = 1.0,
-        dropped: Dropped | None = None,
-        jitter: bool = True,
-        eps: float = 1e-6,
+        self, max_tokens: int, options: SamplingOptions | None = None, *, num_prefix_tokens: int = 1
     ) -> None:
         super().__init__()
         # num_prefix_tokens >= 1: tokens are scored by the CLS query, which must exist
-        self.max_tokens = _validate.positive_int("max_tokens", max_tokens)
-        self.sampler = _validate.choice("sampler", sampler, SAMPLERS)
         self.num_prefix_tokens = _validate.positive_int("num_prefix_tokens", num_prefix_tokens)
-        self.static_shape = static_shape
-        self.temperature = _validate.positive_float("temperature", temperature)
-        default = "merge" if sampler == "tome" else "discard"
-        self.dropped = _validate.choice("dropped", default if dropped is None else dropped, DROPPED)
-        if sampler == "tome" and self.dropped != "merge":
-            raise ValueError(
-                f"sampler='tome' merges the tokens it drops; dropped must be 'merge', got {dropped!r}"
-            )
-        self.jitter = jitter
-        self.eps = eps
+        self.max_tokens = 0
+        self.options = SamplingOptions()
+        self.configure(max_tokens, options)
+
+    def configure(self, max_tokens: int, options: SamplingOptions | None = None) -> None:
+        """Set the cap and (unless None) the options, in place."""
+        self.max_tokens = _validate.positive_int("max_tokens", max_tokens)
+        if options is not None:
+            if not isinstance(options, SamplingOptions):
+                raise TypeError(
+                    f"options must be an ats_vit.SamplingOptions, got {type(options).__name__} ({options!r})"
+                )
+            self.options = options
 
     def extra_repr(self) -> str:
+        o = self.options
         return (
-            f"max_tokens={self.max_tokens}, sampler={self.sampler!r}, "
-            f"num_prefix_tokens={self.num_prefix_tokens}, static_shape={self.static_shape}, "
-            f"temperature={self.temperature:g}, dropped={self.dropped!r}"
+            f"max_tokens={self.max_tokens}, sampler={o.sampler!r}, "
+            f"num_prefix_tokens={self.num_prefix_tokens}, "
+            f"static_shape={o.static_shape}, temperature={o.temperature:g}, dropped={o.dropped!r}"
         )
+
+    @property
+    def sampler(self) -> str:
+        return self.options.sampler
+
+    @property
+    def dropped(self) -> str:
+        return str(self.options.dropped)
 
     @property
     def rule(self) -> str:
         """What a sampling layer computes besides the kept tokens' attention (for FLOPs)."""
-        if self.sampler == "tome":
+        if self.options.sampler == "tome":
             return "bipartite"
-        return "score" if self.dropped == "discard" else f"score+{self.dropped}"
+        return "score" if self.options.dropped == "discard" else f"score+{self.options.dropped}"
 
     @property
     def uses_cls_attention(self) -> bool:
-        return self.sampler != "tome"
+        return self.options.sampler != "tome"
 
     def needed(self, num_tokens: int) -> bool:
         """Whether a layer with ``num_tokens`` tokens (prefix included) samples at all."""
@@ -425,42 +432,44 @@ class AdaptiveTokenSampling(nn.Module):
         """cls_attn: (b, h, n) CLS attention over all n tokens (unused, may be None, for
         ``"tome"``); v, k: (b, h, n, d) values and keys (keys are needed to merge); padding of
         the n input tokens, or None; size: (b, n) patches per token, or None (all 1)."""
-        p, cap = self.num_prefix_tokens, self.max_tokens
+        p, cap, o = self.num_prefix_tokens, self.max_tokens, self.options
         b, _, n, _ = v.shape
         if not self.needed(n):
             return TokenSelection(torch.arange(n, device=v.device).expand(b, n), padding, size=size)
-        if k is None and (self.dropped == "merge"):
-            raise ValueError(f"dropped='merge' (sampler={self.sampler!r}) needs the keys k to compare tokens")
+        if k is None and o.dropped == "merge":
+            raise ValueError(f"dropped='merge' (sampler={o.sampler!r}) needs the keys k to compare tokens")
         valid = None if padding is None else padding.mask[:, p:]
         scores, into = None, None
-        if self.sampler in ("inverse_transform", "gumbel") or self.dropped == "fuse":
-            scores = significance_scores(cls_attn[..., p:], v[..., p:, :], valid)  # (b, n - p)
-        if self.sampler == "tome":
-            keep, into = bipartite_match(k.mean(dim=1)[:, p:], cap, valid)
+        if o.sampler in ("inverse_transform", "gumbel") or o.dropped == "fuse":
+            scores = significance_scores(_required(cls_attn)[..., p:], v[..., p:, :], valid)  # (b, n - p)
+        if o.sampler == "tome":
+            keep, into = bipartite_match(_required(k).mean(dim=1)[:, p:], cap, valid)
         else:
-            if self.sampler == "topk":
-                picks = topk_select(cls_attn[..., p:], cap, valid)
-            elif self.sampler == "random":
+            if o.sampler == "topk":
+                picks = topk_select(_required(cls_attn)[..., p:], cap, valid)
+            elif o.sampler == "random":
                 candidates = torch.ones(b, n - p, dtype=torch.bool, device=v.device)
                 picks = random_select(candidates if valid is None else valid, cap)
-            elif self.sampler == "inverse_transform":
-                jitter = self.training and self.jitter
-                picks = inverse_transform_sample(sharpen(scores, self.temperature), cap, jitter=jitter)
+            elif o.sampler == "inverse_transform":
+                jitter = self.training and o.jitter
+                picks = inverse_transform_sample(
+                    sharpen(_required(scores), o.temperature), cap, jitter=jitter
+                )
             else:
-                picks = gumbel_sample(sharpen(scores, self.temperature), cap, valid, eps=self.eps)
+                picks = gumbel_sample(sharpen(_required(scores), o.temperature), cap, valid, eps=GUMBEL_EPS)
             keep = keep_mask(picks, n - p)
             if valid is not None:
                 # images with few enough valid candidates keep them all, as they would alone
                 few = valid.sum(-1, keepdim=True) <= cap
                 keep = (few & valid) | (~few & keep)
         dropped = ~keep if valid is None else valid & ~keep
-        if self.dropped == "fuse":
+        if o.dropped == "fuse":
             # the fused token takes the slot of the most significant dropped token
-            host = scores.masked_fill(~dropped, -1.0).argmax(dim=-1, keepdim=True)  # (b, 1)
+            host = _required(scores).masked_fill(~dropped, -1.0).argmax(dim=-1, keepdim=True)  # (b, 1)
             keep = keep.scatter(1, host, dropped.any(dim=-1, keepdim=True) | keep.gather(1, host))
-        static = cap + (self.dropped == "fuse") if self.static_shape else None
-        selection = compact(keep, static, num_prefix=p)
-        if self.dropped == "discard":
+        static = cap + (o.dropped == "fuse") if o.static_shape else None
+        selection = compact(keep, static, num_prefix=p)._replace(rule=self.rule)
+        if o.dropped == "discard":
             return (
                 selection if size is None else selection._replace(size=gather_tokens(size, selection.index))
             )
@@ -483,23 +492,33 @@ class AdaptiveTokenSampling(nn.Module):
         p = self.num_prefix_tokens
         b, m = selection.index.shape
         slot = p + keep.long().cumsum(dim=-1) - 1  # (b, n - p) output slot of each kept candidate
-        if self.dropped == "fuse":
+        if self.options.dropped == "fuse":
             target = slot.masked_fill(~(keep & dropped), -1).amax(dim=-1, keepdim=True).expand_as(slot)
         elif into is not None:  # tome: the matched candidate's slot
             target = slot.gather(1, into.clamp_min(0))
         else:
-            metric = k.mean(dim=1)  # (b, n, d) keys averaged over heads, as ToMe compares tokens
+            metric = _required(k).mean(dim=1)  # (b, n, d) keys averaged over heads, as ToMe compares tokens
             allowed = (torch.arange(m, device=slot.device) >= p).expand(b, m)
             if selection.padding is not None:
                 allowed = allowed & selection.padding.mask
             target = nearest_kept(metric[:, p:], gather_tokens(metric, selection.index), allowed)
-        joins = dropped & ~keep if self.dropped != "fuse" else dropped
+        fuse = self.options.dropped == "fuse"
+        joins = dropped & ~keep if not fuse else dropped
         dest = torch.where(keep & ~joins, slot, torch.where(joins, target, m))
         dest = torch.cat((torch.arange(p, device=dest.device).expand(b, p), dest), dim=1)  # (b, n)
         patches = torch.ones(dest.shape, device=dest.device) if size is None else size.float()
         weight = patches  # merging averages by size, as ToMe does
-        if self.dropped == "fuse":
+        if fuse:
             # significance-weighted, as EViT weights by attention; kept tokens are alone in their slot
-            weight = torch.cat((torch.ones_like(patches[:, :p]), torch.where(dropped, scores, 1.0)), dim=1)
+            weight = torch.cat(
+                (torch.ones_like(patches[:, :p]), torch.where(dropped, _required(scores), 1.0)), dim=1
+            )
         size_out = patches.new_zeros(b, m + 1).scatter_add_(1, dest, patches)[:, :m]
         return selection._replace(merge=merge_plan(dest, weight, m), size=size_out)
+
+
+def _required(t: Tensor | None) -> Tensor:
+    """``t``, which the chosen rule guarantees was computed (narrows Optional for the type checker)."""
+    if t is None:
+        raise RuntimeError("internal error: a tensor this sampling rule needs was not computed")
+    return t

@@ -10,11 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,9 +33,18 @@ from ats_vit.checkpoint import (
     save_checkpoint,
 )
 from ats_vit.distributed import init_distributed, rank_world
+from ats_vit.families import family_of
 from ats_vit.models import ModelConfig, build_model
 
-__all__ = ["TrainConfig", "steps_per_epoch", "train"]
+__all__ = [
+    "RUN_FILES",
+    "RunExistsError",
+    "TrainConfig",
+    "TrainingInterrupted",
+    "prepare_run_dir",
+    "steps_per_epoch",
+    "train",
+]
 
 
 @dataclass
@@ -76,7 +87,7 @@ def _batches(data: Dataset, cfg: TrainConfig, epoch: int, skip: int) -> Iterator
     process with ``world`` times the batch size: DDP trains the same model as one process.
     """
     rank, world = rank_world()
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    order = torch.randperm(_size(data), generator=torch.Generator().manual_seed(cfg.seed + epoch))
     usable = steps_per_epoch(data, cfg) * cfg.batch_size * world
     indices = order[:usable][rank::world].tolist()[skip * cfg.batch_size :]
     # the loader's own generator: creating it must not draw from the global RNG, whose state a
@@ -90,7 +101,7 @@ def _batches(data: Dataset, cfg: TrainConfig, epoch: int, skip: int) -> Iterator
     yield from loader
 
 
-def _tensorboard(out: Path):
+def _tensorboard(out: Path) -> Any:
     """A TensorBoard writer when tensorboard is installed, else None (CSV is always written)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -99,13 +110,19 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
+def _size(data: Dataset) -> int:
+    return len(data)  # type: ignore[arg-type]  # map-style data sets have a length
+
+
 def steps_per_epoch(data: Dataset, cfg: TrainConfig) -> int:
     _, world = rank_world()
-    return (len(data) // world) // cfg.batch_size
+    return (_size(data) // world) // cfg.batch_size
 
 
 def _initial_weights(cfg: TrainConfig) -> dict[str, Tensor]:
     """The weights of ``cfg.init_from``, which must be a model of the same sizes (any budget)."""
+    if cfg.init_from is None:
+        raise ValueError("init_from names no checkpoint")
     saved, state, _, _ = load_checkpoint(cfg.init_from)
     if replace(saved, budget=None) != replace(cfg.model, budget=None):
         raise CheckpointError(
@@ -115,24 +132,88 @@ def _initial_weights(cfg: TrainConfig) -> dict[str, Tensor]:
     return state
 
 
-def train(cfg: TrainConfig, train_data: Dataset, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or, with ``cfg.init_from``, fine-tune) a ViT with ``cfg.model.budget`` active;
-    return the final checkpoint's path (``out_dir/final.safetensors``)."""
-    from ats_vit.sampling import AdaptiveTokenSampling
+# the files a run writes in its folder (and a TensorBoard folder)
+RUN_FILES = ("config.json", "metrics.csv", "last.safetensors", "final.safetensors")
 
+
+class RunExistsError(ValueError):
+    """The output folder already holds a run that would be written over."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says where the last checkpoint is."""
+
+
+def prepare_run_dir(
+    out: Path, *, resume: bool, overwrite: bool, init_from: str | None = None, remove: bool = True
+) -> None:
+    """Refuse to write over an existing run (unless resuming it, or told to overwrite it, in
+    which case its files are removed first when ``remove``) and never over the checkpoint a
+    run starts from. Every DDP rank checks (so all refuse alike); one removes."""
+    writes = [out / name for name in RUN_FILES]
+    if init_from is not None and any(Path(init_from).resolve() == w.resolve() for w in writes):
+        raise ValueError(
+            f"the checkpoint to start from ({init_from}) is a file this run would write in {out}; "
+            "choose another output folder"
+        )
+    existing = [p for p in writes if p.exists()]
+    if not existing or resume:
+        return
+    if not overwrite:
+        raise RunExistsError(
+            f"{out} already holds a run ({', '.join(p.name for p in existing)}): resume it, or "
+            "overwrite it to start afresh (its files are replaced)"
+        )
+    if remove:
+        for path in existing:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Forget the logged rows past ``step`` (logged after the checkpoint a run resumes from)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+def train(
+    cfg: TrainConfig,
+    train_data: Dataset,
+    resume: bool = False,
+    progress: bool = True,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Train (or, with ``cfg.init_from``, fine-tune) a ViT with ``cfg.model.budget`` active;
+    return the final checkpoint's path (``out_dir/final.safetensors``).
+
+    An ``out_dir`` that holds a run is refused unless ``resume`` (continue from its
+    ``last.safetensors``) or ``overwrite`` (remove its files and start afresh). Ctrl-C raises
+    :class:`TrainingInterrupted` naming the last checkpoint."""
     device = init_distributed()
     rank, world = rank_world()
     out = Path(cfg.out_dir)
     last = out / "last.safetensors"
+    prepare_run_dir(out, resume=resume, overwrite=overwrite, init_from=cfg.init_from, remove=rank == 0)
+    if world > 1:
+        dist.barrier()
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
     if cfg.init_from is not None:
         model.load_state_dict(_initial_weights(cfg))
-    for module in model.modules():
-        if isinstance(module, AdaptiveTokenSampling):
-            module.jitter = cfg.jitter
+    family_of(model).set_options(jitter=cfg.jitter)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
+    per_epoch = steps_per_epoch(train_data, cfg)
+    if per_epoch == 0:
+        raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({_size(train_data)})")
+    total = per_epoch * cfg.epochs
+    log_path = out / "metrics.csv"
     if resume and not last.exists() and rank == 0:
         print(f"resume: no checkpoint at {last}; starting from scratch", file=sys.stderr)
     if resume and last.exists():
@@ -143,14 +224,12 @@ def train(cfg: TrainConfig, train_data: Dataset, resume: bool = False, progress:
         load_optimizer_tensors(opt, other)
         step = int(other["train.step"])
         torch.set_rng_state(other["train.rng"])
+        if rank == 0:
+            print(f"resume: {last} at step {step} of {total}", file=sys.stderr)
+            _drop_metrics_after(log_path, step)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    per_epoch = steps_per_epoch(train_data, cfg)
-    if per_epoch == 0:
-        raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({len(train_data)})")
-    total = per_epoch * cfg.epochs
     # bf16 autocast pays off on GPUs; CPUs without native bf16 (like AVX2 ones) only slow down
     use_amp = cfg.amp and device.type == "cuda"
-    log_path = out / "metrics.csv"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -158,6 +237,7 @@ def train(cfg: TrainConfig, train_data: Dataset, resume: bool = False, progress:
         total=total, initial=step, disable=not progress or rank != 0, desc="train", unit="step"
     )
     board = _tensorboard(out) if rank == 0 else None
+    saved_at = step if resume and last.exists() else None
 
     def checkpoint(path: Path) -> None:
         extra = {
@@ -171,35 +251,45 @@ def train(cfg: TrainConfig, train_data: Dataset, resume: bool = False, progress:
             dist.barrier()
 
     model.train()
-    while step < total:
-        epoch, offset = divmod(step, per_epoch)
-        for images, labels in _batches(train_data, cfg, epoch, offset):
-            images, labels = images.to(device), labels.to(device)
-            for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total, cfg)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss = F.cross_entropy(ddp(images), labels, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.update(1)
-            if rank == 0 and (step % 20 == 0 or step == total):
-                lr, value = _lr_at(step - 1, total, cfg), loss.item()
-                bar.set_postfix(loss=f"{value:.3f}", epoch=epoch, refresh=False)
-                new = not log_path.exists()
-                with open(log_path, "a", newline="") as f:
-                    writer = csv.writer(f)
-                    if new:
-                        writer.writerow(["step", "epoch", "lr", "loss", "time"])
-                    writer.writerow([step, epoch, f"{lr:.6g}", f"{value:.5f}", f"{time.time():.1f}"])
-                if board is not None:
-                    board.add_scalar("train/loss", value, step)
-                    board.add_scalar("train/lr", lr, step)
-            if step % cfg.ckpt_every == 0 or step == total:
-                checkpoint(last)
-            if step == total:
-                break
+    try:
+        while step < total:
+            epoch, offset = divmod(step, per_epoch)
+            for images, labels in _batches(train_data, cfg, epoch, offset):
+                images, labels = images.to(device), labels.to(device)
+                for group in opt.param_groups:
+                    group["lr"] = _lr_at(step, total, cfg)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = F.cross_entropy(ddp(images), labels, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                bar.update(1)
+                if rank == 0 and (step % 20 == 0 or step == total):
+                    lr, value = _lr_at(step - 1, total, cfg), loss.item()
+                    bar.set_postfix(loss=f"{value:.3f}", epoch=epoch, refresh=False)
+                    new = not log_path.exists()
+                    with open(log_path, "a", newline="") as f:
+                        writer = csv.writer(f)
+                        if new:
+                            writer.writerow(["step", "epoch", "lr", "loss", "time"])
+                        writer.writerow([step, epoch, f"{lr:.6g}", f"{value:.5f}", f"{time.time():.1f}"])
+                    if board is not None:
+                        board.add_scalar("train/loss", value, step)
+                        board.add_scalar("train/lr", lr, step)
+                if step % cfg.ckpt_every == 0 or step == total:
+                    checkpoint(last)
+                    saved_at = step
+                if step == total:
+                    break
+    except KeyboardInterrupt:
+        bar.close()
+        where = (
+            "no checkpoint was written yet"
+            if saved_at is None
+            else f"the last checkpoint is {last} (step {saved_at})"
+        )
+        raise TrainingInterrupted(f"stopped at step {step} of {total}; {where}") from None
     bar.close()
     if board is not None:
         board.close()

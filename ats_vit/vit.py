@@ -1,7 +1,7 @@
 """A Vision Transformer whose layers keep an adaptive number of tokens per image.
 
 Same constructor arguments and forward contract as vit-pytorch's ``ats_vit.ViT`` (plus
-``sampler`` and ``static_shape``); module names follow timm's. Checkpoints of the vit-pytorch
+``sampler`` and ``options``); module names follow timm's. Checkpoints of the vit-pytorch
 model load through :func:`load_vit_pytorch_state_dict`.
 """
 
@@ -16,18 +16,10 @@ from torch import Tensor, nn
 
 from ats_vit import _validate
 from ats_vit.attention import SamplingAttention
-from ats_vit.flops import TokenTrace, ViTCost
-from ats_vit.sampling import (
-    DROPPED,
-    SAMPLERS,
-    AdaptiveTokenSampling,
-    Dropped,
-    Padding,
-    Sampler,
-    TokenSelection,
-    select_tokens,
-    tokenwise,
-)
+from ats_vit.flops import ViTCost
+from ats_vit.options import Sampler, SamplingOptions
+from ats_vit.sampling import AdaptiveTokenSampling, tokenwise
+from ats_vit.tokens import TokenState
 
 __all__ = ["Block", "FeedForward", "PatchEmbed", "ViT", "load_vit_pytorch_state_dict"]
 
@@ -74,38 +66,24 @@ class Block(nn.Module):
         mlp_dim: int,
         dropout: float = 0.0,
         max_tokens: int | None = None,
-        sampler: Sampler = "inverse_transform",
-        static_shape: bool = False,
-        temperature: float = 1.0,
-        dropped: Dropped | None = None,
+        options: SamplingOptions | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SamplingAttention(
-            dim,
-            heads,
-            dim_head,
-            dropout,
-            max_tokens,
-            sampler,
-            static_shape=static_shape,
-            temperature=temperature,
-            dropped=dropped,
-        )
+        self.attn = SamplingAttention(dim, heads, dim_head, dropout, max_tokens, options)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, mlp_dim, dropout)
 
-    def forward(
-        self, x: Tensor, padding: Padding | None = None, size: Tensor | None = None
-    ) -> tuple[Tensor, TokenSelection | None]:
-        """x: (b, n, dim) with its padding and token sizes -> x (b, m, dim) and the selection
-        (None when every token was kept), which carries the new padding and sizes."""
-        out, selection = self.attn(self.norm1(x), padding, size)
-        if selection is not None:
-            x, padding = select_tokens(x, selection), selection.padding
-        x = x + out
+    def forward(self, x: Tensor, state: TokenState | None = None) -> Tensor:
+        """x: (b, n, dim) -> (b, m, dim), the tokens this block kept; ``state`` carries the
+        padding and sizes of x in and takes on those of the output (a new one: x is whole)."""
+        state = TokenState(x, 1) if state is None else state
+        out, selection = self.attn(self.norm1(x), state.padding, state.size)
+        x = state.follow(x, out, selection)
         del out  # not alive during the MLP, whose hidden activations set the peak memory
-        return x + tokenwise(lambda t: self.mlp(self.norm2(t)), x, padding), selection
+        x = x + tokenwise(lambda t: self.mlp(self.norm2(t)), x, state.padding)
+        state.record(x)
+        return x
 
 
 class ViT(nn.Module):
@@ -114,11 +92,10 @@ class ViT(nn.Module):
     ``max_tokens_per_depth[i]`` caps the patch tokens (CLS excluded) that layer ``i`` keeps;
     a layer samples only when it has more than that. ``sampler`` is ``"inverse_transform"``
     (the paper's; deterministic at eval) or ``"gumbel"`` (the seed's); ``"topk"``,
-    ``"random"`` and ``"tome"`` are fixed-count peers for comparisons. ``static_shape=True``
-    pads every sampling layer's output to its cap instead of the batch's largest count,
-    which avoids the one host sync per sampling layer at the cost of some padded compute.
-    ``temperature`` and ``dropped`` are those of :class:`~ats_vit.sampling.AdaptiveTokenSampling`
-    (defaults: the paper's ATS). :mod:`ats_vit.budget` sets all of these per layer afterwards.
+    ``"random"`` and ``"tome"`` are fixed-count peers for comparisons. ``options``
+    (:class:`~ats_vit.options.SamplingOptions`) sets everything else a layer can do
+    (temperature, fusing or merging what it drops, static shapes); give ``sampler`` or
+    ``options``, not both. :mod:`ats_vit.budget` changes the caps and options in place.
     """
 
     def __init__(
@@ -136,10 +113,8 @@ class ViT(nn.Module):
         dim_head: int = 64,
         dropout: float = 0.0,
         emb_dropout: float = 0.0,
-        sampler: Sampler = "inverse_transform",
-        static_shape: bool = False,
-        temperature: float = 1.0,
-        dropped: Dropped | None = None,
+        sampler: Sampler | None = None,
+        options: SamplingOptions | None = None,
     ) -> None:
         super().__init__()
         image_hw = _validate.pair("image_size", image_size)
@@ -160,8 +135,13 @@ class ViT(nn.Module):
         depth = _validate.positive_int("depth", depth)
         _validate.probability("dropout", dropout)
         _validate.probability("emb_dropout", emb_dropout)
+        if sampler is not None and options is not None:
+            raise ValueError("give sampler or options (SamplingOptions(sampler=...)), not both")
+        options = options if options is not None else SamplingOptions(sampler=sampler or "inverse_transform")
+        schedule = _validate.schedule(max_tokens_per_depth, depth)
 
         self.image_size = image_hw
+        self.patch_size = patch_hw
         self.channels = channels
         self.cost = ViTCost(
             num_patches=(image_hw[0] // patch_hw[0]) * (image_hw[1] // patch_hw[1]),
@@ -179,84 +159,71 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, dim))
         self.emb_drop = nn.Dropout(emb_dropout)
-        self.blocks = nn.ModuleList(Block(dim, heads, dim_head, mlp_dim, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, dim_head, mlp_dim, dropout, cap, options) for cap in schedule
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        self.set_sampling(
-            max_tokens_per_depth,
-            sampler=sampler,
-            static_shape=static_shape,
-            temperature=temperature,
-            dropped=dropped,
-        )
+        # the token state of the last forward pass (see ats_vit.families.last_info)
+        self.last_state: TokenState | None = None
+
+    def sampling_layers(self) -> list[AdaptiveTokenSampling]:
+        """Each block's sampling module (parameter-free; configured in place)."""
+        return [_required_ats(block) for block in self.blocks]
+
+    @property
+    def max_tokens_per_depth(self) -> tuple[int, ...]:
+        return tuple(ats.max_tokens for ats in self.sampling_layers())
+
+    @property
+    def options(self) -> SamplingOptions:
+        return self.sampling_layers()[0].options
+
+    @property
+    def sampler(self) -> str:
+        return self.options.sampler
 
     def set_sampling(
-        self,
-        max_tokens_per_depth: Sequence[int],
-        *,
-        sampler: Sampler = "inverse_transform",
-        static_shape: bool = False,
-        temperature: float = 1.0,
-        dropped: Dropped | None = None,
+        self, max_tokens_per_depth: Sequence[int], options: SamplingOptions | None = None
     ) -> ViT:
-        """Give every layer a new token cap and sampling rule (the constructor's arguments of
-        the same names); weights are untouched. Returns the model. This is what
-        :meth:`ats_vit.budget.Budget.apply` calls."""
+        """Give every layer a new token cap and (unless None) new sampling options, in place;
+        weights are untouched. Returns the model."""
         schedule = _validate.schedule(max_tokens_per_depth, len(self.blocks))
-        self.sampler = _validate.choice("sampler", sampler, SAMPLERS)
-        if dropped is not None:
-            _validate.choice("dropped", dropped, DROPPED)
-        for block, cap in zip(self.blocks, schedule, strict=True):
-            block.attn.ats = AdaptiveTokenSampling(
-                cap,
-                sampler,
-                static_shape=static_shape,
-                temperature=temperature,
-                dropped=dropped,
-            ).train(block.training)  # new modules default to training mode, which jitters
-        self.max_tokens_per_depth = schedule
-        self.static_shape, self.temperature = static_shape, temperature
-        self.dropped = self.blocks[0].attn.ats.dropped
+        for ats, cap in zip(self.sampling_layers(), schedule, strict=True):
+            ats.configure(cap, options)
         return self
 
-    def forward_features(
+    def forward_tokens(
         self, img: Tensor, *, resume: tuple[int, Tensor] | None = None
-    ) -> tuple[Tensor, Tensor, Padding | None, TokenTrace]:
-        """img: (b, c, H, W) -> tokens (b, m, dim), their original positions (b, m) (0 = CLS),
-        their padding (None when nothing is padded), and the per-block token counts (for
+    ) -> tuple[Tensor, TokenState]:
+        """img: (b, c, H, W) -> tokens (b, m, dim) after the last block and the pass's
+        :class:`~ats_vit.tokens.TokenState` (padding, positions, trace for
         :func:`ats_vit.flops.gflops` with ``self.cost``).
 
-        ``resume=(layer, hidden)`` starts at block ``layer`` from ``hidden``, the (b, n + 1, dim)
-        input that block gets when every earlier block keeps every token (as captured from a
-        dense pass); the skipped blocks are traced as dense. Budget calibration uses it so that
-        the dense layers before the first sampling layer are computed once.
+        ``resume=(layer, hidden)`` starts at block ``layer`` from ``hidden``, the (b, n + 1,
+        dim) input that block gets in a dense pass; the skipped blocks are traced as dense.
+        Budget calibration uses it to compute the dense layers once.
         """
         img = _validate.images(img, self.channels, self.image_size, self.cls_token.dtype)
-        trace = TokenTrace(self.num_patches, num_prefix_tokens=1)
         if resume is None:
-            start = 0
             x = self.patch_embed(img)
             x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
             x = self.emb_drop(x)
         else:
-            start, x = resume
-            if x.shape != (img.shape[0], self.num_patches + 1, self.pos_embed.shape[-1]):
-                raise ValueError(f"resume hidden state must be (b, n + 1, dim), got {tuple(x.shape)}")
-            for _ in range(start):
-                trace.record(x, None)
-        b, n, _ = x.shape
-        positions = torch.arange(n, device=x.device).expand(b, -1)
-        padding, size = None, None
-        for block in self.blocks[start:]:
-            x, selection = block(x, padding, size)
-            rule = None
-            if selection is not None:
-                padding, size, rule = selection.padding, selection.size, block.attn.ats.rule
-                positions = positions.gather(1, selection.index)
-            trace.record(x, padding, rule=rule, positions=positions)
-        return x, positions, padding, trace
+            x = resume[1]
+        state = TokenState(x, 1, resume)
+        for i, block in enumerate(self.blocks):
+            skipped = state.skip(i)
+            x = block(x, state) if skipped is None else skipped
+        return x, state
+
+    def forward_features(self, img: Tensor) -> Tensor:
+        """img: (b, c, H, W) -> tokens (b, m, dim) that the last block kept (padded per batch;
+        see ``last_state``)."""
+        x, self.last_state = self.forward_tokens(img)
+        return x
 
     def forward_head(self, x: Tensor) -> Tensor:
         """x: (b, m, dim) -> logits (b, num_classes) from the CLS token."""
@@ -265,14 +232,17 @@ class ViT(nn.Module):
     def forward(self, img: Tensor, return_sampled_token_ids: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Logits (b, num_classes); with ``return_sampled_token_ids`` also (b, m) ids of the
         patches alive after the last layer (0-based, CLS excluded, -1 for padding)."""
-        x, positions, padding, _ = self.forward_features(img)
+        x, state = self.forward_tokens(img)
+        self.last_state = state
         logits = self.forward_head(x)
-        if not return_sampled_token_ids:
-            return logits
-        ids = positions[:, 1:] - 1
-        if padding is not None:
-            ids = ids.masked_fill(~padding.mask[:, 1:], -1)
-        return logits, ids
+        return (logits, state.token_ids()) if return_sampled_token_ids else logits
+
+
+def _required_ats(block: nn.Module) -> AdaptiveTokenSampling:
+    ats = getattr(getattr(block, "attn", None), "ats", None)
+    if not isinstance(ats, AdaptiveTokenSampling):
+        raise RuntimeError("every block of an ats_vit.ViT has a sampling module")
+    return ats
 
 
 # vit-pytorch's ats_vit.ViT parameter names -> ours
@@ -315,20 +285,11 @@ def load_vit_pytorch_state_dict(model: ViT, state_dict: Mapping[str, Tensor]) ->
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got {type(state_dict).__name__}")
     converted = convert_vit_pytorch_state_dict(state_dict)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(converted))
-    unexpected = sorted(set(converted) - set(own))
-    mismatched = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in converted.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
+    problem = _validate.state_dict_mismatch(model.state_dict(), converted)
+    if problem:
         raise ValueError(
             "state_dict does not fit this model (is it a vit-pytorch ats_vit.ViT of the same sizes?): "
-            f"missing={missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected={unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-            f"mismatched shapes={mismatched[:5]}"
+            f"{problem}"
         )
     model.load_state_dict(converted)
     return model

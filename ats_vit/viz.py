@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
 from ats_vit.flops import TokenTrace
+from ats_vit.stats import binomial_ci95
 
-__all__ = ["kept_patch_masks", "plot_accuracy_vs_gflops", "plot_frontier", "save_kept_tokens_grid"]
+__all__ = ["kept_patch_masks", "plot_accuracy_vs_cost", "plot_frontier", "save_kept_tokens_grid"]
 
 
-def _pyplot():
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -25,7 +28,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | Path, dpi: int) -> Path:
+def _save(fig: Any, path: str | Path, dpi: int) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -97,23 +100,55 @@ def save_kept_tokens_grid(
     return _save(fig, path, dpi=110)
 
 
-def plot_accuracy_vs_gflops(rows: Sequence[dict], path: str | Path, title: str = "") -> Path:
-    """rows: dicts with 'gflops', 'accuracy' and 'label' (one point per budget, as from
-    :func:`ats_vit.evaluate.evaluate_budgets`)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    xs = [r["gflops"] for r in rows]
-    ys = [100 * r["accuracy"] for r in rows]
-    ax.plot(xs, ys, "o")
-    # short labels, alternating above / below in GFLOPs order, so close budgets stay legible
-    order = sorted(range(len(rows)), key=lambda i: xs[i])
-    for rank, i in enumerate(order):
-        offset = (3, 6 if rank % 2 else -12)
-        ax.annotate(rows[i]["label"], (xs[i], ys[i]), textcoords="offset points", xytext=offset, fontsize=7)
-    ax.set_xlabel("GFLOPs per image (tokens actually kept)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title or "accuracy vs GFLOPs without fine-tuning", fontsize=9)
+def _accuracy_axis(ax: Any, values: Sequence[float], errors: Sequence[float], min_span: float = 4.0) -> None:
+    """y-limits that hold every point with its interval and span at least ``min_span`` points,
+    so a spread within noise does not fill the whole figure."""
+    low = min(v - e for v, e in zip(values, errors, strict=True))
+    high = max(v + e for v, e in zip(values, errors, strict=True))
+    pad = max(0.0, min_span - (high - low)) / 2 + 0.3
+    ax.set_ylim(max(0.0, low - pad), min(100.0, high + pad))
+    ax.set_ylabel("top-1 accuracy (%), 95% interval")
     ax.grid(alpha=0.3)
+
+
+def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
+    """Accuracy against GFLOPs and, when timed, against the measured speed-up: one marker per
+    budget (named in the legend), with the 95% interval of the test-set size as error bars.
+
+    rows: as from :func:`ats_vit.evaluate.evaluate_budgets` ('label', 'accuracy', 'images',
+    'gflops_ratio' or 'gflops', and optionally 'speedup')."""
+    plt = _pyplot()
+    timed = any(not math.isnan(r.get("speedup", math.nan)) for r in rows)
+    fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(10.5 if timed else 5.8, 4.0), squeeze=False)
+    ys = [100 * r["accuracy"] for r in rows]
+    errs = [100 * binomial_ci95(r["accuracy"], max(int(r["images"]), 1)) for r in rows]
+    use_ratio = not any(math.isnan(r.get("gflops_ratio", math.nan)) for r in rows)
+    panels = [
+        ("gflops_ratio" if use_ratio else "gflops", "GFLOPs / dense" if use_ratio else "GFLOPs per image")
+    ]
+    if timed:
+        panels.append(("speedup", "measured speed-up over dense (median of interleaved rounds)"))
+    markers = "osD^v<>phX*"
+    for ax, (key, label) in zip(axes[0], panels, strict=True):
+        for i, r in enumerate(rows):
+            x = r.get(key, math.nan)
+            if math.isnan(x):
+                continue
+            method = (r.get("budget") or {}).get("method") or ("dense" if r.get("budget") is None else "")
+            name = f"{r['label']} ({method})" if method and method != r["label"] else r["label"]
+            ax.errorbar(
+                [x],
+                [ys[i]],
+                yerr=[errs[i]],
+                marker=markers[i % len(markers)],
+                capsize=3,
+                linestyle="",
+                label=name,
+            )
+        ax.set_xlabel(label)
+        _accuracy_axis(ax, ys, errs)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or "accuracy vs cost without fine-tuning", fontsize=9)
     return _save(fig, path, dpi=120)
 
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import timm
 import torch
 
-from ats_vit.bench import print_table, progress_bar, time_round_robin, write_json
+from ats_vit._progress import bar as progress_bar
+from ats_vit.bench import print_table, write_json
+from ats_vit.timing import time_round_robin
 
 
 @dataclass
@@ -62,7 +64,12 @@ def run(cfg: Config) -> list[dict]:
 
         fns = {n: (lambda x=x: call(x)) for n, x in inputs.items()}
         bar = progress_bar(total=len(fns) * (cfg.warmup + cfg.repeats), desc=f"batch {b}", unit="call")
-        times = time_round_robin(fns, cfg.warmup, cfg.repeats, progress=bar, min_seconds=cfg.min_seconds)
+        times = {
+            n: t.median
+            for n, t in time_round_robin(
+                fns, cfg.warmup, cfg.repeats, progress=bar, min_seconds=cfg.min_seconds
+            ).items()
+        }
         bar.close()
         ref = cfg.tokens[0]
         for n in cfg.tokens:
@@ -87,6 +94,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=list(Config.batch_sizes))
     p.add_argument("--repeats", type=int, default=Config.repeats)
     p.add_argument("--threads", type=int, default=Config.threads)
+    p.add_argument("--min-seconds", type=float, default=Config.min_seconds)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if min(args.tokens) < 1 or min(args.batch_sizes) < 1 or args.repeats < 1 or args.threads < 1:
@@ -97,6 +105,7 @@ def main() -> None:
         batch_sizes=tuple(args.batch_sizes),
         repeats=args.repeats,
         threads=args.threads,
+        min_seconds=args.min_seconds,
     )
     rows = run(cfg)
     print_table(rows, COLUMNS)

@@ -14,6 +14,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from torch.utils.data import Subset
+
 from ats_vit.data import load_split
 from ats_vit.models import ModelConfig
 from ats_vit.train import TrainConfig, train
@@ -33,11 +35,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="runs/frontier", help="one sub-folder per checkpoint")
     parser.add_argument("--only", nargs="+", choices=sorted(RECIPES), help="train only these")
+    parser.add_argument("--epochs", type=int, help="override every recipe's epochs (smoke tests)")
+    parser.add_argument("--train-images", type=int, help="train on the first N images only (smoke tests)")
+    parser.add_argument("--overwrite", action="store_true", help="replace runs already in OUT")
     args = parser.parse_args()
     data = load_split("demo", "train", 48)
+    if args.train_images:
+        data = Subset(data, range(args.train_images))
     for name in args.only or RECIPES:
         cfg = replace(RECIPES[name], out_dir=str(Path(args.out) / name))
-        print(f"{name}: {train(cfg, data)}")
+        if args.epochs:
+            cfg = replace(cfg, epochs=args.epochs, warmup_steps=min(cfg.warmup_steps, 1))
+        print(f"{name}: {train(cfg, data, overwrite=args.overwrite)}")
 
 
 if __name__ == "__main__":

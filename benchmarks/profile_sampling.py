@@ -26,7 +26,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import ats_vit.sampling as sampling
 import ats_vit.timm as ats_timm
-from ats_vit.bench import machine, print_table, time_round_robin, write_json
+from ats_vit._progress import bar as progress_bar
+from ats_vit.bench import machine, print_table, write_json
+from ats_vit.testing import sharpen_queries
+from ats_vit.timing import describe, speedup, time_round_robin
 
 ROLES = {
     "GEMM": ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"),
@@ -60,6 +63,10 @@ class Config:
     sharpen: float = 4.0
     repeats: int = 11
     seed: int = 0
+    img_size: int = 0  # 0: the model's own
+
+    def model_kwargs(self) -> dict:
+        return {} if not self.img_size else dict(img_size=self.img_size)
 
 
 def role(name: str) -> str:
@@ -71,10 +78,7 @@ def role(name: str) -> str:
 
 def build(cfg: Config) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
-    model = timm.create_model(cfg.model).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.qkv.weight[: block.attn.attn_dim] *= cfg.sharpen
+    model = sharpen_queries(timm.create_model(cfg.model, **cfg.model_kwargs()).eval(), cfg.sharpen)
     depth = len(model.blocks)
     return ats_timm.apply(model, layers=range(cfg.start_layer, depth), max_tokens=cfg.max_tokens)
 
@@ -124,16 +128,34 @@ def main() -> None:
 
         return fn
 
+    bar = progress_bar(total=len(thresholds) * (1 + cfg.repeats), desc="packing A/B", unit="forward")
     try:
         with torch.inference_mode():
-            times = time_round_robin({k: forward_with(v) for k, v in thresholds.items()}, 1, cfg.repeats)
+            times = time_round_robin(
+                {k: forward_with(v) for k, v in thresholds.items()}, 1, cfg.repeats, progress=bar
+            )
     finally:
         sampling.PACK_MIN_PADDING = default
+        bar.close()
     base = times["never pack"]
-    ab = [dict(variant=k, ms=1e3 * t, speedup=base / t) for k, t in times.items()]
-    print(f"\npacking A/B (median of {cfg.repeats} interleaved repeats)")
+    ab = [
+        dict(
+            variant=k,
+            ms=1e3 * t.median,
+            speedup=speedup(base, t).median,
+            iqr=describe(speedup(base, t), ".3f"),
+        )
+        for k, t in times.items()
+    ]
+    print(f"\npacking A/B (median of {cfg.repeats} interleaved rounds)")
     print_table(
-        ab, (("variant", "variant", "<28"), ("ms", "ms/batch", ".1f"), ("speedup", "speed-up", ".3f"))
+        ab,
+        (
+            ("variant", "variant", "<28"),
+            ("ms", "ms/batch", ".1f"),
+            ("speedup", "speed-up", ".3f"),
+            ("iqr", "(IQR)", "<22"),
+        ),
     )
     write_json(
         args.json, cfg, [*({"table": "roles", **r} for r in rows), *({"table": "packing", **r} for r in ab)]

@@ -1,18 +1,26 @@
-"""A tiny model config and data set that train in seconds (shared by the test modules)."""
+"""What the test modules share: small model configs, images, tiny data sets and runs."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
 
+from ats_vit import SamplingOptions, ViT
 from ats_vit.checkpoint import load_checkpoint
 from ats_vit.models import ModelConfig
+from ats_vit.testing import sharpen_queries
 from ats_vit.train import TrainConfig
+
+# a 4-layer ViT on 32x32 images in 8x8 patches: 16 patch tokens
+SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=4, heads=2, dim_head=16, mlp_dim=64)
+NUM_PATCHES = 16
 
 TINY = ModelConfig(
     image_size=16, patch_size=4, num_classes=3, channels=1, dim=16, depth=3, heads=2, dim_head=8, mlp_dim=32
 )
-
 
 # a tiny Hugging Face ViT/DeiT config (transformers' config keyword arguments)
 HF_TINY = dict(
@@ -23,6 +31,27 @@ HF_TINY = dict(
     num_attention_heads=2,
     intermediate_size=64,
 )
+
+
+def images(b: int, seed: int = 0, size: int = 32, channels: int = 3) -> torch.Tensor:
+    """(b, channels, size, size) standard normal images from ``seed``."""
+    return torch.randn(b, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def small_vit(
+    schedule=(16,) * 4, seed: int = 0, *, peaked: float | None = None, dropout: float = 0.0, **options
+) -> ViT:
+    """The SMALL ViT with this schedule and sampling options; ``peaked`` sharpens its queries
+    by that factor (peaked CLS attention, as trained models have)."""
+    torch.manual_seed(seed)
+    model = ViT(
+        **SMALL,
+        max_tokens_per_depth=schedule,
+        dropout=dropout,
+        emb_dropout=dropout,
+        options=SamplingOptions(**options) if options else None,
+    )
+    return model if peaked is None else sharpen_queries(model, peaked)
 
 
 def tiny_data(n: int = 96, seed: int = 0) -> TensorDataset:
@@ -45,14 +74,28 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)[1]
 
 
-def image_folder_tree(root: Path, splits=("train", "val"), per_class: int = 4, size: int = 40) -> Path:
-    """Two colour classes of small PNGs under root/<split>/<class>/."""
+def image_folder_tree(
+    root: Path, splits=("train", "val"), per_class: int = 4, size: int = 40, mode: str = "RGB"
+) -> Path:
+    """Two classes of small PNGs under root/<split>/<class>/ (red and blue; in mode "L", dark
+    and bright)."""
     from PIL import Image
 
+    colours = {"RGB": ((250, 10, 10), (10, 10, 250)), "L": (30, 220)}[mode]
     for split in splits:
-        for k, color in enumerate(((250, 10, 10), (10, 10, 250))):
+        for k, color in enumerate(colours):
             folder = root / split / f"class{k}"
             folder.mkdir(parents=True)
             for i in range(per_class):
-                Image.new("RGB", (size, size), color=color).save(folder / f"{i}.png")
+                Image.new(mode, (size, size), color=color).save(folder / f"{i}.png")
     return root
+
+
+def torchrun(script: Path, port: int, *args: str) -> subprocess.CompletedProcess:
+    """Two gloo processes running ``script``; fails the test with their stderr if one fails."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(port), str(script), *args]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run

@@ -2,45 +2,46 @@ import json
 
 import pytest
 import torch
+from helpers import SMALL, images, small_vit, tiny_data
 
-from ats_vit import ViT
-from ats_vit.budget import AUTO, METHODS, RECOMMENDED, Budget, BudgetError, Calibration, calibrate, measure
-
-SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=4, heads=2, dim_head=16, mlp_dim=64)
-
-
-def peaky_vit(**kw) -> ViT:
-    """Random weights with sharpened queries: CLS attention is peaked, as in trained models."""
-    torch.manual_seed(0)
-    model = ViT(**{**SMALL, "max_tokens_per_depth": (16,) * 4, **kw}).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.qkv.weight[: block.attn.inner_dim] *= 6.0
-    return model
+from ats_vit import SamplingOptions, family_of
+from ats_vit.budget import Budget, BudgetError, configure
+from ats_vit.evaluate import evaluate_budgets, measure, time_budgets
 
 
-def images(b: int, seed: int) -> torch.Tensor:
-    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+def peaky_vit(schedule=(16,) * 4, **options):
+    return small_vit(schedule, peaked=6.0, **options).eval()
 
 
 def test_budget_round_trips_through_json(tmp_path):
     budget = Budget(1, (12, 8, 4), temperature=1.5, dropped="merge", depth=4, num_patches=16, target=0.6)
     path = budget.save(tmp_path / "b" / "budget.json")
-    assert json.loads(path.read_text())["format"] == "ats-vit-budget/1"
-    assert Budget.load(path) == budget
+    raw = json.loads(path.read_text())
+    assert raw["format"] == "ats-vit-budget/2" and raw["caps"] == [12, 8, 4] and "source" not in raw
+    loaded = Budget.load(path)
+    assert loaded == budget and loaded.source == str(path)
+
+
+def test_budget_files_of_the_first_format_still_load(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(
+        json.dumps({"format": "ats-vit-budget/1", "start_layer": 1, "max_tokens": [8, 4], "depth": 3})
+    )
+    assert Budget.load(path) == Budget(1, (8, 4), depth=3)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(start_layer=-1, max_tokens=(4,)), "start_layer must be an int >= 0"),
-        (dict(start_layer=0, max_tokens=()), "max_tokens must be a non-empty sequence"),
-        (dict(start_layer=0, max_tokens=(4, 8)), "non-increasing"),
-        (dict(start_layer=0, max_tokens=(4,), sampler="best"), "sampler must be one of"),
-        (dict(start_layer=0, max_tokens=(4,), dropped="keep"), "dropped must be one of"),
-        (dict(start_layer=0, max_tokens=(4,), sampler="tome"), "dropped must be 'merge'"),
-        (dict(start_layer=0, max_tokens=(4,), temperature=0.0), "temperature must be a finite number > 0"),
-        (dict(start_layer=1, max_tokens=(4,), depth=4), "must equal depth"),
+        (dict(start_layer=-1, caps=(4,)), "start_layer must be an int >= 0"),
+        (dict(start_layer=0, caps=()), "caps must be a non-empty sequence"),
+        (dict(start_layer=0, caps=(4, 8)), "non-increasing"),
+        (dict(start_layer=0, caps=(4,), sampler="best"), "sampler must be one of"),
+        (dict(start_layer=0, caps=(4,), dropped="keep"), "dropped must be one of"),
+        (dict(start_layer=0, caps=(4,), sampler="tome"), "dropped must be 'merge'"),
+        (dict(start_layer=0, caps=(4,), temperature=0.0), "temperature must be a finite number > 0"),
+        (dict(start_layer=1, caps=(4,), depth=4), "must equal depth"),
+        (dict(start_layer=0, caps=(4,), cost="joules"), "cost must be one of"),
     ],
 )
 def test_bad_budgets_are_refused(kwargs, match):
@@ -48,101 +49,149 @@ def test_bad_budgets_are_refused(kwargs, match):
         Budget(**kwargs)
 
 
-def test_bad_budget_files_are_refused(tmp_path):
+def test_bad_budget_files_are_refused_naming_the_file(tmp_path):
     with pytest.raises(BudgetError, match="does not exist"):
         Budget.load(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(BudgetError, match="not valid JSON"):
+    with pytest.raises(BudgetError, match=r"bad\.json' is not valid JSON"):
         Budget.load(bad)
     bad.write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(BudgetError, match="not an ats-vit budget"):
+    with pytest.raises(BudgetError, match=r"bad\.json': not an ats-vit budget"):
         Budget.load(bad)
     bad.write_text(json.dumps({**Budget(0, (4,)).to_dict(), "colour": "blue"}))
-    with pytest.raises(BudgetError, match=r"unknown fields \['colour'\]"):
+    with pytest.raises(BudgetError, match=r"bad.json' has unknown fields \['colour'\]"):
+        Budget.load(bad)
+    bad.write_text(json.dumps({**Budget(0, (4,)).to_dict(), "caps": [4, 8]}))
+    with pytest.raises(BudgetError, match=r"bad\.json': caps must be non-increasing"):
         Budget.load(bad)
 
 
-def test_apply_sets_every_layer_of_our_vit():
+def test_apply_configures_every_layer_of_our_vit_in_place():
     model = peaky_vit()
+    modules = model.sampling_layers()
     Budget(2, (8, 4), temperature=2.0, dropped="fuse").apply(model)
     assert model.max_tokens_per_depth == (16, 16, 8, 4)
-    assert [b.attn.ats.dropped for b in model.blocks] == ["fuse"] * 4
-    assert not any(b.attn.ats.training for b in model.blocks)
-    with pytest.raises(BudgetError, match="covers 3 layers"):
-        Budget(0, (8, 4, 4)).apply(model)
-    with pytest.raises(BudgetError, match="made for a model with num_patches=64"):
-        Budget(2, (8, 4), num_patches=64).apply(model)
-    with pytest.raises(TypeError, match="budgets apply to"):
+    assert model.sampling_layers() == modules
+    assert {m.options for m in modules} == {SamplingOptions(temperature=2.0, dropped="fuse")}
+    assert not any(m.training for m in modules)
+    with pytest.raises(TypeError, match=r"ats-vit serves .* got Linear"):
         Budget(2, (8, 4)).apply(torch.nn.Linear(2, 2))
 
 
 def test_the_paper_budget_is_the_constructor_schedule():
     x = images(4, 1)
     model = peaky_vit()
-    Budget(1, (10, 6, 6)).apply(model)
-    reference = peaky_vit(max_tokens_per_depth=(16, 10, 6, 6))
+    Budget.paper(0.375, 1, depth=4, num_patches=16).apply(model)
+    assert Budget.paper(0.375, 1, 4, 16).caps == (6, 6, 6)
+    reference = peaky_vit((16, 6, 6, 6))
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))
+    with pytest.raises(BudgetError, match=r"keep must be a ratio in \(0, 1\]"):
+        Budget.paper(0.0, 1, 4, 16)
+    with pytest.raises(BudgetError, match=r"start_layer must be in \[0, 4\)"):
+        Budget.paper(0.5, 4, 4, 16)
 
 
-@pytest.mark.parametrize("target", [0.5, 0.7, 0.9])
-def test_calibrate_meets_the_target_on_held_out_images(target):
+# every path that applies a budget to a model: each must refuse one made for another model
+def _apply(model, budget):
+    budget.apply(model)
+
+
+def _configure(model, budget):
+    configure(family_of(model), budget)
+
+
+def _measure(model, budget):
+    measure(model, images(2), budget)
+
+
+def _time(model, budget):
+    time_budgets(model, [None, budget], images(2), repeats=1)
+
+
+def _evaluate(model, budget):
+    data = torch.utils.data.TensorDataset(images(4), torch.zeros(4, dtype=torch.long))
+    evaluate_budgets(model, data, [("dense", None), ("b", budget)], timing_repeats=0, progress=False)
+
+
+PATHS = [_apply, _configure, _measure, _time, _evaluate]
+
+
+@pytest.mark.parametrize("path", PATHS, ids=[p.__name__.strip("_") for p in PATHS])
+@pytest.mark.parametrize(
+    ("budget", "match"),
+    [
+        (
+            Budget(2, (8, 4, 4), depth=5, num_patches=16),
+            "made for a model with depth=5; ats_vit.ViT has depth=4",
+        ),
+        (
+            Budget(2, (8, 4), depth=4, num_patches=64),
+            r"num_patches=64; ats_vit.ViT has num_patches=16 \(another",
+        ),
+        (Budget(0, (8, 4, 4)), "covers 3 layers"),
+    ],
+    ids=["depth", "image-size", "length"],
+)
+def test_a_budget_for_another_model_is_refused_on_every_path(path, budget, match):
     model = peaky_vit()
-    budget = calibrate(model, images(96, 1), target, progress=False, steps=12)
-    assert budget.calibration["searched"] == RECOMMENDED and budget.target == target
-    assert budget.calibration["gflops_ratio"] == pytest.approx(target, rel=0.03)
-    assert 0.0 <= budget.calibration["agreement"] <= 1.0
-    held_out = images(96, 2)
-    _, dense = measure(model, held_out, None)
-    _, cost = measure(model, held_out, budget)
-    assert (cost.mean() / dense.mean()).item() == pytest.approx(target, rel=0.03)
+    before = model.max_tokens_per_depth
+    with pytest.raises(BudgetError, match=match):
+        path(model, budget)
+    assert model.max_tokens_per_depth == before, "nothing was configured"
 
 
-def test_calibrate_with_labels_maximises_accuracy_and_leaves_the_model_configured():
-    model = peaky_vit()
-    x = images(64, 1)
-    labels = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(0))
-    budget = calibrate(model, x, 0.7, labels, method="topk", progress=False)
-    assert "accuracy" in budget.calibration and budget.sampler == "topk"
-    assert model.max_tokens_per_depth == budget.schedule(4, 16)
+def test_the_error_names_the_budget_file(tmp_path):
+    path = Budget(2, (8, 4), depth=4, num_patches=64).save(tmp_path / "deit-224.json")
+    with pytest.raises(
+        BudgetError, match=r"budget file '.*deit-224.json' was made for a model with num_patches=64"
+    ):
+        Budget.load(path).apply(peaky_vit())
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_calibrates(method):
-    budget = calibrate(peaky_vit(), images(48, 1), 0.75, method=method, progress=False, steps=8)
-    assert budget.method == method
-    assert budget.calibration["gflops_ratio"] == pytest.approx(0.75, abs=0.06)
-    if method == "paper":
-        assert budget.temperature == 1.0 and budget.dropped == "discard"
+def test_evaluate_budgets_checks_every_budget_before_any_work(monkeypatch):
+    import ats_vit.evaluate
+
+    calls = []
+    monkeypatch.setattr(ats_vit.evaluate, "evaluate", lambda *a, **k: calls.append(1))
+    good, bad = Budget(2, (8, 4)), Budget(1, (8, 4, 4), num_patches=64)
+    with pytest.raises(BudgetError):
+        evaluate_budgets(
+            peaky_vit(), tiny_data(4), [("dense", None), ("good", good), ("bad", bad)], timing_repeats=0
+        )
+    assert not calls, "no evaluation ran before the bad budget was found"
 
 
-def test_auto_keeps_the_best_of_its_methods_and_shares_their_trials():
-    search = Calibration(peaky_vit(), images(48, 1), progress=False, steps=8)
-    best = search(0.6)
-    assert best.calibration["searched"] == "auto" and best.method in AUTO
-    trials = len(search.trials)
-    each = {m: search(0.6, m) for m in AUTO}
-    assert len(search.trials) == trials, "the single-method searches reuse auto's trials"
-    top = max(b.calibration["agreement"] for b in each.values())
-    assert best.calibration["agreement"] == top
+def _families():
+    """One small model of each family, each set to run with static shapes."""
+    timm = pytest.importorskip("timm")
+    transformers = pytest.importorskip("transformers")
+    from helpers import HF_TINY
+
+    import ats_vit.hf as ats_hf
+    import ats_vit.timm as ats_timm
+
+    static = SamplingOptions(static_shape=True)
+    ours = small_vit().eval().set_sampling((16,) * 4, static)
+    t = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10).eval()
+    h = transformers.ViTForImageClassification(transformers.ViTConfig(**HF_TINY)).eval()
+    return [ours, ats_timm.apply(t, layers=[], max_tokens=1, options=static), ats_hf.apply(h, [], 1, static)]
 
 
-@pytest.mark.parametrize("target", [0.0, -0.5, 1.5, 0.01])
-def test_unreachable_targets_name_the_reachable_range(target):
-    with pytest.raises(BudgetError, match=r"target must be in \(0\.\d+, 1\]"):
-        calibrate(peaky_vit(), images(16, 1), target, progress=False)
+def test_static_shape_is_honoured_by_every_family():
+    for model in _families():
+        family = family_of(model)
+        budget = Budget(1, tuple([8] * (family.depth - 1)), dropped="merge")
+        budget.apply(model)
+        assert family.options() == SamplingOptions(dropped="merge", static_shape=True), type(model).__name__
+        with torch.no_grad():
+            family.run(images(3))
+        # static shapes pad to the cap: the output grid is exactly prefix + cap wide
+        assert family.last_state().positions.shape[1] == family.num_prefix_tokens + 8
+        budget.apply(model, static_shape=False)
+        assert not family.options().static_shape
 
 
-def test_calibrate_argument_errors():
-    model = peaky_vit()
-    with pytest.raises(ValueError, match="method must be 'auto' or one of"):
-        calibrate(model, images(8, 1), 0.5, method="magic")
-    with pytest.raises(TypeError, match="target must be a float"):
-        calibrate(model, images(8, 1), "half")
-    with pytest.raises(ValueError, match="images must be a non-empty"):
-        calibrate(model, images(8, 1)[0], 0.5)
-    with pytest.raises(ValueError, match="labels must be a"):
-        calibrate(model, images(8, 1), 0.5, torch.zeros(3))
-    with pytest.raises(ValueError, match=r"start_layers must hold layer indices in \[0, 4\)"):
-        calibrate(model, images(8, 1), 0.5, start_layers=[7])
+def test_schedule_fills_the_layers_before_the_start():
+    assert Budget(1, (20, 8, 8), depth=SMALL["depth"]).schedule(4, 16) == (16, 16, 8, 8)

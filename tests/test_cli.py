@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -16,9 +17,9 @@ def test_help_exits_cleanly(capsys):
     assert "Adaptive Token Sampling" in capsys.readouterr().out
 
 
-def test_no_command_prints_help(capsys):
-    assert main([]) == 0
-    assert "usage: ats-vit" in capsys.readouterr().out
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "usage: ats-vit" in capsys.readouterr().err
 
 
 def test_module_entry_point_reports_version():
@@ -35,11 +36,29 @@ def test_unknown_command_is_an_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_help_shows_defaults(capsys):
+def help_text(argv, capsys) -> str:
     with pytest.raises(SystemExit):
-        main(["eval", "--help"])
-    text = capsys.readouterr().out
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+
+def test_help_shows_defaults_including_zero(capsys):
+    text = help_text(["eval"], capsys)
     assert "(default: 256)" in text and "--skip-bad-images" in text and "(default: None)" not in text
+    assert "data loading processes (default: 0)" in text
+
+
+@pytest.mark.parametrize("bench", ["speed", "frontier", "train"])
+def test_every_bench_option_has_help_and_a_description(bench, capsys):
+    from ats_vit.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["bench"]
+    command = next(a for a in sub._actions if a.dest == "bench").choices[bench]
+    assert command.description, f"bench {bench} has no description"
+    missing = [a.dest for a in command._actions if not a.help and a.dest != "help"]
+    assert not missing, f"bench {bench} options without help: {missing}"
+    assert "(default: " in help_text(["bench", bench], capsys)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +71,10 @@ def test_help_shows_defaults(capsys):
         (["eval", "x.safetensors", "--timm", "vit_tiny_patch16_224"], "give exactly one model"),
         (["eval", "x.safetensors", "--weights", "w.pth"], "go with --timm"),
         (["calibrate", "x.safetensors", "--target", "0.5", "0.7"], "{target} placeholder"),
-        (["train", "--data", "no/such/folder", "--epochs", "1"], "has no train/ sub-folder"),
+        (
+            ["train", "--data", "no/such/folder", "--epochs", "1"],
+            "data folder 'no/such/folder' does not exist",
+        ),
     ],
 )
 def test_cli_errors_are_clear(argv, message, capsys, tmp_path, monkeypatch):
@@ -101,10 +123,13 @@ def test_cli_train_calibrate_eval_viz_on_the_demo_data(tmp_path, capsys):
     ]
     assert main(argv) == 0
     assert "wrote" in capsys.readouterr().out
-    argv = ["eval", ckpt, "--budget", budget, "--keep", "0.25", "--out", str(out), "--timing-repeats", "1"]
+    argv = ["eval", ckpt, "--budget", budget, "--keep", "0.25", "--out", str(out), "--timing-repeats", "3"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "dense" in printed and "budget @ 0.6" in printed and "keep 0.25" in printed and "x" in printed
+    lines = {line.split()[0]: line for line in printed.splitlines() if line.split()}
+    assert "dense" in lines and "budget" in lines and "keep" in lines
+    assert re.search(r"\d+\.\d+x \(\d+\.\d+-\d+\.\d+\)", lines["keep"]), "speed-up with its IQR"
+    assert "interleaved rounds, each one forward pass over a batch of 64 images" in printed
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["dense", "budget @ 0.6", "keep 0.25"]
     assert rows[1]["gflops_ratio"] == pytest.approx(0.6, abs=0.06), "held-out cost near the target"
@@ -148,7 +173,8 @@ def test_cli_evaluates_and_calibrates_a_timm_model_from_a_weights_file(tmp_path,
     source = ["--timm", "vit_tiny_patch16_224", "--img-size", "64"]
     for weights in ("w.safetensors", "w.pth"):
         argv = ["eval", *source, "--weights", str(tmp_path / weights), "--data", data, "--keep", "0.5"]
-        argv += ["--start-layer", "2", "--timing-repeats", "1", "--timing-batch", "4", "--out", str(tmp_path)]
+        argv += ["--start-layer", "2", "--timing-repeats", "1", "--timing-batch", "4"]
+        argv += ["--out", str(tmp_path / f"eval-{weights}")]
         assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "vit_tiny_patch16_224 on 8 images" in printed and "keep 0.5" in printed
@@ -170,6 +196,13 @@ def test_cli_evaluates_and_calibrates_a_timm_model_from_a_weights_file(tmp_path,
     assert "agreement" in capsys.readouterr().out
     assert main(["eval", *source, "--data", "demo"]) == 2
     assert "does not fit vit_tiny_patch16_224" in capsys.readouterr().err
+    # another architecture's weights: counts and a few names, on one short line
+    other = timm.create_model("vit_small_patch16_224", img_size=64, num_classes=2)
+    save_file(other.state_dict(), str(tmp_path / "other.safetensors"))
+    argv = ["eval", *source, "--weights", str(tmp_path / "other.safetensors"), "--data", data]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "keys of another shape (file vs model)" in err and len(err) < 700 and "\n" not in err
 
 
 def test_cli_evaluates_a_hugging_face_model_from_a_directory(tmp_path, capsys):
@@ -186,3 +219,202 @@ def test_cli_evaluates_a_hugging_face_model_from_a_directory(tmp_path, capsys):
     assert main([*argv, "--timing-repeats", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
     assert rows[1]["kept_per_layer"] == [16.0, 8.0, 8.0] and rows[1]["gflops"] < rows[0]["gflops"]
+
+
+# ---------------------------------------------------------------- what a new user hits (issue 16)
+
+
+def a_run(tmp_path, tiny_checkpoint):
+    """A copy of the tiny run folder (final, last, config, metrics)."""
+    import shutil
+
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny_checkpoint.parent, run)
+    return run
+
+
+def test_finetuning_into_the_source_run_is_refused_and_the_source_untouched(
+    tmp_path, tiny_checkpoint, capsys
+):
+    run = a_run(tmp_path, tiny_checkpoint)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    ckpt = str(run / "final.safetensors")
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        assert main(["finetune", ckpt, "--keep", "0.5", "--start-layer", "1", "--out", str(run), *extra]) == 2
+        assert "is a file this run would write" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_training_into_an_existing_run_says_how_to_resume_or_overwrite(tmp_path, tiny_checkpoint, capsys):
+    run = a_run(tmp_path, tiny_checkpoint)
+    before = (run / "final.safetensors").read_bytes()
+    assert main(["train", "--out", str(run), "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume continues it, --overwrite replaces it" in err
+    assert (run / "final.safetensors").read_bytes() == before
+
+
+def test_other_outputs_are_not_written_over(tmp_path, tiny_checkpoint, capsys):
+    pytest.importorskip("torchvision")
+    from helpers import image_folder_tree
+
+    data = str(image_folder_tree(tmp_path / "data", size=16, mode="L"))
+    ckpt = str(tiny_checkpoint)
+    existing = tmp_path / "b.json"
+    existing.write_text("mine")
+    assert main(["calibrate", ckpt, "--data", data, "--target", "0.7", "--out", str(existing)]) == 2
+    assert "b.json already exist(s); pass --overwrite" in capsys.readouterr().err
+    assert existing.read_text() == "mine"
+    picture = tmp_path / "kept.png"
+    picture.write_bytes(b"mine")
+    assert main(["viz", ckpt, "--data", data, "--output", str(picture), "--start-layer", "1"]) == 2
+    assert picture.read_bytes() == b"mine"
+    argv = ["viz", ckpt, "--data", data, "--output", str(picture), "--start-layer", "1", "--overwrite"]
+    assert main(argv) == 0 and picture.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_one_channel_checkpoint_evaluates_a_grayscale_folder(tmp_path, tiny_checkpoint, capsys):
+    """The tiny run, like the demo, has 1 channel: folder images are read in its channel
+    count. The folder has 2 classes and the model scores 3: a warning says so."""
+    pytest.importorskip("torchvision")
+    from helpers import image_folder_tree
+
+    data = str(image_folder_tree(tmp_path / "data", splits=("val",), size=20, mode="L"))
+    argv = ["eval", str(tiny_checkpoint), "--data", data, "--keep", "0.5", "--start-layer", "1"]
+    assert main([*argv, "--timing-repeats", "3", "--out", str(tmp_path / "ev")]) == 0
+    out, err = capsys.readouterr()
+    assert "has 2 classes and" in err and "scores 3" in err and "--no-labels" in err
+    # 8 images and a timing batch of 64: the timing says what ran
+    assert "over a batch of 8 images (the whole split: fewer than --timing-batch 64)" in out
+    rows = json.loads((tmp_path / "ev" / "eval.json").read_text())["rows"]
+    assert [r["timing_images"] for r in rows] == [8, 8]
+
+
+def test_budgets_are_checked_against_the_model_before_any_work(tmp_path, tiny_checkpoint, capsys):
+    from ats_vit.budget import Budget
+
+    deep = Budget(3, (8,) * 9, depth=12, num_patches=16).save(tmp_path / "deep.json")
+    wide = Budget(1, (8, 8), depth=3, num_patches=64).save(tmp_path / "wide.json")
+    for path, message in ((deep, "with depth=12; ats_vit.ViT has depth=3"), (wide, "num_patches=64")):
+        for command in (["eval"], ["viz"], ["finetune"]):
+            argv = [*command, str(tiny_checkpoint), "--budget", str(path), "--out", str(tmp_path / "x")]
+            if command == ["viz"]:
+                argv[-2] = "--output"
+            assert main(argv) == 2, command
+            err = capsys.readouterr().err
+            assert str(path.name) in err and message in err, (command, err)
+            assert "accuracy" not in err
+
+
+def test_missing_data_folders_say_they_do_not_exist(tiny_checkpoint, capsys):
+    assert main(["eval", str(tiny_checkpoint), "--data", "no/such/folder"]) == 2
+    assert "data folder 'no/such/folder' does not exist" in capsys.readouterr().err
+
+
+def test_pretrained_weights_without_network_fail_in_one_line(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("timm")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["eval", "--timm", "vit_tiny_patch16_224", "--pretrained", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "could not load timm's pretrained weights" in err
+
+
+def test_unsupported_and_unknown_models_fail_in_one_line(capsys):
+    pytest.importorskip("timm")
+    argv = ["bench", "speed", "--model", "resnet18", "--families", "timm", "--batch-sizes", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(
+        "ats-vit bench speed: error: ats-vit serves"
+    )
+    assert err.endswith("got ResNet")
+    assert main(["eval", "--timm", "no_such_vit"]) == 2
+    assert "timm has no model named 'no_such_vit'" in capsys.readouterr().err
+
+
+def test_weights_at_another_image_size_are_resampled(tmp_path, capsys):
+    timm = pytest.importorskip("timm")
+    from helpers import image_folder_tree
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=2)
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    data = str(image_folder_tree(tmp_path / "data", splits=("val",), size=100))
+    argv = [
+        "eval",
+        "--timm",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "96",
+        "--weights",
+        str(tmp_path / "w.safetensors"),
+    ]
+    assert main([*argv, "--data", data, "--timing-repeats", "0", "--out", str(tmp_path / "ev")]) == 0
+    assert "vit_tiny_patch16_224 on 8 images" in capsys.readouterr().out
+
+
+def test_calibrate_takes_skip_bad_images(tmp_path, tiny_checkpoint, capsys):
+    pytest.importorskip("torchvision")
+    from helpers import image_folder_tree
+
+    data = image_folder_tree(tmp_path / "data", size=16, mode="L")
+    (data / "train" / "class0" / "broken.png").write_bytes(b"not a png")
+    argv = [
+        "calibrate",
+        str(tiny_checkpoint),
+        "--data",
+        str(data),
+        "--target",
+        "0.8",
+        "--out",
+        str(tmp_path / "b.json"),
+    ]
+    assert main(argv) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert main([*argv, "--skip-bad-images", "--no-labels"]) == 0
+
+
+def test_ctrl_c_during_training_says_where_to_resume(tmp_path, monkeypatch, capsys):
+    import ats_vit.train
+
+    def interrupted(cfg, data, **kwargs):
+        raise ats_vit.train.TrainingInterrupted("stopped at step 3 of 12; the last checkpoint is X (step 2)")
+
+    monkeypatch.setattr(ats_vit.train, "train", interrupted)
+    assert main(["train", "--out", str(tmp_path / "run"), "--epochs", "1"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "ats-vit train: interrupted: stopped at step 3 of 12; the last checkpoint is X (step 2)" in err
+    assert err.endswith(f"continue with `ats-vit train --out {tmp_path / 'run'} --resume`")
+    assert "Traceback" not in err
+
+
+def test_progress_lines_in_logs_have_no_carriage_returns_and_no_repeats(monkeypatch):
+    import io
+
+    import ats_vit._progress as progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.0)
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False)
+    log = io.StringIO()
+    bar = progress.bar(total=5, desc="x", file=log)
+    for _ in range(5):
+        bar.update()
+        bar.set_postfix(loss=1.0, refresh=False)
+        bar.refresh()  # what tqdm's monitor would do: the same status again
+    bar.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert len(lines) == len(set(lines)) == 6 and lines[-1].startswith("x: 100%")
+
+
+def test_config_is_printed_one_field_per_line(capsys):
+    from ats_vit.cli import _print_config
+    from ats_vit.train import TrainConfig
+
+    _print_config(TrainConfig())
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "config:" and "  model:" in err and "    dim: 96" in err and "  epochs: 10" in err

@@ -9,26 +9,22 @@ import copy
 
 import pytest
 import torch
+from helpers import images as some_images
+from helpers import small_vit
 
-from ats_vit import ViT
+from ats_vit import SamplingOptions
 
-SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=4, heads=2, dim_head=16, mlp_dim=64)
 SCHEDULE = (16, 8, 6, 6)
 RULES = [dict(), dict(dropped="merge", temperature=2.0), dict(dropped="fuse"), dict(sampler="tome")]
 IDS = ["paper", "merge", "fuse", "tome"]
 
 
-def peaky_vit(**kw) -> ViT:
-    torch.manual_seed(0)
-    model = ViT(**SMALL, max_tokens_per_depth=SCHEDULE, **kw).eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.qkv.weight[: block.attn.inner_dim] *= 6.0
-    return model
+def peaky_vit(**options):
+    return small_vit(SCHEDULE, peaked=6.0, **options).eval()
 
 
-def images(b: int = 3) -> torch.Tensor:
-    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+def images() -> torch.Tensor:
+    return some_images(3)
 
 
 def graph_breaks(model, x) -> int:
@@ -68,8 +64,11 @@ def test_patched_timm_with_static_shapes_compiles_without_graph_breaks(rule):
     import ats_vit.timm as ats_timm
 
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=10).eval()
-    ats_timm.apply(model, layers=[1, 2, 3], max_tokens=[8, 6, 6], static_shape=True, **rule)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10)
+    model.eval()
+    ats_timm.apply(
+        model, layers=[1, 2, 3], max_tokens=[8, 6, 6], options=SamplingOptions(static_shape=True, **rule)
+    )
     assert_captured_whole(model, images())
 
 

@@ -89,3 +89,17 @@ def test_image_folder_loads_and_reports_bad_folders(tmp_path):
     data = image_folder(tmp_path / "ok", 32)
     image, label = data[1]
     assert image.shape == (3, 32, 32) and label == 1
+
+
+def test_image_folders_are_read_in_the_models_channel_count(tmp_path):
+    pytest.importorskip("torchvision")
+    from helpers import image_folder_tree
+
+    root = image_folder_tree(tmp_path / "data", splits=("val",), mode="L")
+    gray = image_folder(root / "val", 16, channels=1)
+    image, _ = gray[0]
+    assert image.shape == (1, 16, 16) and image.min() >= 0.0 and image.max() <= 1.0, "as the demo data"
+    rgb, _ = image_folder(root / "val", 16)[0]
+    assert rgb.shape == (3, 16, 16)
+    with pytest.raises(ValueError, match=r"channels must be 1 \(grayscale\) or 3 \(RGB\)"):
+        image_folder(root / "val", 16, channels=2)

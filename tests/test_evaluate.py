@@ -5,42 +5,55 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import image_folder_tree, tiny_data
-from test_train import torchrun
+from helpers import image_folder_tree, tiny_data, torchrun
 
+from ats_vit import family_of
 from ats_vit.budget import Budget
 from ats_vit.checkpoint import load_model
 from ats_vit.data import BadImageError, image_folder
-from ats_vit.evaluate import evaluate, evaluate_budgets, keep_budget
+from ats_vit.evaluate import evaluate, evaluate_budgets
+from ats_vit.flops import gflops
+from ats_vit.timing import Timing
 
 BUDGET = Budget(1, (6, 3), temperature=2.0, dropped="merge")
 
 
 def test_evaluate_budgets_rows_and_timing(tiny_checkpoint):
     model, _ = load_model(tiny_checkpoint)
-    budgets = [("dense", None), ("keep 0.25", keep_budget(model, 0.25, 1)), ("merge", BUDGET)]
-    rows = evaluate_budgets(model, tiny_data(48, seed=1), budgets, timing_repeats=2, timing_batch=16)
+    budgets = [("dense", None), ("keep 0.25", Budget.paper(0.25, 1, 3, 16)), ("merge", BUDGET)]
+    rows = evaluate_budgets(model, tiny_data(48, seed=1), budgets, timing_repeats=3, timing_batch=16)
     assert [r["label"] for r in rows] == ["dense", "keep 0.25", "merge"]
     assert rows[0]["budget"] is None and Budget.from_dict(rows[2]["budget"]) == BUDGET
     assert rows[0]["gflops"] > rows[1]["gflops"] and rows[0]["gflops_ratio"] == 1.0
     assert rows[1]["kept_per_layer"][-1] <= 4 and rows[2]["kept_per_layer"][-1] <= 3
-    assert all(r["img_per_s"] > 0 and r["images"] == 48 for r in rows)
-    assert rows[0]["speedup"] == 1.0
-    # the model is left dense
-    assert model.max_tokens_per_depth == (16, 16, 16)
+    for r in rows:
+        assert r["images"] == 48 and r["timing_images"] == 16
+        assert 0 < r["img_per_s_q1"] <= r["img_per_s"] <= r["img_per_s_q3"]
+        assert r["speedup_q1"] <= r["speedup"] <= r["speedup_q3"]
+    assert rows[0]["speedup"] == rows[0]["speedup_q1"] == 1.0, "dense against itself, round by round"
+    assert model.max_tokens_per_depth == (16, 16, 16), "the model is left dense"
     untimed = evaluate_budgets(model, tiny_data(8), budgets[:1], timing_repeats=0)
-    assert math.isnan(untimed[0]["img_per_s"])
+    assert math.isnan(untimed[0]["img_per_s"]) and untimed[0]["timing_images"] == 0
 
 
-def test_keep_budget_is_the_papers_constant_cap(tiny_checkpoint):
+def test_throughput_on_a_split_smaller_than_the_timing_batch_counts_what_ran(tiny_checkpoint, monkeypatch):
+    """With 8 images and a timing batch of 64, each timed pass runs 8 images: img/s = 8 / s."""
+    import ats_vit.evaluate
+
+    seen = []
+
+    def fake_time(model, budgets, images, *, repeats, warmup=1):
+        seen.append(len(images))
+        return [Timing((0.5, 0.5, 0.5)), Timing((0.25, 0.25, 0.25))]
+
+    monkeypatch.setattr(ats_vit.evaluate, "time_budgets", fake_time)
     model, _ = load_model(tiny_checkpoint)
-    assert keep_budget(model, 1.0, 1) is None
-    budget = keep_budget(model, 0.5, 1, "topk")
-    assert budget == Budget(1, (8, 8), sampler="topk", method="paper")
-    with pytest.raises(ValueError, match=r"keep ratios must be in \(0, 1\]"):
-        keep_budget(model, 0.0, 1)
-    with pytest.raises(ValueError, match=r"start_layer must be in \[0, 3\)"):
-        keep_budget(model, 0.5, 3)
+    budgets = [("dense", None), ("keep 0.25", Budget.paper(0.25, 1, 3, 16))]
+    rows = evaluate_budgets(model, tiny_data(8), budgets, timing_repeats=3, timing_batch=64)
+    assert seen == [8]
+    assert [r["timing_images"] for r in rows] == [8, 8]
+    assert [r["img_per_s"] for r in rows] == [16.0, 32.0]
+    assert rows[1]["speedup"] == 2.0
 
 
 def test_unreadable_images_are_named_or_skipped_and_counted(tmp_path):
@@ -71,6 +84,7 @@ def test_unreadable_images_are_named_or_skipped_and_counted(tmp_path):
     assert result["images"] == 8 and result["skipped"] == 1
 
 
+@pytest.mark.distributed
 def test_ddp_evaluation_equals_one_process_exactly(tmp_path, tiny_checkpoint):
     """2 gloo processes split 51 images (unevenly) and all-reduce: the same numbers, exactly."""
     script = tmp_path / "ddp_eval.py"
@@ -103,13 +117,12 @@ def test_ddp_evaluation_equals_one_process_exactly(tmp_path, tiny_checkpoint):
     assert distributed == alone, "accuracy, kept tokens and GFLOPs add up exactly"
 
 
-def test_evaluate_counts_the_flops_of_every_family(tiny_checkpoint):
+def test_evaluate_counts_the_flops_of_the_tokens_kept(tiny_checkpoint):
     model, _ = load_model(tiny_checkpoint)
     BUDGET.apply(model.eval())
     images = tiny_data(5).tensors[0]
     with torch.no_grad():
-        _, _, _, trace = model.forward_features(images)
-    from ats_vit.flops import gflops
-
+        trace = model.forward_tokens(images)[1].trace
+    assert family_of(model).cost is model.cost
     result = evaluate(model, tiny_data(5))
     assert result["gflops"] == pytest.approx(gflops(model.cost, trace).double().mean().item(), rel=1e-6)

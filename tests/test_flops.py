@@ -3,7 +3,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ats_vit import ViT
+from ats_vit import SamplingOptions, ViT
 from ats_vit.flops import TokenTrace, ViTCost, gflops
 
 DEIT_S = dict(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536)
@@ -20,7 +20,7 @@ def measured_gflops(fn) -> float:
 def test_dense_deit_small_is_the_published_count():
     model = ViT(**DEIT_S, max_tokens_per_depth=(196,) * 12).eval()
     with torch.no_grad():
-        *_, trace = model.forward_features(torch.randn(1, 3, 224, 224))
+        trace = model.forward_tokens(torch.randn(1, 3, 224, 224))[1].trace
     n, d, hidden = 197, 384, 1536
     per_block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * hidden
     expected = (12 * per_block + 196 * 768 * d + d * 1000) / 1e9
@@ -40,9 +40,9 @@ def test_analytic_count_matches_pytorch_flop_counter(schedule):
     traces = []
 
     def run():
-        feats, _, _, trace = model.forward_features(x)
+        feats, state = model.forward_tokens(x)
         model.forward_head(feats)
-        traces.append(trace)
+        traces.append(state.trace)
 
     measured = measured_gflops(run)
     assert gflops(model.cost, traces[0]).item() == pytest.approx(measured, rel=1e-6)
@@ -65,14 +65,14 @@ def test_analytic_count_of_every_rule_matches_pytorch_flop_counter(rule):
     input), which the analytic count adds."""
     torch.manual_seed(0)
     schedule = (196,) * 2 + (150, 120, 100, 100, 80, 60, 40, 40, 20, 20)
-    model = ViT(**DEIT_S, max_tokens_per_depth=schedule, **rule).eval()
+    model = ViT(**DEIT_S, max_tokens_per_depth=schedule, options=SamplingOptions(**rule)).eval()
     x = torch.randn(1, 3, 224, 224)
     traces = []
 
     def run():
-        feats, _, _, trace = model.forward_features(x)
+        feats, state = model.forward_tokens(x)
         model.forward_head(feats)
-        traces.append(trace)
+        traces.append(state.trace)
 
     measured = measured_gflops(run)
     trace = traces[0]

@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ats_vit.options import SamplingOptions
 from ats_vit.sampling import (
     AdaptiveTokenSampling,
     Padding,
@@ -62,14 +63,10 @@ def test_selection_properties(case):
     p, k, mask = case["p"], case["k"], case["mask"]
     b, _, n = case["cls_attn"].shape
     dropped = case["dropped"]
-    ats = AdaptiveTokenSampling(
-        k,
-        case["sampler"],
-        num_prefix_tokens=p,
-        static_shape=case["static"],
-        temperature=case["temperature"],
-        dropped=dropped,
+    options = SamplingOptions(
+        case["sampler"], static_shape=case["static"], temperature=case["temperature"], dropped=dropped
     )
+    ats = AdaptiveTokenSampling(k, options, num_prefix_tokens=p)
     ats.train(case["training"])
     padding = None if mask is None else Padding(mask, mask.flatten().nonzero().squeeze(1))
     size = None
@@ -201,7 +198,7 @@ def test_fuse_adds_the_significance_weighted_mean_of_the_dropped_tokens():
     attn = torch.tensor([[[0.0, 0.6, 0.2, 0.1, 0.1]]])
     v = torch.zeros(1, 1, 5, 2)
     v[..., 0] = 1.0
-    ats = AdaptiveTokenSampling(1, "topk", dropped="fuse").eval()
+    ats = AdaptiveTokenSampling(1, SamplingOptions("topk", dropped="fuse")).eval()
     sel = ats(attn, v, k=torch.randn(1, 1, 5, 2))
     # keeps token 1; the fused token sits where the most significant dropped token (2) was
     assert sel.index.tolist() == [[0, 1, 2]]
@@ -215,7 +212,7 @@ def test_merge_sends_each_dropped_token_to_its_most_similar_kept_token():
     attn = torch.tensor([[[0.0, 0.5, 0.4, 0.05, 0.05]]])
     v = torch.ones(1, 1, 5, 2)
     k = torch.tensor([[[[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]]]])
-    sel = AdaptiveTokenSampling(2, "topk", dropped="merge").eval()(attn, v, k=k)
+    sel = AdaptiveTokenSampling(2, SamplingOptions("topk", dropped="merge")).eval()(attn, v, k=k)
     assert sel.index.tolist() == [[0, 1, 2]]
     # token 3 is like token 1, token 4 like token 2; sizes add up; means weighted by size
     assert sel.merge.dest.tolist() == [[0, 1, 2, 1, 2]]
@@ -242,7 +239,7 @@ def test_tome_keeps_a_fixed_count_and_conserves_size():
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(3, 2, 17, 4, generator=gen)
     v = torch.randn(3, 2, 17, 4, generator=gen)
-    sel = AdaptiveTokenSampling(10, "tome").eval()(None, v, k=k)
+    sel = AdaptiveTokenSampling(10, SamplingOptions("tome")).eval()(None, v, k=k)
     assert sel.padding is None and sel.index.shape == (3, 11)
     assert sel.size.sum(1).tolist() == [17.0] * 3
     assert (sel.merge.dest[:, 0] == 0).all()
@@ -353,14 +350,35 @@ def test_tokenwise_computes_real_rows_only():
         (dict(max_tokens=0), ValueError, "max_tokens must be >= 1"),
         (dict(max_tokens=2.5), TypeError, "max_tokens must be an int"),
         (dict(max_tokens=True), TypeError, "max_tokens must be an int"),
-        (dict(max_tokens=4, sampler="top_k"), ValueError, "sampler must be one of"),
         (dict(max_tokens=4, num_prefix_tokens=0), ValueError, "num_prefix_tokens must be >= 1"),
-        (dict(max_tokens=4, temperature=0.0), ValueError, "temperature must be a finite number > 0"),
-        (dict(max_tokens=4, temperature="hot"), TypeError, "temperature must be a float"),
-        (dict(max_tokens=4, dropped="keep"), ValueError, "dropped must be one of"),
-        (dict(max_tokens=4, sampler="tome", dropped="discard"), ValueError, "dropped must be 'merge'"),
+        (dict(max_tokens=4, options="gumbel"), TypeError, "options must be an ats_vit.SamplingOptions"),
     ],
 )
 def test_ats_module_errors(kwargs, error, match):
     with pytest.raises(error, match=match):
         AdaptiveTokenSampling(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(sampler="top_k"), ValueError, "sampler must be one of"),
+        (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature="hot"), TypeError, "temperature must be a float"),
+        (dict(dropped="keep"), ValueError, "dropped must be one of"),
+        (dict(sampler="tome", dropped="discard"), ValueError, "dropped must be 'merge'"),
+        (dict(static_shape=1), TypeError, "static_shape must be a bool"),
+    ],
+)
+def test_sampling_options_are_checked_once_when_made(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SamplingOptions(**kwargs)
+
+
+def test_configure_changes_the_cap_and_options_in_place():
+    ats = AdaptiveTokenSampling(8)
+    ats.configure(3, SamplingOptions("topk"))
+    assert (ats.max_tokens, ats.sampler, ats.dropped, ats.rule) == (3, "topk", "discard", "score")
+    ats.configure(5)  # options kept
+    assert (ats.max_tokens, ats.sampler) == (5, "topk")
+    assert SamplingOptions("tome").dropped == "merge" and SamplingOptions().dropped == "discard"

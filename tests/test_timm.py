@@ -14,10 +14,13 @@ class GatedAttention(Attention):
         super().__init__(*args, gated=True, **kwargs)
 
 
+from helpers import NUM_PATCHES, images  # noqa: E402
+
 import ats_vit.timm as ats_timm  # noqa: E402
+from ats_vit import SamplingOptions, family_of  # noqa: E402
+from ats_vit.testing import sharpen_queries  # noqa: E402
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
-NUM_PATCHES = 16
 
 FAMILIES = {
     "cls": lambda: VisionTransformer(**SMALL),
@@ -36,16 +39,9 @@ def make(family: str, seed: int = 0) -> VisionTransformer:
     return FAMILIES[family]().eval()
 
 
-def images(b: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
 def sharpen(model: VisionTransformer, factor: float = 50.0) -> VisionTransformer:
     """Peaked CLS attention, as in trained models, so images keep different counts."""
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.qkv.weight[: block.attn.attn_dim] *= factor
-    return model
+    return sharpen_queries(model, factor)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -72,7 +68,7 @@ def test_sampling_block_outputs_equal_the_dense_rows(family):
         dense = model.blocks[0](tokens)
         ats_timm.apply(model, layers=[0], max_tokens=6)
         sampled = model.blocks[0](tokens)
-    state = model._ats_state
+    state = family_of(model).carrier.state  # white-box: one block ran, not a whole pass
     real = torch.ones_like(state.positions, dtype=torch.bool) if state.padding is None else state.padding.mask
     assert sampled.shape[1] < tokens.shape[1]
     for i in range(4):
@@ -87,7 +83,7 @@ def test_prefix_tokens_are_always_kept(family):
     ats_timm.apply(model, layers=[1, 2], max_tokens=[6, 3])
     with torch.no_grad():
         model(images(5))
-    positions = model._ats_state.positions  # white-box: original token positions still alive
+    positions = family_of(model).last_state().positions  # original token positions still alive
     assert torch.equal(positions[:, :p], torch.arange(p).expand(5, p))
     info = ats_timm.last_info(model)
     assert (info.kept_per_layer[:, 1] <= 6).all() and (info.kept_per_layer[:, 2:] <= 3).all()
@@ -114,6 +110,7 @@ def test_remove_restores_exact_behaviour_and_leaves_no_trace():
 
 
 def test_patching_one_instance_leaves_others_untouched():
+    original = Block.forward
     a, b = make("cls"), make("cls")
     x = images(2)
     with torch.no_grad():
@@ -121,8 +118,22 @@ def test_patching_one_instance_leaves_others_untouched():
         ats_timm.apply(a, layers=range(4), max_tokens=3)
         a(x)
         assert torch.equal(b(x), reference)
-    assert Block.forward is not None and "forward" not in vars(b.blocks[0])
+    assert Block.forward is original, "the class is never patched"
+    assert "forward" in vars(a.blocks[0]) and "forward" not in vars(b.blocks[0])
     assert not ats_timm.is_patched(b)
+
+
+def test_applying_again_only_sets_numbers():
+    """Patch once, then set numbers: the same sampling modules, reconfigured in place."""
+    model = make("cls")
+    ats_timm.apply(model, layers=[1, 2], max_tokens=5)
+    modules = [block.ats for block in model.blocks]
+    forwards = [vars(block)["forward"] for block in model.blocks]
+    ats_timm.apply(model, layers=[3], max_tokens=2, options=SamplingOptions("topk"))
+    assert [block.ats for block in model.blocks] == modules
+    assert [vars(block)["forward"] for block in model.blocks] == forwards
+    assert [m.max_tokens for m in modules] == [NUM_PATCHES, NUM_PATCHES, NUM_PATCHES, 2]
+    assert {m.sampler for m in modules} == {"topk"}
 
 
 def test_state_dict_round_trips_between_patched_and_plain_models():
@@ -146,7 +157,12 @@ def test_patched_eval_model_is_deterministic():
 
 def test_static_shape_matches_dynamic():
     dynamic = ats_timm.apply(sharpen(make("registers")), layers=[1, 2, 3], max_tokens=12)
-    static = ats_timm.apply(sharpen(make("registers")), layers=[1, 2, 3], max_tokens=12, static_shape=True)
+    static = ats_timm.apply(
+        sharpen(make("registers")),
+        layers=[1, 2, 3],
+        max_tokens=12,
+        options=SamplingOptions(static_shape=True),
+    )
     x = images(6)
     with torch.no_grad():
         torch.testing.assert_close(static(x), dynamic(x), atol=1e-5, rtol=1e-5)
@@ -182,7 +198,7 @@ def test_gflops_follow_the_budget():
 @pytest.mark.parametrize("sampler", ["topk", "random"])
 def test_fixed_count_peers_keep_exactly_the_cap(sampler):
     model = ats_timm.apply(
-        sharpen(make("distilled")), layers=[1, 2, 3], max_tokens=[9, 5, 5], sampler=sampler
+        sharpen(make("distilled")), layers=[1, 2, 3], max_tokens=[9, 5, 5], options=SamplingOptions(sampler)
     )
     with torch.no_grad():
         model(images(3))
@@ -241,7 +257,7 @@ def test_unsupported_model_error_names_the_model():
         (dict(max_tokens=[4, 4]), ValueError, "max_tokens has 2 entries but layers selects 4"),
         (dict(max_tokens="8"), TypeError, "max_tokens must be an int or a sequence"),
         (dict(max_tokens=[4, 4, 0, 4]), ValueError, r"max_tokens\[2\] must be >= 1"),
-        (dict(sampler="uniform"), ValueError, "sampler must be one of"),
+        (dict(options="uniform"), TypeError, "options must be an ats_vit.SamplingOptions"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -251,7 +267,7 @@ def test_bad_arguments(kwargs, error, match):
 
 def test_info_errors_and_attn_mask():
     model = make("cls")
-    with pytest.raises(ValueError, match="not patched"):
+    with pytest.raises(ValueError, match=r"not patched: call ats_vit\.timm\.apply"):
         ats_timm.last_info(model)
     ats_timm.apply(model, max_tokens=4)
     with pytest.raises(ValueError, match="no complete forward pass"):

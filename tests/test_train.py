@@ -1,12 +1,9 @@
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, tiny_cfg, tiny_data, weights
+from helpers import TINY, tiny_cfg, tiny_data, torchrun, weights
 from torch.utils.data import TensorDataset
 
 from ats_vit.checkpoint import CheckpointError, load_checkpoint, load_model
@@ -77,6 +74,7 @@ def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
     assert "no checkpoint at" in capsys.readouterr().err
 
 
+@pytest.mark.distributed
 def test_ddp_two_processes(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(
@@ -101,19 +99,9 @@ def test_ddp_two_processes(tmp_path):
     assert int(load_checkpoint(tmp_path / "ddp" / "last.safetensors")[2]["train.step"]) == 6
 
 
-def torchrun(script: Path, port: int, *args: str) -> subprocess.CompletedProcess:
-    """Two gloo processes running ``script``; fails the test with their stderr if one fails."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    command += ["--master_port", str(port), str(script), *args]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
-
-
 def test_timm_architecture_trains_and_samples(tmp_path):
     pytest.importorskip("timm")
-    from ats_vit.models import forward_traced
+    from ats_vit import family_of
     from ats_vit.viz import save_kept_tokens_grid
 
     cfg = tiny_cfg(tmp_path)
@@ -126,7 +114,7 @@ def test_timm_architecture_trains_and_samples(tmp_path):
     sampled = Budget(1, (4, 4)).apply(model)
     images = tiny_data(3).tensors[0]
     with torch.no_grad():
-        _, trace, _ = forward_traced(sampled.eval(), images)
+        trace = family_of(sampled.eval()).run(images)[1].trace
     assert trace.kept_per_layer()[:, -1].max() <= 4
     assert save_kept_tokens_grid(images, trace, 4, tmp_path / "timm.png").exists()
 
@@ -141,7 +129,7 @@ def test_timm_architecture_needs_matching_head_sizes():
         build_model(ModelConfig(**{**TINY.__dict__, "arch": "keras"}))
 
 
-ATS_BUDGET = dict(start_layer=1, max_tokens=(8, 4), dropped="merge", temperature=2.0)
+ATS_BUDGET = dict(start_layer=1, caps=(8, 4), dropped="merge", temperature=2.0)
 
 
 def ats_cfg(out: Path, **kw):
@@ -160,7 +148,7 @@ def test_training_with_a_budget_keeps_it_in_the_checkpoint(tmp_path):
     final = train(ats_cfg(tmp_path), tiny_data(), progress=False)
     model, cfg = load_model(final)
     assert Budget.from_dict(cfg.budget) == Budget(**ATS_BUDGET)
-    assert model.max_tokens_per_depth == (16, 8, 4) and model.dropped == "merge"
+    assert model.max_tokens_per_depth == (16, 8, 4) and model.options.dropped == "merge"
     result = evaluate(model, tiny_data(32, seed=1))
     assert result["kept_per_layer"][-1] <= 4
 
@@ -191,6 +179,7 @@ def test_finetuning_starts_from_the_checkpoint_and_refuses_other_sizes(tmp_path,
         train(other, tiny_data(), progress=False)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("budget", [False, True], ids=["dense", "ats"])
 def test_ddp_trains_the_same_model_as_one_process(tmp_path, budget):
     """2 processes with batch B end with the weights of 1 process with batch 2B over the same
@@ -217,5 +206,67 @@ def test_ddp_trains_the_same_model_as_one_process(tmp_path, budget):
     one.batch_size = 16
     train(one, tiny_data(), progress=False)
     a, b = weights(tmp_path / "one" / "final.safetensors"), weights(tmp_path / "two" / "final.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    # the ranks' all-reduced mean and one process's mean round differently, and AVX2 and
+    # AVX-512 kernels differently again (1.85e-5 seen after 12 AdamW steps); 1e-4 holds on both
+    worst = max(a, key=lambda k: (a[k] - b[k]).abs().max().item())
+    diff = (a[worst] - b[worst]).abs().max().item()
+    assert diff <= 1e-4, f"largest difference {diff:.2e} in {worst} (allowed 1e-4)"
+
+
+def test_a_run_folder_is_never_written_over(tmp_path):
+    from ats_vit.train import RunExistsError
+
+    old = weights(train(tiny_cfg(tmp_path), tiny_data(), progress=False))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(
+        RunExistsError, match=r"already holds a run \(config.json, metrics.csv, last.safetensors"
+    ):
+        train(tiny_cfg(tmp_path), tiny_data(), progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    again = tiny_cfg(tmp_path)
+    again.seed = 1
+    train(again, tiny_data(), progress=False, overwrite=True)
+    rows = list(csv_rows(tmp_path / "metrics.csv"))
+    assert [r["step"] for r in rows] == ["12"], "the old run's metrics are gone, not appended to"
+    new = weights(tmp_path / "final.safetensors")
+    assert not all(torch.equal(old[k], new[k]) for k in old), "a new run, from another seed"
+
+
+def test_the_checkpoint_being_finetuned_is_never_an_output(tmp_path, tiny_checkpoint):
+    cfg = ats_cfg(tiny_checkpoint.parent)
+    cfg.init_from = str(tiny_checkpoint)
+    before = tiny_checkpoint.read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(ValueError, match="is a file this run would write"):
+            train(cfg, tiny_data(), progress=False, overwrite=overwrite)
+    assert tiny_checkpoint.read_bytes() == before
+
+
+class Interrupting(CrashingData):
+    def __getitem__(self, i):
+        try:
+            return super().__getitem__(i)
+        except Crash:
+            raise KeyboardInterrupt from None
+
+
+def test_ctrl_c_names_the_last_checkpoint_and_resume_says_where_it_starts(tmp_path, capsys):
+    from ats_vit.train import TrainingInterrupted
+
+    data = tiny_data()
+    with pytest.raises(
+        TrainingInterrupted,
+        match=r"stopped at step 7 of 12; the last checkpoint is .*last.safetensors \(step 4\)",
+    ):
+        train(tiny_cfg(tmp_path), Interrupting(data, limit=16 * 7 + 5), progress=False)
+    train(tiny_cfg(tmp_path), data, resume=True, progress=False)
+    assert f"resume: {tmp_path / 'last.safetensors'} at step 4 of 12" in capsys.readouterr().err
+
+
+def test_resuming_forgets_metrics_logged_after_the_checkpoint(tmp_path):
+    from ats_vit.train import _drop_metrics_after
+
+    log = tmp_path / "metrics.csv"
+    log.write_text("step,epoch,lr,loss,time\n20,0,1,2,3\n40,0,1,2,3\n60,1,1,2,3\n")
+    _drop_metrics_after(log, 40)
+    assert [r["step"] for r in csv_rows(log)] == ["20", "40"]

@@ -1,20 +1,14 @@
+from functools import partial
+
 import pytest
 import torch
+from helpers import NUM_PATCHES, SMALL, images
+from helpers import small_vit as any_vit
 
-from ats_vit import ViT, load_vit_pytorch_state_dict
+from ats_vit import SamplingOptions, ViT, load_vit_pytorch_state_dict
 
-SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=4, heads=2, dim_head=16, mlp_dim=64)
-NUM_PATCHES = 16
 DROPPING = (16, 8, 6, 6)
-
-
-def small_vit(schedule=DROPPING, **kw) -> ViT:
-    torch.manual_seed(0)
-    return ViT(**{**SMALL, "max_tokens_per_depth": schedule, **kw})
-
-
-def images(b: int, seed: int = 0, size: int = 32, channels: int = 3) -> torch.Tensor:
-    return torch.randn(b, channels, size, size, generator=torch.Generator().manual_seed(seed))
+small_vit = partial(any_vit, DROPPING)
 
 
 def seed_vit(schedule, **kw):
@@ -52,7 +46,7 @@ def test_equals_vit_pytorch_when_nothing_is_dropped(sizes):
 
 
 def test_dropping_schedule_with_a_cap_above_the_token_count_is_the_dense_model():
-    dense, capped = small_vit((16,) * 4).eval(), small_vit((100, 50, 16, 16)).eval()
+    dense, capped = any_vit((16,) * 4).eval(), any_vit((100, 50, 16, 16)).eval()
     capped.load_state_dict(dense.state_dict())
     x = images(2)
     with torch.no_grad():
@@ -84,7 +78,7 @@ def test_eval_is_deterministic_with_default_sampler(static_shape):
 
 
 def test_static_shape_gives_the_same_result():
-    dynamic, static = peaky(small_vit()).eval(), peaky(small_vit(static_shape=True)).eval()
+    dynamic, static = small_vit(peaked=8.0).eval(), small_vit(peaked=8.0, static_shape=True).eval()
     x = images(4)
     with torch.no_grad():
         a, ids_a = dynamic(x, return_sampled_token_ids=True)
@@ -93,15 +87,6 @@ def test_static_shape_gives_the_same_result():
     assert ids_b.shape[1] == min(DROPPING)
     for ra, rb in zip(ids_a, ids_b, strict=True):
         assert torch.equal(ra[ra >= 0], rb[rb >= 0])
-
-
-def peaky(model: ViT, factor: float = 8.0) -> ViT:
-    """Sharpen every query so CLS attention is peaked and images keep different counts,
-    as in trained models (random init attends almost uniformly)."""
-    with torch.no_grad():
-        for block in model.blocks:
-            block.attn.qkv.weight[: block.attn.inner_dim] *= factor
-    return model
 
 
 # every deterministic selection rule: the paper's, with the knob, fused, merged, and the peers
@@ -119,7 +104,7 @@ RULE_IDS = ["paper", "hot", "cold-fuse", "merge", "evit", "tome"]
 @pytest.mark.parametrize("static_shape", [False, True])
 @pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 def test_batch_equals_each_image_alone(static_shape, rule):
-    model = peaky(small_vit(static_shape=static_shape, **rule)).eval()
+    model = small_vit(peaked=8.0, static_shape=static_shape, **rule).eval()
     x = images(6)
     with torch.no_grad():
         batch_logits, batch_ids = model(x, return_sampled_token_ids=True)
@@ -134,36 +119,38 @@ def test_batch_equals_each_image_alone(static_shape, rule):
 
 @pytest.mark.parametrize("sampler", ["topk", "random"])
 def test_fixed_count_peers_keep_exactly_the_cap(sampler):
-    model = peaky(small_vit(sampler=sampler)).eval()
+    model = small_vit(peaked=8.0, sampler=sampler).eval()
     with torch.no_grad():
-        _, _, padding, trace = model.forward_features(images(5))
+        _, state = model.forward_tokens(images(5))
         _, ids = model(images(5), return_sampled_token_ids=True)
-    assert padding is None, "every image keeps the same count, so nothing is padded"
-    assert trace.kept_per_layer().tolist() == [list(DROPPING)] * 5
+    assert state.padding is None, "every image keeps the same count, so nothing is padded"
+    assert state.trace.kept_per_layer().tolist() == [list(DROPPING)] * 5
     assert ids.shape == (5, min(DROPPING)) and (ids >= 0).all()
     assert torch.all(ids.diff(dim=1) > 0), "kept ids stay in ascending original order"
 
 
 @pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 def test_static_shape_equals_dynamic_for_every_rule(rule):
-    dynamic = peaky(small_vit(**rule)).eval()
-    static = peaky(small_vit(static_shape=True, **rule)).eval()
+    dynamic = small_vit(peaked=8.0, **rule).eval()
+    static = small_vit(peaked=8.0, static_shape=True, **rule).eval()
     x = images(5)
     with torch.no_grad():
         torch.testing.assert_close(static(x), dynamic(x), atol=1e-5, rtol=1e-5)
 
 
-def test_set_sampling_replaces_the_rule_and_keeps_the_weights():
-    model = peaky(small_vit()).eval()
+def test_set_sampling_changes_the_rule_in_place_and_keeps_the_weights():
+    model = small_vit(peaked=8.0).eval()
+    modules = model.sampling_layers()
     x = images(3)
     with torch.no_grad():
         paper = model(x)
-        model.set_sampling((16, 8, 4, 4), dropped="merge", temperature=2.0)
-        assert model.max_tokens_per_depth == (16, 8, 4, 4) and model.dropped == "merge"
-        assert all(b.attn.ats.temperature == 2.0 and not b.attn.ats.training for b in model.blocks)
+        model.set_sampling((16, 8, 4, 4), SamplingOptions(dropped="merge", temperature=2.0))
+        assert model.max_tokens_per_depth == (16, 8, 4, 4) and model.options.dropped == "merge"
+        assert model.sampling_layers() == modules, "the same modules, configured in place"
+        assert all(b.attn.ats.options.temperature == 2.0 and not b.attn.ats.training for b in model.blocks)
         merged, ids = model(x, return_sampled_token_ids=True)
         assert (ids >= 0).sum(1).max() <= 4
-        model.set_sampling(DROPPING)
+        model.set_sampling(DROPPING, SamplingOptions())
         torch.testing.assert_close(model(x), paper)
     assert not torch.allclose(merged, paper)
     with pytest.raises(ValueError, match="non-increasing"):
@@ -172,7 +159,7 @@ def test_set_sampling_replaces_the_rule_and_keeps_the_weights():
 
 @pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
 def test_gradients_reach_every_parameter(rule):
-    model = small_vit(dropout=0.1, emb_dropout=0.1, **rule).train()
+    model = small_vit(dropout=0.1, **rule).train()
     logits, ids = model(images(4), return_sampled_token_ids=True)
     fused = rule.get("dropped") == "fuse"  # the fused token comes on top of the cap
     assert (ids >= 0).sum(1).max() <= min(DROPPING) + fused
@@ -218,6 +205,7 @@ def test_autocast_bfloat16_runs_on_float32_weights():
         (dict(patch_size=0), ValueError, "patch_size must be >= 1"),
         (dict(image_size=(32, 32, 3)), TypeError, "image_size must be an int or a pair"),
         (dict(sampler="top_k"), ValueError, "sampler must be one of"),
+        (dict(sampler="topk", options=SamplingOptions()), ValueError, "give sampler or options"),
         (dict(dim=0), ValueError, "dim must be >= 1"),
         (dict(heads=2.0), TypeError, "heads must be an int"),
         (dict(depth=0), ValueError, "depth must be >= 1"),
@@ -251,11 +239,14 @@ def test_input_errors(make_input, error, match):
 def test_load_vit_pytorch_state_dict_errors():
     model = small_vit()
     reference = seed_vit(DROPPING, dim=48, heads=3, dim_head=16)
-    with pytest.raises(ValueError, match="mismatched shapes"):
+    with pytest.raises(
+        ValueError,
+        match=r"49 keys of another shape \(file vs model\) \(cls_token \(1, 1, 48\) vs \(1, 1, 32\)",
+    ):
         load_vit_pytorch_state_dict(model, reference.state_dict())
     state = seed_vit(DROPPING).state_dict()
     state.pop("cls_token")
-    with pytest.raises(ValueError, match=r"missing=\['cls_token'\]"):
+    with pytest.raises(ValueError, match=r"1 missing keys \(cls_token\)"):
         load_vit_pytorch_state_dict(model, state)
     with pytest.raises(TypeError, match="state_dict must be a mapping"):
         load_vit_pytorch_state_dict(model, [1, 2])

@@ -1,0 +1,125 @@
+"""What the benchmarks share: machine facts, tables, JSON records, peak memory, intervals.
+
+Every speed number in ``ats-vit bench`` is a ratio measured in one run (variants interleaved
+round-robin, :mod:`ats_vit.timing`); nothing here is asserted as a timing in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from ats_vit.stats import binomial_ci95
+from ats_vit.timing import _sync
+
+__all__ = ["binomial_ci95", "machine", "peak_memory", "print_table", "write_json"]
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages that ops create while active, and their peak.
+
+    CPU PyTorch has no allocator statistics, so storages are followed from creation to
+    garbage collection. An output that shares a storage with an input (a view, an in-place
+    result) is no new memory; scratch memory that a kernel allocates internally (e.g. inside
+    fused attention) is not seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._storages: set[int] = set()
+
+    def _freed(self, ptr: int, nbytes: int) -> None:
+        self._storages.discard(ptr)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)
+        }
+        for t in tree_leaves(out):
+            if not isinstance(t, Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or ptr in self._storages or ptr in inputs:
+                continue
+            self._storages.add(ptr)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, ptr, nbytes)
+        return out
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | None = None) -> int:
+    """Peak bytes of the tensors ``fn`` allocates on ``device`` (activations: weights and
+    inputs that exist before the call are not counted)."""
+    device = device or torch.device("cpu")
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    tracker = _LiveTensorBytes()
+    with tracker:
+        fn()
+    return tracker.peak
+
+
+def machine(device: torch.device | str = "cpu") -> dict[str, object]:
+    device = torch.device(device)
+    info = dict(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        cpu=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        device=str(device),
+    )
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec) per column; a spec starting with '<' aligns left."""
+    cells = [[format(r[key], spec) for key, _, spec in columns] for r in rows]
+    widths = [max(len(header), *(len(row[i]) for row in cells)) for i, (_, header, _) in enumerate(columns)]
+    left = [spec.startswith("<") for _, _, spec in columns]
+
+    def line(items: Sequence[str]) -> str:
+        return "  ".join(
+            s.ljust(w) if is_left else s.rjust(w) for s, w, is_left in zip(items, widths, left, strict=True)
+        )
+
+    print(line([header for _, header, _ in columns]))
+    print(line(["-" * w for w in widths]))
+    for row in cells:
+        print(line(row))
+
+
+def write_json(
+    path: str | Path | None, config: Any, rows: Sequence[dict], device: torch.device | str = "cpu"
+) -> None:
+    """Config, machine and rows, so every number can be reproduced."""
+    if path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps(dict(config=asdict(config), machine=machine(device), rows=list(rows)), indent=2)
+        )
+        print(f"wrote {path}")

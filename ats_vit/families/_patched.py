@@ -1,0 +1,176 @@
+"""What the timm and Hugging Face families share: patching block instances once.
+
+Each block's ``forward`` becomes an instance attribute that runs the model's own modules
+through :func:`ats_vit.attention.sampled_self_attention`, and each block gets a parameter-free
+:class:`~ats_vit.sampling.AdaptiveTokenSampling` submodule (state dicts are unchanged). The
+blocks of one model share a :class:`Carrier`, where the first block puts the
+:class:`~ats_vit.tokens.TokenState` of the pass under way and the others find it. Deleting
+those attributes restores the class's behaviour; other instances are never touched.
+"""
+
+from __future__ import annotations
+
+import types
+from abc import abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ats_vit import _validate
+from ats_vit.families.base import Family
+from ats_vit.flops import TokenTrace
+from ats_vit.options import SamplingOptions
+from ats_vit.sampling import AdaptiveTokenSampling
+from ats_vit.tokens import ATSInfo, TokenState
+
+# attributes patching adds: on the model, and on each block
+FAMILY = "_ats_family"
+_BLOCK_ATTRS = ("ats", "_ats_carrier", "_ats_index", "forward")
+
+
+class Carrier:
+    """The token state of one patched model's pass under way, and where a pass resumes."""
+
+    def __init__(self, num_prefix_tokens: int) -> None:
+        self.num_prefix_tokens = num_prefix_tokens
+        self.state: TokenState | None = None
+        self.resume: tuple[int, Tensor] | None = None
+
+
+def block_state(block: Any, x: Tensor) -> TokenState:
+    """The token state a patched block works in; the first block starts the pass's."""
+    carrier: Carrier = block._ats_carrier
+    if block._ats_index == 0:
+        carrier.state = TokenState(x, carrier.num_prefix_tokens, carrier.resume)
+    if carrier.state is None:
+        raise RuntimeError("a patched block ran before the model's first block")
+    return carrier.state
+
+
+class PatchedFamily(Family):
+    """A third-party model whose blocks are patched; subclasses say how to get logits."""
+
+    carrier: Carrier
+
+    blocks: Sequence[Any]
+
+    def sampling_layers(self) -> list[AdaptiveTokenSampling]:
+        return [block.ats for block in self.blocks]
+
+    @abstractmethod
+    def logits(self, images: Tensor) -> Tensor:
+        """The model's own forward pass, as logits (b, classes)."""
+
+    def run(self, images: Tensor, start: int = 0, hidden: Tensor | None = None) -> tuple[Tensor, TokenState]:
+        self.carrier.resume = None if hidden is None else (start, hidden)
+        try:
+            logits = self.logits(images)
+        finally:
+            self.carrier.resume = None
+        return logits, self.last_state()
+
+    def last_state(self) -> TokenState:
+        state = self.carrier.state
+        if state is None or len(state.trace.counts) != self.depth:
+            raise ValueError(f"{self.name}: no complete forward pass has run since it was patched")
+        return state
+
+    def patch(self, forward: Callable[..., Tensor]) -> None:
+        """Bind ``forward`` to every block and give each a sampling module that keeps all."""
+        self.carrier = Carrier(self.num_prefix_tokens)
+        for i, block in enumerate(self.blocks):
+            block.ats = AdaptiveTokenSampling(self.num_patches, num_prefix_tokens=self.num_prefix_tokens)
+            block.ats.train(block.training)
+            block._ats_carrier = self.carrier
+            block._ats_index = i
+            block.forward = types.MethodType(forward, block)
+        self.model.__dict__[FAMILY] = self
+
+    def unpatch(self) -> None:
+        for block in self.blocks:
+            for name in _BLOCK_ATTRS:
+                if name in block.__dict__ or name in block._modules:
+                    delattr(block, name)
+        self.model.__dict__.pop(FAMILY, None)
+
+
+def patched_family(model: nn.Module) -> PatchedFamily | None:
+    """The family a model was patched with, or None."""
+    found = model.__dict__.get(FAMILY)
+    return found if isinstance(found, PatchedFamily) and found.model is model else None
+
+
+def chosen_caps(
+    family: Family, layers: Iterable[int] | None, max_tokens: int | Sequence[int]
+) -> tuple[int, ...]:
+    """One cap per layer: ``max_tokens`` (an int, or one per chosen layer) in ``layers``
+    (default: all), ``num_patches`` (keep all) elsewhere."""
+    depth = family.depth
+    if layers is None:
+        chosen = list(range(depth))
+    elif isinstance(layers, int) or not isinstance(layers, Iterable):
+        raise TypeError(f"layers must be an iterable of block indices, got {layers!r}")
+    else:
+        chosen = list(layers)
+    for i in chosen:
+        if not _validate.is_int(i) or not 0 <= i < depth:
+            raise ValueError(f"layers must hold block indices in [0, {depth}), got {i!r} in {chosen}")
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"layers must not repeat a block, got {chosen}")
+    chosen.sort()
+    if _validate.is_int(max_tokens):
+        caps = [_validate.positive_int("max_tokens", max_tokens)] * len(chosen)
+    elif isinstance(max_tokens, Sequence) and not isinstance(max_tokens, str):
+        caps = [_validate.positive_int(f"max_tokens[{i}]", t) for i, t in enumerate(max_tokens)]
+        if len(caps) != len(chosen):
+            raise ValueError(f"max_tokens has {len(caps)} entries but layers selects {len(chosen)} blocks")
+    else:
+        raise TypeError(f"max_tokens must be an int or a sequence of ints, got {max_tokens!r}")
+    schedule = [family.num_patches] * depth
+    for i, cap in zip(chosen, caps, strict=True):
+        schedule[i] = cap
+    return tuple(schedule)
+
+
+def apply(
+    family: Family,
+    layers: Iterable[int] | None,
+    max_tokens: int | Sequence[int],
+    options: SamplingOptions | None,
+) -> None:
+    """The front doors' ``apply``: caps in the chosen layers and the options (default: the
+    paper's ATS), set in place on an already patched model."""
+    family.set_schedule(chosen_caps(family, layers, max_tokens), options or SamplingOptions())
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` is patched by :mod:`ats_vit.timm` or :mod:`ats_vit.hf`."""
+    return patched_family(model) is not None
+
+
+def _required(model: nn.Module) -> PatchedFamily:
+    found = patched_family(model)
+    if found is None:
+        raise ValueError(
+            f"{type(model).__name__} is not patched: call ats_vit.timm.apply or ats_vit.hf.apply first"
+        )
+    return found
+
+
+def last_trace(model: nn.Module) -> TokenTrace:
+    """The per-block token trace of a patched model's last forward pass (for
+    :func:`ats_vit.flops.gflops` with the family's cost, and for :mod:`ats_vit.viz`)."""
+    return _required(model).last_state().trace
+
+
+def last_info(model: nn.Module) -> ATSInfo:
+    """Token ids, per-layer kept counts and GFLOPs of a patched model's last forward pass."""
+    return _required(model).last_info()
+
+
+def remove(model: nn.Module) -> None:
+    """Undo the patch (a no-op on an unpatched model)."""
+    found = patched_family(model)
+    if found is not None:
+        found.unpatch()

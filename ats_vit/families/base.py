@@ -1,0 +1,132 @@
+"""The family interface: what budgets, calibration and evaluation need of a model.
+
+A :class:`Family` wraps one model of one library (our :class:`~ats_vit.vit.ViT`, a timm or a
+Hugging Face ViT) and answers, the same way for all of them: its sizes (depth, patches, patch
+and image size, prefix tokens, the FLOP cost model), its per-block
+:class:`~ats_vit.sampling.AdaptiveTokenSampling` modules, and a forward pass that also hands
+back the pass's :class:`~ats_vit.tokens.TokenState` (what was kept, for GFLOPs). Patching a
+third-party model happens once, when its family is first asked for; after that,
+:meth:`Family.set_schedule` only sets numbers on the sampling modules, in place.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from torch import Tensor, nn
+
+from ats_vit import _validate
+from ats_vit.flops import ViTCost, gflops
+from ats_vit.options import SamplingOptions
+from ats_vit.sampling import AdaptiveTokenSampling
+from ats_vit.tokens import ATSInfo, TokenState
+
+__all__ = ["Family"]
+
+
+class Family(ABC):
+    """One model seen through the interface every library shares.
+
+    model: the model itself; name: what messages call it; blocks: its transformer blocks in
+    order; cost: the sizes that set its FLOPs; image_size, patch_size: (h, w) in pixels;
+    channels: input channels; num_classes: the classes its logits score (0: no classifier).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        name: str,
+        blocks: Sequence[nn.Module],
+        cost: ViTCost,
+        *,
+        image_size: tuple[int, int],
+        patch_size: tuple[int, int],
+        channels: int,
+        num_classes: int,
+    ) -> None:
+        self.model = model
+        self.name = name
+        self.blocks = blocks
+        self.cost = cost
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.channels = channels
+        self.num_classes = num_classes
+
+    @property
+    def depth(self) -> int:
+        return self.cost.depth
+
+    @property
+    def num_patches(self) -> int:
+        return self.cost.num_patches
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.cost.num_prefix_tokens
+
+    @abstractmethod
+    def sampling_layers(self) -> list[AdaptiveTokenSampling]:
+        """One sampling module per block, in block order."""
+
+    @abstractmethod
+    def run(self, images: Tensor, start: int = 0, hidden: Tensor | None = None) -> tuple[Tensor, TokenState]:
+        """Logits (b, classes) of ``images`` and the pass's token state. With ``hidden``, the
+        blocks before ``start`` are skipped (traced as dense) and block ``start`` gets
+        ``hidden``, its input in a dense pass (calibration computes the dense layers once)."""
+
+    @abstractmethod
+    def last_state(self) -> TokenState:
+        """The token state of the model's last forward pass (raises ValueError if none ran)."""
+
+    def caps(self) -> tuple[int, ...]:
+        """The token cap of every layer now."""
+        return tuple(ats.max_tokens for ats in self.sampling_layers())
+
+    def options(self) -> SamplingOptions:
+        """The sampling options now (every layer shares them)."""
+        return self.sampling_layers()[0].options
+
+    def set_schedule(self, caps: Sequence[int] | None, options: SamplingOptions | None = None) -> None:
+        """Set each layer's cap (``None``: every layer keeps all its tokens) and, unless None,
+        the options of every layer, in place. A cap of ``num_patches`` or more never samples."""
+        schedule = (self.num_patches,) * self.depth if caps is None else _caps(caps, self.depth)
+        for ats, cap in zip(self.sampling_layers(), schedule, strict=True):
+            ats.configure(cap, options)
+
+    def set_options(self, **changes: Any) -> None:
+        """Change some options of every layer (e.g. ``static_shape=True``), keeping the caps."""
+        self.set_schedule(self.caps(), replace(self.options(), **changes))
+
+    def last_info(self) -> ATSInfo:
+        """Token ids, per-layer kept counts and GFLOPs of the last forward pass."""
+        return self.last_state().info(self.cost)
+
+    def forward(self, images: Tensor, start: int = 0, hidden: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Logits and GFLOPs per image (b,) of one pass (see :meth:`run`)."""
+        logits, state = self.run(images, start, hidden)
+        return logits, gflops(self.cost, state.trace)
+
+    def capture(self, images: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Logits, GFLOPs and the input of every block, from one pass as the model is set."""
+        inputs: list[Tensor] = []
+        hooks = [b.register_forward_pre_hook(lambda _m, args: inputs.append(args[0])) for b in self.blocks]
+        try:
+            logits, flops = self.forward(images)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return logits, flops, inputs
+
+
+def _caps(caps: Sequence[int], depth: int) -> tuple[int, ...]:
+    if not isinstance(caps, Sequence) or isinstance(caps, str):
+        raise TypeError(f"caps must be a sequence of ints (one per layer), got {caps!r}")
+    if len(caps) != depth:
+        raise ValueError(
+            f"caps must have one entry per layer (depth={depth}), got {len(caps)}: {tuple(caps)}"
+        )
+    return tuple(_validate.positive_int(f"caps[{i}]", c) for i, c in enumerate(caps))

@@ -1,0 +1,79 @@
+"""How a sampling layer selects tokens: one frozen, validated value instead of five arguments.
+
+Every signature that takes sampling options (:class:`~ats_vit.sampling.AdaptiveTokenSampling`,
+:class:`~ats_vit.vit.ViT`, ``ats_vit.timm.apply``, ``ats_vit.hf.apply``, the family interface)
+takes one :class:`SamplingOptions`, checked once when it is made. Two of its fields are the
+*rule* a budget chooses (``sampler``, ``temperature``, ``dropped``); two are how the model *runs*
+(``static_shape`` for compilation and export, ``jitter`` for training), which a budget keeps as
+the model has them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from ats_vit import _validate
+
+__all__ = ["DROPPED", "SAMPLERS", "Dropped", "Sampler", "SamplingOptions"]
+
+Sampler = Literal["inverse_transform", "gumbel", "topk", "random", "tome"]
+# "topk", "random" and "tome" keep a fixed count per image: the peers ATS is compared to
+SAMPLERS: tuple[str, ...] = ("inverse_transform", "gumbel", "topk", "random", "tome")
+Dropped = Literal["discard", "fuse", "merge"]
+DROPPED: tuple[str, ...] = ("discard", "fuse", "merge")
+# samplers that merge what they drop, so "merge" is their only (and default) choice of `dropped`
+MERGING_SAMPLERS = ("tome",)
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a sampling layer selects and what becomes of the tokens it drops.
+
+    sampler: ``"inverse_transform"`` (the paper's; deterministic at eval), ``"gumbel"`` (the
+        seed's draws), or a fixed-count peer: ``"topk"`` (EViT's CLS attention), ``"random"``
+        or ``"tome"`` (ToMe's bipartite matching).
+    temperature: scores reshaped as ``S^(1/temperature)`` before the ATS samplers draw (the
+        cost knob of a budget); 1 is the paper's op.
+    dropped: ``"discard"`` (the paper), ``"fuse"`` (EViT-style: one token, the
+        significance-weighted mean of the dropped ones) or ``"merge"`` (each joins its most
+        similar kept token). ``None`` means the sampler's own: ``"merge"`` for ToMe, else
+        ``"discard"``.
+    static_shape: pad each sampling layer's output to its cap instead of the batch's largest
+        count: no host sync (whole-graph compile, export), some padded compute.
+    jitter: in training, draw the inverse-transform points inside their strata (at eval they
+        are always fixed).
+    """
+
+    sampler: Sampler = "inverse_transform"
+    temperature: float = 1.0
+    dropped: Dropped | None = None
+    static_shape: bool = False
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        _validate.choice("sampler", self.sampler, SAMPLERS)
+        default = "merge" if self.sampler in MERGING_SAMPLERS else "discard"
+        dropped = _validate.choice("dropped", default if self.dropped is None else self.dropped, DROPPED)
+        if self.sampler in MERGING_SAMPLERS and dropped != "merge":
+            raise ValueError(
+                f"sampler={self.sampler!r} merges the tokens it drops; dropped must be 'merge', "
+                f"got {dropped!r}"
+            )
+        object.__setattr__(self, "dropped", dropped)
+        object.__setattr__(self, "temperature", _validate.positive_float("temperature", self.temperature))
+        for name in ("static_shape", "jitter"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    @property
+    def rule(self) -> dict[str, Any]:
+        """The fields a budget chooses (sampler, temperature, dropped)."""
+        return dict(sampler=self.sampler, temperature=self.temperature, dropped=self.dropped)
+
+    def with_rule(self, sampler: str, temperature: float, dropped: str | None) -> SamplingOptions:
+        """These options with another rule; how the model runs (static shape, jitter) is kept."""
+        return replace(self, sampler=sampler, temperature=temperature, dropped=dropped)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

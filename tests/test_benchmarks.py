@@ -1,0 +1,113 @@
+"""Every script in benchmarks/ runs on tiny sizes (a smoke test: no timing is asserted)."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).parent.parent / "benchmarks"
+TINY_TIMM = ["--model", "vit_tiny_patch16_224"]
+
+
+def run_script(name: str, *argv: str, monkeypatch) -> int:
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    try:
+        runpy.run_path(str(SCRIPTS / name), run_name="__main__")
+    except SystemExit as exit:
+        return int(exit.code or 0)
+    return 0
+
+
+@pytest.fixture
+def tiny_splits(monkeypatch):
+    """The tiny checkpoint's data in place of the demo set."""
+    import importlib
+
+    from helpers import tiny_data
+
+    splits = {"train": tiny_data(96), "calib": tiny_data(64, seed=1), "test": tiny_data(80, seed=2)}
+    for name in ("ats_vit.data", "ats_vit.bench.frontier", "ats_vit.bench.train"):
+        monkeypatch.setattr(
+            importlib.import_module(name), "load_split", lambda spec, split, *a, **k: splits[split]
+        )
+    return splits
+
+
+def test_every_script_has_a_smoke_test():
+    tested = {"speed.py", "summarize.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py"}
+    tested |= {"profile_sampling.py", "block_rows.py", "calibration_speed.py"}
+    assert {p.name for p in SCRIPTS.glob("*.py")} == tested
+
+
+def test_speed_and_summarize(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("timm")
+    argv = [*TINY_TIMM, "--img-size", "32", "--start-layer", "1", "--max-tokens", "8", "--batch-sizes", "1"]
+    argv += ["--repeats", "1", "--warmup", "0", "--min-seconds", "0", "--families", "ours", "timm"]
+    for run in ("a", "b"):
+        assert (
+            run_script("speed.py", *argv, "--json", str(tmp_path / f"{run}.json"), monkeypatch=monkeypatch)
+            == 0
+        )
+    assert (
+        run_script(
+            "summarize.py", str(tmp_path / "a.json"), str(tmp_path / "b.json"), monkeypatch=monkeypatch
+        )
+        == 0
+    )
+    assert "| 1 | ours | ATS inverse_transform |" in capsys.readouterr().out
+
+
+def test_frontier(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits):
+    pytest.importorskip("matplotlib")
+    argv = [
+        str(tiny_checkpoint),
+        "--methods",
+        "paper",
+        "--targets",
+        "0.7",
+        "--json",
+        str(tmp_path / "f.json"),
+    ]
+    assert run_script("frontier.py", *argv, "--plot", str(tmp_path / "f.png"), monkeypatch=monkeypatch) == 0
+    assert len(json.loads((tmp_path / "f.json").read_text())["rows"]) == 2
+
+
+def test_frontier_checkpoints(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    argv = [str(tmp_path), "--only", "p6", "--epochs", "1", "--train-images", "64"]
+    assert run_script("frontier_checkpoints.py", *argv, monkeypatch=monkeypatch) == 0
+    assert (tmp_path / "p6" / "final.safetensors").exists()
+
+
+def test_gpu_check_on_the_cpu(monkeypatch, capsys):
+    pytest.importorskip("timm")
+    assert run_script("gpu_check.py", "--small", "--device", "cpu", monkeypatch=monkeypatch) == 0
+    assert "FAIL" not in capsys.readouterr().out
+
+
+def test_profile_sampling(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("timm")
+    argv = [*TINY_TIMM, "--img-size", "64", "--batch-size", "2", "--repeats", "1", "--max-tokens", "6"]
+    assert run_script("profile_sampling.py", *argv, "--start-layer", "1", monkeypatch=monkeypatch) == 0
+    assert "packing A/B" in capsys.readouterr().out
+
+
+def test_block_rows(monkeypatch, capsys):
+    pytest.importorskip("timm")
+    argv = [*TINY_TIMM, "--tokens", "17", "9", "--batch-sizes", "1", "--repeats", "1", "--min-seconds", "0"]
+    assert run_script("block_rows.py", *argv, monkeypatch=monkeypatch) == 0
+    assert "efficiency" in capsys.readouterr().out
+
+
+def test_calibration_speed(tmp_path, monkeypatch, tiny_checkpoint, capsys):
+    from helpers import tiny_data
+
+    import ats_vit.data
+
+    monkeypatch.setattr(ats_vit.data, "load_split", lambda *a, **k: tiny_data(64, seed=1))
+    argv = [str(tiny_checkpoint), "--targets", "0.7", "--runs", "1", "--json", str(tmp_path / "c.json")]
+    assert run_script("calibration_speed.py", *argv, monkeypatch=monkeypatch) == 0
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["probe"] for r in rows] == ["True", "False"] and rows[0]["same"] == "True"

@@ -1,0 +1,121 @@
+import pytest
+import torch
+from helpers import images, small_vit
+
+from ats_vit import family_of
+from ats_vit.budget import BudgetError
+from ats_vit.calibrate import AUTO, METHODS, RECOMMENDED, Calibration, calibrate
+from ats_vit.evaluate import measure
+
+
+def peaky_vit():
+    return small_vit(peaked=6.0).eval()
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7, 0.9])
+def test_calibrate_meets_the_target_on_held_out_images(target):
+    model = peaky_vit()
+    budget = calibrate(model, images(96, 1), target, progress=False, steps=12)
+    assert budget.calibration["searched"] == RECOMMENDED and budget.target == target
+    assert budget.calibration["gflops_ratio"] == pytest.approx(target, rel=0.03)
+    assert 0.0 <= budget.calibration["agreement"] <= 1.0
+    held_out = images(96, 2)
+    _, dense = measure(model, held_out, None)
+    _, cost = measure(model, held_out, budget)
+    assert (cost.mean() / dense.mean()).item() == pytest.approx(target, rel=0.03)
+
+
+def test_calibrate_with_labels_keeps_the_most_accurate_budget_near_the_target():
+    """Property: among every budget the search tried within the tolerance of the target, the
+    chosen one has the highest accuracy on the calibration images (re-measured here)."""
+    model = peaky_vit()
+    x = images(64, 1)
+    labels, _ = measure(model, x, None)  # the dense model's answers: budgets agree with them unevenly
+    search = Calibration(model, x, labels, method="ats", progress=False)
+    chosen = search(0.7)
+    assert chosen.method == "ats" and model.max_tokens_per_depth == chosen.schedule(4, 16)
+    near = [t for t in search.trials.values() if abs(t.cost - 0.7) <= max(search.tolerance, 0.007)]
+    assert len({t.score for t in near}) > 1, "the test needs budgets of different accuracy near the target"
+    pred, _ = measure(model, x, chosen)
+    accuracy = (pred == labels).float().mean().item()
+    assert accuracy == pytest.approx(chosen.calibration["accuracy"])
+    assert accuracy == pytest.approx(max(t.score for t in near))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_calibrates(method):
+    budget = calibrate(peaky_vit(), images(48, 1), 0.75, method=method, progress=False, steps=8)
+    assert budget.method == method
+    assert budget.calibration["gflops_ratio"] == pytest.approx(0.75, abs=0.06)
+    if method == "paper":
+        assert budget.temperature == 1.0 and budget.dropped == "discard"
+
+
+def test_auto_keeps_the_best_of_its_methods_and_shares_their_trials():
+    search = Calibration(peaky_vit(), images(48, 1), progress=False, steps=8)
+    best = search(0.6)
+    assert best.calibration["searched"] == "auto" and best.method in AUTO
+    trials = len(search.trials)
+    each = {m: search(0.6, m) for m in AUTO}
+    assert len(search.trials) == trials, "the single-method searches reuse auto's trials"
+    top = max(b.calibration["agreement"] for b in each.values())
+    assert best.calibration["agreement"] == top
+
+
+def test_trials_set_numbers_and_never_repatch():
+    """A timm model is patched once; every trial only reconfigures its sampling modules."""
+    timm = pytest.importorskip("timm")
+    from ats_vit.testing import sharpen_queries
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10
+    ).eval()
+    sharpen_queries(model, 6.0)
+    family = family_of(model)
+    modules = family.sampling_layers()
+    forwards = [vars(block)["forward"] for block in model.blocks]
+    search = Calibration(model, images(32, 1), progress=False, steps=6)
+    search(0.7)
+    assert len(search.trials) > 10
+    assert family_of(model) is family and family.sampling_layers() == modules
+    assert [vars(block)["forward"] for block in model.blocks] == forwards
+
+
+@pytest.mark.parametrize("target", [0.0, -0.5, 1.5, 0.01])
+def test_unreachable_targets_name_the_reachable_range(target):
+    with pytest.raises(BudgetError, match=r"target must be in \(0\.\d+, 1\]"):
+        calibrate(peaky_vit(), images(16, 1), target, progress=False)
+
+
+def test_calibrate_argument_errors():
+    model = peaky_vit()
+    with pytest.raises(ValueError, match="method must be 'auto' or one of"):
+        calibrate(model, images(8, 1), 0.5, method="magic")
+    with pytest.raises(TypeError, match="target must be a float"):
+        calibrate(model, images(8, 1), "half")
+    with pytest.raises(ValueError, match="images must be a non-empty"):
+        calibrate(model, images(8, 1)[0], 0.5)
+    with pytest.raises(ValueError, match="labels must be a"):
+        calibrate(model, images(8, 1), 0.5, torch.zeros(3))
+    with pytest.raises(ValueError, match=r"start_layers must hold layer indices in \[0, 4\)"):
+        calibrate(model, images(8, 1), 0.5, start_layers=[7])
+
+
+def test_probing_chooses_the_same_budgets_with_less_work():
+    """Trials stopped on the probe quarter are those the full search would reject anyway."""
+    model, x = peaky_vit(), images(256, 3)
+    probed, whole = Calibration(model, x, progress=False), Calibration(model, x, progress=False, probe=False)
+    assert probed.probe == 64 and whole.probe == 256
+    for target in (0.5, 0.8):
+        a, b = probed(target), whole(target)
+        assert (a.method, a.start_layer, a.caps, a.temperature) == (
+            b.method,
+            b.start_layer,
+            b.caps,
+            b.temperature,
+        )
+        assert a.calibration["gflops_ratio"] == pytest.approx(b.calibration["gflops_ratio"])
+        assert a.calibration["agreement"] == b.calibration["agreement"]
+    assert any(t.estimated for t in probed.trials.values())
+    assert probed.passes < 0.7 * whole.passes
