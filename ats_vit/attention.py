@@ -108,9 +108,10 @@ def sampled_self_attention(
     x: (b, n, c) with its padding and token sizes (None: one patch each) -> (b, m, c_out) for
     the kept tokens (padded slots are unspecified and masked downstream) and the selection, or
     None when the layer kept every token; the caller takes its residual stream through the
-    same selection (:func:`~ats_vit.sampling.select_tokens`). ``qkv_weight`` is one fused
-    (3 * inner, c) weight (timm, ours) or separate query, key and value weights (Hugging
-    Face); ``qkv_bias`` likewise, or None. The callables are the model's own
+    same selection (:meth:`ats_vit.tokens.TokenState.follow`). A late selection (ToMe) comes
+    with the output of every token, which the caller merges after adding it to the residual.
+    ``qkv_weight`` is one fused (3 * inner, c) weight (timm, ours) or separate query, key and
+    value weights (Hugging Face); ``qkv_bias`` likewise, or None. The callables are the model's own
     modules: ``q_norm``/``k_norm`` act per head on (b, h, n, d); ``gate`` (sigmoid gate from
     the input), ``out_norm`` and ``proj`` act per token. Keys and values are computed for all
     tokens; queries only for CLS (to score) and for the kept tokens.
@@ -129,10 +130,13 @@ def sampled_self_attention(
         (w_q, w_k, w_v), (b_q, b_k, b_v) = qkv_weight, biases
         q_proj, kv_proj = [(w_q, b_q, 1)], [(w_k, b_k, 1), (w_v, b_v, 1)]
         all_proj = q_proj + kv_proj
-    if ats is None or not ats.needed(x.shape[1]):
+    if ats is None or not ats.needed(x.shape[1]) or ats.late:
         q, k, v = _project(x, all_proj, padding, heads)
         q, k = q_norm(q), k_norm(k)
         selection, out_padding, queries = None, padding, x
+        if ats is not None and ats.late and ats.needed(x.shape[1]):
+            # ToMe: every token attends; the merge that follows is planned from the keys
+            selection = ats(None, v, padding, k=k, size=size)
     else:
         k, v = _project(x, kv_proj, padding, heads)
         k = k_norm(k)

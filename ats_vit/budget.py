@@ -51,7 +51,7 @@ class Budget:
     caps: tuple[int, ...]
     sampler: str = "inverse_transform"
     temperature: float = 1.0
-    dropped: str = "discard"
+    dropped: str | None = None  # None: the sampler's own ("merge" for ToMe, else "discard")
     depth: int | None = None
     num_patches: int | None = None
     method: str | None = None
@@ -76,6 +76,7 @@ class Budget:
         except (TypeError, ValueError) as exc:
             raise BudgetError(str(exc)) from exc
         object.__setattr__(self, "temperature", rule.temperature)
+        object.__setattr__(self, "dropped", rule.dropped)
         _validate.choice("cost", self.cost, COST_KINDS)
         for name in ("depth", "num_patches"):
             value = getattr(self, name)
@@ -105,6 +106,25 @@ class Budget:
             num_patches=num_patches,
             method="paper",
         )
+
+    @classmethod
+    def tome(
+        cls,
+        r: int | Sequence[int] | tuple[int, float],
+        depth: int,
+        num_patches: int,
+        num_prefix_tokens: int = 1,
+    ) -> Budget:
+        """ToMe's schedule as caps: ``r`` tokens merged in every layer (an int), per layer (a
+        list), or ToMe's ``(r, inflection)`` (``(r, -1)``: the paper's decreasing schedule), each
+        layer merging at most half its mergeable tokens, as ToMe's ``parse_r`` and
+        ``bipartite_soft_matching`` do."""
+        rates = tome_rates(r, depth)
+        tokens, caps = num_patches + num_prefix_tokens, []
+        for rate in rates:
+            tokens -= max(0, min(rate, (tokens - num_prefix_tokens) // 2))
+            caps.append(tokens - num_prefix_tokens)
+        return cls(0, tuple(caps), sampler="tome", depth=depth, num_patches=num_patches, method="tome")
 
     def options(self, runtime: SamplingOptions | None = None) -> SamplingOptions:
         """This budget's rule on ``runtime``'s static shape and jitter (how the model runs)."""
@@ -197,12 +217,37 @@ class Budget:
         return cls.from_dict(raw, source=str(path))
 
 
+def tome_rates(r: int | Sequence[int] | tuple[int, float], depth: int) -> list[int]:
+    """Tokens merged per layer, as ToMe's ``parse_r``: a constant int, a list (padded with
+    zeros), or ``(r, inflection)`` with inflection in [-1, 1] (-1: decreasing)."""
+    if isinstance(r, list):
+        rates = [_validate_rate(x) for x in r]
+        if len(rates) > depth:
+            raise BudgetError(f"r has {len(rates)} entries but the model has {depth} layers")
+        return rates + [0] * (depth - len(rates))
+    inflect = 0.0
+    if isinstance(r, tuple):
+        r, inflect = r
+        if not -1.0 <= float(inflect) <= 1.0:
+            raise BudgetError(f"the inflection of r must be in [-1, 1], got {inflect}")
+    rate = _validate_rate(r)
+    low = int(rate * (1.0 - inflect))
+    step = (2 * rate - 2 * low) / max(depth - 1, 1)
+    return [int(low + step * i) for i in range(depth)]
+
+
+def _validate_rate(r: object) -> int:
+    if not _validate.is_int(r) or r < 0:
+        raise BudgetError(f"r (tokens merged per layer) must be an int >= 0, got {r!r}")
+    return r
+
+
 def configure(family: Family, budget: Budget | None) -> None:
     """Set ``family``'s model to ``budget`` (``None``: dense) after checking that it fits; the
     one path every consumer takes. How the model runs (static shapes, jitter) is kept."""
     runtime = family.options()
-    if budget is None:
-        family.set_schedule(None, runtime)
+    if budget is None:  # every layer keeps all: the paper's rule, which then never samples
+        family.set_schedule(None, runtime.with_rule("inverse_transform", 1.0, None))
         return
     budget.check(family)
     family.set_schedule(budget.schedule(family.depth, family.num_patches), budget.options(runtime))

@@ -14,8 +14,10 @@ Method names (what :func:`calibrate` searches):
 - ``"ats-fuse"``, ``"ats-merge"``: the same, with dropped tokens fused into one token or merged
   into their most similar kept token.
 - ``"paper"``: the paper's ATS exactly (temperature 1): only the caps move.
-- ``"topk"``, ``"evit"`` (top-k with fusion), ``"random"``, ``"tome"``: the peers, each keeping
-  a fixed count that decays geometrically from the start layer.
+- ``"topk"``, ``"evit"`` (top-k with fusion), ``"random"``, ``"tome"`` (ToMe: merging after
+  attention), ``"tome-early"`` (ToMe's matching merged before the queries): the peers, each
+  keeping a fixed count that decays geometrically from the start layer.
+- ``"official"``: the authors' released ATS (adaptive through de-duplication); the caps decay.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ METHODS: dict[str, Method] = {
     "evit": Method("topk", "fuse"),
     "random": Method("random"),
     "tome": Method("tome", "merge"),
+    "tome-early": Method("tome-early", "merge"),
+    "official": Method("official"),
 }
 # what method="auto" searches: the best ATS variant measured and ToMe-style merging, which is
 # stronger at low budgets on the checkpoints we measured (benchmarks/README.md)

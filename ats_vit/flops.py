@@ -40,8 +40,9 @@ class ViTCost:
 
 # what a sampling block computes besides the kept tokens' attention and MLP, by
 # AdaptiveTokenSampling.rule: a CLS-scored selection (ATS and the top-k / random peers), the
-# same with the dropped tokens fused or merged, or ToMe's bipartite matching
-RULES = ("score", "score+fuse", "score+merge", "bipartite")
+# same with the dropped tokens fused or merged, ToMe's matching merged before the queries
+# ("bipartite", tome-early), or ToMe itself: attention for every token, then merging ("tome")
+RULES = ("score", "score+fuse", "score+merge", "bipartite", "tome")
 
 
 @dataclass
@@ -105,20 +106,26 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     def where_rule(rules: tuple[str, ...]) -> Tensor:
         return torch.tensor([r in rules for r in trace.rules], dtype=torch.bool, device=kept.device)
 
-    sampled = where_rule(RULES)
+    early = where_rule(RULES[:4])  # only the kept tokens get queries
+    queries = torch.where(early, n_out, n_in)
     candidates = n_in - p
-    # k, v of all; q of the kept tokens
-    qkv = torch.where(sampled, n_in * d * 2 * a + n_out * d * a, n_in * d * 3 * a)
+    qkv = n_in * d * 2 * a + queries * d * a  # k, v of all tokens; q of those that get outputs
     # the CLS query and its attention row, and the significance Σ_h A·||V||
     scoring = torch.where(where_rule(RULES[:3]), d * a + n_in * a + candidates * cost.heads, 0.0)
-    # merging averages the residual stream and the normalised input into the kept slots
-    merging = torch.where(where_rule(RULES[1:]), 2 * n_in * d, 0.0)
+    # early merging averages the residual stream and the normalised input into the kept slots;
+    # ToMe averages the residual stream after attention
+    merging = torch.where(where_rule(RULES[1:4]), 2 * n_in * d, 0.0)
+    merging = merging + torch.where(where_rule(("tome",)), n_in * d, 0.0)
     similarity = torch.where(where_rule(("score+merge",)), candidates * n_out * head_dim, 0.0)
     similarity = similarity + torch.where(
         where_rule(("bipartite",)), torch.ceil(candidates / 2) * torch.floor(candidates / 2) * head_dim, 0.0
     )
-    attention = 2 * n_out * n_in * a
-    rest = n_out * a * d + 2 * n_out * d * hidden  # projection and MLP
+    # ToMe's bipartite split runs over every token, prefix included
+    similarity = similarity + torch.where(
+        where_rule(("tome",)), torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0
+    )
+    attention = 2 * queries * n_in * a
+    rest = queries * a * d + 2 * n_out * d * hidden  # output projection and MLP
     blocks = (qkv + scoring + merging + similarity + attention + rest).sum(dim=1)
     stem = trace.num_patches * cost.patch_dim * d + d * cost.num_classes
     return blocks + stem

@@ -17,28 +17,40 @@ from ats_vit import _validate
 
 __all__ = ["DROPPED", "SAMPLERS", "Dropped", "Sampler", "SamplingOptions"]
 
-Sampler = Literal["inverse_transform", "gumbel", "topk", "random", "tome"]
-# "topk", "random" and "tome" keep a fixed count per image: the peers ATS is compared to
-SAMPLERS: tuple[str, ...] = ("inverse_transform", "gumbel", "topk", "random", "tome")
+Sampler = Literal["inverse_transform", "official", "gumbel", "topk", "random", "tome", "tome-early"]
+# "topk", "random", "tome" and "tome-early" keep a fixed count per image: the peers ATS is
+# compared to; "official" is the authors' released selection
+SAMPLERS: tuple[str, ...] = (
+    "inverse_transform",
+    "official",
+    "gumbel",
+    "topk",
+    "random",
+    "tome",
+    "tome-early",
+)
 Dropped = Literal["discard", "fuse", "merge"]
 DROPPED: tuple[str, ...] = ("discard", "fuse", "merge")
 # samplers that merge what they drop, so "merge" is their only (and default) choice of `dropped`
-MERGING_SAMPLERS = ("tome",)
+MERGING_SAMPLERS = ("tome", "tome-early")
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
     """How a sampling layer selects and what becomes of the tokens it drops.
 
-    sampler: ``"inverse_transform"`` (the paper's; deterministic at eval), ``"gumbel"`` (the
-        seed's draws), or a fixed-count peer: ``"topk"`` (EViT's CLS attention), ``"random"``
-        or ``"tome"`` (ToMe's bipartite matching).
+    sampler: ``"inverse_transform"`` (the paper's op as vit-pytorch reads it; deterministic at
+        eval), ``"official"`` (the authors' released code: head-summed scores sorted, the
+        nearest CDF entry to evenly spaced values, at least 8 tokens), ``"gumbel"`` (the seed's
+        draws), or a fixed-count peer: ``"topk"`` (EViT's CLS attention), ``"random"``,
+        ``"tome"`` (ToMe: attention for all tokens, then the closest pairs merge) or
+        ``"tome-early"`` (ToMe's matching, merged before the queries: cheaper, not ToMe).
     temperature: scores reshaped as ``S^(1/temperature)`` before the ATS samplers draw (the
         cost knob of a budget); 1 is the paper's op.
     dropped: ``"discard"`` (the paper), ``"fuse"`` (EViT-style: one token, the
         significance-weighted mean of the dropped ones) or ``"merge"`` (each joins its most
-        similar kept token). ``None`` means the sampler's own: ``"merge"`` for ToMe, else
-        ``"discard"``.
+        similar kept token). ``None`` means the sampler's own: ``"merge"`` for the ToMe rules,
+        else ``"discard"``.
     static_shape: pad each sampling layer's output to its cap instead of the batch's largest
         count: no host sync (whole-graph compile, export), some padded compute.
     jitter: in training, draw the inverse-transform points inside their strata (at eval they

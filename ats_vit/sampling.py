@@ -61,6 +61,8 @@ PACK_MIN_PADDING = 1 / 32
 
 # the seed's epsilon inside log(scores) for Gumbel draws
 GUMBEL_EPS = 1e-6
+# the authors' ATS never keeps fewer than this many tokens (their n_tokens clamp)
+OFFICIAL_MIN_TOKENS = 8
 
 
 class Padding(NamedTuple):
@@ -102,6 +104,8 @@ class TokenSelection(NamedTuple):
         token is one patch (nothing was ever merged).
     rule: how the layer selected (:attr:`AdaptiveTokenSampling.rule`, one of
         :data:`ats_vit.flops.RULES`, for the cost trace); ``None`` when it kept every token.
+    late: the selection applies after attention, to the residual stream plus the attention
+        output of every token (ToMe); otherwise only the kept tokens get queries.
     """
 
     index: Tensor  # type: ignore[assignment]  # a field, not tuple.index
@@ -109,6 +113,7 @@ class TokenSelection(NamedTuple):
     merge: Merge | None = None
     size: Tensor | None = None
     rule: str | None = None
+    late: bool = False
 
 
 def significance_scores(cls_attn: Tensor, v: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -270,6 +275,131 @@ def nearest_kept(metric: Tensor, kept_metric: Tensor, allowed: Tensor) -> Tensor
     return sim.masked_fill(~allowed[:, None, :], float("-inf")).argmax(dim=-1)
 
 
+def official_scores(cls_attn: Tensor, v: Tensor, valid: Tensor | None = None) -> Tensor:
+    """The authors' released significance: the CLS attention summed over heads times the norm
+    of each token's value over all heads concatenated, normalised to sum to 1.
+
+    cls_attn: (b, h, n), v: (b, h, n, d) over the n candidates; valid: (b, n) bool.
+    Returns (b, n) float32 (padding 0). Differs from :func:`significance_scores` (the paper's
+    formula as vit-pytorch reads it: the sum over heads of per-head products)."""
+    norm = v.float().transpose(1, 2).flatten(2).norm(dim=-1)  # (b, n): ||V_j|| over h * d
+    # (Σ_h A[cls, j]) · ||V_j||, contracted over heads as significance_scores is (same count)
+    scores = einsum(cls_attn.float(), norm[:, None].expand_as(cls_attn), "b h n, b h n -> b n")
+    if valid is not None:
+        scores = scores.masked_fill(~valid, 0.0)
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def official_select(scores: Tensor, points: int, valid: Tensor | None = None) -> Tensor:
+    """The authors' inverse-transform sampling (adaptivetokensampling/ATS, ``ats_block.py``).
+
+    scores: (b, n) non-negative candidates' significance summing to 1; ``points + 1`` is their
+    reference token count (``n_ref``: the model's full token count). The scores are sorted
+    ascending, their CDF min-max normalised, and ``points`` evenly spaced values from the first
+    non-zero CDF value to 1 each pick the nearest CDF entry. Returns keep: (b, n) bool, True for
+    the candidates picked at least once (an adaptive count). valid: (b, n) bool, False for
+    padding; padding is left out of the min-max normalisation, so an image keeps the same
+    tokens alone as in a padded batch (the authors' code lets padding shift it).
+    """
+    b, n = scores.shape
+    scores = scores if valid is None else scores.masked_fill(~valid, 0.0)
+    sorted_scores, sorted_index = torch.sort(scores, dim=1)
+    cdf = sorted_scores.cumsum(dim=1)
+    if valid is None:
+        low = cdf.amin(dim=1, keepdim=True)
+    else:  # the first real entry: padding (score 0) sorts first
+        low = cdf.gather(1, (~valid).sum(dim=1, keepdim=True).clamp_max(n - 1))
+    high = cdf.amax(dim=1, keepdim=True)
+    cdf = ((cdf - low) / (high - low).clamp_min(torch.finfo(cdf.dtype).tiny)).clamp_min(0.0)
+    # the evenly spaced values, exactly as the authors' create_ys computes them
+    ys = torch.linspace(0, 1.0, steps=points, device=scores.device).expand(b, points)
+    start = (cdf + (cdf == 0).float() * 1e8).amin(dim=1, keepdim=True)
+    steps = torch.arange(points, device=scores.device, dtype=cdf.dtype).expand(b, points)
+    ys = start + ((ys * (points - 1)) - start * steps) / max(points - 1, 1)
+    # the nearest CDF entry to each value, with the CDF left-padded to `points` entries as the
+    # authors pad it when a layer has fewer candidates than the reference (pads never win)
+    pad = max(points - n, 0)
+    padded = torch.nn.functional.pad(cdf, (pad, 0))
+    nearest = (ys[:, :, None] - padded[:, None, :]).abs().min(dim=2).indices - pad  # (b, points)
+    nearest = nearest.clamp(0, n - 1)
+    picked = torch.zeros(b, n, dtype=torch.bool, device=scores.device).scatter_(1, nearest, True)
+    return torch.zeros_like(picked).scatter_(1, sorted_index, picked)  # back to candidate order
+
+
+def tome_plan(
+    metric: Tensor,
+    keep_count: int,
+    valid: Tensor | None,
+    num_prefix: int,
+    size: Tensor | None,
+    static: bool = False,
+) -> TokenSelection:
+    """ToMe's bipartite soft matching and merge (Bolya et al., ICLR 2023, ``tome/merge.py``).
+
+    metric: (b, n, d) every token's key averaged over heads, prefix tokens first. Tokens
+    alternate into A (even positions) and B (odd) over the whole sequence, as ToMe does;
+    prefix tokens and padding never merge and are never merged into. Each A token's match is
+    its most similar B token (cosine), and the A tokens with the closest matches merge into
+    theirs, as many per image as it has candidates above ``keep_count`` (at most its mergeable
+    A tokens). The output is in ToMe's order: prefix tokens, the unmerged A tokens, then the B
+    tokens, each in position order (then padding, when images keep different counts); every
+    slot is the size-weighted mean of its tokens. Returns the selection (``late``: it applies
+    to the residual stream after attention, as ToMe merges). Without padding every image keeps
+    as many tokens and no host sync is needed; with padding, ``static`` pads to the widest any
+    image can be instead of syncing.
+    """
+    b, n, _ = metric.shape
+    device = metric.device
+    position = torch.arange(n, device=device)
+    prefix = position < num_prefix  # (n,)
+    real = torch.ones(b, n, dtype=torch.bool, device=device) if valid is None else valid
+    mergeable = real & ~prefix  # (b, n)
+    unit = _unit(metric.float())
+    sim = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)  # (b, |A|, |B|)
+    sim = sim.masked_fill(~mergeable[:, ::2, None] | ~mergeable[:, None, 1::2], float("-inf"))
+    best, match = sim.max(dim=-1)  # (b, |A|)
+    can = torch.isfinite(best)
+    # each A token's place when sorted by best match, closest first (ties by position)
+    above = best[:, None, :] > best[:, :, None]
+    before = (best[:, None, :] == best[:, :, None]) & torch.ones_like(above[0]).tril(-1)
+    rank = (above | before).sum(dim=-1)
+    merges = (mergeable.sum(dim=-1, keepdim=True) - keep_count).clamp_min(0)  # (b, 1)
+    merged_a = (rank < merges) & can
+    merged = torch.zeros_like(real)
+    merged[:, ::2] = merged_a
+    is_b = (position % 2 == 1).expand(b, n)
+    own = real & ~merged  # tokens with a slot of their own
+    # slots: prefix, then unmerged A, then B (ToMe's order), each in position order
+    group_a = own & ~prefix & ~is_b
+    group_b = own & ~prefix & is_b
+    count_a = group_a.sum(dim=-1, keepdim=True)
+    slot = torch.where(
+        prefix.expand(b, n),
+        position.expand(b, n),
+        torch.where(
+            group_a, num_prefix + group_a.cumsum(-1) - 1, num_prefix + count_a + group_b.cumsum(-1) - 1
+        ),
+    )
+    counts = own.sum(dim=-1)  # (b,)
+    # without padding every image merges as many (ToMe's r): the width is known without a sync
+    a_mergeable = len(range(num_prefix + num_prefix % 2, n, 2))
+    bound = max(num_prefix + keep_count, n - a_mergeable)
+    width = bound if valid is None or static else int(counts.max())
+    slot = torch.where(own, slot, width)  # merged tokens and padding: no slot of their own
+    into = torch.zeros(b, n, dtype=torch.long, device=device)
+    into[:, ::2] = 2 * match + 1
+    dest = torch.where(merged, slot.gather(1, into), slot)  # merged A tokens join their B's slot
+    index = torch.zeros(b, width + 1, dtype=torch.long, device=device)
+    index = index.scatter_(1, slot, position.expand(b, n))[:, :width]
+    patches = torch.ones(b, n, device=device) if size is None else size.float()
+    patches = patches * real
+    size_out = patches.new_zeros(b, width + 1).scatter_add_(1, dest, patches)[:, :width]
+    padding = None
+    if valid is not None:
+        padding = Padding(torch.arange(width, device=device) < counts[:, None], None)
+    return TokenSelection(index, padding, merge_plan(dest, patches, width), size_out, late=True)
+
+
 def merge_plan(dest: Tensor, weight: Tensor, num_slots: int) -> Merge:
     """A :class:`Merge` whose weights are normalised per slot.
 
@@ -377,6 +507,9 @@ class AdaptiveTokenSampling(nn.Module):
         self.num_prefix_tokens = _validate.positive_int("num_prefix_tokens", num_prefix_tokens)
         self.max_tokens = 0
         self.options = SamplingOptions()
+        # the model's full token count (prefix included) where a rule needs it (the authors'
+        # ATS places as many CDF points in every layer); None: the layer's own count
+        self.reference_tokens: int | None = None
         self.configure(max_tokens, options)
 
     def configure(self, max_tokens: int, options: SamplingOptions | None = None) -> None:
@@ -408,17 +541,29 @@ class AdaptiveTokenSampling(nn.Module):
     @property
     def rule(self) -> str:
         """What a sampling layer computes besides the kept tokens' attention (for FLOPs)."""
-        if self.options.sampler == "tome":
-            return "bipartite"
+        sampler = self.options.sampler
+        if sampler in ("tome", "tome-early"):
+            return "tome" if sampler == "tome" else "bipartite"
         return "score" if self.options.dropped == "discard" else f"score+{self.options.dropped}"
 
     @property
     def uses_cls_attention(self) -> bool:
-        return self.options.sampler != "tome"
+        return self.options.sampler not in ("tome", "tome-early")
+
+    @property
+    def late(self) -> bool:
+        """Whether the selection follows attention over every token (ToMe) instead of choosing
+        which tokens get queries."""
+        return self.options.sampler == "tome"
 
     def needed(self, num_tokens: int) -> bool:
-        """Whether a layer with ``num_tokens`` tokens (prefix included) samples at all."""
-        return num_tokens - self.num_prefix_tokens > self.max_tokens
+        """Whether a layer with ``num_tokens`` tokens (prefix included) samples at all. The
+        authors' ATS samples whenever it has more than 8 candidates (its cap only bounds what
+        it keeps); every other rule when there are more candidates than the cap."""
+        candidates = num_tokens - self.num_prefix_tokens
+        if self.options.sampler == "official":
+            return candidates > OFFICIAL_MIN_TOKENS
+        return candidates > self.max_tokens
 
     def forward(
         self,
@@ -429,8 +574,8 @@ class AdaptiveTokenSampling(nn.Module):
         k: Tensor | None = None,
         size: Tensor | None = None,
     ) -> TokenSelection:
-        """cls_attn: (b, h, n) CLS attention over all n tokens (unused, may be None, for
-        ``"tome"``); v, k: (b, h, n, d) values and keys (keys are needed to merge); padding of
+        """cls_attn: (b, h, n) CLS attention over all n tokens (unused, may be None, for the
+        ToMe rules); v, k: (b, h, n, d) values and keys (keys are needed to merge); padding of
         the n input tokens, or None; size: (b, n) patches per token, or None (all 1)."""
         p, cap, o = self.num_prefix_tokens, self.max_tokens, self.options
         b, _, n, _ = v.shape
@@ -439,11 +584,26 @@ class AdaptiveTokenSampling(nn.Module):
         if k is None and o.dropped == "merge":
             raise ValueError(f"dropped='merge' (sampler={o.sampler!r}) needs the keys k to compare tokens")
         valid = None if padding is None else padding.mask[:, p:]
-        scores, into = None, None
-        if o.sampler in ("inverse_transform", "gumbel") or o.dropped == "fuse":
-            scores = significance_scores(_required(cls_attn)[..., p:], v[..., p:, :], valid)  # (b, n - p)
         if o.sampler == "tome":
+            metric = _required(k).mean(dim=1)  # (b, n, d): ToMe compares head-averaged keys
+            mask = None if padding is None else padding.mask
+            return tome_plan(metric, cap, mask, p, size, o.static_shape)._replace(rule=self.rule)
+        if o.sampler in ("topk", "random") and valid is None and o.dropped == "discard":
+            return self._fixed_count(cls_attn, v, size)
+        scores, into = None, None
+        if o.sampler == "official":
+            scores = official_scores(_required(cls_attn)[..., p:], v[..., p:, :], valid)
+        elif o.sampler in ("inverse_transform", "gumbel") or o.dropped == "fuse":
+            scores = significance_scores(_required(cls_attn)[..., p:], v[..., p:, :], valid)  # (b, n - p)
+        if o.sampler == "tome-early":
             keep, into = bipartite_match(_required(k).mean(dim=1)[:, p:], cap, valid)
+        elif o.sampler == "official":
+            points = (self.reference_tokens or n) - p
+            keep = official_select(sharpen(_required(scores), o.temperature), points, valid)
+            keep = _most_significant(keep, _required(scores), max(cap, min(OFFICIAL_MIN_TOKENS, n - p)))
+            if valid is not None:  # images with at most 8 real candidates keep them, as alone
+                few = valid.sum(-1, keepdim=True) <= OFFICIAL_MIN_TOKENS
+                keep = (few & valid) | (~few & keep)
         else:
             if o.sampler == "topk":
                 picks = topk_select(_required(cls_attn)[..., p:], cap, valid)
@@ -462,18 +622,36 @@ class AdaptiveTokenSampling(nn.Module):
                 # images with few enough valid candidates keep them all, as they would alone
                 few = valid.sum(-1, keepdim=True) <= cap
                 keep = (few & valid) | (~few & keep)
+        if valid is not None:
+            keep = keep & valid
         dropped = ~keep if valid is None else valid & ~keep
         if o.dropped == "fuse":
             # the fused token takes the slot of the most significant dropped token
             host = _required(scores).masked_fill(~dropped, -1.0).argmax(dim=-1, keepdim=True)  # (b, 1)
             keep = keep.scatter(1, host, dropped.any(dim=-1, keepdim=True) | keep.gather(1, host))
-        static = cap + (o.dropped == "fuse") if o.static_shape else None
+        widest = max(cap, min(OFFICIAL_MIN_TOKENS, n - p)) if o.sampler == "official" else cap
+        static = widest + (o.dropped == "fuse") if o.static_shape else None
         selection = compact(keep, static, num_prefix=p)._replace(rule=self.rule)
         if o.dropped == "discard":
             return (
                 selection if size is None else selection._replace(size=gather_tokens(size, selection.index))
             )
         return self._merged(selection, keep, dropped, scores, into, k, size)
+
+    def _fixed_count(self, cls_attn: Tensor | None, v: Tensor, size: Tensor | None) -> TokenSelection:
+        """Top-k or random picks on an unpadded grid: every image keeps exactly the cap, so the
+        sorted picks are the output positions (no mask, no host sync)."""
+        p, cap = self.num_prefix_tokens, self.max_tokens
+        b, _, n, _ = v.shape
+        if self.options.sampler == "topk":
+            picks = topk_select(_required(cls_attn)[..., p:], cap)
+        else:
+            picks = random_select(torch.ones(b, n - p, dtype=torch.bool, device=v.device), cap)
+        prefix = torch.arange(p, device=v.device).expand(b, p)
+        index = torch.cat((prefix, picks.sort(dim=-1).values + p), dim=1)
+        return TokenSelection(
+            index, None, size=None if size is None else size.gather(1, index), rule=self.rule
+        )
 
     def _merged(
         self,
@@ -515,6 +693,14 @@ class AdaptiveTokenSampling(nn.Module):
             )
         size_out = patches.new_zeros(b, m + 1).scatter_add_(1, dest, patches)[:, :m]
         return selection._replace(merge=merge_plan(dest, weight, m), size=size_out)
+
+
+def _most_significant(keep: Tensor, scores: Tensor, cap: int) -> Tensor:
+    """keep: (b, n) bool limited to the ``cap`` most significant True entries per image."""
+    if keep.shape[1] <= cap:
+        return keep
+    top = scores.masked_fill(~keep, -1.0).topk(cap, dim=-1).indices
+    return keep & torch.zeros_like(keep).scatter_(1, top, True)
 
 
 def _required(t: Tensor | None) -> Tensor:

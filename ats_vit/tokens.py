@@ -73,12 +73,16 @@ class TokenState:
     def follow(self, x: Tensor, out: Tensor, selection: TokenSelection | None) -> Tensor:
         """The residual stream after a block's attention: the rows of ``x`` that ``selection``
         keeps (merged where it merges; all of ``x`` when it is None) plus the attention
-        output ``out`` of those tokens. Takes on the selection's padding, sizes and positions."""
+        output ``out`` of those tokens; or, for a late selection (ToMe), the selected rows of
+        ``x + out``, ``out`` covering every token. Takes on the selection's padding, sizes and
+        positions."""
         if selection is None:
             self._rule = None
             return x + out
         self.padding, self.size, self._rule = selection.padding, selection.size, selection.rule
         self.positions = self.positions.gather(1, selection.index)
+        if selection.late:
+            return select_tokens(x + out, selection)
         return select_tokens(x, selection) + out
 
     def record(self, x: Tensor) -> None:

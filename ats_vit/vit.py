@@ -166,6 +166,8 @@ class ViT(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for ats in self.sampling_layers():
+            ats.reference_tokens = self.num_patches + 1  # the full grid and CLS
         # the token state of the last forward pass (see ats_vit.families.last_info)
         self.last_state: TokenState | None = None
 

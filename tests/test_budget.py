@@ -38,7 +38,7 @@ def test_budget_files_of_the_first_format_still_load(tmp_path):
         (dict(start_layer=0, caps=(4, 8)), "non-increasing"),
         (dict(start_layer=0, caps=(4,), sampler="best"), "sampler must be one of"),
         (dict(start_layer=0, caps=(4,), dropped="keep"), "dropped must be one of"),
-        (dict(start_layer=0, caps=(4,), sampler="tome"), "dropped must be 'merge'"),
+        (dict(start_layer=0, caps=(4,), sampler="tome", dropped="discard"), "dropped must be 'merge'"),
         (dict(start_layer=0, caps=(4,), temperature=0.0), "temperature must be a finite number > 0"),
         (dict(start_layer=1, caps=(4,), depth=4), "must equal depth"),
         (dict(start_layer=0, caps=(4,), cost="joules"), "cost must be one of"),

@@ -15,11 +15,11 @@ def peaky_vit():
 @pytest.mark.parametrize("target", [0.5, 0.7, 0.9])
 def test_calibrate_meets_the_target_on_held_out_images(target):
     model = peaky_vit()
-    budget = calibrate(model, images(96, 1), target, progress=False, steps=12)
+    budget = calibrate(model, images(256, 1), target, progress=False, steps=12)
     assert budget.calibration["searched"] == RECOMMENDED and budget.target == target
     assert budget.calibration["gflops_ratio"] == pytest.approx(target, rel=0.03)
     assert 0.0 <= budget.calibration["agreement"] <= 1.0
-    held_out = images(96, 2)
+    held_out = images(256, 2)
     _, dense = measure(model, held_out, None)
     _, cost = measure(model, held_out, budget)
     assert (cost.mean() / dense.mean()).item() == pytest.approx(target, rel=0.03)

@@ -81,6 +81,7 @@ class PatchedFamily(Family):
         self.carrier = Carrier(self.num_prefix_tokens)
         for i, block in enumerate(self.blocks):
             block.ats = AdaptiveTokenSampling(self.num_patches, num_prefix_tokens=self.num_prefix_tokens)
+            block.ats.reference_tokens = self.num_patches + self.num_prefix_tokens
             block.ats.train(block.training)
             block._ats_carrier = self.carrier
             block._ats_index = i

@@ -1,0 +1,194 @@
+"""The peers are the real peers: ToMe and the authors' ATS, each checked against a reference
+written here from the published algorithm (not imported from their packages).
+
+- ToMe (Bolya et al., ICLR 2023; facebookresearch/ToMe ``tome/merge.py``, ``tome/patch/timm.py``):
+  attention for every token with proportional attention, residual, then bipartite soft
+  matching on the head-averaged keys, size-weighted merging, ToMe's token order, the MLP.
+- ATS as the authors released it (adaptivetokensampling/ATS,
+  ``libs/models/transformers/ats_block.py``): scores sorted ascending, min-max normalised CDF,
+  ``n_ref - 1`` values from the first non-zero CDF entry to 1, nearest entries, unique picks.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ats_vit import SamplingOptions
+from ats_vit.budget import Budget, tome_rates
+from ats_vit.sampling import official_select
+
+# ---------------------------------------------------------------- ToMe, as published
+
+
+def reference_bipartite_soft_matching(metric, r, class_token=True, distill_token=False):
+    """ToMe's ``bipartite_soft_matching``: returns its ``merge(x, mode)``."""
+    protected = int(class_token) + int(distill_token)
+    t = metric.shape[1]
+    r = min(r, (t - protected) // 2)
+    if r <= 0:
+        return lambda x, mode="mean": x
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    if class_token:
+        scores[..., 0, :] = -math.inf
+    if distill_token:
+        scores[..., :, 0] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx = edge_idx[..., r:, :]
+    src_idx = edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    if class_token:
+        unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(x, mode="mean"):
+        src, dst = x[..., ::2, :], x[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        if distill_token:
+            return torch.cat([unm[:, :1], dst[:, :1], unm[:, 1:], dst[:, 1:]], dim=1)
+        return torch.cat([unm, dst], dim=1)
+
+    return merge
+
+
+def reference_tome_forward(model, x, rates, distill_token=False):
+    """A timm ViT's forward with ToMe's patched blocks (``ToMeBlock``, ``ToMeAttention``,
+    ``merge_wavg``), written out for timm's ``VisionTransformer``."""
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.norm_pre(x)
+    size = None
+    for block, r in zip(model.blocks, rates, strict=True):
+        attn = block.attn
+        h = block.norm1(x)
+        b, n, c = h.shape
+        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        logits = (q @ k.transpose(-2, -1)) * attn.scale
+        if size is not None:
+            logits = logits + size.log()[:, None, None, :, 0]
+        out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        x = x + block.ls1(attn.proj(out))
+        if r > 0:
+            merge = reference_bipartite_soft_matching(k.mean(1), r, True, distill_token)
+            size = torch.ones_like(x[..., 0, None]) if size is None else size
+            x = merge(x * size, mode="sum")
+            size = merge(size, mode="sum")
+            x = x / size
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+    return model.forward_head(model.norm(x))
+
+
+@pytest.mark.parametrize("r", [8, 16])
+def test_tome_gives_the_logits_of_the_published_algorithm(r):
+    timm = pytest.importorskip("timm")
+    import ats_vit.timm as ats_timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    rates = tome_rates(r, 12)
+    with torch.no_grad():
+        reference = reference_tome_forward(model, x, rates)
+        budget = Budget.tome(r, depth=12, num_patches=196)
+        budget.apply(model)
+        ours = model(x)
+        info = ats_timm.last_info(model)
+    expected_tokens = [196 - r * (i + 1) for i in range(12)] if r == 8 else None
+    if expected_tokens:
+        assert info.kept_per_layer[0].tolist() == expected_tokens
+    assert (ours - reference).abs().max().item() <= 1e-4, f"max |diff| {(ours - reference).abs().max():.2e}"
+
+
+def test_tome_keeps_tomes_token_order_and_sizes():
+    """After one merge: CLS, the unmerged A tokens, then every B token; sizes add up."""
+    from ats_vit.sampling import tome_plan
+
+    torch.manual_seed(0)
+    metric = torch.randn(3, 9, 4)  # CLS + 8 candidates: A = 0, 2, 4, 6, 8; B = 1, 3, 5, 7
+    sel = tome_plan(metric, keep_count=6, valid=None, num_prefix=1, size=None)
+    assert sel.late and sel.padding is None and sel.index.shape == (3, 7)
+    for i in range(3):
+        index = sel.index[i].tolist()
+        a_kept, b_kept = index[1:-4], index[-4:]
+        assert index[0] == 0 and b_kept == [1, 3, 5, 7]
+        assert a_kept == sorted(a_kept) and all(t % 2 == 0 for t in a_kept) and len(a_kept) == 2
+    assert sel.size.sum(dim=1).tolist() == [9.0] * 3
+
+
+def test_tome_schedules_follow_parse_r():
+    assert tome_rates(8, 4) == [8, 8, 8, 8]
+    assert tome_rates((8, -1.0), 3) == [16, 8, 0]  # ToMe's decreasing schedule
+    assert tome_rates([4, 2], 3) == [4, 2, 0]
+    budget = Budget.tome(100, depth=3, num_patches=16)  # each layer merges at most half
+    assert budget.caps == (8, 4, 2) and budget.sampler == "tome"
+
+
+# ---------------------------------------------------------------- ATS, as the authors released it
+
+
+def reference_official_picks(significance, n_ref):
+    """The selection of the authors' ``AdaptiveTokenSampler`` (``score_assignment_step``'s
+    sort, ``create_ys``, ``inverse_transform_sampling``'s nearest picks and
+    ``get_unique_indices``) on given normalised scores (b, N - 1); returns the set of
+    candidate indices kept per image."""
+    sorted_scores, sorted_indices = torch.sort(significance, descending=False, dim=1)
+    b, n = significance.shape
+    cdf = torch.cumsum(sorted_scores, dim=1)
+    normalized_cdf = (cdf - cdf.min(dim=1)[0].unsqueeze(dim=1)) / (
+        (cdf.max(dim=1)[0] - cdf.min(dim=1)[0]) / 1.0
+    ).unsqueeze(dim=1)
+    # create_ys
+    ys = torch.linspace(start=0, end=1.0, steps=n_ref - 1).unsqueeze(0).repeat(b, 1)
+    ys_start = (
+        torch.min(normalized_cdf + (normalized_cdf == 0).float() * 1e8, dim=1)[0].unsqueeze(-1).expand_as(ys)
+    )
+    steps = torch.arange(0, n_ref - 1).float().unsqueeze(0).expand_as(ys_start)
+    ys = ys_start + (((ys * (n_ref - 2)) - ys_start * steps) / (n_ref - 2))
+    ys = ys.unsqueeze(dim=2)
+    normalized_cdf = normalized_cdf.unsqueeze(dim=1)
+    expanded_ys = torch.Tensor.expand(ys, (b, ys.shape[1], ys.shape[1]))
+    diff_tokens = ys.shape[1] - n
+    tokens_to_pick_ind = torch.min(torch.abs(expanded_ys - F.pad(normalized_cdf, (diff_tokens, 0))), dim=2)[1]
+    tokens_to_pick_ind = tokens_to_pick_ind - diff_tokens
+    # get_unique_indices
+    sorted_picks = torch.sort(tokens_to_pick_ind, dim=1)[0]
+    shift_left = F.pad(sorted_picks[:, 1:], (0, 1), value=1.0)
+    unique = torch.where((shift_left - sorted_picks) == 0, n * torch.ones_like(sorted_picks), sorted_picks)
+    return [{sorted_indices[i, j].item() for j in row.tolist() if j != n} for i, row in enumerate(unique)]
+
+
+@pytest.mark.parametrize(
+    ("n", "n_ref", "sharpness"), [(196, 197, 3.0), (196, 197, 0.5), (60, 197, 2.0), (36, 37, 4.0)]
+)
+def test_official_ats_picks_what_the_authors_code_picks(n, n_ref, sharpness):
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.rand(8, n, generator=gen).pow(sharpness * 4)  # peaked, like trained attention
+    scores = scores / scores.sum(dim=1, keepdim=True)
+    keep = official_select(scores, n_ref - 1)
+    ours = [set(row.nonzero().squeeze(1).tolist()) for row in keep]
+    assert ours == reference_official_picks(scores, n_ref)
+    counts = keep.sum(dim=1)
+    assert counts.unique().numel() > 1, "the count is adaptive through de-duplication"
+
+
+def test_official_ats_with_a_cap_keeps_the_most_significant_picks():
+    from helpers import images, small_vit
+
+    model = small_vit((16,) * 4, peaked=6.0, sampler="official").eval()
+    assert model.sampling_layers()[0].needed(17), "samples whenever it has more than 8 candidates"
+    with torch.no_grad():
+        model(images(4))
+    uncapped = model.last_state.trace.kept_per_layer()
+    model.set_sampling((16, 9, 9, 9), SamplingOptions(sampler="official"))
+    with torch.no_grad():
+        model(images(4))
+    capped = model.last_state.trace.kept_per_layer()
+    assert (capped[:, 1:] <= 9).all() and (capped <= uncapped).all()
+    assert (uncapped[:, 0] < 16).any(), "de-duplication alone drops tokens (K = N)"
