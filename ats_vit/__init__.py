@@ -1,6 +1,7 @@
 """ats-vit: Adaptive Token Sampling for Vision Transformers (Fayyaz et al., ECCV 2022)."""
 
 from ats_vit.attention import SamplingAttention
+from ats_vit.deploy import compile
 from ats_vit.families import family_of, last_info
 from ats_vit.options import SamplingOptions
 from ats_vit.sampling import AdaptiveTokenSampling, TokenSelection
@@ -17,6 +18,7 @@ __all__ = [
     "TokenState",
     "ViT",
     "__version__",
+    "compile",
     "family_of",
     "last_info",
     "load_vit_pytorch_state_dict",

@@ -1,11 +1,20 @@
-"""Calibration: ask for a cost ("60% of dense GFLOPs") and get the budget that meets it with
-the best accuracy found on calibration images.
+"""Calibration: ask for a cost ("60% of dense GFLOPs", "60% of dense time at batch 16 on this
+device") and get the budget that meets it with the best accuracy found on calibration images.
 
 :func:`calibrate` searches budgets: for every start layer (and cap decay, for the ATS methods)
-it turns the method's knob until the mean GFLOPs, counted from the tokens actually kept
-(:mod:`ats_vit.flops`), meet the target, and keeps the budget with the best accuracy (or,
-without labels, agreement with the dense model's top-1). The model is set once through its
-family (:mod:`ats_vit.families`); each trial only sets numbers on its sampling modules.
+it turns the method's knob until the cost meets the target, and keeps the budget with the best
+accuracy (or, without labels, agreement with the dense model's top-1). Two costs:
+
+- ``cost="gflops"``: the mean GFLOPs counted from the tokens actually kept (:mod:`ats_vit.flops`);
+- ``cost="latency"``: the time of a forward pass at ``timing_batch`` images on the model's
+  device, predicted from a table of measured block times (:mod:`ats_vit.latency`), so the search
+  ranks budgets by time without timing each; the chosen budget is then timed against the dense
+  model, and when that misses the target the search aims again with the prediction corrected.
+
+Among budgets of equal accuracy (within one calibration image) the one predicted fastest wins
+when a latency model is at hand (always for ``cost="latency"``; for ``cost="gflops"`` when
+``timing_batch`` is given). The model is set once through its family (:mod:`ats_vit.families`);
+each trial only sets numbers on its sampling modules.
 
 Method names (what :func:`calibrate` searches):
 
@@ -13,11 +22,14 @@ Method names (what :func:`calibrate` searches):
   geometrically from the start layer and the temperature sets how much of it is used.
 - ``"ats-fuse"``, ``"ats-merge"``: the same, with dropped tokens fused into one token or merged
   into their most similar kept token.
-- ``"paper"``: the paper's ATS exactly (temperature 1): only the caps move.
+- ``"paper"``: the paper's ATS exactly (temperature 1) in the paper's configuration: one cap
+  from the start layer on (with adaptive counts, later layers sample only when an image keeps
+  more); the cap is the knob.
 - ``"topk"``, ``"evit"`` (top-k with fusion), ``"random"``, ``"tome"`` (ToMe: merging after
   attention), ``"tome-early"`` (ToMe's matching merged before the queries): the peers, each
   keeping a fixed count that decays geometrically from the start layer.
-- ``"official"``: the authors' released ATS (adaptive through de-duplication); the caps decay.
+- ``"official"``: the authors' released ATS (adaptive through de-duplication), one cap from the
+  start layer on.
 """
 
 from __future__ import annotations
@@ -33,8 +45,11 @@ from torch import Tensor, nn
 
 from ats_vit import _validate
 from ats_vit._progress import bar as progress_bar
-from ats_vit.budget import Budget, BudgetError, configure
+from ats_vit.budget import COST_KINDS, Budget, BudgetError, configure
 from ats_vit.families import family_of
+from ats_vit.flops import gflops
+from ats_vit.latency import LatencyModel
+from ats_vit.timing import speedup, time_round_robin
 
 __all__ = ["AUTO", "METHODS", "RECOMMENDED", "Calibration", "Method", "Trial", "calibrate", "caps_for"]
 
@@ -44,7 +59,9 @@ class Method:
     """A way of selecting tokens and the knob :func:`calibrate` turns to meet a cost.
 
     ``knob="temperature"``: the ATS temperature, for each cap decay in ``decays``;
-    ``knob="decay"``: the cap decay itself (caps ``round(n * decay ** (l - start + 1))``).
+    ``knob="decay"``: the cap decay itself (caps ``round(n * decay ** (l - start + 1))``);
+    ``knob="keep"``: one cap ``round(n * keep)`` in every layer from the start (the paper's
+    configuration: with ATS, later layers sample only when an image still has more).
     """
 
     sampler: str
@@ -58,24 +75,29 @@ METHODS: dict[str, Method] = {
     "ats": Method("inverse_transform", "discard", "temperature", _ATS_DECAYS),
     "ats-fuse": Method("inverse_transform", "fuse", "temperature", _ATS_DECAYS),
     "ats-merge": Method("inverse_transform", "merge", "temperature", _ATS_DECAYS),
-    "paper": Method("inverse_transform"),
+    "paper": Method("inverse_transform", knob="keep"),
     "topk": Method("topk"),
     "evit": Method("topk", "fuse"),
     "random": Method("random"),
     "tome": Method("tome", "merge"),
     "tome-early": Method("tome-early", "merge"),
-    "official": Method("official"),
+    "official": Method("official", knob="keep"),
 }
 # what method="auto" searches: the best ATS variant measured and ToMe-style merging, which is
 # stronger at low budgets on the checkpoints we measured (benchmarks/README.md)
 AUTO = ("ats-fuse", "tome")
 RECOMMENDED = "auto"
 
-
 # a trial stops on the probe when its cost is this much (and four standard errors) beyond the
 # window of candidates; the probe is at least MIN_PROBE images (smaller sets run whole)
 PROBE_MARGIN = 0.01
 MIN_PROBE = 32
+# a latency budget whose timed ratio misses the target by more than this (relative) is searched
+# again, at most this many times, with the prediction corrected by the timing
+VERIFY_TOLERANCE = 0.05
+VERIFY_ATTEMPTS = 3
+
+TrialKey = tuple[str, int, float, float]  # (method, start layer, cap decay, temperature)
 
 
 def caps_for(decay: float, num_patches: int, layers: int) -> tuple[int, ...]:
@@ -87,16 +109,20 @@ def caps_for(decay: float, num_patches: int, layers: int) -> tuple[int, ...]:
 class Trial:
     """One budget tried on the calibration images.
 
-    A trial first runs on a probe (a strided quarter of the images). When its cost there is
-    clearly far from the target (beyond the window of candidates by four standard errors),
-    it stops: it cannot be chosen, and which side of the target it lies on is all the search
-    needs. Such a trial is ``estimated`` (its score is unknown, -inf)."""
+    ``cost`` is what the search meets (the GFLOPs ratio, or the predicted time ratio);
+    ``gflops`` and ``seconds`` are both ratios to dense (``seconds`` None without a latency
+    model). A trial first runs on a probe (a strided quarter of the images). When its GFLOPs
+    there are clearly far from the target (beyond the window of candidates by four standard
+    errors), it stops: it cannot be chosen, and which side of the target it lies on is all the
+    search needs. Such a trial is ``estimated`` (its score is unknown, -inf)."""
 
     budget: Budget
-    cost: float  # mean GFLOPs as a fraction of dense (on the probe while estimated)
+    cost: float
     score: float  # accuracy, or agreement with the dense top-1
     images: int  # how many calibration images it ran on
-    key: tuple[str, int, float, float]  # (method, start layer, cap decay, temperature)
+    key: TrialKey
+    gflops: float
+    seconds: float | None = None
 
     @property
     def estimated(self) -> bool:
@@ -107,10 +133,12 @@ class Calibration:
     """Budget search for one model, calibration set and method; :func:`calibrate` in steps.
 
     ``method="auto"`` searches each method of :data:`AUTO` and keeps the best budget found
-    for each target (on a tie, the method listed first). The dense pass (predictions, GFLOPs
-    and every block's input) is computed once, so each trial runs only the blocks from its
-    start layer on; a trial whose cost on a probe quarter of the images is clearly far from
-    the target stops there (:class:`Trial`); and trials are remembered, so calibrating the
+    for each target. ``cost`` is ``"gflops"`` or ``"latency"`` (then ``timing_batch`` images
+    per forward pass on the model's device, under autocast to ``dtype`` when given; ``latency``
+    passes a :class:`~ats_vit.latency.LatencyModel` already built). The dense pass (predictions,
+    GFLOPs and every block's input) is computed once, so each trial runs only the blocks from its
+    start layer on; a GFLOPs trial whose cost on a probe quarter of the images is clearly far
+    from the target stops there (:class:`Trial`); and trials are remembered, so calibrating the
     same search for several targets (as ``ats-vit bench frontier`` does) repeats no work.
     ``passes`` counts the work done, in forward passes over all calibration images.
     """
@@ -122,15 +150,21 @@ class Calibration:
         labels: Tensor | None = None,
         *,
         method: str = RECOMMENDED,
+        cost: str = "gflops",
+        timing_batch: int | None = None,
+        dtype: torch.dtype | None = None,
+        latency: LatencyModel | None = None,
         start_layers: Iterable[int] | None = None,
         batch_size: int = 256,
         tolerance: float = 0.005,
         steps: int = 10,
         probe: bool = True,
+        verify: bool = True,
         progress: bool = True,
     ) -> None:
         if method != "auto" and method not in METHODS:
             raise ValueError(f"method must be 'auto' or one of {tuple(METHODS)}, got {method!r}")
+        _validate.choice("cost", cost, COST_KINDS)
         if not isinstance(images, Tensor) or images.dim() != 4 or len(images) == 0:
             raise ValueError(
                 f"images must be a non-empty (N, C, H, W) tensor, got {getattr(images, 'shape', images)}"
@@ -139,25 +173,31 @@ class Calibration:
             raise ValueError(
                 f"labels must be a (N,) tensor matching images, got {getattr(labels, 'shape', labels)}"
             )
-        self.model, self.method = model, method
+        if timing_batch is not None:
+            _validate.positive_int("timing_batch", timing_batch)
+        self.model, self.method, self.cost = model, method, cost
         self.family = family_of(model)
         self.depth, self.num_patches = self.family.depth, self.family.num_patches
         layers = list(range(self.depth)) if start_layers is None else sorted(set(start_layers))
         if not layers or any(not _validate.is_int(i) or not 0 <= i < self.depth for i in layers):
             raise ValueError(f"start_layers must hold layer indices in [0, {self.depth}), got {layers}")
         self.layers, self.tolerance, self.steps, self.progress = layers, tolerance, steps, progress
+        self.verify, self.dtype = verify, dtype
         self.objective = "agreement" if labels is None else "accuracy"
         self.images = len(images)
-        self.trials: dict[tuple[str, int, float, float], Trial] = {}
+        self.trials: dict[TrialKey, Trial] = {}
         self.passes = 0.0
+        self.timings: list[dict[str, float]] = []  # every verification of a latency budget
 
+        device = next(model.parameters()).device
+        images = images.to(device)
         # a strided quarter of the images first (the probe), so that a probe is spread over a
         # folder sorted by class; the order of the images changes no mean
-        order = torch.arange(len(images))
-        stride = 4 if probe and len(images) >= 4 * MIN_PROBE else 1
+        order = torch.arange(len(images), device=device)
+        stride = 4 if probe and cost == "gflops" and len(images) >= 4 * MIN_PROBE else 1
         order = torch.cat([order[i::stride] for i in range(stride)])
         images = images[order]
-        labels = None if labels is None else labels[order]
+        labels = None if labels is None else labels.to(device)[order]
         self.probe = len(order[::stride]) if stride > 1 else len(images)
         first, rest = images[: self.probe].split(batch_size), images[self.probe :].split(batch_size)
         self.batches = [*first, *rest] if self.probe < len(images) else list(first)
@@ -171,22 +211,35 @@ class Calibration:
         finally:
             model.train(was_training)
         dense_pred = torch.cat([logits.argmax(dim=-1) for logits, _, _ in self.dense])
-        self.reference = dense_pred if labels is None else labels.to(dense_pred.device)
+        self.reference = dense_pred if labels is None else labels
         self.dense_gflops = torch.cat([flops for _, flops, _ in self.dense]).double().mean().item()
         self.dense_score = (dense_pred == self.reference).float().mean().item()
+        self.timing_batch = timing_batch or (latency.batch_size if latency is not None else 64)
+        self.latency = latency
+        if self.latency is None and (cost == "latency" or timing_batch is not None):
+            self.latency = LatencyModel(self.family, self.timing_batch, dtype=dtype, progress=progress)
+        # the images a latency budget is timed on: one batch of the calibration set
+        self.timing_images = images[: self.timing_batch]
         self._bar: Any = None
 
     def budget(self, method: str, start: int, decay: float, temperature: float = 1.0) -> Budget:
         spec = METHODS[method]
+        layers = self.depth - start
+        caps = (
+            (max(1, round(self.num_patches * decay)),) * layers
+            if spec.knob == "keep"
+            else caps_for(decay, self.num_patches, layers)
+        )
         return Budget(
             start_layer=start,
-            caps=caps_for(decay, self.num_patches, self.depth - start),
+            caps=caps,
             sampler=spec.sampler,
             temperature=temperature,
             dropped=spec.dropped,
             depth=self.depth,
             num_patches=self.num_patches,
             method=method,
+            cost=self.cost,
         )
 
     def _far(self, costs: Tensor, target: float) -> bool:
@@ -206,8 +259,8 @@ class Calibration:
     def trial(
         self, method: str, start: int, decay: float, temperature: float = 1.0, target: float | None = None
     ) -> Trial:
-        """Cost and score of one budget (remembered). With ``target``, a budget whose probe cost
-        is clearly far from it is only estimated (see :class:`Trial`)."""
+        """Cost and score of one budget (remembered). With ``target``, a GFLOPs budget whose
+        probe cost is clearly far from it is only estimated (see :class:`Trial`)."""
         key = (method, start, decay, temperature)
         known = self.trials.get(key)
         if known is not None and (
@@ -216,20 +269,28 @@ class Calibration:
             return known
         b = self.budget(method, start, decay, temperature)
         configure(self.family, b)
-        preds, costs = [], []
+        preds, costs, counts = [], [], []
+        rules: list[str | None] = []
         for i, (batch, (_, _, inputs)) in enumerate(zip(self.batches, self.dense, strict=True)):
-            logits, flops = self.family.forward(batch, start, inputs[start])
+            logits, state = self.family.run(batch, start, inputs[start])
             self.passes += len(batch) / self.images
             preds.append(logits.argmax(dim=-1))
-            costs.append(flops.double() / self.dense_gflops)
-            if i + 1 == self.probe_batches and target is not None and self._far(torch.cat(costs), target):
-                cost = torch.cat(costs)
-                self.trials[key] = Trial(b, cost.mean().item(), -math.inf, len(cost), key)
+            costs.append(_gflops(self.family, state) / self.dense_gflops)
+            counts.append(state.trace.kept_per_layer())
+            rules = state.trace.rules
+            probe_done = i + 1 == self.probe_batches and self.cost == "gflops"
+            if probe_done and target is not None and self._far(torch.cat(costs), target):
+                cost = torch.cat(costs).mean().item()
+                self.trials[key] = Trial(b, cost, -math.inf, len(torch.cat(costs)), key, cost)
                 break
         else:
-            pred, cost = torch.cat(preds), torch.cat(costs)
-            score = (pred == self.reference).float().mean().item()
-            self.trials[key] = Trial(b, cost.mean().item(), score, len(cost), key)
+            gflops = torch.cat(costs).mean().item()
+            score = (torch.cat(preds) == self.reference).float().mean().item()
+            seconds = None
+            if self.latency is not None:
+                seconds = self.latency.seconds(torch.cat(counts), rules) / self.latency.dense_seconds()
+            cost = gflops if self.cost == "gflops" else float(seconds)  # type: ignore[arg-type]
+            self.trials[key] = Trial(b, cost, score, self.images, key, gflops, seconds)
         if self._bar is not None and known is None:
             self._bar.update()
         return self.trials[key]
@@ -263,9 +324,8 @@ class Calibration:
         for start in self.layers:
             if self.floor(method, start, target).cost > target + self.tolerance:
                 break  # even one token from here on costs too much, and later starts cost more
-            if spec.knob == "decay":
-                make = partial(self._at_decay, method, start, target)
-                found += self._bisect(target, make, 0.0, 1.0)
+            if spec.knob in ("decay", "keep"):
+                found += self._bisect(target, partial(self._at_decay, method, start, target), 0.0, 1.0)
             else:
                 for decay in spec.decays:
                     make = partial(self._at_temperature, method, start, decay, target)
@@ -280,11 +340,47 @@ class Calibration:
     ) -> Trial:
         return self.trial(method, start, decay, temperature, target)
 
+    def _choose(self, methods: tuple[str, ...], target: float) -> Trial:
+        """The search's pick at ``target``: the most accurate budget within the window of the
+        target; within one calibration image of it, the fastest predicted (with a latency
+        model), else the method listed first, then the cheaper."""
+        found = [t for m in methods for t in self._search(m, target)]
+        near = [t for t in found if abs(t.cost - target) <= self.window(target) and not t.estimated]
+        if not near:
+            best = min(found, key=lambda t: abs(t.cost - target))
+            return self.trial(*best.key) if best.estimated else best  # measured on every image
+        top = max(t.score for t in near)
+        equal = [t for t in near if t.score >= top - 1 / self.images - 1e-9]
+        if self.latency is not None:
+            return min(equal, key=lambda t: (t.seconds, -t.score))
+        rank = {m: i for i, m in enumerate(methods)}
+        return max(equal, key=lambda t: (t.score, -rank[str(t.budget.method)], -t.cost))
+
+    def measured_ratio(self, budget: Budget, rounds: int = 21) -> float:
+        """The time of a forward pass under ``budget`` as a fraction of the dense one, timed
+        interleaved (median of ``rounds``) at ``timing_batch`` calibration images."""
+        family, images = self.family, self.timing_images
+        autocast = torch.autocast(
+            images.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        )
+
+        def call(chosen: Budget | None) -> Callable[[], object]:
+            @torch.inference_mode()
+            def run() -> object:
+                configure(family, chosen)
+                with autocast:
+                    return family.run(images)
+
+            return run
+
+        timings = time_round_robin({"dense": call(None), "budget": call(budget)}, 2, rounds, images.device)
+        return 1 / speedup(timings["dense"], timings["budget"]).median
+
     def __call__(self, target: float, method: str | None = None) -> Budget:
         """The best budget found at ``target`` (for ``method``, default: this search's); the model
         is left configured with it. Searches of several methods share the remembered trials."""
         if not isinstance(target, (int, float)) or isinstance(target, bool):
-            raise TypeError(f"target must be a float (GFLOPs as a fraction of dense), got {target!r}")
+            raise TypeError(f"target must be a float (a fraction of the dense cost), got {target!r}")
         method = method or self.method
         if method != "auto" and method not in METHODS:
             raise ValueError(f"method must be 'auto' or one of {tuple(METHODS)}, got {method!r}")
@@ -292,17 +388,23 @@ class Calibration:
         was_training = self.model.training
         self.model.eval()
         self._bar = progress_bar(
-            desc=f"calibrate {method} @ {target:g}", unit="trial", disable=not self.progress, leave=False
+            desc=f"calibrate {method} @ {target:g} ({self.cost})",
+            unit="trial",
+            disable=not self.progress,
+            leave=False,
         )
+        measured = None
         try:
             cheapest = min(self.floor(m, self.layers[0]).cost for m in methods)
             if not cheapest < target <= 1.0:
+                what = "GFLOPs" if self.cost == "gflops" else f"predicted time at batch {self.timing_batch}"
                 raise BudgetError(
-                    f"target must be in ({cheapest:.3f}, 1]: the GFLOPs (as a fraction of dense) that "
-                    f"method={method!r} reaches on this model starting at layers {self.layers}; "
-                    f"got {target}"
+                    f"target must be in ({cheapest:.3f}, 1]: the {what} (as a fraction of dense) that "
+                    f"method={method!r} reaches on this model starting at layers {self.layers}; got {target}"
                 )
-            found = {m: self._search(m, target) for m in methods}
+            best = self._choose(methods, target)
+            if self.cost == "latency" and self.verify:
+                best, measured = self._verified(methods, target, best)
         except BaseException:
             configure(self.family, None)
             raise
@@ -311,47 +413,73 @@ class Calibration:
                 self._bar.close()
             self._bar = None
             self.model.train(was_training)
-        width = self.window(target)
-        rank: dict[str | None, int] = {m: i for i, m in enumerate(methods)}
-        candidates = [t for trials in found.values() for t in trials]
-        near = [t for t in candidates if abs(t.cost - target) <= width and not t.estimated]
-        if near:
-            best = max(near, key=lambda t: (t.score, -rank[t.budget.method], -t.cost))
-        else:
-            best = min(candidates, key=lambda t: abs(t.cost - target))
-            if best.estimated:  # the closest was only probed: measure it on every image
-                best = self.trial(*best.key)
-        chosen = replace(
-            best.budget,
-            target=float(target),
-            calibration={
-                "gflops_ratio": best.cost,
-                self.objective: best.score,
-                f"dense_{self.objective}": self.dense_score,
-                "images": self.images,
-                "dense_gflops": self.dense_gflops,
-                "trials": len(self.trials),
-                "passes": round(self.passes, 1),
-                "searched": method,
-            },
-        )
+        chosen = replace(best.budget, target=float(target), calibration=self._record(best, method, measured))
         configure(self.family, chosen)
         return chosen
+
+    def _verified(self, methods: tuple[str, ...], target: float, best: Trial) -> tuple[Trial, float]:
+        """Time ``best``; while it misses ``target`` by more than :data:`VERIFY_TOLERANCE`, aim
+        the predicted ratio where the timing says it must be, and search again. Returns the
+        trial whose timing came closest, and that timing."""
+        attempts: list[tuple[Trial, float]] = []
+        aim = target
+        for _ in range(VERIFY_ATTEMPTS):
+            measured = self.measured_ratio(best.budget)
+            self.timings.append(dict(aim=aim, predicted=best.cost, measured=measured))
+            attempts.append((best, measured))
+            if abs(measured / target - 1) <= VERIFY_TOLERANCE:
+                break
+            aim = min(aim * target / measured, 1.0)  # the prediction was off by measured / predicted
+            if aim <= 0:
+                break
+            try:
+                best = self._choose(methods, aim)
+            except ValueError:
+                break
+        return min(attempts, key=lambda tm: abs(tm[1] / target - 1))
+
+    def _record(self, best: Trial, method: str, measured: float | None) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "cost": self.cost,
+            "gflops_ratio": best.gflops,
+            self.objective: best.score,
+            f"dense_{self.objective}": self.dense_score,
+            "images": self.images,
+            "dense_gflops": self.dense_gflops,
+            "trials": len(self.trials),
+            "passes": round(self.passes, 1),
+            "searched": method,
+        }
+        if self.latency is not None:
+            record.update(
+                latency_ratio=best.seconds,
+                timing_batch=self.timing_batch,
+                device=self.latency.key["device"],
+                dtype=self.latency.key["dtype"],
+            )
+        if measured is not None:
+            record["measured_latency_ratio"] = measured
+        return record
+
+
+def _gflops(family: Any, state: Any) -> Tensor:
+    return gflops(family.cost, state.trace).double()
 
 
 def calibrate(
     model: nn.Module, images: Tensor, target: float, labels: Tensor | None = None, **options: Any
 ) -> Budget:
-    """The budget that costs ``target`` (GFLOPs as a fraction of dense) on ``images`` with the
-    best accuracy there (``labels``), or the best agreement with the dense model's own top-1
-    when no labels are given; the model is left configured with it.
+    """The budget that costs ``target`` (a fraction of the dense model's GFLOPs, or with
+    ``cost="latency"`` of its time at ``timing_batch`` images on its device) on ``images``
+    with the best accuracy there (``labels``), or the best agreement with the dense model's own
+    top-1 when no labels are given; the model is left configured with it.
 
     images: (N, C, H, W) calibration images (not the ones you report on); labels: (N,) or None.
-    ``options`` are :class:`Calibration`'s: ``method`` (default :data:`RECOMMENDED`),
-    ``start_layers`` (where selection may start; default all), ``batch_size``, ``tolerance``
-    and ``steps`` (of the bisection of each knob), ``probe`` (stop trials that are clearly
-    far from the target on a quarter of the images; the same budgets, faster), ``progress``.
-    Raises :class:`BudgetError`
-    naming the reachable range when ``target`` is out of it.
+    ``options`` are :class:`Calibration`'s: ``method`` (default :data:`RECOMMENDED`), ``cost``,
+    ``timing_batch``, ``dtype``, ``start_layers`` (where selection may start; default all),
+    ``batch_size``, ``tolerance`` and ``steps`` (of the bisection of each knob), ``probe``
+    (stop GFLOPs trials that are clearly far from the target on a quarter of the images; the
+    same budgets, faster), ``verify`` (time a latency budget and correct), ``progress``.
+    Raises :class:`BudgetError` naming the reachable range when ``target`` is out of it.
     """
     return Calibration(model, images, labels, **options)(target)

@@ -365,26 +365,68 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     paths = [args.out.format(target=f"{t:g}") for t in targets]
     _writable(paths, args.overwrite)
     source = _load(args)
+    model = source.model.to(_device(args.device))
     images, labels = take(_split(args, source, "calib"), args.images, args.seed)
     search = Calibration(
-        source.model,
+        model,
         images,
         None if args.no_labels else labels,
         method=args.method,
+        cost=args.cost,
+        timing_batch=args.timing_batch,
+        dtype=_dtype(args.dtype),
         start_layers=args.start_layers,
         batch_size=args.batch_size,
     )
     objective = search.objective
-    print(f"calibrating {args.method} on {len(images)} images of the calibration split ({objective})")
-    print(f"{'target':>6} {'GFLOPs':>7} {objective:>9} {'budget'}")
+    where = f" at batch {search.timing_batch} on {search.latency.key['device']}" if search.latency else ""
+    print(
+        f"calibrating {args.method} for {args.cost}{where} on {len(images)} calibration images ({objective})"
+    )
+    timed = search.latency is not None
+    header = f"{'target':>6} {'GFLOPs':>7} {'time':>6} {'timed':>6} {objective:>9} budget"
+    print(header if timed else f"{'target':>6} {'GFLOPs':>7} {objective:>9} budget")
     for target, path in zip(targets, paths, strict=True):
         budget = search(target)
         budget.save(path)
         cal = budget.calibration
-        print(f"{target:>6.2f} {cal['gflops_ratio']:>7.3f} {100 * cal[objective]:>8.2f}% {_describe(budget)}")
-        print(f"{'':>6} wrote {path}")
+        score = f"{100 * cal[objective]:>8.2f}%"
+        if timed:
+            measured = cal.get("measured_latency_ratio")
+            timing = "" if measured is None else f"{measured:.3f}"
+            costs = f"{cal['gflops_ratio']:>7.3f} {cal['latency_ratio']:>6.3f} {timing:>6}"
+            print(f"{target:>6.2f} {costs} {score} {_describe(budget)}")
+        else:
+            print(f"{target:>6.2f} {cal['gflops_ratio']:>7.3f} {score} {_describe(budget)}")
+        print(f"{'':>6} wrote {path}  ({cal['passes']:.0f} forward passes' worth of work so far)")
     print(f"dense {objective} on these images: {100 * search.dense_score:.2f}%")
+    if timed:
+        print(
+            "time: predicted from measured block times, as a fraction of dense; timed: measured against dense"
+        )
     return 0
+
+
+def _device(name: str | None) -> Any:
+    import torch
+
+    if name is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    return device
+
+
+def _dtype(name: str | None) -> Any:
+    import torch
+
+    return None if name in (None, "float32") else torch.bfloat16
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -687,9 +729,29 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--warmup-steps", type=_count, default=20, help="linear warm-up steps")
     ft.set_defaults(fn=cmd_finetune)
 
-    cal = command("calibrate", "choose the budget that costs a GFLOPs target with the best accuracy")
+    cal = command(
+        "calibrate",
+        "choose the budget that meets a cost (GFLOPs, or time on this device) with the best accuracy",
+    )
     _add_model_source(cal)
-    cal.add_argument("--target", type=_target, nargs="+", required=True, help="GFLOPs as a fraction of dense")
+    cal.add_argument(
+        "--target", type=_target, nargs="+", required=True, help="the cost as a fraction of the dense model's"
+    )
+    cal.add_argument(
+        "--cost",
+        choices=("gflops", "latency"),
+        default="gflops",
+        help="what the target is a fraction of: counted GFLOPs, or the time of a forward pass of "
+        "--timing-batch images on --device",
+    )
+    cal.add_argument(
+        "--timing-batch",
+        type=_positive_int,
+        help="images per timed forward pass (--cost latency: default 64; with --cost gflops, "
+        "equally accurate budgets are ranked by their time at this batch)",
+    )
+    cal.add_argument("--device", help="cpu, cuda, cuda:N (default: cpu)")
+    cal.add_argument("--dtype", choices=("float32", "bfloat16"), help="time under bfloat16 autocast")
     cal.add_argument(
         "--method", choices=(RECOMMENDED, *METHOD_NAMES), default=RECOMMENDED, help="how tokens are selected"
     )

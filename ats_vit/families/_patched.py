@@ -70,6 +70,12 @@ class PatchedFamily(Family):
             self.carrier.resume = None
         return logits, self.last_state()
 
+    def _run_block(self, block: nn.Module, x: Tensor, state: TokenState) -> Tensor:
+        if getattr(block, "_ats_index", None) == 0:
+            raise ValueError("the first block starts every pass's token state: time another block")
+        self.carrier.state = state
+        return block(x)
+
     def last_state(self) -> TokenState:
         state = self.carrier.state
         if state is None or len(state.trace.counts) != self.depth:

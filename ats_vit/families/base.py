@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ats_vit import _validate
 from ats_vit.flops import ViTCost, gflops
 from ats_vit.options import SamplingOptions
-from ats_vit.sampling import AdaptiveTokenSampling
+from ats_vit.sampling import AdaptiveTokenSampling, Padding
 from ats_vit.tokens import ATSInfo, TokenState
 
 __all__ = ["Family"]
@@ -77,6 +77,19 @@ class Family(ABC):
         """Logits (b, classes) of ``images`` and the pass's token state. With ``hidden``, the
         blocks before ``start`` are skipped (traced as dense) and block ``start`` gets
         ``hidden``, its input in a dense pass (calibration computes the dense layers once)."""
+
+    def run_block(
+        self, block: nn.Module, x: Tensor, *, padding: Padding | None = None, size: Tensor | None = None
+    ) -> Tensor:
+        """One of this model's blocks alone on tokens x: (b, n, c) with this padding and these
+        token sizes (for timing a block, as :mod:`ats_vit.latency` does)."""
+        state = TokenState(x, self.num_prefix_tokens)
+        state.padding, state.size = padding, size
+        return self._run_block(block, x, state)
+
+    @abstractmethod
+    def _run_block(self, block: nn.Module, x: Tensor, state: TokenState) -> Tensor:
+        """Run ``block`` on x in ``state``."""
 
     @abstractmethod
     def last_state(self) -> TokenState:

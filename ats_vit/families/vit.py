@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ats_vit.families.base import Family
 from ats_vit.sampling import AdaptiveTokenSampling
@@ -37,6 +37,9 @@ class ViTFamily(Family):
         x, state = self.model.forward_tokens(images, resume=resume)
         self.model.last_state = state
         return self.model.forward_head(x), state
+
+    def _run_block(self, block: nn.Module, x: Tensor, state: TokenState) -> Tensor:
+        return block(x, state)
 
     def last_state(self) -> TokenState:
         if self.model.last_state is None:

@@ -1,0 +1,483 @@
+"""Time on this device: a model of a forward pass's seconds, from measured block times.
+
+GFLOPs do not turn into time one for one: small GEMMs run at lower rates, and every sampling
+layer adds a few small ops. A :class:`LatencyModel` times one of the model's own blocks on
+this device, at one batch size and dtype, on a grid of token counts: dense (``n`` tokens in
+and out) and for each selection rule (``n_in`` tokens in, ``n_out`` out). A forward pass's
+time is then predicted from the tokens each layer handled (a :class:`~ats_vit.flops.TokenTrace`)
+by interpolating that table, so a search over a hundred budgets times no forward pass. Tables
+are cached on disk per model shape, device, batch size, dtype, threads and torch version
+(``$ATS_VIT_CACHE``, else ``~/.cache/ats-vit``), and built once; a rule's cells are timed the
+first time a prediction needs them.
+
+The grid inputs are identical tokens, so attention is uniform: the inverse transform then keeps
+exactly its cap, and every rule runs at a known count. What a layer's input carries changes its
+time, so dense blocks are also timed with token sizes (after a merge, attention adds
+``log(size)``) and with padding (after adaptive counts: a key mask and packed token-wise
+layers), and a sampling layer in such a context costs its plain time plus what the context
+costs a dense block. A batch is predicted at its mean count when it is packed, else at its
+largest. The search
+that uses this model verifies the budget it chooses by timing it (:mod:`ats_vit.calibrate`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ats_vit._progress import bar as progress_bar
+from ats_vit.families import Family
+from ats_vit.flops import TokenTrace
+from ats_vit.options import SamplingOptions
+from ats_vit.sampling import PACK_MIN_PADDING, Padding
+
+__all__ = ["CONTEXTS", "LatencyModel", "LatencyTable", "cache_dir"]
+
+FORMAT = "ats-vit-latency/1"
+# what a layer's input carries once earlier layers selected: nothing, token sizes (after a
+# merge), or padding (after an adaptive count)
+CONTEXTS = ("plain", "sized", "padded")
+# the share of padded slots in the grid that a "padded" block is timed on
+PADDED_SHARE = 0.2
+# each cell is timed for at least this long in all (short blocks get more rounds)
+MIN_CELL_SECONDS = 0.05
+# the options that make each rule's block run at a known count on identical tokens
+RULE_OPTIONS = {
+    "score": SamplingOptions(),
+    "score+fuse": SamplingOptions(dropped="fuse"),
+    "score+merge": SamplingOptions(dropped="merge"),
+    "bipartite": SamplingOptions(sampler="tome-early"),
+    "tome": SamplingOptions(sampler="tome"),
+}
+# rules whose output tokens carry sizes (every later layer's attention adds log(size))
+MERGING = ("score+fuse", "score+merge", "bipartite", "tome")
+# the rules whole passes are timed with to fit the table to the model in place; the others
+# take the multiplier of their nearest kin
+REFERENCE_RULES = ("score", "score+fuse", "tome")
+KIN = {"score+merge": "score+fuse", "bipartite": "tome"}
+
+
+def cache_dir() -> Path:
+    """Where latency tables are cached: ``$ATS_VIT_CACHE`` or ``~/.cache/ats-vit``."""
+    root = os.environ.get("ATS_VIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ats-vit"
+    )
+    return Path(root) / "latency"
+
+
+@dataclass
+class LatencyTable:
+    """Measured seconds of one block at one batch size, by token count (prefix included).
+
+    widths: ascending token counts of the grid. dense[i]: a block on widths[i] tokens;
+    dense_in[context][i]: the same whose input carries sizes or padding. rules[rule][i][j]: a
+    sampling block with widths[i] tokens in and widths[j] out (j <= i; NaN above), on a plain
+    input. stem: seconds outside the blocks (embedding, norm, head). Cells
+    are block times alone, scaled by ``scale`` to what the dense blocks take inside the model.
+    """
+
+    key: dict[str, Any]
+    widths: list[int]
+    dense: list[float]
+    stem: float
+    dense_in: dict[str, list[float]] = field(default_factory=dict)
+    rules: dict[str, list[list[float]]] = field(default_factory=dict)
+    scale: float = 1.0  # blocks in place / alone (applied to every cell)
+    # multipliers per layer kind ("dense" and each rule), fitted so that the table's sums match
+    # whole forward passes timed under reference budgets (what a block alone cannot show)
+    fit: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} {platform.processor() or ''}".strip()
+
+
+def _grid(num_patches: int, prefix: int, points: int) -> list[int]:
+    """Token counts (prefix included) from one candidate to all, spaced geometrically."""
+    counts = {num_patches, 1}
+    for i in range(points):
+        counts.add(max(1, round(num_patches ** (i / max(points - 1, 1)))))
+    return sorted(c + prefix for c in counts)
+
+
+def _padding(b: int, width: int, num_prefix: int, device: torch.device) -> Padding | None:
+    """A padded grid of ``width`` slots: one image in five keeps them all and the others fewer,
+    so that about :data:`PADDED_SHARE` of the grid is padding, as in a batch of adaptive counts."""
+    candidates = width - num_prefix
+    if candidates < 2:
+        return None
+    shortfall = torch.arange(b, device=device).remainder(5) * (PADDED_SHARE * candidates / 2)
+    kept = (width - shortfall.round()).clamp_min(num_prefix + 1)
+    mask = torch.arange(width, device=device) < kept[:, None]
+    padded = 1 - mask.float().mean().item()
+    return Padding(mask, mask.flatten().nonzero().squeeze(1) if padded >= PACK_MIN_PADDING else None)
+
+
+class LatencyModel:
+    """Predicted seconds of ``family``'s forward passes at ``batch_size`` on its device.
+
+    ``dtype``: run under autocast to this dtype (e.g. ``torch.bfloat16``), None: as the
+    model is. ``points``: grid widths between one candidate and all. ``repeats``: timed
+    rounds per cell (interleaved; the median), more until each cell ran ``min_seconds`` in
+    all. ``cache``: read and write the table on disk.
+    """
+
+    def __init__(
+        self,
+        family: Family,
+        batch_size: int,
+        *,
+        dtype: torch.dtype | None = None,
+        points: int = 7,
+        repeats: int = 5,
+        min_seconds: float = MIN_CELL_SECONDS,
+        cache: bool = True,
+        progress: bool = True,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.family, self.batch_size, self.dtype = family, batch_size, dtype
+        self.repeats, self.min_seconds, self.progress, self.cache = repeats, min_seconds, progress, cache
+        parameter = next(family.model.parameters())
+        self.device, self.param_dtype = parameter.device, parameter.dtype
+        cost = family.cost
+        self.key = dict(
+            model=type(family.model).__name__,
+            depth=cost.depth,
+            dim=cost.dim,
+            heads=cost.heads,
+            mlp_hidden=cost.mlp_hidden,
+            num_patches=cost.num_patches,
+            prefix=cost.num_prefix_tokens,
+            device=_device_name(self.device),
+            batch_size=batch_size,
+            dtype=str(dtype or parameter.dtype),
+            threads=torch.get_num_threads() if self.device.type == "cpu" else 0,
+            torch=torch.__version__,
+            points=points,
+        )
+        self.table = self._load() or self._build_dense(points)
+        if not self.table.fit:
+            self._fit()
+
+    # ---------------------------------------------------------------- the table on disk
+
+    @property
+    def path(self) -> Path:
+        digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        return cache_dir() / f"{digest}.json"
+
+    def _load(self) -> LatencyTable | None:
+        if not self.cache or not self.path.is_file():
+            return None
+        try:
+            raw = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if raw.pop("format", None) != FORMAT or raw.get("key") != self.key:
+            return None
+        return LatencyTable(**raw)
+
+    def _save(self) -> None:
+        if self.cache:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.table.to_dict()))
+            os.replace(tmp, self.path)
+
+    # ---------------------------------------------------------------- timing
+
+    def _autocast(self) -> Any:
+        return torch.autocast(
+            self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+        )
+
+    def _runner(self, width: int, context: str = "plain") -> Callable[[], object]:
+        """One call of the family's middle block on ``width`` identical tokens, in a token state
+        that carries sizes or padding as ``context`` says."""
+        family = self.family
+        block = family.blocks[family.depth // 2]
+        b, p = self.batch_size, family.num_prefix_tokens
+        token = torch.randn(b, 1, family.cost.dim, generator=torch.Generator().manual_seed(0))
+        x = token.expand(-1, width, -1).contiguous().to(self.device, self.param_dtype)
+        size = torch.ones(b, width, device=self.device) if context == "sized" else None
+        padding = _padding(b, width, p, self.device) if context == "padded" else None
+        autocast = self._autocast()
+
+        @torch.inference_mode()
+        def run() -> object:
+            with autocast:
+                return family.run_block(block, x, padding=padding, size=size)
+
+        return run
+
+    def _time(
+        self, calls: dict[Any, Callable[[], object]], configure: Callable[[Any], None]
+    ) -> dict[Any, float]:
+        """Median seconds of each call, the calls interleaved round by round."""
+        samples: dict[Any, list[float]] = {key: [] for key in calls}
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        total = len(calls) * (self.repeats + 1)
+        bar = progress_bar(total=total, desc="latency table", unit="call", disable=not self.progress)
+        for key, call in calls.items():  # warm-up
+            configure(key)
+            call()
+            bar.update()
+        rounds = 0
+        while rounds < self.repeats or min(map(sum, samples.values())) < self.min_seconds:
+            rounds += 1
+            if rounds > self.repeats and bar.total is not None:
+                bar.total += len(calls)
+            for key, call in calls.items():
+                configure(key)
+                sync()
+                start = time.perf_counter()
+                call()
+                sync()
+                samples[key].append(time.perf_counter() - start)
+                bar.update()
+        bar.close()
+        return {key: statistics.median(s) for key, s in samples.items()}
+
+    def _with_block(self, fn: Callable[[Any], dict[Any, float]]) -> dict[Any, float]:
+        """Run ``fn`` with the middle block's sampling module free to reconfigure, then restore
+        it and the model's train/eval mode."""
+        family = self.family
+        ats = family.sampling_layers()[family.depth // 2]
+        saved, training = (ats.max_tokens, ats.options), family.model.training
+        family.model.eval()
+        try:
+            return fn(ats)
+        finally:
+            ats.configure(*saved)
+            family.model.train(training)
+
+    def _build_dense(self, points: int) -> LatencyTable:
+        family = self.family
+        p, n = family.num_prefix_tokens, family.num_patches
+        widths = _grid(n, p, points)
+        runs: dict[Any, Callable[[], object]] = {w: self._runner(w) for w in widths}
+        runs.update({(c, w): self._runner(w, c) for c in CONTEXTS[1:] for w in widths})
+        images = torch.randn(self.batch_size, family.channels, *family.image_size)
+        images = images.to(self.device, self.param_dtype)
+        autocast = self._autocast()
+
+        hidden = torch.zeros(
+            self.batch_size, n + p, family.cost.dim, device=self.device, dtype=self.param_dtype
+        )
+
+        @torch.inference_mode()
+        def whole() -> object:
+            with autocast:
+                return family.run(images)
+
+        @torch.inference_mode()
+        def stem_only() -> object:  # every block skipped: embedding, norm and head
+            with autocast:
+                return family.run(images, family.depth, hidden)
+
+        def measure(ats: Any) -> dict[Any, float]:
+            times = self._time(runs, lambda _key: ats.configure(n, SamplingOptions()))
+            saved = family.caps(), family.options()
+            family.set_schedule(None, SamplingOptions())
+            try:
+                times.update(self._time({"model": whole, "stem": stem_only}, lambda _key: None))
+            finally:
+                family.set_schedule(*saved)
+            return times
+
+        times = self._with_block(measure)
+        # a block timed alone runs warmer than inside the model (its weights and inputs stay in
+        # cache), so every cell is scaled by how much slower the dense blocks run in place
+        stem = times["stem"]
+        scale = max(times["model"] - stem, 0.0) / (family.depth * times[widths[-1]])
+        dense = [scale * times[w] for w in widths]
+        dense_in = {c: [scale * times[(c, w)] for w in widths] for c in CONTEXTS[1:]}
+        self.table = LatencyTable(self.key, widths, dense, stem, dense_in, scale=scale)
+        self._save()
+        return self.table
+
+    def _build_rule(self, rule: str) -> list[list[float]]:
+        if rule not in RULE_OPTIONS:
+            raise ValueError(f"rule must be one of {tuple(RULE_OPTIONS)}, got {rule!r}")
+        widths, p = self.table.widths, self.family.num_prefix_tokens
+        options = RULE_OPTIONS[rule]
+        extra = 1 if rule == "score+fuse" else 0  # the fused token comes on top of the cap
+        cells = [(i, j) for i in range(len(widths)) for j in range(i) if widths[j] - p - extra >= 1]
+        runs = {(i, j): self._runner(widths[i]) for i, j in cells}
+
+        def measure(ats: Any) -> dict[Any, float]:
+            return self._time(runs, lambda cell: ats.configure(widths[cell[1]] - p - extra, options))
+
+        times = self._with_block(measure)
+        grid = [[math.nan] * len(widths) for _ in widths]
+        for i in range(len(widths)):
+            grid[i][i] = self.table.dense[i]  # a layer that keeps everything is dense
+            for j in range(i):
+                grid[i][j] = self.table.scale * times.get((i, j), math.nan)
+        self.table.rules[rule] = grid
+        self._save()
+        return grid
+
+    def _fit(self) -> None:
+        """Time whole forward passes under reference budgets (each rule family, two cap decays,
+        two start layers, and dense) and fit one multiplier per layer kind by least squares
+        (pulled gently towards 1), so that predictions match the model in place."""
+        family = self.family
+        depth, n = family.depth, family.num_patches
+        images = torch.randn(self.batch_size, family.channels, *family.image_size)
+        images = images.to(self.device, self.param_dtype)
+        configs: list[tuple[tuple[int, ...], SamplingOptions]] = [((n,) * depth, SamplingOptions())]
+        for rule in REFERENCE_RULES:
+            for start in (0, depth // 2):
+                for decay in (0.6, 0.85):
+                    caps = (n,) * start + tuple(
+                        max(2, round(n * decay ** (i + 1))) for i in range(depth - start)
+                    )
+                    configs.append((caps, RULE_OPTIONS[rule]))
+        saved, training = (family.caps(), family.options()), family.model.training
+        family.model.eval()
+        autocast = self._autocast()
+        try:
+            traces = []
+            with torch.inference_mode(), autocast:
+                for caps, options in configs:
+                    family.set_schedule(caps, options)
+                    traces.append(family.run(images)[1].trace)
+
+            def call(config: tuple[tuple[int, ...], SamplingOptions]) -> Callable[[], object]:
+                @torch.inference_mode()
+                def run() -> object:
+                    family.set_schedule(*config)
+                    with autocast:
+                        return family.run(images)
+
+                return run
+
+            times = self._time({i: call(c) for i, c in enumerate(configs)}, lambda _key: None)
+        finally:
+            family.set_schedule(*saved)
+            family.model.train(training)
+        kinds = ["dense", *REFERENCE_RULES]
+        sums = torch.tensor(
+            [[self._kind_sums(t.kept_per_layer(), t.rules).get(k, 0.0) for k in kinds] for t in traces]
+        )
+        measured = torch.tensor([times[i] for i in range(len(configs))], dtype=sums.dtype) - self.table.stem
+        # least squares with a pull towards 1 (weighted by the typical sum), so a kind seen in
+        # few layers cannot wander far
+        pull = 0.1 * sums.abs().mean(dim=0).clamp_min(1e-9)
+        a = torch.cat((sums, torch.diag(pull)))
+        y = torch.cat((measured, pull))
+        solution = torch.linalg.lstsq(a, y[:, None]).solution.squeeze(1).clamp(0.5, 2.0)
+        self.table.fit = {k: float(v) for k, v in zip(kinds, solution, strict=True)}
+        self._save()
+
+    def _kind_sums(self, counts: Tensor, rules: Sequence[str | None]) -> dict[str, float]:
+        """Table seconds per batch summed by layer kind ("dense" and each rule), averaged over
+        batches of ``batch_size`` images."""
+        p, n = self.family.num_prefix_tokens, self.family.num_patches
+        counts = counts.double().cpu()
+        sums: dict[str, float] = {}
+        chunks = counts.split(self.batch_size)
+        for chunk in chunks:
+            widths_in = torch.cat((torch.full((len(chunk), 1), float(n)), chunk[:, :-1]), dim=1)
+            sized = False
+            for layer, rule in enumerate(rules):
+                width_in = _width(widths_in[:, layer]) + p
+                width_out = _width(chunk[:, layer]) + p
+                padded = bool(widths_in[:, layer].min() < widths_in[:, layer].max())
+                context = "sized" if sized else "padded" if padded else "plain"
+                kind = rule or "dense"
+                sums[kind] = sums.get(kind, 0.0) + self.layer_seconds(
+                    rule, width_in, width_out, context
+                ) / len(chunks)
+                sized = sized or rule in MERGING
+        return sums
+
+    # ---------------------------------------------------------------- predicting
+
+    def _dense_row(self, context: str) -> list[float]:
+        return self.table.dense if context == "plain" else self.table.dense_in[context]
+
+    def _rule_at(self, rule: str, width_in: float, width_out: float) -> float:
+        grid = self.table.rules.get(rule) or self._build_rule(rule)
+        widths = self.table.widths
+        width_out = min(width_out, width_in)
+        # interpolate along n_out within the two bracketing n_in rows, then along n_in
+        i = min(max(bisect_right(widths, width_in) - 1, 0), len(widths) - 2)
+        rows = []
+        for row in (i, i + 1):
+            known = [(widths[j], grid[row][j]) for j in range(row + 1) if not math.isnan(grid[row][j])]
+            xs, ys = zip(*known, strict=True)
+            rows.append(_interp(xs, ys, min(width_out, widths[row])))
+        return _interp([widths[i], widths[i + 1]], rows, width_in)
+
+    def layer_seconds(
+        self, rule: str | None, width_in: float, width_out: float, context: str = "plain"
+    ) -> float:
+        """Seconds of one block with ``width_in`` tokens in and ``width_out`` out (prefix
+        included), selecting by ``rule``; None: a dense block whose input is in ``context``."""
+        dense = _interp(self.table.widths, self.table.dense, width_in)
+        in_context = _interp(self.table.widths, self._dense_row(context), width_in)
+        if rule is None:
+            return in_context
+        # a rule's cells are timed on a plain input; sizes or padding cost it what they cost
+        # a dense block of that width
+        return self._rule_at(rule, width_in, width_out) + in_context - dense
+
+    def dense_seconds(self) -> float:
+        """Predicted seconds of a dense forward pass at this batch size."""
+        return self.table.stem + self.table.fit.get("dense", 1.0) * self.family.depth * self.table.dense[-1]
+
+    def seconds(self, counts: Tensor, rules: Sequence[str | None]) -> float:
+        """Predicted seconds per batch of ``batch_size`` images, averaged over the images given.
+
+        counts: (N, depth) non-prefix tokens each block output per image (as
+        ``trace.kept_per_layer()``); rules: per block, how it selected (None: kept all). The
+        images are taken in batches of ``batch_size`` in order."""
+        sums = self._kind_sums(counts, rules)
+        fit = self.table.fit
+        return self.table.stem + sum(fit.get(_kind_of(k), 1.0) * v for k, v in sums.items())
+
+    def ratio(self, trace: TokenTrace) -> float:
+        """Predicted time of the pass ``trace`` recorded, as a fraction of the dense pass."""
+        return self.seconds(trace.kept_per_layer(), trace.rules) / self.dense_seconds()
+
+
+def _kind_of(kind: str) -> str:
+    return KIN.get(kind, kind)
+
+
+def _width(counts: Tensor) -> float:
+    """The token count a batch of images with these counts runs at: the mean when the padded
+    grid is packed for its token-wise layers (which are most of a block's time), else the
+    largest (every padded row is computed)."""
+    widest, mean = counts.max().item(), counts.mean().item()
+    return mean if widest > 0 and 1 - mean / widest >= PACK_MIN_PADDING else widest
+
+
+def _interp(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """Piecewise-linear interpolation (linear extrapolation beyond the ends)."""
+    if len(xs) == 1:
+        return float(ys[0])
+    i = min(max(bisect_right(list(xs), x) - 1, 0), len(xs) - 2)
+    x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
+    return float(y0 + (y1 - y0) * (x - x0) / (x1 - x0)) if x1 != x0 else float(y0)

@@ -1,0 +1,150 @@
+"""The latency model: interpolation, monotonicity, caching, and latency budgets end to end.
+Timings are never asserted: the tests check what the model computes from what it measured."""
+
+import json
+
+import pytest
+import torch
+from helpers import images, small_vit
+
+import ats_vit.latency as latency
+from ats_vit import family_of
+from ats_vit.budget import Budget, BudgetError
+from ats_vit.calibrate import Calibration
+from ats_vit.latency import LatencyModel
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATS_VIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def quick(model, batch=4, **kw):
+    return LatencyModel(family_of(model), batch, repeats=1, min_seconds=0.0, progress=False, **kw)
+
+
+def test_a_table_is_built_once_and_read_back():
+    model = small_vit(peaked=6.0).eval()
+    first = quick(model)
+    assert first.path.is_file() and first.table.fit and set(first.table.rules) >= {"score", "tome"}
+    assert first.table.widths[0] == 2 and first.table.widths[-1] == 17  # one candidate .. all, + CLS
+
+    def no_timing(*_args, **_kwargs):
+        raise AssertionError("a cached table is not timed again")
+
+    original = LatencyModel._time
+    LatencyModel._time = no_timing
+    try:
+        again = quick(model)
+    finally:
+        LatencyModel._time = original
+    assert json.dumps(again.table.to_dict()) == json.dumps(first.table.to_dict())
+    other = quick(model, batch=8)  # another batch size is another table
+    assert other.path != first.path
+
+
+def test_a_table_of_another_machine_is_not_used(cache):
+    model = small_vit().eval()
+    table = quick(model)
+    raw = json.loads(table.path.read_text())
+    raw["key"]["device"] = "another CPU"
+    table.path.write_text(json.dumps(raw))
+    calls = []
+    original = LatencyModel._build_dense
+
+    def counting(self, points):
+        calls.append(points)
+        return original(self, points)
+
+    LatencyModel._build_dense = counting
+    try:
+        quick(model)
+    finally:
+        LatencyModel._build_dense = original
+    assert calls, "a key that does not match is measured afresh"
+
+
+def fixed_table(model, batch=4):
+    """A latency model whose table says: a dense block costs its token count (ms), a sampling
+    block 1 ms more than a dense block of its output, the stem 5 ms."""
+    lat = quick(model, batch)
+    widths = lat.table.widths
+    lat.table.dense = [w * 1e-3 for w in widths]
+    lat.table.dense_in = {c: list(lat.table.dense) for c in ("sized", "padded")}
+    lat.table.stem = 5e-3
+    grid = [
+        [
+            (widths[j] + 1) * 1e-3 if j < i else widths[i] * 1e-3 if j == i else float("nan")
+            for j in range(len(widths))
+        ]
+        for i in range(len(widths))
+    ]
+    lat.table.rules = {rule: grid for rule in latency.RULE_OPTIONS}
+    lat.table.fit = {}
+    return lat
+
+
+def test_predictions_interpolate_the_table_and_grow_with_tokens():
+    model = small_vit().eval()
+    lat = fixed_table(model)
+    assert lat.dense_seconds() == pytest.approx(5e-3 + 4 * 17e-3)
+    # a dense block on 10 tokens (between grid points) costs 10 ms; a sampling block 17 -> 9: 10 ms
+    assert lat.layer_seconds(None, 10.0, 10.0) == pytest.approx(10e-3)
+    assert lat.layer_seconds("score", 17.0, 9.0) == pytest.approx(10e-3)
+    previous = 0.0
+    for kept in range(1, 17):
+        counts = torch.full((4, 4), float(kept))
+        counts[:, 0] = 16
+        seconds = lat.seconds(counts, [None, "score", None, None])
+        assert seconds > previous, "more tokens never cost less"
+        previous = seconds
+
+
+def test_a_padded_batch_runs_at_its_mean_count_when_packed():
+    model = small_vit().eval()
+    lat = fixed_table(model)
+    even = torch.tensor([[16.0, 8, 8, 8]] * 4)
+    uneven = torch.tensor([[16.0, 4, 4, 4], [16.0, 12, 12, 12]] * 2)  # the same mean, padded to 12
+    assert lat.seconds(uneven, [None, "score", None, None]) == pytest.approx(
+        lat.seconds(even, [None, "score", None, None])
+    )
+
+
+def test_latency_budgets_round_trip_and_are_checked_like_any(tmp_path):
+    model = small_vit(peaked=6.0).eval()
+    x = images(32, 1)
+    search = Calibration(
+        model, x, cost="latency", latency=fixed_table(model, batch=8), progress=False, verify=False
+    )
+    budget = search(0.8)
+    cal = budget.calibration
+    assert budget.cost == "latency" and cal["cost"] == "latency"
+    assert cal["timing_batch"] == 8 and cal["device"] and cal["latency_ratio"] == pytest.approx(0.8, abs=0.05)
+    assert Budget.load(budget.save(tmp_path / "b.json")) == budget
+    made_for_three = Budget(0, budget.schedule(4, 16)[:3], depth=3, num_patches=16, cost="latency")
+    with pytest.raises(BudgetError, match=r"made for a model with depth=3; ats_vit\.ViT has depth=4"):
+        made_for_three.apply(model)
+    with pytest.raises(BudgetError, match=r"target must be in \(0\.\d+, 1\]: the predicted time at batch 8"):
+        search(0.05)
+
+
+def test_a_latency_budget_that_misses_its_timing_is_searched_again(monkeypatch):
+    model = small_vit(peaked=6.0).eval()
+    search = Calibration(
+        model, images(32, 1), cost="latency", latency=fixed_table(model, batch=8), progress=False
+    )
+    # the machine runs every budget 20% slower than predicted: the search must aim lower
+    monkeypatch.setattr(
+        Calibration, "measured_ratio", lambda self, budget: 1.2 * self.trials_by_budget(budget)
+    )
+    monkeypatch.setattr(
+        Calibration,
+        "trials_by_budget",
+        lambda self, budget: next(t.cost for t in self.trials.values() if t.budget == budget),
+        raising=False,
+    )
+    budget = search(0.8)
+    aims = [t["aim"] for t in search.timings]
+    assert aims[0] == 0.8 and len(aims) > 1 and aims[1] < aims[0]
+    assert budget.calibration["measured_latency_ratio"] == pytest.approx(0.8, rel=0.1)
