@@ -2,7 +2,7 @@
 
 from ats_vit.attention import SamplingAttention
 from ats_vit.deploy import compile
-from ats_vit.families import family_of, last_info
+from ats_vit.families import family_of, last_info, restore
 from ats_vit.options import SamplingOptions
 from ats_vit.sampling import AdaptiveTokenSampling, TokenSelection
 from ats_vit.tokens import TokenState
@@ -22,4 +22,5 @@ __all__ = [
     "family_of",
     "last_info",
     "load_vit_pytorch_state_dict",
+    "restore",
 ]

@@ -22,6 +22,14 @@ def positive_int(name: str, value: object) -> int:
     return value
 
 
+def non_negative_int(name: str, value: object) -> int:
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
 def pair(name: str, value: object) -> tuple[int, int]:
     """An int or an (height, width) pair of positive ints."""
     if is_int(value):

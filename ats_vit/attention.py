@@ -1,12 +1,13 @@
 """Attention that samples tokens.
 
 The CLS attention row is computed on its own (one query against all keys) to score tokens;
-everything else goes through fused ``F.scaled_dot_product_attention`` for only the kept
-queries, with a key padding mask once a batch has been padded. Once tokens have been merged,
-each stands for ``size`` patches and gets ``log(size)`` added to its attention logits
-(ToMe's proportional attention), so a merged token draws the attention its patches would
-have drawn together. The functions here are shared by our :class:`~ats_vit.vit.ViT` and the
-timm and Hugging Face integrations.
+models without a CLS readout score by the attention each token receives instead (every query
+against all keys, in chunks, never the whole matrix at once). Everything else goes through
+fused ``F.scaled_dot_product_attention`` for only the kept queries, with a key padding mask
+once a batch has been padded. Once tokens have been merged, each stands for ``size`` patches
+and gets ``log(size)`` added to its attention logits (ToMe's proportional attention), so a
+merged token draws the attention its patches would have drawn together. The functions here are
+shared by our :class:`~ats_vit.vit.ViT` and the timm and Hugging Face integrations.
 """
 
 from __future__ import annotations
@@ -20,9 +21,25 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from ats_vit.options import SamplingOptions
-from ats_vit.sampling import AdaptiveTokenSampling, Padding, TokenSelection, select_tokens, tokenwise
+from ats_vit.sampling import (
+    AdaptiveTokenSampling,
+    Padding,
+    TokenSelection,
+    select_tokens,
+    tokenwise,
+)
 
-__all__ = ["SamplingAttention", "attend", "cls_attention", "key_bias", "sampled_self_attention"]
+__all__ = [
+    "SamplingAttention",
+    "attend",
+    "cls_attention",
+    "key_bias",
+    "received_attention",
+    "sampled_self_attention",
+]
+
+# queries per chunk of received_attention: its (b, h, chunk, n) float32 logits stay small
+RECEIVED_CHUNK = 256
 
 TensorFn = Callable[[Tensor], Tensor]
 
@@ -52,6 +69,36 @@ def cls_attention(q_cls: Tensor, k: Tensor, bias: Tensor | None, scale: float) -
         else:
             logits = logits + bias[:, None, :]
     return logits.softmax(dim=-1)
+
+
+def received_attention(
+    q: Tensor, k: Tensor, bias: Tensor | None, scale: float, padding: Padding | None
+) -> Tensor:
+    """The attention each key receives, averaged over the real queries, in float32.
+
+    The significance of a token in a model that pools all tokens (average pooling, an
+    attention-pool probe) rather than reading out the CLS token: ATS's reasoning (a token
+    matters as much as the attention it draws, times its value's norm) with every query in
+    the CLS query's place. q: (b, h, n, d), k: (b, h, n, d), bias: from :func:`key_bias` (or
+    None), padding of the n tokens (padded queries do not vote) -> (b, h, n). Computed over
+    chunks of :data:`RECEIVED_CHUNK` queries, so memory is O(chunk * n), not O(n^2).
+    """
+    n = q.shape[2]
+    total = q.new_zeros(q.shape[0], q.shape[1], k.shape[2], dtype=torch.float32)
+    for start in range(0, n, RECEIVED_CHUNK):
+        rows = slice(start, min(start + RECEIVED_CHUNK, n))
+        logits = (q[:, :, rows] @ k.transpose(-1, -2)).float() * scale  # (b, h, chunk, n)
+        if bias is not None:
+            if bias.dtype == torch.bool:
+                logits = logits.masked_fill(~bias[:, None, None, :], float("-inf"))
+            else:
+                logits = logits + bias[:, None, None, :]
+        attn = logits.softmax(dim=-1)
+        if padding is not None:
+            attn = attn * padding.mask[:, None, rows, None]
+        total = total + attn.sum(dim=2)
+    voters = n if padding is None else padding.mask.sum(dim=-1).clamp_min(1)[:, None, None]
+    return total / voters
 
 
 def attend(
@@ -114,7 +161,8 @@ def sampled_self_attention(
     value weights (Hugging Face); ``qkv_bias`` likewise, or None. The callables are the model's own
     modules: ``q_norm``/``k_norm`` act per head on (b, h, n, d); ``gate`` (sigmoid gate from
     the input), ``out_norm`` and ``proj`` act per token. Keys and values are computed for all
-    tokens; queries only for CLS (to score) and for the kept tokens.
+    tokens; queries only for CLS (to score) and for the kept tokens, or, when ``ats`` scores
+    by received attention, for every token (all of them vote; only the kept ones get outputs).
     """
     bias = key_bias(padding, size)
     # (weight, bias, heads-groups) GEMMs that make q, then k and v: one fused (timm, ours) or separate
@@ -137,11 +185,21 @@ def sampled_self_attention(
         if ats is not None and ats.late and ats.needed(x.shape[1]):
             # ToMe: every token attends; the merge that follows is planned from the keys
             selection = ats(None, v, padding, k=k, size=size)
+    elif ats.scoring == "received" and ats.uses_attention_scores:
+        q_raw, k, v = _project(x, all_proj, padding, heads)
+        k = k_norm(k)
+        received = received_attention(q_norm(q_raw), k, bias, scale, padding)
+        selection = ats(received, v, padding, k=k, size=size)
+        out_padding = selection.padding
+        queries = select_tokens(x, selection)
+        # the output tokens' queries from those already projected (b, h, n, d) -> (b, h, m, d):
+        # the projection is affine, so a merged slot's query is the mean of its tokens' queries
+        q = q_norm(select_tokens(q_raw.transpose(1, 2), selection).transpose(1, 2))
     else:
         k, v = _project(x, kv_proj, padding, heads)
         k = k_norm(k)
         cls_attn = None
-        if ats.uses_cls_attention:
+        if ats.uses_attention_scores:
             q_cls = q_norm(_project(x[:, :1], q_proj, None, heads)[0])
             cls_attn = cls_attention(q_cls, k, bias, scale)
         selection = ats(cls_attn, v, padding, k=k, size=size)

@@ -30,6 +30,7 @@ __all__ = [
     "collate_skipping",
     "image_folder",
     "load_split",
+    "source_items",
     "take",
 ]
 
@@ -247,16 +248,21 @@ def load_split(
 ) -> Dataset:
     """One split of the data named by ``spec``.
 
-    ``spec="demo"``: the bundled cluttered digits (``calib`` is their validation split). A
-    folder root: ``train`` is ``ROOT/train`` with training augmentation, ``calib`` the same
-    images without it (settings are chosen on training images, never on the reported ones),
-    ``test`` is ``ROOT/val``. ``transform`` replaces the evaluation preprocessing of a folder
+    ``spec="demo"``: the bundled cluttered digits (``calib`` is their validation split).
+    ``spec="glyphs"``: the 196-token benchmark task (:mod:`ats_vit.glyphs`). A folder root:
+    ``train`` is ``ROOT/train`` with training augmentation, ``calib`` the same images without
+    it (settings are chosen on training images, never on the reported ones), ``test`` is
+    ``ROOT/val``. ``transform`` replaces the evaluation preprocessing of a folder
     (for pretrained models, their own); only the folders a split needs must exist.
     """
     _validate.choice("split", split, SPLITS)
     if spec == "demo":
         splits = cluttered_digits()
         return {"train": splits.train, "calib": splits.val, "test": splits.test}[split]
+    if spec == "glyphs":
+        from ats_vit.glyphs import glyph_split
+
+        return glyph_split({"train": "train", "calib": "val", "test": "test"}[split])
     root = Path(spec)
     if not root.is_dir():
         raise ValueError(f"data folder {spec!r} does not exist or is not a directory")
@@ -270,6 +276,23 @@ def load_split(
     return image_folder(
         folder, image_size, channels=channels, train=split == "train", transform=transform, skip_bad=skip_bad
     )
+
+
+def source_items(spec: str, split: str, count: int) -> Tensor:
+    """(count,) the independent item each image of a split comes from, for intervals and
+    paired tests that count items, not images: the demo places each held-out digit
+    ``test_copies`` times (image i shows digit i mod the split's digits); every glyph image and
+    every folder image is its own item."""
+    if spec != "demo" or split == "train":
+        return torch.arange(count)
+    cfg = DemoConfig()
+    total = len(_load_digits()[1])
+    digits = round((cfg.test_fraction if split == "test" else cfg.val_fraction) * total)
+    if count % digits:
+        raise ValueError(
+            f"a demo {split} split of {count} images is not {cfg.test_copies} copies of {digits} digits"
+        )
+    return torch.arange(count) % digits
 
 
 def take(data: Any, count: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:

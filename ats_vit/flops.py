@@ -1,14 +1,14 @@
 """Analytic FLOPs of a ViT forward pass from the tokens each image actually kept.
 
 Convention: one multiply-add counts as one FLOP (fvcore's, used by DeiT and the ATS paper;
-DeiT-S dense = 4.6 GFLOPs). Counted: patch embedding, qkv, the CLS scoring row, attention
-(QKᵀ and AV), the significance scores (heads * candidates), output projection, MLP and
-head, and in layers that merge, the token similarities and the weighted merging itself.
-Norms, softmax, GELU and the sort/search steps of sampling are ignored, as fvcore ignores
-such element-wise work. Only real tokens are counted: token-wise layers run on packed
-real tokens whenever at least 1/32 of the batch grid is padding (below that they run on the
-grid, and up to 1/32 more rows are computed than counted), and attention is counted over
-real queries and real keys.
+DeiT-S dense = 4.6 GFLOPs). Counted: patch embedding, qkv, the CLS scoring row (or, scoring by
+received attention, every query's logits), attention (QKᵀ and AV), the significance scores
+(heads * candidates), output projection, MLP and head, and in layers that merge, the token
+similarities and the weighted merging itself. Norms, softmax, GELU and the sort/search steps of
+sampling are ignored, as fvcore ignores such element-wise work. Only real tokens are counted:
+token-wise layers run on packed real tokens whenever at least 1/32 of the batch grid is padding
+(below that they run on the grid, and up to 1/32 more rows are computed than counted), and
+attention is counted over real queries and real keys.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ats_vit.sampling import Padding
 
-__all__ = ["RULES", "TokenTrace", "ViTCost", "flops", "gflops"]
+__all__ = ["RECEIVED", "RULES", "TokenTrace", "ViTCost", "flops", "gflops"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,20 @@ class ViTCost:
 # what a sampling block computes besides the kept tokens' attention and MLP, by
 # AdaptiveTokenSampling.rule: a CLS-scored selection (ATS and the top-k / random peers), the
 # same with the dropped tokens fused or merged, ToMe's matching merged before the queries
-# ("bipartite", tome-early), or ToMe itself: attention for every token, then merging ("tome")
-RULES = ("score", "score+fuse", "score+merge", "bipartite", "tome")
+# ("bipartite", tome-early), ToMe itself: attention for every token, then merging ("tome"),
+# and the selections scored by received attention (models without a CLS readout: every token
+# gets a query and its attention logits, only the kept ones an output)
+RULES = (
+    "score",
+    "score+fuse",
+    "score+merge",
+    "bipartite",
+    "tome",
+    "received",
+    "received+fuse",
+    "received+merge",
+)
+RECEIVED = ("received", "received+fuse", "received+merge")
 
 
 @dataclass
@@ -106,17 +118,23 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     def where_rule(rules: tuple[str, ...]) -> Tensor:
         return torch.tensor([r in rules for r in trace.rules], dtype=torch.bool, device=kept.device)
 
-    early = where_rule(RULES[:4])  # only the kept tokens get queries
+    early = where_rule((*RULES[:4], *RECEIVED))  # only the kept tokens get outputs
+    received = where_rule(RECEIVED)
     queries = torch.where(early, n_out, n_in)
     candidates = n_in - p
-    qkv = n_in * d * 2 * a + queries * d * a  # k, v of all tokens; q of those that get outputs
-    # the CLS query and its attention row, and the significance Σ_h A·||V||
-    scoring = torch.where(where_rule(RULES[:3]), d * a + n_in * a + candidates * cost.heads, 0.0)
-    # early merging averages the residual stream and the normalised input into the kept slots;
-    # ToMe averages the residual stream after attention
+    # k, v of all tokens; q of those that get outputs (of all, when all of them score)
+    qkv = n_in * d * 2 * a + torch.where(received, n_in, queries) * d * a
+    # the CLS query and its attention row (or every query's logits), and Σ_h A·||V||
+    scoring = torch.where(where_rule(RULES[:3]), d * a + n_in * a, 0.0)
+    scoring = scoring + torch.where(received, n_in * n_in * a, 0.0)
+    scoring = scoring + torch.where(where_rule((*RULES[:3], *RECEIVED)), candidates * cost.heads, 0.0)
+    # early merging averages the residual stream and the normalised input (received: the
+    # queries, already projected) into the kept slots; ToMe averages the residual stream
     merging = torch.where(where_rule(RULES[1:4]), 2 * n_in * d, 0.0)
+    merging = merging + torch.where(where_rule(RECEIVED[1:]), n_in * (d + a), 0.0)
     merging = merging + torch.where(where_rule(("tome",)), n_in * d, 0.0)
-    similarity = torch.where(where_rule(("score+merge",)), candidates * n_out * head_dim, 0.0)
+    nearest = where_rule(("score+merge", "received+merge"))
+    similarity = torch.where(nearest, candidates * n_out * head_dim, 0.0)
     similarity = similarity + torch.where(
         where_rule(("bipartite",)), torch.ceil(candidates / 2) * torch.floor(candidates / 2) * head_dim, 0.0
     )

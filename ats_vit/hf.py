@@ -17,13 +17,23 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from ats_vit.families import _patched
+from ats_vit.families import _patched, restore
 from ats_vit.families._patched import is_patched, last_info, last_trace
 from ats_vit.families.hf import MODELS, backbone, cost, family
 from ats_vit.options import SamplingOptions
 from ats_vit.tokens import ATSInfo
 
-__all__ = ["SUPPORTED", "ATSInfo", "apply", "cost", "is_patched", "last_info", "last_trace", "remove"]
+__all__ = [
+    "SUPPORTED",
+    "ATSInfo",
+    "apply",
+    "cost",
+    "is_patched",
+    "last_info",
+    "last_trace",
+    "remove",
+    "restore",
+]
 
 SUPPORTED = MODELS
 

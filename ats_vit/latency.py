@@ -70,6 +70,12 @@ REFERENCE_RULES = ("score", "score+fuse", "tome")
 KIN = {"score+merge": "score+fuse", "bipartite": "tome"}
 
 
+def _timed_as(rule: str | None) -> str | None:
+    """The table entry of a trace's rule: a family scores one way in every block, so its
+    "score" cells were timed with the scoring it uses (CLS row or received attention)."""
+    return None if rule is None else rule.replace("received", "score")
+
+
 def cache_dir() -> Path:
     """Where latency tables are cached: ``$ATS_VIT_CACHE`` or ``~/.cache/ats-vit``."""
     root = os.environ.get("ATS_VIT_CACHE") or os.path.join(
@@ -400,7 +406,8 @@ class LatencyModel:
         for chunk in chunks:
             widths_in = torch.cat((torch.full((len(chunk), 1), float(n)), chunk[:, :-1]), dim=1)
             sized = False
-            for layer, rule in enumerate(rules):
+            for layer, traced in enumerate(rules):
+                rule = _timed_as(traced)
                 width_in = _width(widths_in[:, layer]) + p
                 width_out = _width(chunk[:, layer]) + p
                 padded = bool(widths_in[:, layer].min() < widths_in[:, layer].max())
@@ -435,6 +442,7 @@ class LatencyModel:
     ) -> float:
         """Seconds of one block with ``width_in`` tokens in and ``width_out`` out (prefix
         included), selecting by ``rule``; None: a dense block whose input is in ``context``."""
+        rule = _timed_as(rule)
         dense = _interp(self.table.widths, self.table.dense, width_in)
         in_context = _interp(self.table.widths, self._dense_row(context), width_in)
         if rule is None:

@@ -20,7 +20,10 @@ class ModelConfig:
 
     ``arch="ats_vit"`` builds :class:`ats_vit.ViT`; ``arch="timm"`` builds timm's own
     ``VisionTransformer`` with the same sizes (class-token pooling), sampling through
-    :mod:`ats_vit.timm`; timm needs ``dim_head * heads == dim``. ``budget`` is a
+    :mod:`ats_vit.timm`; ``"timm-gap"`` the same without a class token, average-pooled (as
+    MAE fine-tunes and GAP ViTs), and ``"timm-map"`` without a class token, with SigLIP's
+    attention-pool (MAP) head: both are scored by received attention. timm needs
+    ``dim_head * heads == dim``. ``budget`` is a
     :class:`ats_vit.budget.Budget` as a dict (``None``: dense), so a checkpoint carries the
     budget it was trained or fine-tuned with.
     """
@@ -44,14 +47,20 @@ class ModelConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-ARCHS = ("ats_vit", "timm")
+ARCHS = ("ats_vit", "timm", "timm-gap", "timm-map")
+# timm's readout per arch: (class token, global_pool)
+_TIMM_POOL: dict[str, tuple[bool, Any]] = {
+    "timm": (True, "token"),
+    "timm-gap": (False, "avg"),
+    "timm-map": (False, "map"),
+}
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The model of ``cfg`` (random weights), with its budget applied."""
     if cfg.arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {cfg.arch!r}")
-    if cfg.arch == "timm":
+    if cfg.arch in _TIMM_POOL:
         model = _build_timm(cfg)
     else:
         model = ViT(
@@ -78,8 +87,9 @@ def _build_timm(cfg: ModelConfig) -> nn.Module:
 
     if cfg.dim_head * cfg.heads != cfg.dim:
         raise ValueError(
-            f"arch='timm' needs dim_head * heads == dim, got {cfg.dim_head} * {cfg.heads} != {cfg.dim}"
+            f"arch={cfg.arch!r} needs dim_head * heads == dim, got {cfg.dim_head} * {cfg.heads} != {cfg.dim}"
         )
+    class_token, pool = _TIMM_POOL[cfg.arch]
     model = VisionTransformer(
         img_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -89,7 +99,8 @@ def _build_timm(cfg: ModelConfig) -> nn.Module:
         depth=cfg.depth,
         num_heads=cfg.heads,
         mlp_ratio=cfg.mlp_dim / cfg.dim,
-        global_pool="token",
+        class_token=class_token,
+        global_pool=pool,
         drop_rate=cfg.dropout,
         pos_drop_rate=cfg.emb_dropout,
     )

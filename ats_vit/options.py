@@ -2,10 +2,10 @@
 
 Every signature that takes sampling options (:class:`~ats_vit.sampling.AdaptiveTokenSampling`,
 :class:`~ats_vit.vit.ViT`, ``ats_vit.timm.apply``, ``ats_vit.hf.apply``, the family interface)
-takes one :class:`SamplingOptions`, checked once when it is made. Two of its fields are the
-*rule* a budget chooses (``sampler``, ``temperature``, ``dropped``); two are how the model *runs*
-(``static_shape`` for compilation and export, ``jitter`` for training), which a budget keeps as
-the model has them.
+takes one :class:`SamplingOptions`, checked once when it is made. Three of its fields are the
+*rule* a budget chooses (``sampler``, ``temperature``, ``dropped``); the others are how the
+model *runs* (``static_shape`` for compilation and export, ``jitter`` for training,
+``restorable`` for dense outputs), which a budget keeps as the model has them.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ class SamplingOptions:
         count: no host sync (whole-graph compile, export), some padded compute.
     jitter: in training, draw the inverse-transform points inside their strata (at eval they
         are always fixed).
+    restorable: keep where every patch went and the last state of those dropped, so that
+        ``restore()`` can give per-patch outputs on the full grid (a little work per sampling
+        layer; off by default).
     """
 
     sampler: Sampler = "inverse_transform"
@@ -62,6 +65,7 @@ class SamplingOptions:
     dropped: Dropped | None = None
     static_shape: bool = False
     jitter: bool = True
+    restorable: bool = False
 
     def __post_init__(self) -> None:
         _validate.choice("sampler", self.sampler, SAMPLERS)
@@ -74,7 +78,7 @@ class SamplingOptions:
             )
         object.__setattr__(self, "dropped", dropped)
         object.__setattr__(self, "temperature", _validate.positive_float("temperature", self.temperature))
-        for name in ("static_shape", "jitter"):
+        for name in ("static_shape", "jitter", "restorable"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 

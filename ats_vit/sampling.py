@@ -63,6 +63,10 @@ PACK_MIN_PADDING = 1 / 32
 GUMBEL_EPS = 1e-6
 # the authors' ATS never keeps fewer than this many tokens (their n_tokens clamp)
 OFFICIAL_MIN_TOKENS = 8
+# where a layer's attention scores come from: the CLS query's row (the paper: models that
+# classify from the CLS token), or the attention each token receives from all queries (models
+# that pool every token, by average or by an attention-pool probe: no token reads out alone)
+SCORING = ("cls", "received")
 
 
 class Padding(NamedTuple):
@@ -497,14 +501,27 @@ class AdaptiveTokenSampling(nn.Module):
 
     The module has no parameters; :meth:`configure` changes its cap and options in place,
     which is how budgets and calibration set a model (patch once, then set numbers).
+
+    ``scoring`` is a property of the model, not of a budget: ``"cls"`` scores tokens by the
+    attention of the CLS query (the first prefix token, which must exist), ``"received"`` by
+    the attention each token receives, averaged over all real queries (for models without a
+    CLS readout; see :func:`ats_vit.attention.received_attention`).
     """
 
     def __init__(
-        self, max_tokens: int, options: SamplingOptions | None = None, *, num_prefix_tokens: int = 1
+        self,
+        max_tokens: int,
+        options: SamplingOptions | None = None,
+        *,
+        num_prefix_tokens: int = 1,
+        scoring: str = "cls",
     ) -> None:
         super().__init__()
-        # num_prefix_tokens >= 1: tokens are scored by the CLS query, which must exist
-        self.num_prefix_tokens = _validate.positive_int("num_prefix_tokens", num_prefix_tokens)
+        self.scoring = _validate.choice("scoring", scoring, SCORING)
+        if scoring == "cls":  # the CLS query scores tokens, so it must exist
+            self.num_prefix_tokens = _validate.positive_int("num_prefix_tokens", num_prefix_tokens)
+        else:
+            self.num_prefix_tokens = _validate.non_negative_int("num_prefix_tokens", num_prefix_tokens)
         self.max_tokens = 0
         self.options = SamplingOptions()
         # the model's full token count (prefix included) where a rule needs it (the authors'
@@ -525,7 +542,7 @@ class AdaptiveTokenSampling(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         return (
-            f"max_tokens={self.max_tokens}, sampler={o.sampler!r}, "
+            f"max_tokens={self.max_tokens}, sampler={o.sampler!r}, scoring={self.scoring!r}, "
             f"num_prefix_tokens={self.num_prefix_tokens}, "
             f"static_shape={o.static_shape}, temperature={o.temperature:g}, dropped={o.dropped!r}"
         )
@@ -544,10 +561,13 @@ class AdaptiveTokenSampling(nn.Module):
         sampler = self.options.sampler
         if sampler in ("tome", "tome-early"):
             return "tome" if sampler == "tome" else "bipartite"
-        return "score" if self.options.dropped == "discard" else f"score+{self.options.dropped}"
+        base = "score" if self.scoring == "cls" else "received"
+        return base if self.options.dropped == "discard" else f"{base}+{self.options.dropped}"
 
     @property
-    def uses_cls_attention(self) -> bool:
+    def uses_attention_scores(self) -> bool:
+        """Whether the rule needs attention scores (the CLS row or received attention); the
+        ToMe rules compare keys instead."""
         return self.options.sampler not in ("tome", "tome-early")
 
     @property
@@ -574,9 +594,10 @@ class AdaptiveTokenSampling(nn.Module):
         k: Tensor | None = None,
         size: Tensor | None = None,
     ) -> TokenSelection:
-        """cls_attn: (b, h, n) CLS attention over all n tokens (unused, may be None, for the
-        ToMe rules); v, k: (b, h, n, d) values and keys (keys are needed to merge); padding of
-        the n input tokens, or None; size: (b, n) patches per token, or None (all 1)."""
+        """cls_attn: (b, h, n) attention scores of all n tokens (the CLS row, or the received
+        attention with ``scoring="received"``; unused, may be None, for the ToMe rules); v, k:
+        (b, h, n, d) values and keys (keys are needed to merge); padding of the n input tokens,
+        or None; size: (b, n) patches per token, or None (all 1)."""
         p, cap, o = self.num_prefix_tokens, self.max_tokens, self.options
         b, _, n, _ = v.shape
         if not self.needed(n):

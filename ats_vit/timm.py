@@ -14,13 +14,13 @@ from collections.abc import Iterable, Sequence
 
 from timm.models.vision_transformer import VisionTransformer
 
-from ats_vit.families import _patched
+from ats_vit.families import _patched, restore
 from ats_vit.families._patched import is_patched, last_info, last_trace
 from ats_vit.families.timm import cost, family
 from ats_vit.options import SamplingOptions
 from ats_vit.tokens import ATSInfo
 
-__all__ = ["ATSInfo", "apply", "cost", "is_patched", "last_info", "last_trace", "remove"]
+__all__ = ["ATSInfo", "apply", "cost", "is_patched", "last_info", "last_trace", "remove", "restore"]
 
 
 def apply(

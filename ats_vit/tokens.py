@@ -14,13 +14,14 @@ so a search over budgets computes the dense layers once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ats_vit.flops import TokenTrace, ViTCost, gflops
-from ats_vit.sampling import Padding, TokenSelection, select_tokens
+from ats_vit.sampling import Padding, TokenSelection, gather_tokens, select_tokens
 
 __all__ = ["ATSInfo", "TokenState"]
 
@@ -44,10 +45,14 @@ class TokenState:
 
     x: (b, n, c) the input of the first block (prefix tokens first). ``resume=(layer,
     hidden)``: the pass starts at block ``layer`` from ``hidden``, that block's (b, n, c)
-    input in a dense pass; earlier blocks are skipped and traced as dense.
+    input in a dense pass; earlier blocks are skipped and traced as dense. ``track``: also
+    follow every original token to its slot and keep the last state of those dropped, so
+    that :meth:`restore` can give per-patch outputs on the full grid.
     """
 
-    def __init__(self, x: Tensor, num_prefix_tokens: int, resume: tuple[int, Tensor] | None = None) -> None:
+    def __init__(
+        self, x: Tensor, num_prefix_tokens: int, resume: tuple[int, Tensor] | None = None, track: bool = False
+    ) -> None:
         b, n, _ = x.shape
         if resume is not None and resume[1].shape[:2] != (b, n):
             raise ValueError(
@@ -61,6 +66,10 @@ class TokenState:
         self.trace = TokenTrace(n - num_prefix_tokens, num_prefix_tokens)
         self.resume = resume
         self._rule: str | None = None  # how the block under way selected, until it records
+        # with ``track`` (SamplingOptions(restorable=True)): where each original token is now
+        # (its slot, -1 once dropped) and the last residual state of the dropped ones
+        self.slot_of: Tensor | None = self.positions.clone() if track else None
+        self.last: Tensor | None = None
 
     def skip(self, index: int) -> Tensor | None:
         """The output of block ``index`` when the pass resumes at a later block, else None."""
@@ -82,8 +91,52 @@ class TokenState:
         self.padding, self.size, self._rule = selection.padding, selection.size, selection.rule
         self.positions = self.positions.gather(1, selection.index)
         if selection.late:
-            return select_tokens(x + out, selection)
+            merged = x + out
+            self._follow_tokens(merged, selection)
+            return select_tokens(merged, selection)
+        self._follow_tokens(x, selection)
         return select_tokens(x, selection) + out
+
+    def _follow_tokens(self, x: Tensor, selection: TokenSelection) -> None:
+        """Move every original token to its slot in the selection's output (merged tokens to
+        the slot they joined) and keep the state ``x`` of those it drops."""
+        if self.slot_of is None:
+            return
+        b, n_in = x.shape[:2]
+        m = selection.index.shape[1]
+        if selection.merge is not None:
+            dest = selection.merge.dest  # (b, n_in) in [0, m]; m: dropped
+        else:  # each kept input slot goes where the index puts it; padded output slots nowhere
+            real = torch.ones_like(selection.index, dtype=torch.bool)
+            if selection.padding is not None:
+                real = selection.padding.mask
+            source = torch.where(real, selection.index, n_in)
+            dest = torch.full((b, n_in + 1), m, dtype=torch.long, device=x.device)
+            dest = dest.scatter_(1, source, torch.arange(m, device=x.device).expand(b, m))[:, :n_in]
+        alive = self.slot_of >= 0
+        current = self.slot_of.clamp_min(0)
+        new = dest.gather(1, current)
+        dropped = alive & (new == m)
+        if self.last is None:
+            self.last = x.new_zeros(b, self.slot_of.shape[1], x.shape[-1])
+        self.last = torch.where(dropped[..., None], gather_tokens(x, current), self.last)
+        self.slot_of = torch.where(alive & ~dropped, new, -1)
+
+    def restore(self, tokens: Tensor, norm: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """tokens: (b, m, c) what the last block output (or its normalised form) -> (b, n, c) on
+        the full grid, prefix tokens first: each patch gets its token's output (a merged token's
+        output goes to every patch it stands for), and a dropped patch its last residual state,
+        through ``norm`` when ``tokens`` were normalised (so both are alike)."""
+        if self.slot_of is None:
+            raise ValueError(
+                "this pass did not keep what restore() needs: run the model with "
+                "SamplingOptions(restorable=True) (e.g. family_of(model).set_options(restorable=True))"
+            )
+        full = gather_tokens(tokens, self.slot_of.clamp_min(0))
+        if self.last is None:
+            return full
+        last = self.last if norm is None else norm(self.last)
+        return torch.where((self.slot_of < 0)[..., None], last.to(full.dtype), full)
 
     def record(self, x: Tensor) -> None:
         """Record a block's output x: (b, m, c) in the trace (after :meth:`follow`)."""

@@ -215,7 +215,7 @@ class ViT(nn.Module):
             x = self.emb_drop(x)
         else:
             x = resume[1]
-        state = TokenState(x, 1, resume)
+        state = TokenState(x, 1, resume, track=self.options.restorable)
         for i, block in enumerate(self.blocks):
             skipped = state.skip(i)
             x = block(x, state) if skipped is None else skipped

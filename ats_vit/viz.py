@@ -152,26 +152,37 @@ def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path, titl
     return _save(fig, path, dpi=120)
 
 
-def plot_frontier(rows: Sequence[dict], path: str | Path) -> Path:
-    """One panel per checkpoint, one curve per method: test accuracy against GFLOPs (as a
-    fraction of dense) with the 95% interval of the test split (``ats-vit bench frontier``)."""
+def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Per checkpoint, two panels: test accuracy against GFLOPs (as a fraction of dense) and
+    against the measured speed-up, one curve per method, with 95% intervals over the test
+    split's independent items (``ats-vit bench frontier``)."""
     plt = _pyplot()
     checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
-    fig, axes = plt.subplots(1, len(checkpoints), figsize=(5.2 * len(checkpoints), 4.0), squeeze=False)
-    for ax, name in zip(axes[0], checkpoints, strict=True):
+    timed = any(not math.isnan(r.get("speedup", math.nan)) for r in rows)
+    panels = [("gflops_ratio", "GFLOPs / dense GFLOPs (test split)")]
+    if timed:
+        panels.append(("speedup", "measured speed-up over dense"))
+    fig, axes = plt.subplots(
+        len(panels), len(checkpoints), figsize=(5.2 * len(checkpoints), 4.0 * len(panels)), squeeze=False
+    )
+    for column, name in enumerate(checkpoints):
         mine = [r for r in rows if r["checkpoint"] == name]
-        for method in dict.fromkeys(r["method"] for r in mine):
-            points = sorted((r for r in mine if r["method"] == method), key=lambda r: r["gflops_ratio"])
-            xs = [r["gflops_ratio"] for r in points]
-            ys = [100 * r["accuracy"] for r in points]
-            errs = [100 * r["ci95"] for r in points]
-            if method == "dense":
-                ax.axhline(ys[0], color="grey", linewidth=0.8, linestyle="--", label="dense")
-                continue
-            ax.errorbar(xs, ys, yerr=errs, marker="o", markersize=3, capsize=2, linewidth=1, label=method)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("GFLOPs / dense GFLOPs (test split)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        values = [100 * r["accuracy"] for r in mine if r["method"] != "random"]
+        errors = [100 * r["ci95"] for r in mine if r["method"] != "random"]
+        for row_index, (key, label) in enumerate(panels):
+            ax = axes[row_index][column]
+            for method in dict.fromkeys(r["method"] for r in mine):
+                points = sorted((r for r in mine if r["method"] == method), key=lambda r: r[key])
+                xs = [r[key] for r in points]
+                ys = [100 * r["accuracy"] for r in points]
+                errs = [100 * r["ci95"] for r in points]
+                if method == "dense":
+                    ax.axhline(ys[0], color="grey", linewidth=0.8, linestyle="--", label="dense")
+                    continue
+                style = dict(linewidth=2.0) if method == "auto" else dict(linewidth=0.9)
+                ax.errorbar(xs, ys, yerr=errs, marker="o", markersize=3, capsize=2, label=method, **style)
+            ax.set_title(name, fontsize=9)
+            ax.set_xlabel(label)
+            _accuracy_axis(ax, values, errors)
+            ax.legend(fontsize=6, ncol=2)
     return _save(fig, path, dpi=120)

@@ -173,16 +173,29 @@ def tiny_splits(monkeypatch):
 
 
 def test_frontier_calibrates_each_method_and_reports_the_test_split(tiny_checkpoint, tiny_splits):
-    cfg = FrontierConfig((str(tiny_checkpoint),), methods=("ats-merge", "topk"), targets=(0.6, 0.85))
+    cfg = FrontierConfig(
+        (str(tiny_checkpoint),),
+        data=("tiny",),  # the fixture's data: every image its own item
+        methods=("auto", "topk"),
+        targets=(0.6, 0.85),
+        timing_batch=8,
+        timing_repeats=2,
+    )
     rows = frontier(cfg)
-    assert rows[0]["method"] == "dense" and rows[0]["gflops_ratio"] == 1.0
-    assert rows[0]["test_images"] == 80
+    assert rows[0]["method"] == "dense" and rows[0]["gflops_ratio"] == 1.0 and rows[0]["speedup"] == 1.0
+    assert rows[0]["test_images"] == rows[0]["test_items"] == 80
     methods = [(r["method"], r["target"]) for r in rows[1:]]
-    assert methods == [("ats-merge", 0.6), ("ats-merge", 0.85), ("topk", 0.6), ("topk", 0.85)]
+    assert methods == [("auto", 0.6), ("auto", 0.85), ("topk", 0.6), ("topk", 0.85)]
     for r in rows[1:]:
         assert r["gflops_ratio"] == pytest.approx(r["target"], abs=0.08), "held-out cost near the target"
-        assert r["ci95"] == pytest.approx(1.96 * (r["accuracy"] * (1 - r["accuracy"]) / 80) ** 0.5, abs=1e-5)
-        assert Budget.from_dict(r["budget"]).method == r["method"]
+        # 80 independent items: the bootstrap interval is about the binomial one
+        assert r["ci95"] == pytest.approx(binomial_ci95(r["accuracy"], 80), abs=0.03)
+        assert Budget.from_dict(r["budget"]).method in ("ats-fuse", "tome", "topk")
+        assert r["speedup_q1"] <= r["speedup"] <= r["speedup_q3"]
+    for r in rows[3:]:  # paired with auto at the same target, on the same images
+        auto = next(a for a in rows if a["method"] == "auto" and a["target"] == r["target"])
+        assert r["vs_auto_diff"] == pytest.approx(r["accuracy"] - auto["accuracy"])
+        assert 0 < r["vs_auto_p"] <= 1
 
 
 def test_frontier_config_errors(tiny_checkpoint):
@@ -203,7 +216,8 @@ def test_binomial_interval():
 
 def test_cli_bench_frontier_writes_table_json_and_plot(tiny_checkpoint, tiny_splits, tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    argv = ["bench", "frontier", str(tiny_checkpoint), "--methods", "paper", "random", "--targets", "0.7"]
+    argv = ["bench", "frontier", str(tiny_checkpoint), "--data", "tiny", "--methods", "paper", "random"]
+    argv += ["--targets", "0.7", "--timing-repeats", "1", "--timing-batch", "8"]
     argv += ["--json", str(tmp_path / "frontier.json"), "--plot", str(tmp_path / "frontier.png")]
     assert main(argv) == 0
     out = capsys.readouterr().out

@@ -67,6 +67,8 @@ def test_frontier(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits):
         "paper",
         "--targets",
         "0.7",
+        "--data",
+        "tiny",  # the fixture's data in place of the demo's: every image its own item
         "--json",
         str(tmp_path / "f.json"),
     ]

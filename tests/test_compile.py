@@ -72,6 +72,22 @@ def test_patched_timm_with_static_shapes_compiles_without_graph_breaks(rule):
     assert_captured_whole(model, images())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["vit_base_patch16_siglip_224", "vit_medium_patch16_gap_256"])
+def test_pooled_timm_models_with_static_shapes_compile_and_export(arch):
+    """Received-attention scoring and the patched MAP / average pooling capture whole too."""
+    timm = pytest.importorskip("timm")
+    import ats_vit.timm as ats_timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(
+        arch, img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2, num_classes=10
+    ).eval()
+    options = SamplingOptions(static_shape=True, dropped="fuse")
+    ats_timm.apply(model, layers=[1, 2], max_tokens=[8, 6], options=options)
+    assert_captured_whole(model, images())
+
+
 def test_adaptive_shapes_break_the_graph_at_the_sync():
     """Each sampling layer's host sync (sizing the padded output) breaks the graph."""
     assert graph_breaks(peaky_vit(), images()) > 0

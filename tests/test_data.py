@@ -103,3 +103,30 @@ def test_image_folders_are_read_in_the_models_channel_count(tmp_path):
     assert rgb.shape == (3, 16, 16)
     with pytest.raises(ValueError, match=r"channels must be 1 \(grayscale\) or 3 \(RGB\)"):
         image_folder(root / "val", 16, channels=2)
+
+
+def test_glyph_splits_are_seeded_independent_draws_at_196_tokens():
+    from ats_vit.glyphs import GlyphConfig, glyph_split
+
+    cfg = GlyphConfig(train=64, val=32, test=48)
+    test = glyph_split("test", cfg)
+    images, labels = test.tensors
+    assert images.shape == (48, 1, 56, 56) and (56 // 4) ** 2 == 196
+    assert images.min() >= 0.0 and images.max() <= 1.0 and set(labels.tolist()) <= set(range(10))
+    assert torch.equal(glyph_split("test", cfg).tensors[0], images), "the same split on every call"
+    assert not torch.equal(glyph_split("val", cfg).tensors[0][:32], images[:32]), "splits are distinct draws"
+    # the digit is the brightest glyph: its pixels reach full intensity, the letters' do not
+    assert (images.flatten(1).amax(1) > 0.9).all()
+    with pytest.raises(ValueError, match="split must be one of"):
+        glyph_split("calib", cfg)
+
+
+def test_source_items_count_the_demos_copies_once():
+    from ats_vit.data import load_split, source_items
+
+    test = load_split("demo", "test", 48)
+    items = source_items("demo", "test", len(test))
+    assert items.unique().numel() * 3 == len(test)
+    labels = test.tensors[1]
+    assert all(torch.equal(labels[items == i], labels[items == i][:1].expand(3)) for i in range(5))
+    assert torch.equal(source_items("glyphs", "test", 7), torch.arange(7))

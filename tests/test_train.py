@@ -99,16 +99,18 @@ def test_ddp_two_processes(tmp_path):
     assert int(load_checkpoint(tmp_path / "ddp" / "last.safetensors")[2]["train.step"]) == 6
 
 
-def test_timm_architecture_trains_and_samples(tmp_path):
+@pytest.mark.parametrize("arch", ["timm", "timm-gap", "timm-map"])
+def test_timm_architecture_trains_and_samples(tmp_path, arch):
     pytest.importorskip("timm")
     from ats_vit import family_of
     from ats_vit.viz import save_kept_tokens_grid
 
     cfg = tiny_cfg(tmp_path)
-    cfg.model = ModelConfig(**{**TINY.__dict__, "arch": "timm"})
+    cfg.model = ModelConfig(**{**TINY.__dict__, "arch": arch})
     final = train(cfg, tiny_data(), progress=False)
     model, loaded = load_model(final)
-    assert loaded.arch == "timm" and type(model).__name__ == "VisionTransformer"
+    assert loaded.arch == arch and type(model).__name__ == "VisionTransformer"
+    assert family_of(model).scoring == ("cls" if arch == "timm" else "received")
     from ats_vit.budget import Budget
 
     sampled = Budget(1, (4, 4)).apply(model)
@@ -127,6 +129,15 @@ def test_timm_architecture_needs_matching_head_sizes():
         build_model(ModelConfig(**{**TINY.__dict__, "arch": "timm", "dim_head": 4}))
     with pytest.raises(ValueError, match="arch must be one of"):
         build_model(ModelConfig(**{**TINY.__dict__, "arch": "keras"}))
+
+
+def test_the_cli_offers_every_architecture():
+    from ats_vit.cli import build_parser
+    from ats_vit.models import ARCHS
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    (arch,) = [a for a in train_parser._actions if a.dest == "arch"]
+    assert tuple(arch.choices) == ARCHS
 
 
 ATS_BUDGET = dict(start_layer=1, caps=(8, 4), dropped="merge", temperature=2.0)

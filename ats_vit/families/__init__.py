@@ -12,12 +12,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-from torch import nn
+from torch import Tensor, nn
 
 from ats_vit.families.base import Family
 from ats_vit.tokens import ATSInfo
 
-__all__ = ["SUPPORTED", "Family", "family_of", "last_info"]
+__all__ = ["SUPPORTED", "Family", "family_of", "last_info", "restore"]
 
 # (library that must already be imported, or None; module with MODELS and family(model))
 _REGISTRY = (
@@ -51,3 +51,10 @@ def family_of(model: object) -> Family:
 def last_info(model: nn.Module) -> ATSInfo:
     """Token ids, per-layer kept counts and GFLOPs of ``model``'s last forward pass."""
     return family_of(model).last_info()
+
+
+def restore(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Per-patch features on the full grid after a budgeted pass (see :meth:`Family.restore`):
+    ``restore(model, model.forward_features(x))`` for timm and ours,
+    ``restore(model, out.last_hidden_state)`` for Hugging Face models."""
+    return family_of(model).restore(tokens)

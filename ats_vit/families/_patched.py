@@ -42,7 +42,8 @@ def block_state(block: Any, x: Tensor) -> TokenState:
     """The token state a patched block works in; the first block starts the pass's."""
     carrier: Carrier = block._ats_carrier
     if block._ats_index == 0:
-        carrier.state = TokenState(x, carrier.num_prefix_tokens, carrier.resume)
+        track = block.ats.options.restorable
+        carrier.state = TokenState(x, carrier.num_prefix_tokens, carrier.resume, track=track)
     if carrier.state is None:
         raise RuntimeError("a patched block ran before the model's first block")
     return carrier.state
@@ -86,7 +87,9 @@ class PatchedFamily(Family):
         """Bind ``forward`` to every block and give each a sampling module that keeps all."""
         self.carrier = Carrier(self.num_prefix_tokens)
         for i, block in enumerate(self.blocks):
-            block.ats = AdaptiveTokenSampling(self.num_patches, num_prefix_tokens=self.num_prefix_tokens)
+            block.ats = AdaptiveTokenSampling(
+                self.num_patches, num_prefix_tokens=self.num_prefix_tokens, scoring=self.scoring
+            )
             block.ats.reference_tokens = self.num_patches + self.num_prefix_tokens
             block.ats.train(block.training)
             block._ats_carrier = self.carrier

@@ -12,7 +12,7 @@ third-party model happens once, when its family is first asked for; after that,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -33,7 +33,12 @@ class Family(ABC):
     model: the model itself; name: what messages call it; blocks: its transformer blocks in
     order; cost: the sizes that set its FLOPs; image_size, patch_size: (h, w) in pixels;
     channels: input channels; num_classes: the classes its logits score (0: no classifier).
+    ``scoring``: where its sampling layers' significance comes from (``"cls"``: the CLS
+    query's attention, for models that read out the CLS token; ``"received"``: the attention
+    each token receives, for models that pool all tokens).
     """
+
+    scoring: str = "cls"
 
     def __init__(
         self,
@@ -94,6 +99,20 @@ class Family(ABC):
     @abstractmethod
     def last_state(self) -> TokenState:
         """The token state of the model's last forward pass (raises ValueError if none ran)."""
+
+    def restore(self, tokens: Tensor) -> Tensor:
+        """tokens: (b, m, c) the model's features after its last pass (its ``forward_features``,
+        or ``last_hidden_state``) -> (b, prefix + patches, c) on the full grid: kept tokens
+        where their patches are, a merged token's features on every patch it stands for, a
+        dropped patch its last state (through the model's final norm when the features had
+        it). Needs the pass to have run with ``SamplingOptions(restorable=True)``; with
+        nothing dropped it is the dense features."""
+        return self.last_state().restore(tokens, self.final_norm())
+
+    def final_norm(self) -> Callable[[Tensor], Tensor] | None:
+        """The norm between the last block and the features :meth:`restore` receives (None:
+        the features are the last block's output)."""
+        return None
 
     def caps(self) -> tuple[int, ...]:
         """The token cap of every layer now."""

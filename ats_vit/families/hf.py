@@ -13,6 +13,7 @@ front door is :mod:`ats_vit.hf`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -146,6 +147,9 @@ class HFFamily(PatchedFamily):
             channels=config.num_channels,
             num_classes=int(config.num_labels or 0) if isinstance(model, CLASSIFIERS) else 0,
         )
+
+    def final_norm(self) -> Callable[[Tensor], Tensor] | None:
+        return backbone(self.model).layernorm  # last_hidden_state comes after it
 
     def logits(self, images: Tensor) -> Tensor:
         if not isinstance(self.model, CLASSIFIERS):

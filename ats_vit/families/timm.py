@@ -7,12 +7,15 @@ that calls timm's own modules (norms, qkv, q/k norms, layer scale, drop path, ML
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
-from ats_vit.attention import sampled_self_attention
+from ats_vit.attention import key_bias, sampled_self_attention
 from ats_vit.families._patched import PatchedFamily, block_state, patched_family
 from ats_vit.flops import ViTCost
 from ats_vit.sampling import tokenwise
@@ -27,25 +30,72 @@ def model_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
+# the readouts the patched model serves: the CLS token (scored by its attention, the paper),
+# no pooling (features per token, restore() for the full grid), and the pooled heads, which
+# are scored by received attention and pool with padding and token sizes in mind
+POOLS = ("token", "", "avg", "avgmax", "max", "map")
+
+
+def scoring(model: VisionTransformer) -> str:
+    """How ``model``'s tokens are scored: by the CLS query when a CLS token is read out (or
+    the features are per token and a CLS token exists), else by received attention."""
+    reads_cls = model.attn_pool is None and model.global_pool in ("token", "")
+    return "cls" if model.cls_token is not None and reads_cls else "received"
+
+
 def check_supported(model: Any) -> VisionTransformer:
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"model must be a timm VisionTransformer (or subclass), got {type(model).__name__}")
     name = model_name(model)
-    if model.cls_token is None or model.global_pool != "token" or model.attn_pool is not None:
-        raise ValueError(
-            f"{name}: ATS scores tokens by the class token's attention and needs a model that "
-            f"classifies from that token (class_token=True, global_pool='token'); this one has "
-            f"class_token={model.cls_token is not None}, global_pool={model.global_pool!r}"
-        )
-    for i, block in enumerate(model.blocks):
+    pool = "map" if model.attn_pool is not None else model.global_pool
+    if pool not in POOLS:
+        raise ValueError(f"{name}: global_pool={pool!r} is not supported; supported: {POOLS}")
+    if type(model).pool is not VisionTransformer.pool:
+        raise TypeError(f"{name}: {type(model).__name__} overrides VisionTransformer.pool, which ATS patches")
+    blocks: list[Any] = list(model.blocks)
+    for i, block in enumerate(blocks):
         # the patched forward replays Block.forward / Attention.forward with the same modules;
         # any other block or attention would be silently changed
-        if type(block).forward is not Block.forward or type(block.attn).forward is not Attention.forward:
+        attn: Any = getattr(block, "attn", None)
+        if type(block).forward is not Block.forward or type(attn).forward is not Attention.forward:
             raise TypeError(
-                f"{name}: block {i} is {type(block).__name__} with {type(block.attn).__name__}; "
+                f"{name}: block {i} is {type(block).__name__} with {type(attn).__name__}; "
                 "ATS supports timm's vision_transformer.Block with Attention only"
             )
     return model
+
+
+def _pool(self: Any, x: Tensor, pool_type: str | None = None) -> Tensor:
+    """VisionTransformer.pool that knows the last pass's padding and token sizes: averages
+    weigh each token by the patches it stands for and skip padding, max skips padding, and an
+    attention-pool probe gets the same key bias as the blocks (padding masked, ``log(size)``
+    added). Features the last pass did not shape (or a pass that kept every token) pool as
+    timm pools them."""
+    state = self._ats_family.carrier.state
+    padding = size = None
+    if state is not None and tuple(x.shape[:2]) == tuple(state.positions.shape):
+        padding, size = state.padding, state.size
+    if padding is None and size is None:
+        return VisionTransformer.pool(self, x, pool_type)
+    start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+    if self.attn_pool is not None:
+        bias = key_bias(padding, size)
+        if bias is not None and bias.dtype == torch.bool:
+            bias = torch.zeros(bias.shape, device=x.device).masked_fill(~bias, float("-inf"))
+        mask = None if bias is None else bias[:, None, None, start:].to(x.dtype)
+        return self.attn_pool(x[:, start:], attn_mask=mask)
+    pool_type = self.global_pool if pool_type is None else pool_type
+    if pool_type in ("token", ""):
+        return VisionTransformer.pool(self, x, pool_type)
+    real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if padding is None else padding.mask
+    real = real[:, start:]
+    tokens = x[:, start:]
+    weight = real.to(x.dtype) if size is None else (size[:, start:] * real).to(x.dtype)
+    mean = (tokens * weight[..., None]).sum(dim=1) / weight.sum(dim=1, keepdim=True).clamp_min(1e-6)
+    if pool_type == "avg":
+        return mean
+    peak = tokens.masked_fill(~real[..., None], float("-inf")).amax(dim=1)
+    return peak if pool_type == "max" else 0.5 * (peak + mean)
 
 
 def cost(model: Any) -> ViTCost:
@@ -103,6 +153,7 @@ class TimmFamily(PatchedFamily):
     model: VisionTransformer
 
     def __init__(self, model: VisionTransformer) -> None:
+        self.scoring = scoring(model)
         patch = model.patch_embed
         super().__init__(
             model,
@@ -117,6 +168,17 @@ class TimmFamily(PatchedFamily):
 
     def logits(self, images: Tensor) -> Tensor:
         return self.model(images)
+
+    def final_norm(self) -> Callable[[Tensor], Tensor] | None:
+        return self.model.norm  # forward_features ends with it
+
+    def patch(self, forward: Callable[..., Tensor]) -> None:
+        super().patch(forward)
+        self.model.pool = types.MethodType(_pool, self.model)  # type: ignore[method-assign]
+
+    def unpatch(self) -> None:
+        self.model.__dict__.pop("pool", None)
+        super().unpatch()
 
 
 def family(model: VisionTransformer) -> TimmFamily:
