@@ -30,6 +30,12 @@ Method names (what :func:`calibrate` searches):
   keeping a fixed count that decays geometrically from the start layer.
 - ``"official"``: the authors' released ATS (adaptive through de-duplication), one cap from the
   start layer on.
+
+Any name with ``"+search"`` appended (``"tome+search"``, ``"auto+search"``) also searches a
+per-layer schedule: from the method's best budget at the target, a greedy path from "keep
+everything" lowers, step by step, the cap of the layer whose cut costs the least divergence
+from the dense model's predictions per unit of cost saved (any non-increasing caps), and the
+schedule where the path meets the target competes with the method's own budgets on accuracy.
 """
 
 from __future__ import annotations
@@ -51,7 +57,17 @@ from ats_vit.flops import gflops
 from ats_vit.latency import LatencyModel
 from ats_vit.timing import speedup, time_round_robin
 
-__all__ = ["AUTO", "METHODS", "RECOMMENDED", "Calibration", "Method", "Trial", "calibrate", "caps_for"]
+__all__ = [
+    "AUTO",
+    "METHODS",
+    "METHOD_CHOICES",
+    "RECOMMENDED",
+    "Calibration",
+    "Method",
+    "Trial",
+    "calibrate",
+    "caps_for",
+]
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,7 @@ class Method:
     dropped: str = "discard"
     knob: str = "decay"
     decays: tuple[float, ...] = ()
+    search: bool = False  # also search a per-layer schedule (Calibration.schedule_search)
 
 
 _ATS_DECAYS = (0.5, 0.7, 0.85, 0.95)
@@ -83,10 +100,14 @@ METHODS: dict[str, Method] = {
     "tome-early": Method("tome-early", "merge"),
     "official": Method("official", knob="keep"),
 }
+SEARCH = "+search"
+METHODS.update({name + SEARCH: replace(spec, search=True) for name, spec in list(METHODS.items())})
 # what method="auto" searches: the best ATS variant measured and ToMe-style merging, which is
 # stronger at low budgets on the checkpoints we measured (benchmarks/README.md)
 AUTO = ("ats-fuse", "tome")
 RECOMMENDED = "auto"
+# every name `method=` accepts
+METHOD_CHOICES = ("auto", "auto" + SEARCH, *METHODS)
 
 # a trial stops on the probe when its cost is this much (and four standard errors) beyond the
 # window of candidates; the probe is at least MIN_PROBE images (smaller sets run whole)
@@ -96,8 +117,23 @@ MIN_PROBE = 32
 # again, at most this many times, with the prediction corrected by the timing
 VERIFY_TOLERANCE = 0.05
 VERIFY_ATTEMPTS = 3
+# each step of the schedule search cuts one layer's cap to this fraction (at least one token)
+SCHEDULE_STEP = 0.85
 
-TrialKey = tuple[str, int, float, float]  # (method, start layer, cap decay, temperature)
+# (method, start layer, cap decay or the caps themselves, temperature)
+TrialKey = tuple[str, int, float | tuple[int, ...], float]
+
+
+def base_method(method: str) -> str:
+    """The name without :data:`SEARCH`: whose selection rule and knob a method uses."""
+    return method.removesuffix(SEARCH)
+
+
+def _members(method: str) -> tuple[str, ...]:
+    """The methods a search of ``method`` runs (``"auto"``: those of :data:`AUTO`)."""
+    if base_method(method) == "auto":
+        return tuple(m + method.removeprefix("auto") for m in AUTO)
+    return (method,)
 
 
 def caps_for(decay: float, num_patches: int, layers: int) -> tuple[int, ...]:
@@ -162,8 +198,7 @@ class Calibration:
         verify: bool = True,
         progress: bool = True,
     ) -> None:
-        if method != "auto" and method not in METHODS:
-            raise ValueError(f"method must be 'auto' or one of {tuple(METHODS)}, got {method!r}")
+        _validate.choice("method", method, METHOD_CHOICES)
         _validate.choice("cost", cost, COST_KINDS)
         if not isinstance(images, Tensor) or images.dim() != 4 or len(images) == 0:
             raise ValueError(
@@ -222,14 +257,18 @@ class Calibration:
         self.timing_images = images[: self.timing_batch]
         self._bar: Any = None
 
-    def budget(self, method: str, start: int, decay: float, temperature: float = 1.0) -> Budget:
+    def budget(
+        self, method: str, start: int, decay: float | tuple[int, ...], temperature: float = 1.0
+    ) -> Budget:
+        """The budget of a trial; ``decay`` may be the caps themselves (a searched schedule)."""
         spec = METHODS[method]
         layers = self.depth - start
-        caps = (
-            (max(1, round(self.num_patches * decay)),) * layers
-            if spec.knob == "keep"
-            else caps_for(decay, self.num_patches, layers)
-        )
+        if isinstance(decay, tuple):
+            caps = decay
+        elif spec.knob == "keep":
+            caps = (max(1, round(self.num_patches * decay)),) * layers
+        else:
+            caps = caps_for(decay, self.num_patches, layers)
         return Budget(
             start_layer=start,
             caps=caps,
@@ -257,7 +296,12 @@ class Calibration:
 
     @torch.inference_mode()
     def trial(
-        self, method: str, start: int, decay: float, temperature: float = 1.0, target: float | None = None
+        self,
+        method: str,
+        start: int,
+        decay: float | tuple[int, ...],
+        temperature: float = 1.0,
+        target: float | None = None,
     ) -> Trial:
         """Cost and score of one budget (remembered). With ``target``, a GFLOPs budget whose
         probe cost is clearly far from it is only estimated (see :class:`Trial`)."""
@@ -301,6 +345,7 @@ class Calibration:
 
     def floor(self, method: str, start: int, target: float | None = None) -> Trial:
         """One token per layer from ``start`` on: the cheapest budget of ``method`` there."""
+        method = base_method(method)
         temperature = 1e-3 if METHODS[method].knob == "temperature" else 1.0
         return self.trial(method, start, 1e-9, temperature, target)
 
@@ -321,6 +366,12 @@ class Calibration:
     def _search(self, method: str, target: float) -> list[Trial]:
         found: list[Trial] = []
         spec = METHODS[method]
+        if spec.search:
+            found = self._search(base_method(method), target)
+            near = [t for t in found if abs(t.cost - target) <= self.window(target) and not t.estimated]
+            if near:
+                return found + self.schedule_search(method, max(near, key=lambda t: t.score), target)
+            return found
         for start in self.layers:
             if self.floor(method, start, target).cost > target + self.tolerance:
                 break  # even one token from here on costs too much, and later starts cost more
@@ -331,6 +382,99 @@ class Calibration:
                     make = partial(self._at_temperature, method, start, decay, target)
                     found += self._bisect(target, make, 1e-2, 1e2)
         return found
+
+    @torch.inference_mode()
+    def _divergence(
+        self, method: str, start: int, caps: tuple[int, ...], temperature: float
+    ) -> tuple[float, float]:
+        """(mean KL divergence of the predictions from the dense model's, cost) of a schedule on
+        the probe images: what the schedule search ranks cuts by."""
+        configure(self.family, self.budget(method, start, caps, temperature))
+        kl, costs, counts = [], [], []
+        rules: list[str | None] = []
+        for batch, (dense, _, inputs) in zip(
+            self.batches[: self.probe_batches], self.dense[: self.probe_batches], strict=True
+        ):
+            logits, state = self.family.run(batch, start, inputs[start])
+            self.passes += len(batch) / self.images
+            kl.append(_kl(dense, logits))
+            costs.append(_gflops(self.family, state) / self.dense_gflops)
+            counts.append(state.trace.kept_per_layer())
+            rules = state.trace.rules
+        if self._bar is not None:
+            self._bar.update()
+        if self.cost == "gflops" or self.latency is None:
+            cost = torch.cat(costs).mean().item()
+        else:
+            cost = self.latency.seconds(torch.cat(counts), rules) / self.latency.dense_seconds()
+        return torch.cat(kl).double().mean().item(), cost
+
+    def schedule_search(self, method: str, best: Trial, target: float) -> list[Trial]:
+        """Per-layer caps for ``method`` (a ``+search`` name) at ``target``, from ``best`` (the
+        method's own pick: its start layer and temperature are kept).
+
+        A greedy path from every cap at ``num_patches``: each step cuts one layer's cap to
+        :data:`SCHEDULE_STEP` of itself (later caps follow, so caps stay non-increasing): the
+        cut with the least increase in KL divergence from the dense predictions per unit of
+        cost saved on the probe images (lazily: rates seen at earlier steps stand in until
+        measured again), until the cost meets the target; the last cut is then bisected in
+        whole tokens on every calibration image.
+        Returns the trials run on every image (their budgets are named ``method``)."""
+        base = base_method(method)
+        start, temperature = best.key[1], best.key[3]
+        caps = (self.num_patches,) * (self.depth - start)
+        loss, cost = self._divergence(base, start, caps, temperature)
+        stale = dict.fromkeys(range(len(caps)), -math.inf)  # the last rate seen per layer's cut
+        while cost > target:
+            # lazy greedy: rates change little from one step to the next, so only the layer
+            # whose last-seen rate is best is measured again, until it stays best
+            while True:
+                open_layers = [i for i in stale if caps[i] > 1]
+                if not open_layers:
+                    return []  # one token everywhere still costs too much
+                layer = min(open_layers, key=stale.__getitem__)
+                cut = max(1, min(caps[layer] - 1, math.floor(caps[layer] * SCHEDULE_STEP)))
+                new = caps[:layer] + tuple(min(c, cut) for c in caps[layer:])
+                new_loss, new_cost = self._divergence(base, start, new, temperature)
+                stale[layer] = (new_loss - loss) / max(cost - new_cost, 1e-9)
+                if stale[layer] <= min(stale[i] for i in open_layers):
+                    break
+            if new_cost <= target:
+                return self._bisect_cut(method, start, temperature, caps, new, layer, target)
+            caps, loss, cost = new, new_loss, new_cost
+        return []  # keeping everything from ``start`` on already meets the target
+
+    def _bisect_cut(
+        self,
+        method: str,
+        start: int,
+        temperature: float,
+        before: tuple[int, ...],
+        after: tuple[int, ...],
+        layer: int,
+        target: float,
+    ) -> list[Trial]:
+        """Trials on every image of the caps between ``before`` and ``after`` (which differ by
+        one cut at ``layer``), bisected in whole tokens towards ``target``."""
+
+        def at(cap: int) -> Trial:
+            caps = before[:layer] + tuple(min(c, cap) for c in before[layer:])
+            return self._named(method, self.trial(base_method(method), start, caps, temperature, target))
+
+        lo, hi = after[layer], before[layer]  # the cost grows with the cap: lo meets the target, hi not
+        tried = []
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            t = at(mid)
+            tried.append(t)
+            if abs(t.cost - target) <= self.tolerance:
+                return tried
+            lo, hi = (lo, mid) if t.cost > target else (mid, hi)
+        return [*tried, at(lo)]
+
+    def _named(self, method: str, trial: Trial) -> Trial:
+        """``trial`` with its budget named ``method`` (a searched schedule)."""
+        return replace(trial, budget=replace(trial.budget, method=method))
 
     def _at_decay(self, method: str, start: int, target: float, decay: float) -> Trial:
         return self.trial(method, start, decay, 1.0, target)
@@ -353,8 +497,8 @@ class Calibration:
         equal = [t for t in near if t.score >= top - 1 / self.images - 1e-9]
         if self.latency is not None:
             return min(equal, key=lambda t: (t.seconds, -t.score))
-        rank = {m: i for i, m in enumerate(methods)}
-        return max(equal, key=lambda t: (t.score, -rank[str(t.budget.method)], -t.cost))
+        rank = {base_method(m): i for i, m in enumerate(methods)}
+        return max(equal, key=lambda t: (t.score, -rank[base_method(str(t.budget.method))], -t.cost))
 
     def measured_ratio(self, budget: Budget, rounds: int = 21) -> float:
         """The time of a forward pass under ``budget`` as a fraction of the dense one, timed
@@ -382,9 +526,8 @@ class Calibration:
         if not isinstance(target, (int, float)) or isinstance(target, bool):
             raise TypeError(f"target must be a float (a fraction of the dense cost), got {target!r}")
         method = method or self.method
-        if method != "auto" and method not in METHODS:
-            raise ValueError(f"method must be 'auto' or one of {tuple(METHODS)}, got {method!r}")
-        methods = AUTO if method == "auto" else (method,)
+        _validate.choice("method", method, METHOD_CHOICES)
+        methods = _members(method)
         was_training = self.model.training
         self.model.eval()
         self._bar = progress_bar(
@@ -460,6 +603,12 @@ class Calibration:
         if measured is not None:
             record["measured_latency_ratio"] = measured
         return record
+
+
+def _kl(dense: Tensor, logits: Tensor) -> Tensor:
+    """KL(dense || logits) per image."""
+    p, q = dense.float().log_softmax(-1), logits.float().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1)
 
 
 def _gflops(family: Any, state: Any) -> Tensor:

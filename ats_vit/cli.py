@@ -18,10 +18,8 @@ from typing import Any
 
 from ats_vit import __version__
 from ats_vit.bench.speed import FAMILIES
-from ats_vit.calibrate import METHODS, RECOMMENDED
+from ats_vit.calibrate import METHOD_CHOICES, RECOMMENDED
 from ats_vit.options import DROPPED, SAMPLERS
-
-METHOD_NAMES = tuple(METHODS)
 
 # ---------------------------------------------------------------- argument types
 
@@ -566,7 +564,7 @@ def cmd_bench_frontier(args: argparse.Namespace) -> int:
     cfg = FrontierConfig(
         checkpoints=tuple(args.checkpoints),
         data=tuple(args.data),
-        methods=tuple(args.methods),
+        methods=tuple(args.methods) if args.methods else FrontierConfig.methods,
         targets=tuple(args.targets),
         calib_images=args.calib_images,
         batch_size=args.batch_size,
@@ -760,7 +758,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", help="cpu, cuda, cuda:N (default: cpu)")
     cal.add_argument("--dtype", choices=("float32", "bfloat16"), help="time under bfloat16 autocast")
     cal.add_argument(
-        "--method", choices=(RECOMMENDED, *METHOD_NAMES), default=RECOMMENDED, help="how tokens are selected"
+        "--method",
+        choices=METHOD_CHOICES,
+        default=RECOMMENDED,
+        help="how tokens are selected ('+search': also search a per-layer schedule)",
     )
     _add_data(cal, "val")
     cal.add_argument("--images", type=_positive_int, default=512, help="calibration images")
@@ -874,9 +875,9 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument(
         "--methods",
         nargs="+",
-        choices=(RECOMMENDED, *METHOD_NAMES),
-        default=[RECOMMENDED, *METHOD_NAMES],
-        help="methods to compare",
+        choices=METHOD_CHOICES,
+        help="methods to compare (default: all but the '+search' variants, which also search a "
+        "per-layer schedule)",
     )
     fr.add_argument(
         "--targets",

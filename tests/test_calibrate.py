@@ -1,10 +1,12 @@
+import itertools
+
 import pytest
 import torch
 from helpers import images, small_vit
 
 from ats_vit import family_of
 from ats_vit.budget import BudgetError
-from ats_vit.calibrate import AUTO, METHODS, RECOMMENDED, Calibration, calibrate
+from ats_vit.calibrate import AUTO, METHODS, RECOMMENDED, Calibration, base_method, calibrate
 from ats_vit.evaluate import measure
 
 
@@ -42,7 +44,7 @@ def test_calibrate_with_labels_keeps_the_most_accurate_budget_near_the_target():
     assert accuracy == pytest.approx(max(t.score for t in near))
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if m == base_method(m)))
 def test_every_method_calibrates(method):
     budget = calibrate(peaky_vit(), images(48, 1), 0.75, method=method, progress=False, steps=8)
     assert budget.method == method
@@ -90,7 +92,7 @@ def test_unreachable_targets_name_the_reachable_range(target):
 
 def test_calibrate_argument_errors():
     model = peaky_vit()
-    with pytest.raises(ValueError, match="method must be 'auto' or one of"):
+    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'auto\+search', 'ats'"):
         calibrate(model, images(8, 1), 0.5, method="magic")
     with pytest.raises(TypeError, match="target must be a float"):
         calibrate(model, images(8, 1), "half")
@@ -119,3 +121,62 @@ def test_probing_chooses_the_same_budgets_with_less_work():
         assert a.calibration["agreement"] == b.calibration["agreement"]
     assert any(t.estimated for t in probed.trials.values())
     assert probed.passes < 0.7 * whole.passes
+
+
+def test_schedule_search_meets_the_target_with_any_non_increasing_caps():
+    """A searched schedule is a real budget at the target: its caps are not a geometric decay
+    and its measured cost (re-measured here) is the one recorded."""
+    model, x = peaky_vit(), images(128, 4)
+    labels, _ = measure(model, x, None)
+    search = Calibration(model, x, labels, method="tome+search", progress=False)
+    geometric = search(0.6, "tome")
+    searched = search.schedule_search("tome+search", search.trial(*_key(search, geometric)), 0.6)
+    assert searched, "the greedy path must reach the target"
+    for trial in searched:
+        caps = trial.budget.caps
+        assert trial.budget.method == "tome+search" and trial.key[2] == caps
+        assert all(a >= b for a, b in itertools.pairwise(caps)) and caps[-1] >= 1
+        _, cost = measure(model, x, trial.budget)
+        _, dense = measure(model, x, None)
+        assert (cost.double().mean() / dense.double().mean()).item() == pytest.approx(trial.gflops, rel=1e-6)
+    closest = min(searched, key=lambda t: abs(t.cost - 0.6))
+    assert closest.cost == pytest.approx(0.6, abs=0.03)
+    chosen = search(0.6)
+    assert chosen.calibration["searched"] == "tome+search"
+    # the pick is the most accurate of the method's own budgets and the searched schedules
+    assert chosen.calibration["accuracy"] >= max(geometric.calibration["accuracy"], closest.score) - 1 / 128
+
+
+def _key(search, budget):
+    """The key of the trial behind a chosen budget (which carries its target and record)."""
+    same = ("method", "start_layer", "caps", "temperature")
+    return next(
+        t.key
+        for t in search.trials.values()
+        if all(getattr(t.budget, a) == getattr(budget, a) for a in same) and not t.estimated
+    )
+
+
+def test_schedule_search_cuts_where_it_costs_least():
+    """On a model whose last two blocks barely change the residual stream, cutting tokens
+    there changes the prediction least: the greedy path cuts them first."""
+    model = peaky_vit()
+    with torch.no_grad():
+        for block in model.blocks[2:]:
+            for linear in (block.attn.proj, block.mlp.fc2):
+                linear.weight.mul_(0.01)
+                linear.bias.mul_(0.01)
+    x = images(64, 5)
+    search = Calibration(model, x, method="topk+search", start_layers=[0], progress=False)
+    best = search.trial("topk", 0, 0.9, 1.0)
+    trials = search.schedule_search("topk+search", best, 0.75)
+    caps = min(trials, key=lambda t: abs(t.cost - 0.75)).budget.caps
+    assert caps[0] == 16 and caps[-1] < caps[1], caps
+
+
+@pytest.mark.parametrize("method", ["auto+search", "paper+search"])
+def test_searched_methods_record_the_work_done(method):
+    budget = calibrate(peaky_vit(), images(64, 1), 0.6, method=method, progress=False)
+    assert budget.calibration["searched"] == method
+    assert budget.method in {*(m + "+search" for m in AUTO), *AUTO, "paper", "paper+search"}
+    assert budget.calibration["passes"] > 0 and budget.calibration["trials"] > 0

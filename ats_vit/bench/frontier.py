@@ -19,7 +19,7 @@ import torch
 
 from ats_vit._progress import bar as progress_bar
 from ats_vit.budget import Budget, BudgetError
-from ats_vit.calibrate import METHODS, RECOMMENDED, Calibration
+from ats_vit.calibrate import METHOD_CHOICES, RECOMMENDED, Calibration
 from ats_vit.checkpoint import load_model
 from ats_vit.data import load_split, source_items, take
 from ats_vit.evaluate import measure, time_budgets
@@ -63,7 +63,7 @@ class FrontierConfig:
             raise ValueError("checkpoints must name at least one checkpoint")
         if len(self.data) not in (1, len(self.checkpoints)):
             raise ValueError(f"data must name one data set, or one per checkpoint; got {self.data}")
-        known = ("auto", *METHODS)
+        known = METHOD_CHOICES
         bad = [m for m in self.methods if m not in known]
         if bad or not self.methods:
             raise ValueError(f"methods must be a non-empty subset of {known}, got {self.methods}")
