@@ -527,6 +527,9 @@ class AdaptiveTokenSampling(nn.Module):
         # the model's full token count (prefix included) where a rule needs it (the authors'
         # ATS places as many CDF points in every layer); None: the layer's own count
         self.reference_tokens: int | None = None
+        # set by a budget for the layers it leaves whole (before its start layer): then no rule
+        # samples, not even the authors' ATS, whose cap only bounds what it keeps
+        self.keeps_all = False
         self.configure(max_tokens, options)
 
     def configure(self, max_tokens: int, options: SamplingOptions | None = None) -> None:
@@ -579,8 +582,11 @@ class AdaptiveTokenSampling(nn.Module):
     def needed(self, num_tokens: int) -> bool:
         """Whether a layer with ``num_tokens`` tokens (prefix included) samples at all. The
         authors' ATS samples whenever it has more than 8 candidates (its cap only bounds what
-        it keeps); every other rule when there are more candidates than the cap."""
+        it keeps); every other rule when there are more candidates than the cap; none in a
+        layer a schedule leaves whole (``keeps_all``)."""
         candidates = num_tokens - self.num_prefix_tokens
+        if self.keeps_all:
+            return False
         if self.options.sampler == "official":
             return candidates > OFFICIAL_MIN_TOKENS
         return candidates > self.max_tokens

@@ -166,8 +166,9 @@ class ViT(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for ats in self.sampling_layers():
+        for ats, cap in zip(self.sampling_layers(), schedule, strict=True):
             ats.reference_tokens = self.num_patches + 1  # the full grid and CLS
+            ats.keeps_all = cap >= self.num_patches  # as a budget's whole layers, for every rule
         # the token state of the last forward pass (see ats_vit.families.last_info)
         self.last_state: TokenState | None = None
 
@@ -195,6 +196,7 @@ class ViT(nn.Module):
         schedule = _validate.schedule(max_tokens_per_depth, len(self.blocks))
         for ats, cap in zip(self.sampling_layers(), schedule, strict=True):
             ats.configure(cap, options)
+            ats.keeps_all = cap >= self.num_patches
         return self
 
     def forward_tokens(

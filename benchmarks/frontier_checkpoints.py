@@ -11,9 +11,13 @@ All dense (ATS is applied afterwards, without fine-tuning), each reproducible fr
   timm-map``): the CLS-free families, scored by received attention;
 - ``glyphs196``: the harder task at DeiT's token count (``ats_vit.glyphs``: a distorted digit
   among letters, 56 x 56 pixels in 4 x 4 patches, 196 tokens; 10,000 independent test images).
+  **Not yet a usable checkpoint**: on 2 CPU cores this recipe runs at about 1.5 s a step
+  (about 65 minutes for its 2,500 steps), and a first run still had a training loss of 1.89
+  (chance: 2.30) at step 1,180, when it was stopped. It needs a GPU, or a recipe that learns
+  faster (benchmarks/README.md).
 
     python benchmarks/frontier_checkpoints.py runs/frontier                    # all of them
-    python benchmarks/frontier_checkpoints.py runs/frontier --only glyphs196   # about 45 min, 2 CPU cores
+    python benchmarks/frontier_checkpoints.py runs/frontier --only gap map     # about 3 min each, 2 CPU cores
 """
 
 import argparse

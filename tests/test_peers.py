@@ -181,14 +181,38 @@ def test_official_ats_picks_what_the_authors_code_picks(n, n_ref, sharpness):
 def test_official_ats_with_a_cap_keeps_the_most_significant_picks():
     from helpers import images, small_vit
 
-    model = small_vit((16,) * 4, peaked=6.0, sampler="official").eval()
+    # a cap of N leaves a layer whole for every rule; the authors' K = N is a cap of N - 1
+    assert not small_vit((16,) * 4, sampler="official").sampling_layers()[0].needed(17)
+    model = small_vit((15,) * 4, peaked=6.0, sampler="official").eval()
     assert model.sampling_layers()[0].needed(17), "samples whenever it has more than 8 candidates"
     with torch.no_grad():
         model(images(4))
     uncapped = model.last_state.trace.kept_per_layer()
-    model.set_sampling((16, 9, 9, 9), SamplingOptions(sampler="official"))
+    model.set_sampling((15, 9, 9, 9), SamplingOptions(sampler="official"))
     with torch.no_grad():
         model(images(4))
     capped = model.last_state.trace.kept_per_layer()
     assert (capped[:, 1:] <= 9).all() and (capped <= uncapped).all()
-    assert (uncapped[:, 0] < 16).any(), "de-duplication alone drops tokens (K = N)"
+    assert (uncapped[:, 0] < 15).any(), "de-duplication alone drops tokens (K = N - 1)"
+
+
+def test_official_ats_leaves_the_layers_before_a_budgets_start_whole():
+    """The authors' ATS samples in any layer with more than 8 candidates, whatever its cap;
+    a budget still keeps every token before its start layer, so its cost follows the start."""
+    from helpers import images, small_vit
+
+    from ats_vit import family_of
+    from ats_vit.budget import configure
+
+    model = small_vit(peaked=6.0).eval()
+    family = family_of(model)
+    costs = []
+    for start in (0, 2, 3):
+        budget = Budget(start, (8,) * (4 - start), sampler="official", depth=4, num_patches=16)
+        configure(family, budget)
+        with torch.inference_mode():
+            _, flops = family.forward(images(8, 1))
+        kept = family.last_info().kept_per_layer
+        assert (kept[:, :start] == 16).all(), (start, kept)
+        costs.append(flops.mean().item())
+    assert costs[0] < costs[1] < costs[2]

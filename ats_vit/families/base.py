@@ -128,6 +128,7 @@ class Family(ABC):
         schedule = (self.num_patches,) * self.depth if caps is None else _caps(caps, self.depth)
         for ats, cap in zip(self.sampling_layers(), schedule, strict=True):
             ats.configure(cap, options)
+            ats.keeps_all = cap >= self.num_patches
 
     def set_options(self, **changes: Any) -> None:
         """Change some options of every layer (e.g. ``static_shape=True``), keeping the caps."""
