@@ -99,3 +99,14 @@ def torchrun(script: Path, port: int, *args: str) -> subprocess.CompletedProcess
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     return run
+
+
+def peaked_timm_tiny(peaked: float = 6.0):
+    """timm's ViT-Tiny shrunk to 32 x 32 images in 8 x 8 patches (16 tokens), depth 4, random
+    weights (seed 0) with sharpened queries, in eval mode; skips the test without timm."""
+    import pytest
+
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10)
+    return sharpen_queries(model.eval(), peaked)

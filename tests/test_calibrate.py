@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 import torch
-from helpers import images, small_vit
+from helpers import images, peaked_timm_tiny, small_vit
 
 from ats_vit import family_of
 from ats_vit.budget import BudgetError
@@ -66,14 +66,7 @@ def test_auto_keeps_the_best_of_its_methods_and_shares_their_trials():
 
 def test_trials_set_numbers_and_never_repatch():
     """A timm model is patched once; every trial only reconfigures its sampling modules."""
-    timm = pytest.importorskip("timm")
-    from ats_vit.testing import sharpen_queries
-
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10
-    ).eval()
-    sharpen_queries(model, 6.0)
+    model = peaked_timm_tiny()
     family = family_of(model)
     modules = family.sampling_layers()
     forwards = [vars(block)["forward"] for block in model.blocks]

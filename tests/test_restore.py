@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import HF_TINY, images, small_vit
+from helpers import HF_TINY, images, peaked_timm_tiny, small_vit
 
 import ats_vit
 from ats_vit import SamplingOptions, family_of
@@ -52,15 +52,9 @@ def test_restore_needs_a_tracked_pass():
 
 
 def test_timm_features_come_back_normalised_like_the_kept_ones():
-    timm = pytest.importorskip("timm")
+    model = peaked_timm_tiny()
     import ats_vit.timm as ats_timm
-    from ats_vit.testing import sharpen_queries
 
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10
-    ).eval()
-    sharpen_queries(model, 6.0)
     x = images(3)
     with torch.no_grad():
         dense = model.forward_features(x)
