@@ -57,12 +57,17 @@ def key_bias(padding: Padding | None, size: Tensor | None) -> Tensor | None:
     return bias if padding is None else bias.masked_fill(~padding.mask, float("-inf"))
 
 
-def cls_attention(q_cls: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+def cls_attention(
+    q_cls: Tensor, k: Tensor, bias: Tensor | None, scale: float, pair: Tensor | None = None
+) -> Tensor:
     """Softmax attention of the CLS query over all keys, in float32.
 
-    q_cls: (b, h, 1, d), k: (b, h, n, d), bias: from :func:`key_bias` (or None) -> (b, h, n).
+    q_cls: (b, h, 1, d), k: (b, h, n, d), bias: from :func:`key_bias` (or None), pair: (b, h,
+    1, n) what the model adds to the CLS row's logits (relative position bias) -> (b, h, n).
     """
     logits = (q_cls @ k.transpose(-1, -2)).squeeze(-2).float() * scale
+    if pair is not None:
+        logits = logits + pair.squeeze(-2).float()
     if bias is not None:
         if bias.dtype == torch.bool:
             logits = logits.masked_fill(~bias[:, None, :], float("-inf"))
@@ -72,7 +77,12 @@ def cls_attention(q_cls: Tensor, k: Tensor, bias: Tensor | None, scale: float) -
 
 
 def received_attention(
-    q: Tensor, k: Tensor, bias: Tensor | None, scale: float, padding: Padding | None
+    q: Tensor,
+    k: Tensor,
+    bias: Tensor | None,
+    scale: float,
+    padding: Padding | None,
+    pair: Callable[[slice], Tensor] | None = None,
 ) -> Tensor:
     """The attention each key receives, averaged over the real queries, in float32.
 
@@ -80,14 +90,17 @@ def received_attention(
     attention-pool probe) rather than reading out the CLS token: ATS's reasoning (a token
     matters as much as the attention it draws, times its value's norm) with every query in
     the CLS query's place. q: (b, h, n, d), k: (b, h, n, d), bias: from :func:`key_bias` (or
-    None), padding of the n tokens (padded queries do not vote) -> (b, h, n). Computed over
-    chunks of :data:`RECEIVED_CHUNK` queries, so memory is O(chunk * n), not O(n^2).
+    None), padding of the n tokens (padded queries do not vote), pair: the (b, h, rows, n)
+    logits the model adds for a slice of query rows (relative position bias) -> (b, h, n).
+    Computed over chunks of :data:`RECEIVED_CHUNK` queries, so memory is O(chunk * n), not O(n^2).
     """
     n = q.shape[2]
     total = q.new_zeros(q.shape[0], q.shape[1], k.shape[2], dtype=torch.float32)
     for start in range(0, n, RECEIVED_CHUNK):
         rows = slice(start, min(start + RECEIVED_CHUNK, n))
         logits = (q[:, :, rows] @ k.transpose(-1, -2)).float() * scale  # (b, h, chunk, n)
+        if pair is not None:
+            logits = logits + pair(rows).float()
         if bias is not None:
             if bias.dtype == torch.bool:
                 logits = logits.masked_fill(~bias[:, None, None, :], float("-inf"))
@@ -108,19 +121,41 @@ def attend(
     bias: Tensor | None,
     dropout_p: float = 0.0,
     scale: float | None = None,
+    pair: Tensor | None = None,
 ) -> Tensor:
     """Fused attention of queries over keys, skipping padding (and with proportional attention
     once tokens carry sizes).
 
-    q: (b, h, m, d), k/v: (b, h, n, d), bias: from :func:`key_bias` (or None) -> (b, h, m, d).
+    q: (b, h, m, d), k/v: (b, h, n, d), bias: from :func:`key_bias` (or None), pair: (b, h, m,
+    n) logits the model adds per query and key (relative position bias) -> (b, h, m, d).
     """
     attn_mask = None
     if bias is not None:
         attn_mask = rearrange(bias if bias.dtype == torch.bool else bias.to(q.dtype), "b n -> b 1 1 n")
+    if pair is not None:
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+                ~attn_mask, float("-inf")
+            )
+        attn_mask = pair.to(q.dtype) if attn_mask is None else attn_mask + pair.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
 Projection = tuple[Tensor, Tensor | None, int]  # (weight, bias, heads groups)
+# rotary embedding: (b, h, n, d) queries or keys and their tokens' (b, n) original positions
+Rotation = Callable[[Tensor, Tensor], Tensor]
+# relative position bias: query positions (b, m), key positions (b, n) -> (b, h, m, n) logits
+PairBias = Callable[[Tensor, Tensor], Tensor]
+
+
+def _rows_bias(pair_bias: PairBias, positions: Tensor, rows: slice) -> Tensor:
+    """The pair bias of the queries in ``rows`` over every key."""
+    return pair_bias(positions[:, rows], positions)
+
+
+def _kept(positions: Tensor | None, selection: TokenSelection) -> Tensor | None:
+    """The original positions of a selection's output tokens (None stays None)."""
+    return None if positions is None else positions.gather(1, selection.index)
 
 
 def _project(x: Tensor, projections: list[Projection], padding: Padding | None, heads: int) -> list[Tensor]:
@@ -149,6 +184,9 @@ def sampled_self_attention(
     gate: TensorFn | None = None,
     out_norm: TensorFn = _identity,
     proj: TensorFn = _identity,
+    rope: Rotation | None = None,
+    pair_bias: PairBias | None = None,
+    positions: Tensor | None = None,
 ) -> tuple[Tensor, TokenSelection | None]:
     """Self-attention over x (already normalised) that keeps only the tokens ``ats`` samples.
 
@@ -163,7 +201,19 @@ def sampled_self_attention(
     the input), ``out_norm`` and ``proj`` act per token. Keys and values are computed for all
     tokens; queries only for CLS (to score) and for the kept tokens, or, when ``ats`` scores
     by received attention, for every token (all of them vote; only the kept ones get outputs).
+    ``rope`` (rotary position embeddings, e.g. EVA-02) rotates queries and keys (b, h, n, d),
+    after their norms, by the original positions (b, n) of their tokens: ``positions`` of the
+    n input tokens, the kept tokens keep theirs (a merged token takes the position of the token
+    it was merged into). ``pair_bias`` (relative position bias, e.g. BEiT) gives the (b, h, m, n)
+    logits added for queries at positions (b, m) and keys at positions (b, n), gathered for
+    the tokens alive and kept the same way.
     """
+    if (rope is not None or pair_bias is not None) and positions is None:
+        raise ValueError("rope and pair_bias need the positions of the tokens")
+
+    def rotate(t: Tensor, where: Tensor | None) -> Tensor:
+        return t if rope is None or where is None else rope(t, where)
+
     bias = key_bias(padding, size)
     # (weight, bias, heads-groups) GEMMs that make q, then k and v: one fused (timm, ours) or separate
     q_proj: list[Projection]
@@ -180,33 +230,42 @@ def sampled_self_attention(
         all_proj = q_proj + kv_proj
     if ats is None or not ats.needed(x.shape[1]) or ats.late:
         q, k, v = _project(x, all_proj, padding, heads)
-        q, k = q_norm(q), k_norm(k)
-        selection, out_padding, queries = None, padding, x
+        q, k = rotate(q_norm(q), positions), rotate(k_norm(k), positions)
+        selection, out_padding, queries, q_positions = None, padding, x, positions
         if ats is not None and ats.late and ats.needed(x.shape[1]):
             # ToMe: every token attends; the merge that follows is planned from the keys
             selection = ats(None, v, padding, k=k, size=size)
     elif ats.scoring == "received" and ats.uses_attention_scores:
         q_raw, k, v = _project(x, all_proj, padding, heads)
-        k = k_norm(k)
-        received = received_attention(q_norm(q_raw), k, bias, scale, padding)
+        k = rotate(k_norm(k), positions)
+        rows = None if pair_bias is None or positions is None else partial(_rows_bias, pair_bias, positions)
+        received = received_attention(rotate(q_norm(q_raw), positions), k, bias, scale, padding, rows)
         selection = ats(received, v, padding, k=k, size=size)
         out_padding = selection.padding
         queries = select_tokens(x, selection)
         # the output tokens' queries from those already projected (b, h, n, d) -> (b, h, m, d):
         # the projection is affine, so a merged slot's query is the mean of its tokens' queries
-        q = q_norm(select_tokens(q_raw.transpose(1, 2), selection).transpose(1, 2))
+        q_positions = _kept(positions, selection)
+        q = rotate(q_norm(select_tokens(q_raw.transpose(1, 2), selection).transpose(1, 2)), q_positions)
     else:
         k, v = _project(x, kv_proj, padding, heads)
-        k = k_norm(k)
+        k = rotate(k_norm(k), positions)
         cls_attn = None
-        if ats.uses_attention_scores:
+        if ats.uses_attention_scores:  # the class token is a prefix token: never rotated
             q_cls = q_norm(_project(x[:, :1], q_proj, None, heads)[0])
-            cls_attn = cls_attention(q_cls, k, bias, scale)
+            cls_pair = None
+            if pair_bias is not None and positions is not None:
+                cls_pair = pair_bias(positions[:, :1], positions)
+            cls_attn = cls_attention(q_cls, k, bias, scale, cls_pair)
         selection = ats(cls_attn, v, padding, k=k, size=size)
         out_padding = selection.padding
         queries = select_tokens(x, selection)
-        q = q_norm(_project(queries, q_proj, out_padding, heads)[0])
-    out = rearrange(attend(q, k, v, bias, dropout_p, scale), "b h m d -> b m (h d)")
+        q_positions = _kept(positions, selection)
+        q = rotate(q_norm(_project(queries, q_proj, out_padding, heads)[0]), q_positions)
+    pair = None
+    if pair_bias is not None and positions is not None and q_positions is not None:
+        pair = pair_bias(q_positions, positions)
+    out = rearrange(attend(q, k, v, bias, dropout_p, scale, pair), "b h m d -> b m (h d)")
     if gate is None:
         return tokenwise(lambda t: proj(out_norm(t)), out, out_padding), selection
     gated = tokenwise(lambda t, t_in: proj(out_norm(t) * gate(t_in).sigmoid()), out, out_padding, queries)

@@ -19,6 +19,7 @@ from typing import Any
 from ats_vit import __version__
 from ats_vit.bench.speed import FAMILIES
 from ats_vit.calibrate import METHOD_CHOICES, RECOMMENDED
+from ats_vit.families import SUPPORTED
 from ats_vit.options import DROPPED, SAMPLERS
 
 # ---------------------------------------------------------------- argument types
@@ -106,7 +107,9 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
         "checkpoint", nargs="?", help="a checkpoint written by `ats-vit train` (.safetensors)"
     )
     group = parser.add_argument_group("or a pretrained model (instead of CHECKPOINT)")
-    group.add_argument("--timm", metavar="NAME", help="a timm ViT by name, e.g. deit_small_patch16_224")
+    group.add_argument(
+        "--timm", metavar="NAME", help="a timm ViT, EVA or BEiT by name, e.g. deit_small_patch16_224"
+    )
     group.add_argument("--pretrained", action="store_true", help="with --timm: timm's weights (a download)")
     group.add_argument(
         "--weights", metavar="FILE", help="with --timm: a local .safetensors or .pth state dict"
@@ -115,7 +118,9 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
         "--img-size", type=_positive_int, help="with --timm: build the model at this image size"
     )
     group.add_argument(
-        "--hf", metavar="NAME_OR_DIR", help="a Hugging Face ViT/DeiT classifier (hub name or local dir)"
+        "--hf",
+        metavar="NAME_OR_DIR",
+        help="a Hugging Face image classifier: ViT, DeiT, CLIP, SigLIP, DINOv2 (hub name or local dir)",
     )
 
 
@@ -673,8 +678,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ats-vit",
-        description="Adaptive Token Sampling for Vision Transformers: budgets in GFLOPs for ats_vit.ViT, "
-        "timm ViTs and Hugging Face ViT/DeiT, without or with fine-tuning.",
+        description="Adaptive Token Sampling for Vision Transformers: budgets in GFLOPs or time, "
+        "without or with fine-tuning.",
+        epilog=f"Model families served: {SUPPORTED}. Commands that score accuracy (calibrate, eval) "
+        "need a classifier; feature towers are served from Python (ats_vit.hf.apply / restore).",
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ats_vit.sampling import Padding
 
-__all__ = ["RECEIVED", "RULES", "TokenTrace", "ViTCost", "flops", "gflops"]
+__all__ = ["RECEIVED", "RULES", "TokenTrace", "ViTCost", "flops", "gflops", "mlp_width"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class ViTCost:
     dim: int
     heads: int
     attn_dim: int  # heads * head_dim
-    mlp_hidden: int
+    mlp_hidden: float  # a two-matrix MLP's width with the same multiply-adds (see mlp_width)
     patch_dim: int  # channels * patch_h * patch_w
     num_classes: int
     depth: int
@@ -55,6 +55,16 @@ RULES = (
     "received+merge",
 )
 RECEIVED = ("received", "received+fuse", "received+merge")
+
+
+def mlp_width(mlp: nn.Module, dim: int) -> float:
+    """The hidden width of a two-matrix MLP with the multiply-adds of ``mlp`` (per token):
+    its linear layers' weights over 2 x dim. A plain MLP gives its hidden width; a gated one
+    (SwiGLU: three matrices of width h) gives 1.5 h."""
+    weights = sum(m.weight.numel() for m in mlp.modules() if isinstance(m, nn.Linear))
+    if weights == 0:
+        raise TypeError(f"{type(mlp).__name__} has no linear layers to count")
+    return weights / (2 * dim)
 
 
 @dataclass

@@ -1,13 +1,15 @@
-"""Off-the-shelf ATS for Hugging Face ``transformers`` ViT and DeiT models, no fine-tuning.
+"""Off-the-shelf ATS for Hugging Face ``transformers`` vision transformers, no fine-tuning.
 
-Supported: ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
-``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher`` (transformers
-5.x). As in :mod:`ats_vit.timm`, ``apply`` patches the layers of one model *instance* (once;
-later calls set numbers) to call the model's own modules through
-:func:`ats_vit.attention.sampled_self_attention`, and ``remove`` restores the class's
-behaviour. Patched layers run PyTorch's fused attention whatever ``attn_implementation`` the
-model was loaded with, return no attention maps, and ``last_hidden_state`` holds only the
-tokens that the last layer kept (padded per batch). The implementation is
+Supported (transformers 5.x): ViT and DeiT models and classifiers, ``ViTMAEModel``, the CLIP
+and SigLIP vision towers and image classifiers, and DINOv2 with or without registers (models
+and classifiers); :data:`SUPPORTED` lists the classes. As in :mod:`ats_vit.timm`, ``apply``
+patches the layers of one model *instance* (once; later calls set numbers) to call the
+model's own modules through :func:`ats_vit.attention.sampled_self_attention`, and ``remove``
+restores the class's behaviour. Readouts that average tokens or pool them with an attention
+probe heed the padding and token sizes of the pass. Patched layers run PyTorch's fused
+attention whatever ``attn_implementation`` the model was loaded with, return no attention
+maps, and ``last_hidden_state`` holds only the tokens that the last layer kept (padded per
+batch; ``restore`` puts them back on the grid). The implementation is
 :mod:`ats_vit.families.hf`.
 """
 

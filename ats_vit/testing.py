@@ -22,8 +22,8 @@ def sharpen_queries(model: nn.Module, factor: float) -> nn.Module:
     """Multiply every block's query projection by ``factor`` (in place); returns the model.
     Works for every family: fused qkv weights (ours, timm) and separate q projections (HF)."""
     for block in family_of(model).blocks:
-        attn: Any = getattr(block, "attn", None) or block.attention
-        if hasattr(attn, "qkv"):
+        attn: Any = next(getattr(block, a) for a in ("attn", "attention", "self_attn") if hasattr(block, a))
+        if getattr(attn, "qkv", None) is not None:
             weight = attn.qkv.weight
             weight[: weight.shape[0] // 3] *= factor
         else:

@@ -1,5 +1,9 @@
 """Off-the-shelf ATS for pretrained timm Vision Transformers: fewer tokens, no fine-tuning.
 
+Served: ``VisionTransformer`` (ViT, DeiT, DeiT-III, CLIP, SigLIP, DINOv2, MAE and their
+subclasses with its blocks), ``Eva`` (EVA-02, EVA-CLIP: rotary embeddings, by original
+position) and ``Beit`` (BEiT, BEiT v2: relative position bias gathered for the kept tokens).
+
 ``apply`` patches one model *instance* (once; later calls only set numbers): each block's
 ``forward`` becomes one that calls timm's own modules through
 :func:`ats_vit.attention.sampled_self_attention`, and each block gets a parameter-free
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from timm.models.beit import Beit
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 
 from ats_vit.families import _patched, restore
@@ -24,11 +30,11 @@ __all__ = ["ATSInfo", "apply", "cost", "is_patched", "last_info", "last_trace", 
 
 
 def apply(
-    model: VisionTransformer,
+    model: VisionTransformer | Eva | Beit,
     layers: Iterable[int] | None = None,
     max_tokens: int | Sequence[int] = 108,
     options: SamplingOptions | None = None,
-) -> VisionTransformer:
+) -> VisionTransformer | Eva | Beit:
     """Make ``model``'s blocks in ``layers`` (default: all) keep at most ``max_tokens`` patch
     tokens each (an int, or one per chosen layer, in ``layers`` order after sorting); the
     other blocks keep all. ``options``: how tokens are selected (default: the paper's ATS).
@@ -40,9 +46,11 @@ def apply(
     return model
 
 
-def remove(model: VisionTransformer) -> VisionTransformer:
+def remove(model: VisionTransformer | Eva | Beit) -> VisionTransformer | Eva | Beit:
     """Undo :func:`apply` (a no-op on an unpatched model); returns the model."""
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(f"model must be a timm VisionTransformer (or subclass), got {type(model).__name__}")
+    if not isinstance(model, (VisionTransformer, Eva, Beit)):
+        raise TypeError(
+            f"model must be a timm VisionTransformer, Eva or Beit (or subclass), got {type(model).__name__}"
+        )
     _patched.remove(model)
     return model

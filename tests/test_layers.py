@@ -17,6 +17,7 @@ LAYERS = [
     {"vit"},
     {"families.base"},
     {"families._patched", "families.vit"},
+    {"families.timm_eva", "families.timm_beit"},
     {"families", "families.timm", "families.hf"},
     {"timm", "hf", "testing", "deploy"},
     {"budget", "latency"},

@@ -177,7 +177,7 @@ def _variants(cfg: SpeedConfig, device: torch.device) -> tuple[list[_Variant], t
         depth=cost.depth,
         heads=cost.heads,
         dim_head=cost.attn_dim // cost.heads,
-        mlp_dim=cost.mlp_hidden,
+        mlp_dim=int(cost.mlp_hidden),
     )
     dense_schedule = (n,) * cost.depth
     schedule = (n,) * cfg.start_layer + (min(n, cfg.max_tokens),) * (cost.depth - cfg.start_layer)

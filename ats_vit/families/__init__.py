@@ -25,11 +25,13 @@ _REGISTRY = (
     ("timm", "ats_vit.families.timm"),
     ("transformers", "ats_vit.families.hf"),
 )
-# for messages: what the registry serves
+# for messages and `ats-vit --help`: what the registry serves
 SUPPORTED = (
-    "ats_vit.ViT, timm VisionTransformer (and subclasses with its Block/Attention), "
-    "Hugging Face ViT/DeiT (ViTModel, ViTForImageClassification, DeiTModel, "
-    "DeiTForImageClassification, DeiTForImageClassificationWithTeacher)"
+    "ats_vit.ViT; timm VisionTransformer (ViT, DeiT, DeiT-III, CLIP, SigLIP, DINOv2, MAE and "
+    "subclasses with its blocks), Eva (EVA-02, EVA-CLIP) and Beit (BEiT, BEiT v2); Hugging Face "
+    "ViT/DeiT models and classifiers, ViTMAEModel, CLIPVisionModel(WithProjection), "
+    "CLIPForImageClassification, SiglipVisionModel, SiglipForImageClassification, "
+    "Dinov2(WithRegisters)Model and Dinov2(WithRegisters)ForImageClassification"
 )
 
 

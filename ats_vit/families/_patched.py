@@ -15,13 +15,14 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ats_vit import _validate
 from ats_vit.families.base import Family
 from ats_vit.flops import TokenTrace
 from ats_vit.options import SamplingOptions
-from ats_vit.sampling import AdaptiveTokenSampling
+from ats_vit.sampling import AdaptiveTokenSampling, Padding
 from ats_vit.tokens import ATSInfo, TokenState
 
 # attributes patching adds: on the model, and on each block
@@ -103,6 +104,24 @@ class PatchedFamily(Family):
                 if name in block.__dict__ or name in block._modules:
                     delattr(block, name)
         self.model.__dict__.pop(FAMILY, None)
+
+
+def model_name(model: nn.Module) -> str:
+    """What messages call a model: timm's architecture name when it has one, else its class."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def weighted_mean(x: Tensor, padding: Padding | None, size: Tensor | None, start: int = 0) -> Tensor:
+    """The mean of x[:, start:] over real tokens, each weighed by the patches it stands for:
+    what a readout that averages the dense tokens averages, after tokens were dropped
+    (padding) or merged (sizes)."""
+    tokens = x[:, start:]
+    real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if padding is None else padding.mask
+    weight = real[:, start:].to(x.dtype)
+    if size is not None:
+        weight = weight * size[:, start:].to(x.dtype)
+    return (tokens * weight[..., None]).sum(dim=1) / weight.sum(dim=1, keepdim=True).clamp_min(1e-6)
 
 
 def patched_family(model: nn.Module) -> PatchedFamily | None:

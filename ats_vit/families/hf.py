@@ -1,24 +1,49 @@
-"""Hugging Face ``transformers`` ViT and DeiT as a family: the only module that imports it.
+"""Hugging Face ``transformers`` vision transformers as a family: the only module that imports it.
 
-Served (transformers 5.x): ``ViTModel``, ``ViTForImageClassification``, ``DeiTModel``,
-``DeiTForImageClassification`` and ``DeiTForImageClassificationWithTeacher``. Patching (once)
-replaces each layer's ``forward`` with one that calls the model's own modules (layer norms,
-q/k/v/o projections, dropout, MLP) through :func:`ats_vit.attention.sampled_self_attention`.
+Served (transformers 5.x), each through one description of its layer (which norm, which q/k/v
+projections, layer scale, drop path, MLP: :data:`LAYERS`) and one of the model (where its
+backbone, layers, patch embedding and final norm are, how many prefix tokens it has, how it
+reads out: :data:`KINDS`):
+
+- ViT and DeiT models and classifiers, ``ViTMAEModel`` (class token read out);
+- ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection`` (class token) and
+  ``CLIPForImageClassification`` (averages the patch tokens);
+- ``SiglipVisionModel`` (no class token; attention-pool head) and
+  ``SiglipForImageClassification`` (averages the tokens);
+- ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (class token; registers are prefix tokens,
+  never dropped) and their classifiers (class token next to the mean of the patches).
+
+Patching (once) replaces each layer's ``forward`` with one that calls the model's own modules
+through :func:`ats_vit.attention.sampled_self_attention`; readouts that average tokens or pool
+them with an attention probe are replaced by ones that skip padding and weigh a merged token by
+the patches it stands for. Models that read out the class token alone are scored by its
+attention (the paper); models that pool all tokens by the attention each token receives.
 Patched layers run PyTorch's fused attention whatever ``attn_implementation`` the model was
-loaded with (the logits equal the unpatched model's when nothing is dropped), return no
-attention maps, and ``last_hidden_state`` holds only the tokens the last layer kept (padded
-per batch). The class token (and DeiT's distillation token) are never dropped. The public
-front door is :mod:`ats_vit.hf`.
+loaded with (equal outputs when nothing is dropped), return no attention maps, and
+``last_hidden_state`` holds only the tokens the last layer kept (padded per batch;
+:func:`ats_vit.families.restore` puts them back on the grid). The public front door is
+:mod:`ats_vit.hf`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 try:
+    from transformers.modeling_outputs import ImageClassifierOutput
+    from transformers.models.clip.modeling_clip import (
+        CLIPAttention,
+        CLIPEncoderLayer,
+        CLIPForImageClassification,
+        CLIPVisionModel,
+        CLIPVisionModelWithProjection,
+    )
     from transformers.models.deit.modeling_deit import (
         DeiTAttention,
         DeiTForImageClassification,
@@ -26,141 +51,490 @@ try:
         DeiTLayer,
         DeiTModel,
     )
+    from transformers.models.dinov2.modeling_dinov2 import (
+        Dinov2Attention,
+        Dinov2ForImageClassification,
+        Dinov2Layer,
+        Dinov2Model,
+    )
+    from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
+        Dinov2WithRegistersAttention,
+        Dinov2WithRegistersForImageClassification,
+        Dinov2WithRegistersLayer,
+        Dinov2WithRegistersModel,
+    )
+    from transformers.models.siglip.modeling_siglip import (
+        SiglipAttention,
+        SiglipEncoderLayer,
+        SiglipForImageClassification,
+        SiglipMultiheadAttentionPoolingHead,
+        SiglipVisionModel,
+    )
     from transformers.models.vit.modeling_vit import (
         ViTAttention,
         ViTForImageClassification,
         ViTLayer,
         ViTModel,
     )
+    from transformers.models.vit_mae.modeling_vit_mae import ViTMAEAttention, ViTMAELayer, ViTMAEModel
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("ats_vit.hf needs Hugging Face transformers: pip install 'ats-vit[hf]'") from exc
+    raise ImportError("ats_vit.hf needs Hugging Face transformers>=5.24: pip install 'ats-vit[hf]'") from exc
 
-from ats_vit.attention import sampled_self_attention
-from ats_vit.families._patched import PatchedFamily, block_state, patched_family
-from ats_vit.flops import ViTCost
+from ats_vit.attention import key_bias, sampled_self_attention
+from ats_vit.families._patched import PatchedFamily, block_state, patched_family, weighted_mean
+from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
+from ats_vit.tokens import TokenState
 
-__all__ = ["MODELS", "HFFamily", "backbone", "cost", "family"]
+__all__ = ["KINDS", "MODELS", "HFFamily", "backbone", "cost", "family"]
 
-MODELS = (
-    ViTModel,
-    ViTForImageClassification,
-    DeiTModel,
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
-)
-CLASSIFIERS = (ViTForImageClassification, DeiTForImageClassification, DeiTForImageClassificationWithTeacher)
-_LAYERS = {ViTLayer: ViTAttention, DeiTLayer: DeiTAttention}
+TensorFn = Callable[[Tensor], Tensor]
 
 
-def backbone(model: Any) -> Any:
-    if not isinstance(model, MODELS):
-        names = ", ".join(cls.__name__ for cls in MODELS)
-        raise TypeError(f"ats_vit.hf supports {names}; got {type(model).__name__}")
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+class LayerParts(NamedTuple):
+    """One encoder layer's modules, in the order a pre-norm block uses them."""
+
+    norm1: TensorFn
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    heads: int
+    scale: float
+    dropout: float  # attention dropout probability (training)
+    proj: TensorFn  # per token: output projection (and its dropout)
+    residual1: TensorFn  # on the (b, m, c) grid before the first residual: layer scale, drop path
+    norm2: TensorFn
+    mlp: TensorFn  # per token: the MLP (and its dropout / layer scale)
+    residual2: TensorFn  # on the grid before the second residual: drop path
+
+
+def _vit_parts(layer: Any) -> LayerParts:
+    """ViTLayer, DeiTLayer, ViTMAELayer."""
+    attn = layer.attention
+    return LayerParts(
+        layer.layernorm_before,
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.num_attention_heads,
+        attn.scaling,
+        attn.attention_dropout,
+        lambda t: layer.dropout(attn.o_proj(t)),
+        _identity,
+        layer.layernorm_after,
+        lambda t: layer.dropout(layer.mlp(t)),
+        _identity,
+    )
+
+
+def _clip_parts(layer: Any) -> LayerParts:
+    """CLIPEncoderLayer, SiglipEncoderLayer."""
+    attn = layer.self_attn
+    return LayerParts(
+        layer.layer_norm1,
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.num_heads,
+        attn.scale,
+        attn.dropout,
+        attn.out_proj,
+        _identity,
+        layer.layer_norm2,
+        layer.mlp,
+        _identity,
+    )
+
+
+def _dinov2_parts(layer: Any) -> LayerParts:
+    """Dinov2Layer, Dinov2WithRegistersLayer: layer scale on both branches, one drop path."""
+    attn = layer.attention
+    return LayerParts(
+        layer.norm1,
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.num_attention_heads,
+        attn.scaling,
+        attn.attention_dropout,
+        attn.o_proj,
+        lambda t: layer.drop_path(layer.layer_scale1(t)),
+        layer.norm2,
+        lambda t: layer.layer_scale2(layer.mlp(t)),
+        layer.drop_path,
+    )
+
+
+# layer class -> (the attention class it must hold, how to read its parts)
+LAYERS: dict[type, tuple[type, Callable[[Any], LayerParts]]] = {
+    ViTLayer: (ViTAttention, _vit_parts),
+    DeiTLayer: (DeiTAttention, _vit_parts),
+    ViTMAELayer: (ViTMAEAttention, _vit_parts),
+    CLIPEncoderLayer: (CLIPAttention, _clip_parts),
+    SiglipEncoderLayer: (SiglipAttention, _clip_parts),
+    Dinov2Layer: (Dinov2Attention, _dinov2_parts),
+    Dinov2WithRegistersLayer: (Dinov2WithRegistersAttention, _dinov2_parts),
+}
+_ATTENTION_OF = ("self_attn", "attention")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Where one model class keeps what a family needs, and how it reads out.
+
+    backbone: the module with the embeddings and the layers; layers: its encoder layers;
+    prefix: its prefix tokens (class, distillation, registers); final_norm: the norm between
+    the last layer and ``last_hidden_state`` (None: none); scoring: ``"cls"`` when only the
+    class token is read out, ``"received"`` when the readout pools all tokens;
+    readout: a padding- and size-aware ``forward`` that replaces the model's, for readouts
+    that average tokens (None: the model's own forward is right as it is); heads: the linear
+    layers after the backbone (for FLOPs); classifier: whether it has logits.
+    """
+
+    backbone: Callable[[Any], Any]
+    layers: Callable[[Any], Sequence[nn.Module]]
+    prefix: Callable[[Any], int]
+    final_norm: Callable[[Any], TensorFn | None]
+    scoring: str = "cls"
+    readout: Callable[..., Any] | None = None
+    heads: Callable[[Any], Sequence[Any]] = lambda model: ()
+    classifier: bool = False
+
+
+def _pooled(tokens: Tensor, family: HFFamily, start: int) -> Tensor:
+    """The mean of tokens[:, start:] that skips padding and weighs each token by its patches,
+    when ``tokens`` are the last pass's (else the plain mean)."""
+    state = _state_of(family, tokens)
+    if state is None:
+        return tokens[:, start:].mean(dim=1)
+    return weighted_mean(tokens, state.padding, state.size, start)
+
+
+def _state_of(family: HFFamily, tokens: Tensor) -> TokenState | None:
+    state = family.carrier.state
+    if state is None or tuple(tokens.shape[:2]) != tuple(state.positions.shape):
+        return None
+    return state if state.padding is not None or state.size is not None else None
+
+
+def _classifier_output(self: Any, pooled: Tensor, labels: Tensor | None, outputs: Any) -> Any:
+    logits = self.classifier(pooled)
+    loss = None if labels is None else self.loss_function(labels, logits, self.config)
+    return ImageClassifierOutput(
+        loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+    )
+
+
+def _clip_classify(
+    self: Any, pixel_values: Tensor | None = None, labels: Tensor | None = None, **kw: Any
+) -> Any:
+    """CLIPForImageClassification.forward: mean of the patch tokens, padding and sizes heeded."""
+    outputs = self.vision_model(pixel_values, **kw)
+    return _classifier_output(self, _pooled(outputs.last_hidden_state, self._ats_family, 1), labels, outputs)
+
+
+def _siglip_classify(
+    self: Any, pixel_values: Tensor | None = None, labels: Tensor | None = None, **kw: Any
+) -> Any:
+    """SiglipForImageClassification.forward: mean of all tokens, padding and sizes heeded."""
+    outputs = self.vision_model(pixel_values, **kw)
+    return _classifier_output(self, _pooled(outputs.last_hidden_state, self._ats_family, 0), labels, outputs)
+
+
+def _dinov2_classify(
+    self: Any, pixel_values: Tensor | None = None, labels: Tensor | None = None, **kw: Any
+) -> Any:
+    """Dinov2(WithRegisters)ForImageClassification.forward: the class token next to the mean
+    of the patch tokens (registers excluded), padding and sizes heeded."""
+    family: HFFamily = self._ats_family
+    outputs = backbone(self)(pixel_values, **kw)
+    tokens = outputs.last_hidden_state
+    pooled = torch.cat([tokens[:, 0], _pooled(tokens, family, family.num_prefix_tokens)], dim=1)
+    return _classifier_output(self, pooled, labels, outputs)
+
+
+def _probe_forward(self: Any, hidden_state: Tensor) -> Tensor:
+    """SiglipMultiheadAttentionPoolingHead.forward with the blocks' key bias: padding masked,
+    ``log(size)`` added for merged tokens (bound to the head of a patched model)."""
+    state = _state_of(self._ats_family, hidden_state)
+    if state is None:
+        return SiglipMultiheadAttentionPoolingHead.forward(self, hidden_state)
+    bias = key_bias(state.padding, state.size)
+    if bias is not None and bias.dtype == torch.bool:
+        bias = torch.zeros(bias.shape, device=bias.device).masked_fill(~bias, float("-inf"))
+    probe = self.probe.expand(hidden_state.shape[0], -1, -1)
+    mask = None if bias is None else bias.to(hidden_state.dtype)
+    out = self.attention(probe, hidden_state, hidden_state, key_padding_mask=mask, need_weights=False)[0]
+    out = out + self.mlp(self.layernorm(out))
+    return out[:, 0]
+
+
+def _vit_backbone(model: Any) -> Any:
     if isinstance(model, (ViTModel, DeiTModel)):
         return model
     return model.vit if isinstance(model, ViTForImageClassification) else model.deit
 
 
+def _dinov2_backbone(model: Any) -> Any:
+    for name in ("dinov2", "dinov2_with_registers"):
+        if isinstance(getattr(model, name, None), (Dinov2Model, Dinov2WithRegistersModel)):
+            return getattr(model, name)
+    return model
+
+
+def _registers(base: Any) -> int:
+    return 1 + int(getattr(base.config, "num_register_tokens", 0) or 0)
+
+
+def _one(value: Any) -> Sequence[Any]:
+    return (value,)
+
+
+_VIT = Kind(
+    backbone=_vit_backbone,
+    layers=lambda base: base.layers,
+    prefix=lambda base: 2 if isinstance(base, DeiTModel) else 1,
+    final_norm=lambda base: base.layernorm,
+    heads=lambda model: (
+        [getattr(model, n, None) for n in ("classifier", "cls_classifier", "distillation_classifier")]
+        + [getattr(_vit_backbone(model).pooler, "dense", None)]
+    ),
+)
+_CLIP_TOWER = Kind(
+    backbone=lambda model: getattr(model, "vision_model", model),
+    layers=lambda base: base.encoder.layers,
+    prefix=lambda base: 1,
+    final_norm=lambda base: None,  # CLIP normalises only the pooled class token
+    heads=lambda model: _one(getattr(model, "visual_projection", None)),
+)
+_SIGLIP_TOWER = Kind(
+    backbone=lambda model: getattr(model, "vision_model", model),
+    layers=lambda base: base.encoder.layers,
+    prefix=lambda base: 0,
+    final_norm=lambda base: base.post_layernorm,
+    scoring="received",
+)
+_DINOV2 = Kind(
+    backbone=_dinov2_backbone,
+    layers=lambda base: base.encoder.layer,
+    prefix=_registers,
+    final_norm=lambda base: base.layernorm,
+)
+
+# model class -> its kind; the classifiers that average tokens get a readout that heeds padding
+KINDS: dict[type, Kind] = {
+    ViTModel: _VIT,
+    DeiTModel: _VIT,
+    ViTForImageClassification: replace(_VIT, classifier=True),
+    DeiTForImageClassification: replace(_VIT, classifier=True),
+    DeiTForImageClassificationWithTeacher: replace(_VIT, classifier=True),
+    ViTMAEModel: Kind(
+        backbone=lambda model: model,
+        layers=lambda base: base.layers,
+        prefix=lambda base: 1,
+        final_norm=lambda base: base.layernorm,
+    ),
+    CLIPVisionModel: _CLIP_TOWER,
+    CLIPVisionModelWithProjection: _CLIP_TOWER,
+    CLIPForImageClassification: replace(
+        _CLIP_TOWER,
+        scoring="received",
+        readout=_clip_classify,
+        heads=lambda model: _one(model.classifier),
+        classifier=True,
+    ),
+    SiglipVisionModel: _SIGLIP_TOWER,
+    SiglipForImageClassification: replace(
+        _SIGLIP_TOWER,
+        readout=_siglip_classify,
+        heads=lambda model: _one(model.classifier),
+        classifier=True,
+    ),
+    Dinov2Model: _DINOV2,
+    Dinov2WithRegistersModel: _DINOV2,
+    Dinov2ForImageClassification: replace(
+        _DINOV2,
+        scoring="received",
+        readout=_dinov2_classify,
+        heads=lambda model: _one(model.classifier),
+        classifier=True,
+    ),
+    Dinov2WithRegistersForImageClassification: replace(
+        _DINOV2,
+        scoring="received",
+        readout=_dinov2_classify,
+        heads=lambda model: _one(model.classifier),
+        classifier=True,
+    ),
+}
+MODELS = tuple(KINDS)
+
+
+def kind_of(model: Any) -> Kind:
+    kind = KINDS.get(type(model))
+    if kind is None:
+        names = ", ".join(cls.__name__ for cls in MODELS)
+        raise TypeError(f"ats_vit.hf supports {names}; got {type(model).__name__}")
+    return kind
+
+
+def backbone(model: Any) -> Any:
+    """The module of ``model`` that holds its embeddings and encoder layers."""
+    return kind_of(model).backbone(model)
+
+
+def _embeddings(base: Any) -> tuple[Any, nn.Conv2d]:
+    """(embeddings module, patch projection) of a backbone."""
+    emb = base.embeddings
+    conv = getattr(emb, "patch_embedding", None)
+    if conv is None:
+        conv = emb.patch_embeddings.projection
+    return emb, conv
+
+
+def num_patches(base: Any) -> int:
+    emb, _ = _embeddings(base)
+    found = getattr(emb, "num_patches", None)
+    return int(found if found is not None else emb.patch_embeddings.num_patches)
+
+
 def check_supported(model: Any) -> Any:
-    found = backbone(model)
+    """The backbone of a model ats_vit.hf serves; TypeError / ValueError naming what is not."""
+    kind = kind_of(model)
+    base = kind.backbone(model)
     name = type(model).__name__
-    for i, layer in enumerate(found.layers):
+    for i, layer in enumerate(kind.layers(base)):
         # the patched forward replays the layer's and the attention's forward with the same
         # modules; a subclass that changed either would be silently altered
-        attention = _LAYERS.get(type(layer))
-        if attention is None or type(layer.attention) is not attention:
+        known = LAYERS.get(type(layer))
+        attn = next((getattr(layer, a) for a in _ATTENTION_OF if hasattr(layer, a)), None)
+        if known is None or type(attn) is not known[0]:
             raise TypeError(
-                f"{name}: layer {i} is {type(layer).__name__} with {type(layer.attention).__name__}; "
-                "ats_vit.hf supports the ViTLayer/DeiTLayer of transformers' ViT and DeiT models only"
+                f"{name}: layer {i} is {type(layer).__name__} with {type(attn).__name__}; "
+                f"ats_vit.hf supports the encoder layers of {', '.join(c.__name__ for c in MODELS)} only"
             )
-    return found
+    if isinstance(base, ViTMAEModel) and float(base.config.mask_ratio) != 0.0:
+        raise ValueError(
+            f"{name}: config.mask_ratio={base.config.mask_ratio} masks patches at random; for "
+            "inference with ATS set model.config.mask_ratio = 0.0 (and pass noise=torch.arange(n) "
+            "per image to keep the patches in grid order)"
+        )
+    return base
 
 
 def cost(model: Any) -> ViTCost:
-    """The sizes that set ``model``'s FLOPs (for :func:`ats_vit.flops.gflops`)."""
-    base = backbone(model)
-    config = base.config
-    attention = base.layers[0].attention
-    proj = base.embeddings.patch_embeddings.projection
-    heads = [
-        getattr(model, name, None) for name in ("classifier", "cls_classifier", "distillation_classifier")
-    ]
-    if base.pooler is not None:
-        heads.append(base.pooler.dense)
-    outputs = sum(h.out_features for h in heads if isinstance(h, nn.Linear))
+    """The sizes that set ``model``'s FLOPs (for :func:`ats_vit.flops.gflops`).
+
+    A SwiGLU MLP counts by its weights (:func:`ats_vit.flops.mlp_width`); a head's FLOPs are
+    its weight's size, counted as ``dim`` x outputs.
+    """
+    kind = kind_of(model)
+    base = kind.backbone(model)
+    dim = base.config.hidden_size
+    first: Any = kind.layers(base)[0]
+    parts = LAYERS[type(first)][1](first)
+    _, conv = _embeddings(base)
+    head_weights = sum(h.weight.numel() for h in kind.heads(model) if isinstance(h, nn.Linear))
     return ViTCost(
-        num_patches=base.embeddings.patch_embeddings.num_patches,
-        num_prefix_tokens=2 if isinstance(base, DeiTModel) else 1,
-        dim=config.hidden_size,
-        heads=attention.num_attention_heads,
-        attn_dim=attention.num_attention_heads * attention.head_dim,
-        mlp_hidden=base.layers[0].mlp.fc1.out_features,
-        patch_dim=proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1],
-        num_classes=outputs,
-        depth=len(base.layers),
+        num_patches=num_patches(base),
+        num_prefix_tokens=kind.prefix(base),
+        dim=dim,
+        heads=parts.heads,
+        attn_dim=parts.q.out_features,
+        mlp_hidden=mlp_width(first.mlp, dim),
+        patch_dim=conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1],
+        num_classes=-(-head_weights // dim),
+        depth=len(kind.layers(base)),
     )
 
 
 def _layer_forward(
-    self: Any, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs: Any
+    self: Any, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any, **kw: Any
 ) -> Tensor:
-    """ViTLayer.forward / DeiTLayer.forward with token sampling; bound to patched layers."""
+    """A served encoder layer's forward with token sampling; bound to patched layers."""
     if attention_mask is not None:
         raise ValueError("ATS-patched layers do not support an attention_mask")
     state = block_state(self, hidden_states)
     skipped = state.skip(self._ats_index)
     if skipped is not None:
         return skipped
-    attn = self.attention
-    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    p: LayerParts = self._ats_parts(self)
     out, selection = sampled_self_attention(
-        self.layernorm_before(hidden_states),
+        p.norm1(hidden_states),
         state.padding,
         self.ats,
         size=state.size,
-        qkv_weight=(q.weight, k.weight, v.weight),
-        qkv_bias=(q.bias, k.bias, v.bias),
-        heads=attn.num_attention_heads,
-        scale=attn.scaling,
-        dropout_p=attn.attention_dropout if self.training else 0.0,
-        proj=lambda t: self.dropout(attn.o_proj(t)),
+        qkv_weight=(p.q.weight, p.k.weight, p.v.weight),
+        qkv_bias=(p.q.bias, p.k.bias, p.v.bias),
+        heads=p.heads,
+        scale=p.scale,
+        dropout_p=p.dropout if self.training else 0.0,
+        proj=p.proj,
     )
-    x = state.follow(hidden_states, out, selection)
+    x = state.follow(hidden_states, p.residual1(out), selection)
     del out  # not alive during the MLP, whose hidden activations set the peak memory
-    x = x + tokenwise(lambda t: self.dropout(self.mlp(self.layernorm_after(t))), x, state.padding)
+    # drop path is per image, so it must see the padded (b, m, c) grid, not packed tokens
+    x = x + p.residual2(tokenwise(lambda t: p.mlp(p.norm2(t)), x, state.padding))
     state.record(x)
     return x
 
 
 class HFFamily(PatchedFamily):
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: Any) -> None:
         base = check_supported(model)
+        self.kind = kind_of(model)
+        self.scoring = self.kind.scoring
         config = base.config
+        _, conv = _embeddings(base)
         super().__init__(
             model,
             type(model).__name__,
-            list(base.layers),
+            list(self.kind.layers(base)),
             cost(model),
             image_size=_pair(config.image_size),
-            patch_size=_pair(config.patch_size),
-            channels=config.num_channels,
-            num_classes=int(config.num_labels or 0) if isinstance(model, CLASSIFIERS) else 0,
+            patch_size=_pair(conv.kernel_size),
+            channels=conv.in_channels,
+            num_classes=int(model.config.num_labels or 0) if self.kind.classifier else 0,
         )
 
     def final_norm(self) -> Callable[[Tensor], Tensor] | None:
-        return backbone(self.model).layernorm  # last_hidden_state comes after it
+        return self.kind.final_norm(backbone(self.model))
 
     def logits(self, images: Tensor) -> Tensor:
-        if not isinstance(self.model, CLASSIFIERS):
+        if not self.kind.classifier:
+            served = ", ".join(c.__name__ for c, k in KINDS.items() if k.classifier)
             raise TypeError(
-                f"{self.name} has no classification head; calibration and evaluation need one "
-                f"({', '.join(c.__name__ for c in CLASSIFIERS)})"
+                f"{self.name} has no classification head; calibration and evaluation need one ({served})"
             )
         return self.model(pixel_values=images).logits
 
+    def patch(self, forward: Callable[..., Tensor]) -> None:
+        super().patch(forward)
+        for block in self.blocks:
+            block._ats_parts = LAYERS[type(block)][1]
+        if self.kind.readout is not None:
+            self.model.forward = types.MethodType(self.kind.readout, self.model)
+        head = getattr(backbone(self.model), "head", None)
+        if isinstance(head, SiglipMultiheadAttentionPoolingHead):
+            head.forward = types.MethodType(_probe_forward, head)  # type: ignore[method-assign]
+            head.__dict__["_ats_family"] = self
 
-def _pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    def unpatch(self) -> None:
+        for block in self.blocks:
+            block.__dict__.pop("_ats_parts", None)
+        self.model.__dict__.pop("forward", None)
+        head = getattr(backbone(self.model), "head", None)
+        if isinstance(head, nn.Module):
+            head.__dict__.pop("forward", None)
+            head.__dict__.pop("_ats_family", None)
+        super().unpatch()
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 

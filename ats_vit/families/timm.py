@@ -12,22 +12,20 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from timm.models.beit import Beit
+from timm.models.eva import Eva
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
-from torch import Tensor, nn
+from torch import Tensor
 
 from ats_vit.attention import key_bias, sampled_self_attention
-from ats_vit.families._patched import PatchedFamily, block_state, patched_family
-from ats_vit.flops import ViTCost
+from ats_vit.families import timm_beit, timm_eva
+from ats_vit.families._patched import PatchedFamily, block_state, model_name, patched_family, weighted_mean
+from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
 
 __all__ = ["MODELS", "TimmFamily", "cost", "family", "model_name"]
 
-MODELS = (VisionTransformer,)
-
-
-def model_name(model: nn.Module) -> str:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(model).__name__
+MODELS = (VisionTransformer, Eva, Beit)
 
 
 # the readouts the patched model serves: the CLS token (scored by its attention, the paper),
@@ -87,14 +85,11 @@ def _pool(self: Any, x: Tensor, pool_type: str | None = None) -> Tensor:
     pool_type = self.global_pool if pool_type is None else pool_type
     if pool_type in ("token", ""):
         return VisionTransformer.pool(self, x, pool_type)
-    real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if padding is None else padding.mask
-    real = real[:, start:]
-    tokens = x[:, start:]
-    weight = real.to(x.dtype) if size is None else (size[:, start:] * real).to(x.dtype)
-    mean = (tokens * weight[..., None]).sum(dim=1) / weight.sum(dim=1, keepdim=True).clamp_min(1e-6)
+    mean = weighted_mean(x, padding, size, start)
     if pool_type == "avg":
         return mean
-    peak = tokens.masked_fill(~real[..., None], float("-inf")).amax(dim=1)
+    real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if padding is None else padding.mask
+    peak = x[:, start:].masked_fill(~real[:, start:, None], float("-inf")).amax(dim=1)
     return peak if pool_type == "max" else 0.5 * (peak + mean)
 
 
@@ -109,7 +104,7 @@ def cost(model: Any) -> ViTCost:
         dim=model.embed_dim,
         heads=block.attn.num_heads,
         attn_dim=block.attn.num_heads * block.attn.head_dim,
-        mlp_hidden=block.mlp.fc1.out_features,
+        mlp_hidden=mlp_width(block.mlp, model.embed_dim),
         patch_dim=proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1],
         num_classes=model.num_classes * heads,
         depth=len(model.blocks),
@@ -181,8 +176,13 @@ class TimmFamily(PatchedFamily):
         super().unpatch()
 
 
-def family(model: VisionTransformer) -> TimmFamily:
-    """The family of a timm model, patching it (dense) the first time."""
+def family(model: Any) -> PatchedFamily:
+    """The family of a timm model (``VisionTransformer``, ``Eva`` or ``Beit``), patching it
+    (dense) the first time."""
+    if isinstance(model, Eva):
+        return timm_eva.family(model)
+    if isinstance(model, Beit):
+        return timm_beit.family(model)
     found = patched_family(model)
     if isinstance(found, TimmFamily):
         return found
