@@ -282,7 +282,7 @@ class LatencyModel:
         widths = _grid(n, p, points)
         runs: dict[Any, Callable[[], object]] = {w: self._runner(w) for w in widths}
         runs.update({(c, w): self._runner(w, c) for c in CONTEXTS[1:] for w in widths})
-        images = torch.randn(self.batch_size, family.channels, *family.image_size)
+        images = torch.randn(self.batch_size, *family.input_shape)
         images = images.to(self.device, self.param_dtype)
         autocast = self._autocast()
 
@@ -349,7 +349,7 @@ class LatencyModel:
         (pulled gently towards 1), so that predictions match the model in place."""
         family = self.family
         depth, n = family.depth, family.num_patches
-        images = torch.randn(self.batch_size, family.channels, *family.image_size)
+        images = torch.randn(self.batch_size, *family.input_shape)
         images = images.to(self.device, self.param_dtype)
         configs: list[tuple[tuple[int, ...], SamplingOptions]] = [((n,) * depth, SamplingOptions())]
         for rule in REFERENCE_RULES:

@@ -22,7 +22,11 @@ def sharpen_queries(model: nn.Module, factor: float) -> nn.Module:
     """Multiply every block's query projection by ``factor`` (in place); returns the model.
     Works for every family: fused qkv weights (ours, timm) and separate q projections (HF)."""
     for block in family_of(model).blocks:
-        attn: Any = next(getattr(block, a) for a in ("attn", "attention", "self_attn") if hasattr(block, a))
+        parts = getattr(block, "_ats_parts", None)  # Hugging Face layers: the family reads them
+        if parts is not None:
+            parts(block).q.weight *= factor
+            continue
+        attn: Any = next(getattr(block, a) for a in ("attn", "attention") if hasattr(block, a))
         if getattr(attn, "qkv", None) is not None:
             weight = attn.qkv.weight
             weight[: weight.shape[0] // 3] *= factor

@@ -22,6 +22,7 @@ LAYERS = [
     {"timm", "hf", "testing", "deploy"},
     {"budget", "latency"},
     {"calibrate", "data", "models"},
+    {"video"},
     {"checkpoint"},
     {"evaluate", "train", "viz", "sources"},
     {"bench.common"},

@@ -32,7 +32,8 @@ class Family(ABC):
 
     model: the model itself; name: what messages call it; blocks: its transformer blocks in
     order; cost: the sizes that set its FLOPs; image_size, patch_size: (h, w) in pixels;
-    channels: input channels; num_classes: the classes its logits score (0: no classifier).
+    channels: input channels; num_classes: the classes its logits score (0: no classifier);
+    frames: input frames of a video model (its input is (b, frames, channels, h, w); 1: images).
     ``scoring``: where its sampling layers' significance comes from (``"cls"``: the CLS
     query's attention, for models that read out the CLS token; ``"received"``: the attention
     each token receives, for models that pool all tokens).
@@ -51,6 +52,7 @@ class Family(ABC):
         patch_size: tuple[int, int],
         channels: int,
         num_classes: int,
+        frames: int = 1,
     ) -> None:
         self.model = model
         self.name = name
@@ -60,6 +62,13 @@ class Family(ABC):
         self.patch_size = patch_size
         self.channels = channels
         self.num_classes = num_classes
+        self.frames = frames
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input's shape: (channels, h, w) for images, (frames, channels, h, w) for videos."""
+        image = (self.channels, *self.image_size)
+        return image if self.frames == 1 else (self.frames, *image)
 
     @property
     def depth(self) -> int:

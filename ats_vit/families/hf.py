@@ -11,7 +11,9 @@ reads out: :data:`KINDS`):
 - ``SiglipVisionModel`` (no class token; attention-pool head) and
   ``SiglipForImageClassification`` (averages the tokens);
 - ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (class token; registers are prefix tokens,
-  never dropped) and their classifiers (class token next to the mean of the patches).
+  never dropped) and their classifiers (class token next to the mean of the patches);
+- ``VideoMAEModel`` and ``VideoMAEForVideoClassification`` (video: no class token, the mean
+  of the space-time tokens; ATS samples across space and time at once).
 
 Patching (once) replaces each layer's ``forward`` with one that calls the model's own modules
 through :func:`ats_vit.attention.sampled_self_attention`; readouts that average tokens or pool
@@ -69,6 +71,12 @@ try:
         SiglipForImageClassification,
         SiglipMultiheadAttentionPoolingHead,
         SiglipVisionModel,
+    )
+    from transformers.models.videomae.modeling_videomae import (
+        VideoMAEAttention,
+        VideoMAEForVideoClassification,
+        VideoMAELayer,
+        VideoMAEModel,
     )
     from transformers.models.vit.modeling_vit import (
         ViTAttention,
@@ -169,6 +177,25 @@ def _dinov2_parts(layer: Any) -> LayerParts:
     )
 
 
+def _videomae_parts(layer: Any) -> LayerParts:
+    """VideoMAELayer: ViT's layout with the older module names (key without bias)."""
+    attn, out = layer.attention.attention, layer.attention.output
+    return LayerParts(
+        layer.layernorm_before,
+        attn.query,
+        attn.key,
+        attn.value,
+        attn.num_attention_heads,
+        attn.scaling,
+        attn.dropout_prob,
+        lambda t: out.dropout(out.dense(t)),
+        _identity,
+        layer.layernorm_after,
+        lambda t: layer.output.dropout(layer.output.dense(layer.intermediate(t))),
+        _identity,
+    )
+
+
 # layer class -> (the attention class it must hold, how to read its parts)
 LAYERS: dict[type, tuple[type, Callable[[Any], LayerParts]]] = {
     ViTLayer: (ViTAttention, _vit_parts),
@@ -178,6 +205,7 @@ LAYERS: dict[type, tuple[type, Callable[[Any], LayerParts]]] = {
     SiglipEncoderLayer: (SiglipAttention, _clip_parts),
     Dinov2Layer: (Dinov2Attention, _dinov2_parts),
     Dinov2WithRegistersLayer: (Dinov2WithRegistersAttention, _dinov2_parts),
+    VideoMAELayer: (VideoMAEAttention, _videomae_parts),
 }
 _ATTENTION_OF = ("self_attn", "attention")
 
@@ -257,6 +285,16 @@ def _dinov2_classify(
     return _classifier_output(self, pooled, labels, outputs)
 
 
+def _videomae_classify(
+    self: Any, pixel_values: Tensor | None = None, labels: Tensor | None = None, **kw: Any
+) -> Any:
+    """VideoMAEForVideoClassification.forward (mean pooling): the mean of the space-time
+    tokens, padding and sizes heeded, then ``fc_norm``."""
+    outputs = self.videomae(pixel_values, **kw)
+    pooled = self.fc_norm(_pooled(outputs.last_hidden_state, self._ats_family, 0))
+    return _classifier_output(self, pooled, labels, outputs)
+
+
 def _probe_forward(self: Any, hidden_state: Tensor) -> Tensor:
     """SiglipMultiheadAttentionPoolingHead.forward with the blocks' key bias: padding masked,
     ``log(size)`` added for merged tokens (bound to the head of a patched model)."""
@@ -325,6 +363,14 @@ _DINOV2 = Kind(
     final_norm=lambda base: base.layernorm,
 )
 
+_VIDEOMAE = Kind(
+    backbone=lambda model: getattr(model, "videomae", model),
+    layers=lambda base: base.encoder.layer,
+    prefix=lambda base: 0,
+    final_norm=lambda base: base.layernorm,
+    scoring="received",
+)
+
 # model class -> its kind; the classifiers that average tokens get a readout that heeds padding
 KINDS: dict[type, Kind] = {
     ViTModel: _VIT,
@@ -370,6 +416,13 @@ KINDS: dict[type, Kind] = {
         heads=lambda model: _one(model.classifier),
         classifier=True,
     ),
+    VideoMAEModel: _VIDEOMAE,
+    VideoMAEForVideoClassification: replace(
+        _VIDEOMAE,
+        readout=_videomae_classify,
+        heads=lambda model: _one(model.classifier),
+        classifier=True,
+    ),
 }
 MODELS = tuple(KINDS)
 
@@ -387,7 +440,7 @@ def backbone(model: Any) -> Any:
     return kind_of(model).backbone(model)
 
 
-def _embeddings(base: Any) -> tuple[Any, nn.Conv2d]:
+def _embeddings(base: Any) -> tuple[Any, Any]:
     """(embeddings module, patch projection) of a backbone."""
     emb = base.embeddings
     conv = getattr(emb, "patch_embedding", None)
@@ -417,6 +470,11 @@ def check_supported(model: Any) -> Any:
                 f"{name}: layer {i} is {type(layer).__name__} with {type(attn).__name__}; "
                 f"ats_vit.hf supports the encoder layers of {', '.join(c.__name__ for c in MODELS)} only"
             )
+    if isinstance(model, VideoMAEForVideoClassification) and model.fc_norm is None:
+        raise ValueError(
+            f"{name}: config.use_mean_pooling=False reads out the first space-time patch, which "
+            "ATS may drop; ATS serves VideoMAE classifiers that average their tokens"
+        )
     if isinstance(base, ViTMAEModel) and float(base.config.mask_ratio) != 0.0:
         raise ValueError(
             f"{name}: config.mask_ratio={base.config.mask_ratio} masks patches at random; for "
@@ -424,6 +482,13 @@ def check_supported(model: Any) -> Any:
             "per image to keep the patches in grid order)"
         )
     return base
+
+
+def _mlp(layer: Any) -> nn.Module:
+    """A layer's MLP as one module (VideoMAE splits it into ``intermediate`` and ``output``)."""
+    if isinstance(layer, VideoMAELayer):
+        return nn.ModuleList([layer.intermediate, layer.output])
+    return layer.mlp
 
 
 def cost(model: Any) -> ViTCost:
@@ -445,8 +510,8 @@ def cost(model: Any) -> ViTCost:
         dim=dim,
         heads=parts.heads,
         attn_dim=parts.q.out_features,
-        mlp_hidden=mlp_width(first.mlp, dim),
-        patch_dim=conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1],
+        mlp_hidden=mlp_width(_mlp(first), dim),
+        patch_dim=conv.weight[0].numel(),  # channels x kernel (x tubelet for videos)
         num_classes=-(-head_weights // dim),
         depth=len(kind.layers(base)),
     )
@@ -490,15 +555,17 @@ class HFFamily(PatchedFamily):
         self.scoring = self.kind.scoring
         config = base.config
         _, conv = _embeddings(base)
+        video = isinstance(conv, nn.Conv3d)  # (tubelet, h, w) kernels over (frames, h, w)
         super().__init__(
             model,
             type(model).__name__,
             list(self.kind.layers(base)),
             cost(model),
             image_size=_pair(config.image_size),
-            patch_size=_pair(conv.kernel_size),
+            patch_size=_pair(conv.kernel_size[1:] if video else conv.kernel_size),
             channels=conv.in_channels,
             num_classes=int(model.config.num_labels or 0) if self.kind.classifier else 0,
+            frames=int(config.num_frames) if video else 1,
         )
 
     def final_norm(self) -> Callable[[Tensor], Tensor] | None:
