@@ -85,6 +85,9 @@ class Method:
     knob: str = "decay"
     decays: tuple[float, ...] = ()
     search: bool = False  # also search a per-layer schedule (Calibration.schedule_search)
+    # a hybrid's rule (sampler, dropped) in the first `early_fraction` of its sampling layers
+    early: tuple[str, str] | None = None
+    early_fraction: float = 0.5
 
 
 _ATS_DECAYS = (0.5, 0.7, 0.85, 0.95)
@@ -99,6 +102,8 @@ METHODS: dict[str, Method] = {
     "tome": Method("tome", "merge"),
     "tome-early": Method("tome-early", "merge"),
     "official": Method("official", knob="keep"),
+    # ToMe's merging in the first half of the sampling layers, ATS (fusing what it drops) after
+    "hybrid": Method("inverse_transform", "fuse", early=("tome", "merge")),
 }
 SEARCH = "+search"
 METHODS.update({name + SEARCH: replace(spec, search=True) for name, spec in list(METHODS.items())})
@@ -200,9 +205,10 @@ class Calibration:
     ) -> None:
         _validate.choice("method", method, METHOD_CHOICES)
         _validate.choice("cost", cost, COST_KINDS)
-        if not isinstance(images, Tensor) or images.dim() != 4 or len(images) == 0:
+        if not isinstance(images, Tensor) or images.dim() not in (4, 5) or len(images) == 0:
             raise ValueError(
-                f"images must be a non-empty (N, C, H, W) tensor, got {getattr(images, 'shape', images)}"
+                "images must be a non-empty (N, C, H, W) tensor (videos: (N, frames, C, H, W)), "
+                f"got {getattr(images, 'shape', images)}"
             )
         if labels is not None and (not isinstance(labels, Tensor) or labels.shape != images.shape[:1]):
             raise ValueError(
@@ -269,6 +275,10 @@ class Calibration:
             caps = (max(1, round(self.num_patches * decay)),) * layers
         else:
             caps = caps_for(decay, self.num_patches, layers)
+        early_layers, early_sampler, early_dropped = 0, None, None
+        if spec.early is not None:
+            early_layers = round(spec.early_fraction * len(caps))
+            early_sampler, early_dropped = spec.early
         return Budget(
             start_layer=start,
             caps=caps,
@@ -279,6 +289,9 @@ class Calibration:
             num_patches=self.num_patches,
             method=method,
             cost=self.cost,
+            early_layers=early_layers,
+            early_sampler=early_sampler,
+            early_dropped=early_dropped,
         )
 
     def _far(self, costs: Tensor, target: float) -> bool:
@@ -623,7 +636,8 @@ def calibrate(
     with the best accuracy there (``labels``), or the best agreement with the dense model's own
     top-1 when no labels are given; the model is left configured with it.
 
-    images: (N, C, H, W) calibration images (not the ones you report on); labels: (N,) or None.
+    images: (N, C, H, W) calibration images, (N, frames, C, H, W) for a video model (not the
+    ones you report on); labels: (N,) or None.
     ``options`` are :class:`Calibration`'s: ``method`` (default :data:`RECOMMENDED`), ``cost``,
     ``timing_batch``, ``dtype``, ``start_layers`` (where selection may start; default all),
     ``batch_size``, ``tolerance`` and ``steps`` (of the bisection of each knob), ``probe``

@@ -200,7 +200,11 @@ def _describe(budget: Any) -> str:
     knob = "" if budget.temperature == 1.0 else f", temperature {budget.temperature:.3g}"
     kept = "" if budget.dropped == "discard" else f", dropped tokens {budget.dropped}d"
     name = budget.method or budget.sampler
-    return f"{name}: from layer {budget.start_layer}, caps {list(budget.caps)}{knob}{kept}"
+    early = ""
+    if budget.early_layers:
+        switch = budget.start_layer + budget.early_layers
+        early = f", {budget.early_sampler} before layer {switch}"
+    return f"{name}: from layer {budget.start_layer}, caps {list(budget.caps)}{knob}{kept}{early}"
 
 
 def _eval_budgets(args: argparse.Namespace, source: Any) -> list[tuple[str, Any]]:

@@ -31,12 +31,12 @@ SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
 @dataclass(frozen=True)
 class GlyphConfig:
     canvas: int = 56  # image side, pixels (4 x 4 patches: 196 tokens)
-    digit_size: tuple[int, int] = (16, 26)  # the digit's height, pixels
+    digit_size: tuple[int, int] = (20, 28)  # the digit's height, pixels
     letter_size: tuple[int, int] = (9, 16)  # the letters' height, pixels
-    letters: int = 7  # letters per image
+    letters: int = 4  # letters per image
     letter_intensity: tuple[float, float] = (0.35, 0.8)
-    rotation: float = 30.0  # degrees, either way
-    shear: float = 0.3
+    rotation: float = 15.0  # degrees, either way
+    shear: float = 0.15
     noise: float = 0.08
     train: int = 32_000
     val: int = 4_000

@@ -302,7 +302,7 @@ class LatencyModel:
 
         def measure(ats: Any) -> dict[Any, float]:
             times = self._time(runs, lambda _key: ats.configure(n, SamplingOptions()))
-            saved = family.caps(), family.options()
+            saved = family.caps(), family.layer_options()
             family.set_schedule(None, SamplingOptions())
             try:
                 times.update(self._time({"model": whole, "stem": stem_only}, lambda _key: None))
@@ -359,7 +359,7 @@ class LatencyModel:
                         max(2, round(n * decay ** (i + 1))) for i in range(depth - start)
                     )
                     configs.append((caps, RULE_OPTIONS[rule]))
-        saved, training = (family.caps(), family.options()), family.model.training
+        saved, training = (family.caps(), family.layer_options()), family.model.training
         family.model.eval()
         autocast = self._autocast()
         try:

@@ -11,10 +11,9 @@ All dense (ATS is applied afterwards, without fine-tuning), each reproducible fr
   timm-map``): the CLS-free families, scored by received attention;
 - ``glyphs196``: the harder task at DeiT's token count (``ats_vit.glyphs``: a distorted digit
   among letters, 56 x 56 pixels in 4 x 4 patches, 196 tokens; 10,000 independent test images).
-  **Not yet a usable checkpoint**: on 2 CPU cores this recipe runs at about 1.5 s a step
-  (about 65 minutes for its 2,500 steps), and a first run still had a training loss of 1.89
-  (chance: 2.30) at step 1,180, when it was stopped. It needs a GPU, or a recipe that learns
-  faster (benchmarks/README.md).
+  A 6-layer, 64-wide ViT, 3 epochs of 32,000 images at batch 32: about 17 minutes on 2 CPU
+  cores (3 steps/s); the loss stays near chance for ~500 steps, then falls. Dense accuracy
+  82.4% on the 10,000 test images (the issue's window: 80-92%).
 
     python benchmarks/frontier_checkpoints.py runs/frontier                    # all of them
     python benchmarks/frontier_checkpoints.py runs/frontier --only gap map     # about 3 min each, 2 CPU cores
@@ -30,7 +29,19 @@ from ats_vit.data import load_split
 from ats_vit.models import ModelConfig
 from ats_vit.train import TrainConfig, train
 
-GLYPHS = ModelConfig(image_size=56, patch_size=4, num_classes=10, channels=1, dim=96, depth=8, mlp_dim=192)
+# small enough to learn on 2 CPU cores (about 0.5 s a step at batch 32); the loss stays near
+# chance for ~500 steps, then falls
+GLYPHS = ModelConfig(
+    image_size=56,
+    patch_size=4,
+    num_classes=10,
+    channels=1,
+    dim=64,
+    depth=6,
+    heads=4,
+    dim_head=16,
+    mlp_dim=128,
+)
 RECIPES = {
     "demo": ("demo", TrainConfig()),
     "timm": ("demo", TrainConfig(model=ModelConfig(arch="timm"))),
@@ -44,7 +55,7 @@ RECIPES = {
             lr=1.5e-3,
         ),
     ),
-    "glyphs196": ("glyphs", TrainConfig(model=GLYPHS, epochs=5, batch_size=64, lr=1.5e-3, warmup_steps=200)),
+    "glyphs196": ("glyphs", TrainConfig(model=GLYPHS, epochs=3, batch_size=32, lr=1e-3, warmup_steps=100)),
 }
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from helpers import SMALL, images, small_vit, tiny_data
+from helpers import NUM_PATCHES, SMALL, images, small_vit, tiny_data
 
 from ats_vit import SamplingOptions, family_of
 from ats_vit.budget import Budget, BudgetError, configure
@@ -195,3 +195,37 @@ def test_static_shape_is_honoured_by_every_family():
 
 def test_schedule_fills_the_layers_before_the_start():
     assert Budget(1, (20, 8, 8), depth=SMALL["depth"]).schedule(4, 16) == (16, 16, 8, 8)
+
+
+def test_a_hybrid_budget_sets_two_rules_and_round_trips(tmp_path):
+    """Early layers merge (ToMe), later ones sample (ATS): each block runs its own rule, the
+    trace records both, and the file keeps both."""
+    model = small_vit(peaked=8.0)
+    budget = Budget(
+        1,
+        (12, 10, 8),
+        sampler="inverse_transform",
+        dropped="fuse",
+        depth=4,
+        num_patches=NUM_PATCHES,
+        early_layers=2,
+        early_sampler="tome",
+    )
+    assert budget.early_dropped == "merge"
+    budget.apply(model)
+    rules = [o.sampler for o in family_of(model).layer_options()]
+    assert rules == ["tome", "tome", "tome", "inverse_transform"]
+    family_of(model).set_options(static_shape=False)  # keeps each layer's rule
+    assert [o.sampler for o in family_of(model).layer_options()] == rules
+    with torch.no_grad():
+        model(images(4))
+    trace = family_of(model).last_state().trace
+    assert trace.rules == [None, "tome", "tome", "score+fuse"]
+    loaded = Budget.load(budget.save(tmp_path / "hybrid.json"))
+    assert loaded == budget
+    with pytest.raises(BudgetError, match=r"early_layers must be an int in \[0, 3\]"):
+        Budget(1, (12, 10, 8), early_layers=4, early_sampler="tome")
+    with pytest.raises(BudgetError, match="needs its early_sampler"):
+        Budget(1, (12, 10, 8), early_layers=1)
+    with pytest.raises(BudgetError, match="early rule: "):
+        Budget(1, (12, 10, 8), early_layers=1, early_sampler="nope")

@@ -51,6 +51,10 @@ def test_every_method_calibrates(method):
     assert budget.calibration["gflops_ratio"] == pytest.approx(0.75, abs=0.06)
     if method == "paper":
         assert budget.temperature == 1.0 and budget.dropped == "discard"
+    if method == "hybrid":  # merging in the first half of its sampling layers, ATS after
+        assert budget.early_sampler == "tome" and budget.early_layers == round(len(budget.caps) / 2)
+    else:
+        assert budget.early_layers == 0
 
 
 def test_auto_keeps_the_best_of_its_methods_and_shares_their_trials():

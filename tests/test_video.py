@@ -144,3 +144,15 @@ def test_space_time_sampling_is_per_clip(trained, dropped):
                 model(pixel_values=x[i : i + 1]).logits[0], batch[i], atol=1e-5, rtol=1e-5
             )
     assert (info.token_ids < 32).all() and (info.kept_per_layer[:, 3] <= 8).all()
+
+
+def test_calibration_meets_a_gflops_target_on_video(trained):
+    from ats_vit.calibrate import calibrate
+    from ats_vit.evaluate import measure
+
+    model, _, _ = trained
+    calib = moving_digits(128, seed=5)[0]
+    budget = calibrate(model, calib, 0.6, progress=False, steps=8)
+    _, dense = measure(model, calib, None)
+    _, cost = measure(model, calib, budget)
+    assert (cost.mean() / dense.mean()).item() == pytest.approx(0.6, abs=0.03)

@@ -128,20 +128,37 @@ class Family(ABC):
         return tuple(ats.max_tokens for ats in self.sampling_layers())
 
     def options(self) -> SamplingOptions:
-        """The sampling options now (every layer shares them)."""
-        return self.sampling_layers()[0].options
+        """The sampling options of the last layer now: how the model runs (static shapes,
+        jitter; every layer shares those) and the rule of its last layers."""
+        return self.sampling_layers()[-1].options
 
-    def set_schedule(self, caps: Sequence[int] | None, options: SamplingOptions | None = None) -> None:
+    def layer_options(self) -> tuple[SamplingOptions, ...]:
+        """The sampling options of every layer now (a hybrid budget has two rules)."""
+        return tuple(ats.options for ats in self.sampling_layers())
+
+    def set_schedule(
+        self, caps: Sequence[int] | None, options: SamplingOptions | Sequence[SamplingOptions] | None = None
+    ) -> None:
         """Set each layer's cap (``None``: every layer keeps all its tokens) and, unless None,
-        the options of every layer, in place. A cap of ``num_patches`` or more never samples."""
+        the options of every layer (one for all, or one per layer), in place. A cap of
+        ``num_patches`` or more never samples."""
         schedule = (self.num_patches,) * self.depth if caps is None else _caps(caps, self.depth)
-        for ats, cap in zip(self.sampling_layers(), schedule, strict=True):
-            ats.configure(cap, options)
+        if not isinstance(options, (list, tuple)):  # one for all (a wrong type is refused below)
+            per_layer: Sequence[Any] = (options,) * self.depth
+        elif len(options) != self.depth:
+            raise ValueError(
+                f"options must be one SamplingOptions or one per layer ({self.depth}), got {len(options)}"
+            )
+        else:
+            per_layer = options
+        for ats, cap, layer_options in zip(self.sampling_layers(), schedule, per_layer, strict=True):
+            ats.configure(cap, layer_options)
             ats.keeps_all = cap >= self.num_patches
 
     def set_options(self, **changes: Any) -> None:
-        """Change some options of every layer (e.g. ``static_shape=True``), keeping the caps."""
-        self.set_schedule(self.caps(), replace(self.options(), **changes))
+        """Change some options of every layer (e.g. ``static_shape=True``), keeping the caps
+        and each layer's rule."""
+        self.set_schedule(self.caps(), [replace(o, **changes) for o in self.layer_options()])
 
     def last_info(self) -> ATSInfo:
         """Token ids, per-layer kept counts and GFLOPs of the last forward pass."""
