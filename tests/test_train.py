@@ -87,7 +87,9 @@ def test_ddp_two_processes(tmp_path):
         torch.set_num_threads(1)
         train(tiny_cfg(__import__("pathlib").Path({str(tmp_path / "ddp")!r})), tiny_data(), progress=False)
         rank = dist.get_rank()
-        print("rank", rank, "world", dist.get_world_size())
+        # one write per process: print() writes its pieces apart, and two ranks interleave them
+        sys.stdout.write(f"rank {{rank}} world {{dist.get_world_size()}}\\n")
+        sys.stdout.flush()
         dist.destroy_process_group()
     """)
     )
