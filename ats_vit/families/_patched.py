@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ats_vit import _validate
 from ats_vit.families.base import Family
-from ats_vit.flops import TokenTrace
+from ats_vit.flops import TokenTrace, ViTCost
 from ats_vit.options import SamplingOptions
 from ats_vit.sampling import AdaptiveTokenSampling, Padding
 from ats_vit.tokens import ATSInfo, TokenState
@@ -122,6 +122,58 @@ def weighted_mean(x: Tensor, padding: Padding | None, size: Tensor | None, start
     if size is not None:
         weight = weight * size[:, start:].to(x.dtype)
     return (tokens * weight[..., None]).sum(dim=1) / weight.sum(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+class TimmStyleFamily(PatchedFamily):
+    """A timm model (``patch_embed``, ``blocks``, ``norm``, ``num_classes``): its sizes, logits
+    and final norm, and ``readout``, one method of the model (name, replacement) that the
+    patch replaces on the instance so that pooling heeds padding and token sizes."""
+
+    readout: tuple[str, Callable[..., Tensor]] | None = None
+
+    def __init__(self, model: Any, cost: ViTCost) -> None:
+        patch = model.patch_embed
+        super().__init__(
+            model,
+            model_name(model),
+            list(model.blocks),
+            cost,
+            image_size=tuple(patch.img_size),
+            patch_size=tuple(patch.patch_size),
+            channels=patch.proj.in_channels,
+            num_classes=model.num_classes,
+        )
+
+    def logits(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def final_norm(self) -> Callable[[Tensor], Tensor] | None:
+        norm: Any = self.model.norm  # forward_features ends with it
+        return norm
+
+    def patch(self, forward: Callable[..., Tensor]) -> None:
+        super().patch(forward)
+        if self.readout is not None:
+            name, replacement = self.readout
+            self.model.__dict__[name] = types.MethodType(replacement, self.model)
+
+    def unpatch(self) -> None:
+        if self.readout is not None:
+            self.model.__dict__.pop(self.readout[0], None)
+        super().unpatch()
+
+
+def patched_once(
+    model: Any, kind: type[PatchedFamily], check: Callable[[Any], Any], forward: Callable[..., Tensor]
+) -> Any:
+    """The family of ``model`` of class ``kind``: the one it was patched with, or a new one
+    (after ``check`` accepts the model) that patches it, dense, with ``forward``."""
+    found = patched_family(model)
+    if isinstance(found, kind):
+        return found
+    new = kind(check(model))  # type: ignore[call-arg]
+    new.patch(forward)
+    return new
 
 
 def patched_family(model: nn.Module) -> PatchedFamily | None:

@@ -89,7 +89,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise ImportError("ats_vit.hf needs Hugging Face transformers>=5.24: pip install 'ats-vit[hf]'") from exc
 
 from ats_vit.attention import key_bias, sampled_self_attention
-from ats_vit.families._patched import PatchedFamily, block_state, patched_family, weighted_mean
+from ats_vit.families._patched import PatchedFamily, block_state, patched_once, weighted_mean
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
 from ats_vit.tokens import TokenState
@@ -371,6 +371,14 @@ _VIDEOMAE = Kind(
     scoring="received",
 )
 
+_DINOV2_CLASSIFIER = replace(
+    _DINOV2,
+    scoring="received",
+    readout=_dinov2_classify,
+    heads=lambda model: _one(model.classifier),
+    classifier=True,
+)
+
 # model class -> its kind; the classifiers that average tokens get a readout that heeds padding
 KINDS: dict[type, Kind] = {
     ViTModel: _VIT,
@@ -402,20 +410,8 @@ KINDS: dict[type, Kind] = {
     ),
     Dinov2Model: _DINOV2,
     Dinov2WithRegistersModel: _DINOV2,
-    Dinov2ForImageClassification: replace(
-        _DINOV2,
-        scoring="received",
-        readout=_dinov2_classify,
-        heads=lambda model: _one(model.classifier),
-        classifier=True,
-    ),
-    Dinov2WithRegistersForImageClassification: replace(
-        _DINOV2,
-        scoring="received",
-        readout=_dinov2_classify,
-        heads=lambda model: _one(model.classifier),
-        classifier=True,
-    ),
+    Dinov2ForImageClassification: _DINOV2_CLASSIFIER,
+    Dinov2WithRegistersForImageClassification: _DINOV2_CLASSIFIER,
     VideoMAEModel: _VIDEOMAE,
     VideoMAEForVideoClassification: replace(
         _VIDEOMAE,
@@ -607,9 +603,4 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 def family(model: nn.Module) -> HFFamily:
     """The family of a Hugging Face model, patching it (dense) the first time."""
-    found = patched_family(model)
-    if isinstance(found, HFFamily):
-        return found
-    new = HFFamily(model)
-    new.patch(_layer_forward)
-    return new
+    return patched_once(model, HFFamily, lambda m: m, _layer_forward)

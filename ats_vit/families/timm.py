@@ -7,8 +7,6 @@ that calls timm's own modules (norms, qkv, q/k norms, layer scale, drop path, ML
 
 from __future__ import annotations
 
-import types
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +17,14 @@ from torch import Tensor
 
 from ats_vit.attention import key_bias, sampled_self_attention
 from ats_vit.families import timm_beit, timm_eva
-from ats_vit.families._patched import PatchedFamily, block_state, model_name, patched_family, weighted_mean
+from ats_vit.families._patched import (
+    PatchedFamily,
+    TimmStyleFamily,
+    block_state,
+    model_name,
+    patched_once,
+    weighted_mean,
+)
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
 
@@ -144,36 +149,13 @@ def _block_forward(self: Any, x: Tensor, attn_mask: Tensor | None = None, is_cau
     return x
 
 
-class TimmFamily(PatchedFamily):
-    model: VisionTransformer
+class TimmFamily(TimmStyleFamily):
+    model: Any
+    readout = ("pool", _pool)
 
-    def __init__(self, model: VisionTransformer) -> None:
+    def __init__(self, model: Any) -> None:
         self.scoring = scoring(model)
-        patch = model.patch_embed
-        super().__init__(
-            model,
-            model_name(model),
-            list(model.blocks),
-            cost(model),
-            image_size=tuple(patch.img_size),
-            patch_size=tuple(patch.patch_size),
-            channels=patch.proj.in_channels,
-            num_classes=model.num_classes,
-        )
-
-    def logits(self, images: Tensor) -> Tensor:
-        return self.model(images)
-
-    def final_norm(self) -> Callable[[Tensor], Tensor] | None:
-        return self.model.norm  # forward_features ends with it
-
-    def patch(self, forward: Callable[..., Tensor]) -> None:
-        super().patch(forward)
-        self.model.pool = types.MethodType(_pool, self.model)  # type: ignore[method-assign]
-
-    def unpatch(self) -> None:
-        self.model.__dict__.pop("pool", None)
-        super().unpatch()
+        super().__init__(model, cost(model))
 
 
 def family(model: Any) -> PatchedFamily:
@@ -183,9 +165,4 @@ def family(model: Any) -> PatchedFamily:
         return timm_eva.family(model)
     if isinstance(model, Beit):
         return timm_beit.family(model)
-    found = patched_family(model)
-    if isinstance(found, TimmFamily):
-        return found
-    new = TimmFamily(check_supported(model))
-    new.patch(_block_forward)
-    return new
+    return patched_once(model, TimmFamily, check_supported, _block_forward)

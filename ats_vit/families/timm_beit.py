@@ -13,7 +13,6 @@ and its head averages the kept tokens by their sizes, skipping padding.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +21,7 @@ from timm.models.beit import Attention, Beit, Block
 from torch import Tensor
 
 from ats_vit.attention import sampled_self_attention
-from ats_vit.families._patched import PatchedFamily, block_state, model_name, patched_family, weighted_mean
+from ats_vit.families._patched import TimmStyleFamily, block_state, model_name, patched_once, weighted_mean
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
 
@@ -134,43 +133,15 @@ def _forward_head(self: Any, x: Tensor, pre_logits: bool = False) -> Tensor:
     return Beit.forward_head(self, x, pre_logits)
 
 
-class BeitFamily(PatchedFamily):
-    model: Beit
+class BeitFamily(TimmStyleFamily):
+    model: Any
+    readout = ("forward_head", _forward_head)
 
-    def __init__(self, model: Beit) -> None:
+    def __init__(self, model: Any) -> None:
         self.scoring = "received" if model.global_pool == "avg" else "cls"
-        patch = model.patch_embed
-        super().__init__(
-            model,
-            model_name(model),
-            list(model.blocks),
-            cost(model),
-            image_size=tuple(patch.img_size),
-            patch_size=tuple(patch.patch_size),
-            channels=patch.proj.in_channels,
-            num_classes=model.num_classes,
-        )
-
-    def logits(self, images: Tensor) -> Tensor:
-        return self.model(images)
-
-    def final_norm(self) -> Callable[[Tensor], Tensor] | None:
-        return self.model.norm
-
-    def patch(self, forward: Callable[..., Tensor]) -> None:
-        super().patch(forward)
-        self.model.forward_head = types.MethodType(_forward_head, self.model)  # type: ignore[method-assign]
-
-    def unpatch(self) -> None:
-        self.model.__dict__.pop("forward_head", None)
-        super().unpatch()
+        super().__init__(model, cost(model))
 
 
 def family(model: Beit) -> BeitFamily:
     """The family of a timm Beit model, patching it (dense) the first time."""
-    found = patched_family(model)
-    if isinstance(found, BeitFamily):
-        return found
-    new = BeitFamily(check_supported(model))
-    new.patch(_block_forward)
-    return new
+    return patched_once(model, BeitFamily, check_supported, _block_forward)

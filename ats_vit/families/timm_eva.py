@@ -14,7 +14,6 @@ rotary tables, patch dropout and attention-pool heads (each refused by name).
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +23,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import Tensor
 
 from ats_vit.attention import sampled_self_attention
-from ats_vit.families._patched import PatchedFamily, block_state, model_name, patched_family, weighted_mean
+from ats_vit.families._patched import TimmStyleFamily, block_state, model_name, patched_once, weighted_mean
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
 
@@ -150,44 +149,16 @@ def _pool(self: Any, x: Tensor, pool_type: str | None = None) -> Tensor:
     return Eva.pool(self, x, pool_type)
 
 
-class EvaFamily(PatchedFamily):
-    model: Eva
+class EvaFamily(TimmStyleFamily):
+    model: Any
+    readout = ("pool", _pool)
 
-    def __init__(self, model: Eva) -> None:
+    def __init__(self, model: Any) -> None:
         reads_cls = model.global_pool in ("token", "")
         self.scoring = "cls" if model.cls_token is not None and reads_cls else "received"
-        patch = model.patch_embed
-        super().__init__(
-            model,
-            model_name(model),
-            list(model.blocks),
-            cost(model),
-            image_size=tuple(patch.img_size),
-            patch_size=tuple(patch.patch_size),
-            channels=patch.proj.in_channels,
-            num_classes=model.num_classes,
-        )
-
-    def logits(self, images: Tensor) -> Tensor:
-        return self.model(images)
-
-    def final_norm(self) -> Callable[[Tensor], Tensor] | None:
-        return self.model.norm
-
-    def patch(self, forward: Callable[..., Tensor]) -> None:
-        super().patch(forward)
-        self.model.pool = types.MethodType(_pool, self.model)  # type: ignore[method-assign]
-
-    def unpatch(self) -> None:
-        self.model.__dict__.pop("pool", None)
-        super().unpatch()
+        super().__init__(model, cost(model))
 
 
 def family(model: Eva) -> EvaFamily:
     """The family of a timm Eva model, patching it (dense) the first time."""
-    found = patched_family(model)
-    if isinstance(found, EvaFamily):
-        return found
-    new = EvaFamily(check_supported(model))
-    new.patch(_block_forward)
-    return new
+    return patched_once(model, EvaFamily, check_supported, _block_forward)
