@@ -36,6 +36,10 @@ class ViTCost:
     patch_dim: int  # channels * patch_h * patch_w
     num_classes: int
     depth: int
+    # > 1: each token is a tube of this many frames at one patch position, and a block attends
+    # in time within each tube, then in space within each frame (TimeSformer's divided
+    # space-time attention, which also projects the time branch: one more dim x dim matrix)
+    frames: int = 1
 
 
 # what a sampling block computes besides the kept tokens' attention and MLP, by
@@ -111,22 +115,74 @@ def gflops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     return (flops(cost, trace) / 1e9).float()
 
 
+def _in_out(cost: ViTCost, trace: TokenTrace) -> tuple[Tensor, Tensor]:
+    """(b, depth) tokens into and out of each block, prefix included, as float64."""
+    kept = trace.kept_per_layer().double() + cost.num_prefix_tokens
+    # the trace knows the patch count of this input (timm models may take several image sizes)
+    first = torch.full(
+        (kept.shape[0], 1),
+        float(trace.num_patches + cost.num_prefix_tokens),
+        dtype=kept.dtype,
+        device=kept.device,
+    )
+    return torch.cat((first, kept[:, :-1]), dim=1), kept
+
+
+def _where_rule(trace: TokenTrace, rules: tuple[str, ...], device: torch.device) -> Tensor:
+    """(depth,) whether each block selected by one of ``rules``."""
+    return torch.tensor([r in rules for r in trace.rules], dtype=torch.bool, device=device)
+
+
+def _divided_flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
+    """Multiply-adds of a TimeSformer-style model whose tokens are tubes of ``cost.frames``
+    frames (see ats_vit.families.hf_timesformer). Per block, with n tubes in (prefix
+    included; the class token is one token, copied into each frame for the spatial step):
+    time attention within each patch tube (qkv, T x T logits and outputs, projection and the
+    time branch's dense layer), space attention within each frame over the n tubes' tokens (keys
+    and values of all; queries of the kept tubes when a rule discards, of all when it merges,
+    since those rules select after attention), the class row per frame, the tube scores, merging, and
+    the MLP of the class token and of every frame of each kept tube."""
+    t, p, d, a, hidden = cost.frames, cost.num_prefix_tokens, cost.dim, cost.attn_dim, cost.mlp_hidden
+    head_dim = a / cost.heads
+    n_in, n_out = _in_out(cost, trace)
+    device = n_in.device
+
+    def where_rule(rules: tuple[str, ...]) -> Tensor:
+        return _where_rule(trace, rules, device)
+
+    tubes = n_in - p
+    time = tubes * t * (3 * d * a + 2 * t * a + a * d + d * d)
+    queries = torch.where(where_rule(("score", "received")), n_out, n_in)
+    space = t * ((2 * n_in + queries) * d * a + 2 * queries * n_in * a + queries * a * d)
+    # the class token's query is the same in every frame (once), its logits are per frame; the
+    # score of a tube, Σ_h A·||V|| of its frame means, once (the frame means are element-wise)
+    scoring = torch.where(where_rule(RULES[:3]), d * a + t * n_in * a + tubes * cost.heads, 0.0)
+    merging = torch.where(where_rule(RULES[1:5]), n_in * t * d, 0.0)
+    similarity = torch.where(where_rule(("score+merge",)), tubes * n_out * head_dim, 0.0)
+    similarity = similarity + torch.where(
+        where_rule(("bipartite",)), torch.ceil(tubes / 2) * torch.floor(tubes / 2) * head_dim, 0.0
+    )
+    similarity = similarity + torch.where(
+        where_rule(("tome",)), torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0
+    )
+    mlp = (p + (n_out - p) * t) * 2 * d * hidden
+    blocks = (time + space + scoring + merging + similarity + mlp).sum(dim=1)
+    return blocks + trace.num_patches * t * cost.patch_dim * d + d * cost.num_classes
+
+
 def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     """(b,) multiply-adds per image as float64 integers (exact: sums over many images do not
     depend on their order, so a split evaluation adds up to the same number)."""
     if len(trace.counts) != cost.depth:
         raise ValueError(f"trace has {len(trace.counts)} blocks but the model has depth={cost.depth}")
+    if cost.frames > 1:
+        return _divided_flops(cost, trace)
     p, d, a, hidden = cost.num_prefix_tokens, cost.dim, cost.attn_dim, cost.mlp_hidden
     head_dim = a / cost.heads
-    kept = trace.kept_per_layer().double() + p  # (b, depth) tokens out of each block
-    b = kept.shape[0]
-    # the trace knows the patch count of this input (timm models may take several image sizes)
-    first = torch.full((b, 1), float(trace.num_patches + p), dtype=kept.dtype, device=kept.device)
-    n_in = torch.cat((first, kept[:, :-1]), dim=1)
-    n_out = kept
+    n_in, n_out = _in_out(cost, trace)
 
     def where_rule(rules: tuple[str, ...]) -> Tensor:
-        return torch.tensor([r in rules for r in trace.rules], dtype=torch.bool, device=kept.device)
+        return _where_rule(trace, rules, n_in.device)
 
     early = where_rule((*RULES[:4], *RECEIVED))  # only the kept tokens get outputs
     received = where_rule(RECEIVED)

@@ -1,8 +1,9 @@
 """Off-the-shelf ATS for Hugging Face ``transformers`` vision transformers, no fine-tuning.
 
 Supported (transformers 5.x): ViT and DeiT models and classifiers, ``ViTMAEModel``, the CLIP
-and SigLIP vision towers and image classifiers, and DINOv2 with or without registers (models
-and classifiers); :data:`SUPPORTED` lists the classes. As in :mod:`ats_vit.timm`, ``apply``
+and SigLIP vision towers and image classifiers, DINOv2 with or without registers (models
+and classifiers), and the video models VideoMAE and TimeSformer (which keeps or drops whole
+space-time tubes); :data:`SUPPORTED` lists the classes. As in :mod:`ats_vit.timm`, ``apply``
 patches the layers of one model *instance* (once; later calls set numbers) to call the
 model's own modules through :func:`ats_vit.attention.sampled_self_attention`, and ``remove``
 restores the class's behaviour. Readouts that average tokens or pool them with an attention

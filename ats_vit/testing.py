@@ -27,6 +27,7 @@ def sharpen_queries(model: nn.Module, factor: float) -> nn.Module:
             parts(block).q.weight *= factor
             continue
         attn: Any = next(getattr(block, a) for a in ("attn", "attention") if hasattr(block, a))
+        attn = getattr(attn, "attention", attn)  # TimeSformer: attention.attention.qkv
         if getattr(attn, "qkv", None) is not None:
             weight = attn.qkv.weight
             weight[: weight.shape[0] // 3] *= factor

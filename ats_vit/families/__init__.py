@@ -31,8 +31,8 @@ SUPPORTED = (
     "subclasses with its blocks), Eva (EVA-02, EVA-CLIP) and Beit (BEiT, BEiT v2); Hugging Face "
     "ViT/DeiT models and classifiers, ViTMAEModel, CLIPVisionModel(WithProjection), "
     "CLIPForImageClassification, SiglipVisionModel, SiglipForImageClassification, "
-    "Dinov2(WithRegisters)Model, Dinov2(WithRegisters)ForImageClassification, VideoMAEModel "
-    "and VideoMAEForVideoClassification"
+    "Dinov2(WithRegisters)Model, Dinov2(WithRegisters)ForImageClassification, VideoMAEModel, "
+    "VideoMAEForVideoClassification, TimesformerModel and TimesformerForVideoClassification"
 )
 
 

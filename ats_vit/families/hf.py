@@ -1,4 +1,5 @@
-"""Hugging Face ``transformers`` vision transformers as a family: the only module that imports it.
+"""Hugging Face ``transformers`` vision transformers as a family (with
+:mod:`ats_vit.families.hf_timesformer`, the only modules that import it).
 
 Served (transformers 5.x), each through one description of its layer (which norm, which q/k/v
 projections, layer scale, drop path, MLP: :data:`LAYERS`) and one of the model (where its
@@ -13,7 +14,10 @@ reads out: :data:`KINDS`):
 - ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (class token; registers are prefix tokens,
   never dropped) and their classifiers (class token next to the mean of the patches);
 - ``VideoMAEModel`` and ``VideoMAEForVideoClassification`` (video: no class token, the mean
-  of the space-time tokens; ATS samples across space and time at once).
+  of the space-time tokens; ATS samples across space and time at once);
+- ``TimesformerModel`` and ``TimesformerForVideoClassification`` (divided space-time
+  attention: ATS keeps or drops whole tubes, a patch position in every frame; see
+  :mod:`ats_vit.families.hf_timesformer`, which runs their layers).
 
 Patching (once) replaces each layer's ``forward`` with one that calls the model's own modules
 through :func:`ats_vit.attention.sampled_self_attention`; readouts that average tokens or pool
@@ -71,6 +75,12 @@ try:
         SiglipForImageClassification,
         SiglipMultiheadAttentionPoolingHead,
         SiglipVisionModel,
+    )
+    from transformers.models.timesformer.modeling_timesformer import (
+        TimeSformerAttention,
+        TimesformerForVideoClassification,
+        TimesformerLayer,
+        TimesformerModel,
     )
     from transformers.models.videomae.modeling_videomae import (
         VideoMAEAttention,
@@ -207,6 +217,8 @@ LAYERS: dict[type, tuple[type, Callable[[Any], LayerParts]]] = {
     Dinov2WithRegistersLayer: (Dinov2WithRegistersAttention, _dinov2_parts),
     VideoMAELayer: (VideoMAEAttention, _videomae_parts),
 }
+# layers that ats_vit.families.hf_timesformer runs with its own forward (tubes, divided attention)
+DIVIDED_LAYERS: dict[type, type] = {TimesformerLayer: TimeSformerAttention}
 _ATTENTION_OF = ("self_attn", "attention")
 
 
@@ -371,6 +383,13 @@ _VIDEOMAE = Kind(
     scoring="received",
 )
 
+_TIMESFORMER = Kind(
+    backbone=lambda model: getattr(model, "timesformer", model),
+    layers=lambda base: base.encoder.layer,
+    prefix=lambda base: 1,
+    final_norm=lambda base: base.layernorm,
+)
+
 _DINOV2_CLASSIFIER = replace(
     _DINOV2,
     scoring="received",
@@ -419,6 +438,10 @@ KINDS: dict[type, Kind] = {
         heads=lambda model: _one(model.classifier),
         classifier=True,
     ),
+    TimesformerModel: _TIMESFORMER,
+    TimesformerForVideoClassification: replace(
+        _TIMESFORMER, heads=lambda model: _one(model.classifier), classifier=True
+    ),
 }
 MODELS = tuple(KINDS)
 
@@ -459,9 +482,9 @@ def check_supported(model: Any) -> Any:
     for i, layer in enumerate(kind.layers(base)):
         # the patched forward replays the layer's and the attention's forward with the same
         # modules; a subclass that changed either would be silently altered
-        known = LAYERS.get(type(layer))
+        known = LAYERS[type(layer)][0] if type(layer) in LAYERS else DIVIDED_LAYERS.get(type(layer))
         attn = next((getattr(layer, a) for a in _ATTENTION_OF if hasattr(layer, a)), None)
-        if known is None or type(attn) is not known[0]:
+        if known is None or type(attn) is not known:
             raise TypeError(
                 f"{name}: layer {i} is {type(layer).__name__} with {type(attn).__name__}; "
                 f"ats_vit.hf supports the encoder layers of {', '.join(c.__name__ for c in MODELS)} only"
@@ -470,6 +493,11 @@ def check_supported(model: Any) -> Any:
         raise ValueError(
             f"{name}: config.use_mean_pooling=False reads out the first space-time patch, which "
             "ATS may drop; ATS serves VideoMAE classifiers that average their tokens"
+        )
+    if isinstance(base, TimesformerModel) and base.config.attention_type != "divided_space_time":
+        raise ValueError(
+            f"{name}: attention_type={base.config.attention_type!r}; ats-vit serves TimeSformer's "
+            "divided space-time attention (attention_type='divided_space_time') only"
         )
     if isinstance(base, ViTMAEModel) and float(base.config.mask_ratio) != 0.0:
         raise ValueError(
@@ -482,7 +510,7 @@ def check_supported(model: Any) -> Any:
 
 def _mlp(layer: Any) -> nn.Module:
     """A layer's MLP as one module (VideoMAE splits it into ``intermediate`` and ``output``)."""
-    if isinstance(layer, VideoMAELayer):
+    if isinstance(layer, (VideoMAELayer, TimesformerLayer)):
         return nn.ModuleList([layer.intermediate, layer.output])
     return layer.mlp
 
@@ -497,19 +525,24 @@ def cost(model: Any) -> ViTCost:
     base = kind.backbone(model)
     dim = base.config.hidden_size
     first: Any = kind.layers(base)[0]
-    parts = LAYERS[type(first)][1](first)
+    if isinstance(first, TimesformerLayer):  # fused qkv; tokens are tubes of num_frames frames
+        heads, attn_dim, frames = first.attention.attention.num_heads, dim, int(base.config.num_frames)
+    else:
+        parts = LAYERS[type(first)][1](first)
+        heads, attn_dim, frames = parts.heads, parts.q.out_features, 1
     _, conv = _embeddings(base)
     head_weights = sum(h.weight.numel() for h in kind.heads(model) if isinstance(h, nn.Linear))
     return ViTCost(
         num_patches=num_patches(base),
         num_prefix_tokens=kind.prefix(base),
         dim=dim,
-        heads=parts.heads,
-        attn_dim=parts.q.out_features,
+        heads=heads,
+        attn_dim=attn_dim,
         mlp_hidden=mlp_width(_mlp(first), dim),
         patch_dim=conv.weight[0].numel(),  # channels x kernel (x tubelet for videos)
         num_classes=-(-head_weights // dim),
         depth=len(kind.layers(base)),
+        frames=frames,
     )
 
 
@@ -578,7 +611,8 @@ class HFFamily(PatchedFamily):
     def patch(self, forward: Callable[..., Tensor]) -> None:
         super().patch(forward)
         for block in self.blocks:
-            block._ats_parts = LAYERS[type(block)][1]
+            if type(block) in LAYERS:  # TimeSformer's layers read their own modules
+                block._ats_parts = LAYERS[type(block)][1]
         if self.kind.readout is not None:
             self.model.forward = types.MethodType(self.kind.readout, self.model)
         head = getattr(backbone(self.model), "head", None)
@@ -603,4 +637,8 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 
 def family(model: nn.Module) -> HFFamily:
     """The family of a Hugging Face model, patching it (dense) the first time."""
+    if isinstance(model, (TimesformerModel, TimesformerForVideoClassification)):
+        from ats_vit.families import hf_timesformer  # it builds on this module
+
+        return hf_timesformer.family(model)
     return patched_once(model, HFFamily, lambda m: m, _layer_forward)
