@@ -120,7 +120,8 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--hf",
         metavar="NAME_OR_DIR",
-        help="a Hugging Face image classifier: ViT, DeiT, CLIP, SigLIP, DINOv2 (hub name or local dir)",
+        help="a Hugging Face ViT, DeiT, CLIP, SigLIP or DINOv2 (hub name or local dir): a classifier, "
+        "or a feature tower (viz only: calibrate and eval score accuracy)",
     )
 
 
@@ -514,7 +515,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     images, _ = take(_split(args, source, "test"), args.images)
     with torch.inference_mode():
         source.model.eval()
-        _, state = family.run(images)
+        state = family.trace_pass(images)
     title = f"{source.name}, {_describe(budget)}"
     path = save_kept_tokens_grid(images, state.trace, family.patch_size[0], args.output, title=title)
     print(f"wrote {path}")
@@ -685,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adaptive Token Sampling for Vision Transformers: budgets in GFLOPs or time, "
         "without or with fine-tuning.",
         epilog=f"Model families served: {SUPPORTED}. Commands that score accuracy (calibrate, eval) "
-        "need a classifier; feature towers are served from Python (ats_vit.hf.apply / restore).",
+        "need a classifier; a Hugging Face feature tower (--hf) runs in viz; video models, "
+        "towers' budgets and dense outputs are served from Python (ats_vit.hf.apply / restore).",
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

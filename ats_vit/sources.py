@@ -156,18 +156,34 @@ def timm_source(
 
 
 def hf_source(name_or_dir: str) -> Source:
-    """A Hugging Face image classifier (ViT / DeiT) and its image processor, from a hub name or a
-    local directory (``save_pretrained``'s output: no network needed)."""
+    """A Hugging Face vision model and its image processor, from a hub name or a local
+    directory (``save_pretrained``'s output: no network needed).
+
+    The model is built as the class its checkpoint was saved as (``config.architectures``)
+    when ats-vit serves that class: a feature tower (``CLIPVisionModel``, ``Dinov2Model``, ...)
+    stays a tower instead of getting a randomly initialised classifier head; otherwise it is
+    loaded as an image classifier. Video models are refused: the command line reads images."""
     try:
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+        from ats_vit.families.hf import MODELS
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError("Hugging Face models need transformers: pip install 'ats-vit[hf]'") from exc
+    served = {cls.__name__: cls for cls in MODELS}
     try:
         with _offline_without_hub(not Path(name_or_dir).is_dir()):
-            model = AutoModelForImageClassification.from_pretrained(name_or_dir)
+            config = AutoConfig.from_pretrained(name_or_dir)
+            saved_as = served.get(next(iter(getattr(config, "architectures", None) or []), ""))
+            loader: Any = saved_as or AutoModelForImageClassification
+            model = loader.from_pretrained(name_or_dir)
             processor = AutoImageProcessor.from_pretrained(name_or_dir)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot load the Hugging Face model {name_or_dir!r}: {_first_line(exc)}") from exc
+    if family_of(model).frames > 1:
+        raise ValueError(
+            f"{type(model).__name__} is a video model; the command line reads images: use "
+            "ats_vit.hf.apply / ats_vit.calibrate.calibrate on (b, frames, c, h, w) clips from Python"
+        )
 
     def transform(image: Any) -> Tensor:
         return processor(images=image, return_tensors="pt")["pixel_values"][0]

@@ -418,3 +418,29 @@ def test_config_is_printed_one_field_per_line(capsys):
     _print_config(TrainConfig())
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "config:" and "  model:" in err and "    dim: 96" in err and "  epochs: 10" in err
+
+
+def test_cli_loads_a_hugging_face_tower_as_a_tower(tmp_path, capsys):
+    """A checkpoint saved as a feature tower is not given a random classifier head: viz draws
+    what it kept, eval refuses (no logits to score), and a video model is refused with a hint."""
+    pytest.importorskip("transformers")
+    from helpers import HF_TINY, image_folder_tree
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model, VideoMAEConfig, VideoMAEModel
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(**HF_TINY)).save_pretrained(tmp_path / "tower")
+    processor = BitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False)
+    processor.save_pretrained(tmp_path / "tower")
+    data = str(image_folder_tree(tmp_path / "data", splits=("val",)))
+    out = tmp_path / "kept.png"
+    argv = ["viz", "--hf", str(tmp_path / "tower"), "--data", data, "--images", "2", "--keep", "0.5"]
+    assert main([*argv, "--output", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    assert main(["eval", "--hf", str(tmp_path / "tower"), "--data", data, "--out", str(tmp_path / "e")]) == 2
+    assert "Dinov2Model has no classification head" in capsys.readouterr().err
+    video = dict(HF_TINY, num_frames=4, tubelet_size=2)
+    VideoMAEModel(VideoMAEConfig(**video)).save_pretrained(tmp_path / "video")
+    BitImageProcessor().save_pretrained(tmp_path / "video")
+    argv = ["viz", "--hf", str(tmp_path / "video"), "--data", data, "--output", str(out), "--overwrite"]
+    assert main(argv) == 2
+    assert "VideoMAEModel is a video model; the command line reads images" in capsys.readouterr().err

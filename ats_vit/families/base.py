@@ -92,6 +92,11 @@ class Family(ABC):
         blocks before ``start`` are skipped (traced as dense) and block ``start`` gets
         ``hidden``, its input in a dense pass (calibration computes the dense layers once)."""
 
+    def trace_pass(self, images: Tensor) -> TokenState:
+        """The token state of one pass over ``images`` (what each layer kept, for pictures);
+        unlike :meth:`run`, a model without a classifier (a feature tower) may run it."""
+        return self.run(images)[1]
+
     def run_block(
         self, block: nn.Module, x: Tensor, *, padding: Padding | None = None, size: Tensor | None = None
     ) -> Tensor:

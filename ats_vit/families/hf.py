@@ -608,6 +608,12 @@ class HFFamily(PatchedFamily):
             )
         return self.model(pixel_values=images).logits
 
+    def trace_pass(self, images: Tensor) -> TokenState:
+        if self.kind.classifier:
+            return super().trace_pass(images)
+        self.model(pixel_values=images)
+        return self.last_state()
+
     def patch(self, forward: Callable[..., Tensor]) -> None:
         super().patch(forward)
         for block in self.blocks:
