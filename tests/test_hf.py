@@ -151,6 +151,16 @@ def test_unsupported_models_are_refused_by_name():
 
 
 def test_attention_masks_are_refused():
+    """A mask the user passes is refused (by keyword or position); the all-attend mask the
+    model builds for itself when traced (compile, export) is not the user's and is ignored."""
     model = ats_hf.apply(build(ViTConfig, ViTForImageClassification), max_tokens=4)
+    mask = torch.ones(1, 17, dtype=torch.bool)
+    mask[0, 5] = False  # (an all-True mask is dropped by the model itself)
     with pytest.raises(ValueError, match="do not support an attention_mask"):
-        model.vit.layers[0](torch.randn(1, 17, 32), torch.zeros(1, 1, 17, 17))
+        model(pixel_values=images(1), attention_mask=mask)
+    with pytest.raises(ValueError, match="do not support an attention_mask"):
+        model.vit(images(1), None, False, mask)
+    with torch.no_grad():
+        plain = model(pixel_values=images(1)).logits
+        built = model.vit.layers[0](torch.randn(1, 17, 32), torch.ones(1, 1, 17, 17, dtype=torch.bool))
+    assert torch.isfinite(plain).all() and built.shape == (1, 5, 32)  # CLS and 4 kept

@@ -37,6 +37,7 @@ class Carrier:
         self.num_prefix_tokens = num_prefix_tokens
         self.state: TokenState | None = None
         self.resume: tuple[int, Tensor] | None = None
+        self.user_mask = False  # whether the pass under way was given an attention mask
 
 
 def block_state(block: Any, x: Tensor) -> TokenState:

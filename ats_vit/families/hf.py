@@ -33,6 +33,7 @@ loaded with (equal outputs when nothing is dropped), return no attention maps, a
 
 from __future__ import annotations
 
+import inspect
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -550,8 +551,10 @@ def _layer_forward(
     self: Any, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any, **kw: Any
 ) -> Tensor:
     """A served encoder layer's forward with token sampling; bound to patched layers."""
-    if attention_mask is not None:
+    if attention_mask is not None and self._ats_carrier.user_mask:
         raise ValueError("ATS-patched layers do not support an attention_mask")
+    # otherwise a mask is the all-attend one the model builds for itself when traced (compile,
+    # export): padding is handled by the token state
     state = block_state(self, hidden_states)
     skipped = state.skip(self._ats_index)
     if skipped is not None:
@@ -616,6 +619,18 @@ class HFFamily(PatchedFamily):
 
     def patch(self, forward: Callable[..., Tensor]) -> None:
         super().patch(forward)
+        self.carrier.user_mask = False
+        base = backbone(self.model)
+        names = list(inspect.signature(type(base).forward).parameters)[1:]  # without self
+        at = names.index("attention_mask") if "attention_mask" in names else None
+
+        def note_user_mask(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            given = kwargs.get("attention_mask")
+            if given is None and at is not None and len(args) > at:
+                given = args[at]
+            self.carrier.user_mask = given is not None
+
+        self._mask_hook = base.register_forward_pre_hook(note_user_mask, with_kwargs=True)
         for block in self.blocks:
             if type(block) in LAYERS:  # TimeSformer's layers read their own modules
                 block._ats_parts = LAYERS[type(block)][1]
@@ -627,6 +642,7 @@ class HFFamily(PatchedFamily):
             head.__dict__["_ats_family"] = self
 
     def unpatch(self) -> None:
+        self._mask_hook.remove()
         for block in self.blocks:
             block.__dict__.pop("_ats_parts", None)
         self.model.__dict__.pop("forward", None)
