@@ -121,7 +121,7 @@ def _add_model_source(parser: argparse.ArgumentParser) -> None:
         "--hf",
         metavar="NAME_OR_DIR",
         help="a Hugging Face ViT, DeiT, CLIP, SigLIP or DINOv2 (hub name or local dir): a classifier, "
-        "or a feature tower (viz only: calibrate and eval score accuracy)",
+        "or a feature tower (calibrated for the fidelity of its features; eval needs a classifier)",
     )
 
 
@@ -378,7 +378,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     search = Calibration(
         model,
         images,
-        None if args.no_labels else labels,
+        None if args.no_labels or source.family.num_classes == 0 else labels,  # towers: fidelity
         method=args.method,
         cost=args.cost,
         timing_batch=args.timing_batch,
@@ -515,7 +515,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     images, _ = take(_split(args, source, "test"), args.images)
     with torch.inference_mode():
         source.model.eval()
-        state = family.trace_pass(images)
+        _, state = family.run(images)
     title = f"{source.name}, {_describe(budget)}"
     path = save_kept_tokens_grid(images, state.trace, family.patch_size[0], args.output, title=title)
     print(f"wrote {path}")
@@ -686,8 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adaptive Token Sampling for Vision Transformers: budgets in GFLOPs or time, "
         "without or with fine-tuning.",
         epilog=f"Model families served: {SUPPORTED}. Commands that score accuracy (calibrate, eval) "
-        "need a classifier; a Hugging Face feature tower (--hf) runs in viz; video models, "
-        "towers' budgets and dense outputs are served from Python (ats_vit.hf.apply / restore).",
+        "score accuracy and need a classifier; a feature tower (--hf) is calibrated for the cosine "
+        "similarity of its features to the dense ones; video models and dense outputs are served "
+        "from Python (ats_vit.hf.apply / restore).",
         formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

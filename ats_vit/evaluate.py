@@ -28,6 +28,17 @@ from ats_vit.timing import Timing, speedup, time_round_robin
 __all__ = ["evaluate", "evaluate_budgets", "measure", "time_budgets"]
 
 
+def _classifier(model: nn.Module) -> Any:
+    """The family of a model with a classifier (accuracy needs one)."""
+    family = family_of(model)
+    if family.num_classes == 0:
+        raise TypeError(
+            f"{family.name} has no classification head, so it has no accuracy to evaluate; "
+            "calibrate scores it by the cosine similarity of its features to the dense ones"
+        )
+    return family
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -43,7 +54,7 @@ def evaluate(
     Images that a folder data set could not read (``image_folder(skip_bad=True)``) are
     counted in ``skipped`` and left out.
     """
-    family = family_of(model)
+    family = _classifier(model)
     model.eval()
     device = next(model.parameters()).device
     rank, world = rank_world()
@@ -88,7 +99,7 @@ def measure(
 ) -> tuple[Tensor, Tensor]:
     """Top-1 predictions (N,) and GFLOPs per image (N,) of ``model`` under ``budget`` (``None``:
     dense), in eval mode, batch by batch. The model is left configured with the budget."""
-    family = family_of(model)
+    family = _classifier(model)
     configure(family, budget)
     was_training = model.training
     model.eval()
@@ -155,7 +166,7 @@ def evaluate_budgets(
     row has the median images/s and speed-up over the first row (when it is dense) with their
     interquartile ranges over the interleaved rounds. ``timing_repeats=0``, or several
     processes: no timing (NaN). Every budget is checked against the model before any work."""
-    family = family_of(model)
+    family = _classifier(model)
     for _, budget in budgets:
         if budget is not None:
             budget.check(family)

@@ -422,7 +422,8 @@ def test_config_is_printed_one_field_per_line(capsys):
 
 def test_cli_loads_a_hugging_face_tower_as_a_tower(tmp_path, capsys):
     """A checkpoint saved as a feature tower is not given a random classifier head: viz draws
-    what it kept, eval refuses (no logits to score), and a video model is refused with a hint."""
+    what it kept, calibrate keeps its features close to the dense ones, eval refuses (no
+    accuracy without a classifier), and a video model is refused with a hint."""
     pytest.importorskip("transformers")
     from helpers import HF_TINY, image_folder_tree
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model, VideoMAEConfig, VideoMAEModel
@@ -431,13 +432,19 @@ def test_cli_loads_a_hugging_face_tower_as_a_tower(tmp_path, capsys):
     Dinov2Model(Dinov2Config(**HF_TINY)).save_pretrained(tmp_path / "tower")
     processor = BitImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False)
     processor.save_pretrained(tmp_path / "tower")
-    data = str(image_folder_tree(tmp_path / "data", splits=("val",)))
+    data = str(image_folder_tree(tmp_path / "data", splits=("train", "val")))
     out = tmp_path / "kept.png"
     argv = ["viz", "--hf", str(tmp_path / "tower"), "--data", data, "--images", "2", "--keep", "0.5"]
     assert main([*argv, "--output", str(out)]) == 0
     assert out.stat().st_size > 1000
     assert main(["eval", "--hf", str(tmp_path / "tower"), "--data", data, "--out", str(tmp_path / "e")]) == 2
     assert "Dinov2Model has no classification head" in capsys.readouterr().err
+    budget = tmp_path / "tower.json"
+    argv = ["calibrate", "--hf", str(tmp_path / "tower"), "--data", data, "--target", "0.6"]
+    assert main([*argv, "--images", "16", "--out", str(budget)]) == 0
+    assert "(fidelity)" in capsys.readouterr().out
+    calibration = json.loads(budget.read_text())["calibration"]
+    assert 0.5 < calibration["fidelity"] <= 1.0 and calibration["dense_fidelity"] == 1.0
     video = dict(HF_TINY, num_frames=4, tubelet_size=2)
     VideoMAEModel(VideoMAEConfig(**video)).save_pretrained(tmp_path / "video")
     BitImageProcessor().save_pretrained(tmp_path / "video")

@@ -207,3 +207,26 @@ def test_a_layer_the_family_does_not_know_is_refused_by_name():
     model.encoder.layers[1].__class__ = Other
     with pytest.raises(TypeError, match=r"layer 1 is Other with CLIPAttention"):
         ats_hf.apply(model)
+
+
+@pytest.mark.parametrize("name", ["CLIPVisionModelWithProjection", "SiglipVisionModel", "Dinov2Model"])
+def test_a_tower_is_calibrated_for_the_fidelity_of_its_features(name):
+    """No classifier, no accuracy: calibrate keeps the pooled features (projected embedding,
+    MAP probe, class token) closest to the dense ones at the target cost; eval refuses."""
+    model = build(name, peaky=True)
+    x = images(32, seed=3)
+    budget = calibrate(model, x, 0.6, progress=False, steps=8)
+    cal = budget.calibration
+    assert cal["gflops_ratio"] == pytest.approx(0.6, abs=0.02) and cal["dense_fidelity"] == 1.0
+    assert 0.5 < cal["fidelity"] < 1.0
+    family = family_of(model)
+    with torch.no_grad():
+        pooled, _ = family.run(x[:4])
+    assert family.num_classes == 0 and pooled.shape == (
+        4,
+        family.cost.dim if name != "CLIPVisionModelWithProjection" else 16,
+    )
+    with pytest.raises(ValueError, match="labels cannot score it"):
+        calibrate(model, x, 0.6, torch.zeros(32, dtype=torch.long), progress=False)
+    with pytest.raises(TypeError, match="no classification head"):
+        measure(model, x, budget)

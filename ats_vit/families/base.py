@@ -88,14 +88,10 @@ class Family(ABC):
 
     @abstractmethod
     def run(self, images: Tensor, start: int = 0, hidden: Tensor | None = None) -> tuple[Tensor, TokenState]:
-        """Logits (b, classes) of ``images`` and the pass's token state. With ``hidden``, the
+        """Logits (b, classes) of ``images`` (a model without a classifier, ``num_classes ==
+        0``: its pooled features (b, d)) and the pass's token state. With ``hidden``, the
         blocks before ``start`` are skipped (traced as dense) and block ``start`` gets
         ``hidden``, its input in a dense pass (calibration computes the dense layers once)."""
-
-    def trace_pass(self, images: Tensor) -> TokenState:
-        """The token state of one pass over ``images`` (what each layer kept, for pictures);
-        unlike :meth:`run`, a model without a classifier (a feature tower) may run it."""
-        return self.run(images)[1]
 
     def run_block(
         self, block: nn.Module, x: Tensor, *, padding: Padding | None = None, size: Tensor | None = None

@@ -604,18 +604,17 @@ class HFFamily(PatchedFamily):
         return self.kind.final_norm(backbone(self.model))
 
     def logits(self, images: Tensor) -> Tensor:
-        if not self.kind.classifier:
-            served = ", ".join(c.__name__ for c, k in KINDS.items() if k.classifier)
-            raise TypeError(
-                f"{self.name} has no classification head; calibration and evaluation need one ({served})"
-            )
-        return self.model(pixel_values=images).logits
-
-    def trace_pass(self, images: Tensor) -> TokenState:
+        """A classifier's logits; a tower's pooled features (b, d): its projected or pooled
+        output, else its class token, else the mean of its tokens (num_classes is then 0)."""
+        out = self.model(pixel_values=images)
         if self.kind.classifier:
-            return super().trace_pass(images)
-        self.model(pixel_values=images)
-        return self.last_state()
+            return out.logits
+        for key in ("image_embeds", "pooler_output"):
+            if getattr(out, key, None) is not None:
+                pooled: Tensor = out[key]
+                return pooled
+        tokens = out.last_hidden_state
+        return tokens[:, 0] if self.num_prefix_tokens else _pooled(tokens, self, 0)
 
     def patch(self, forward: Callable[..., Tensor]) -> None:
         super().patch(forward)
