@@ -197,9 +197,10 @@ def test_pictures_of_kept_tubes_are_patch_grids(tmp_path):
     assert path.stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_learns_the_moving_digit_task_with_tube_sampling_in_the_loop():
-    """Trained with budgets in the loop (220 steps, ~20 s on 2 cores), it tells which way a
-    digit moves (chance 25%), each clip keeping its own number of tubes."""
+    """Trained with budgets in the loop (220 steps: minutes on 2 cores, hence slow), it tells
+    which way a digit moves (chance 25%), each clip keeping its own number of tubes."""
     pytest.importorskip("sklearn")
     from ats_vit.video import moving_digits
 
