@@ -22,7 +22,10 @@ from torch import nn
 
 from ats_vit.families import _patched, restore
 from ats_vit.families._patched import is_patched, last_info, last_trace
-from ats_vit.families.hf import MODELS, backbone, cost, family
+from ats_vit.families.hf import MODELS, backbone, cost
+from ats_vit.families.hf import family as _family
+from ats_vit.families.hf_timesformer import MODELS as _DIVIDED
+from ats_vit.families.hf_timesformer import family as _divided_family
 from ats_vit.options import SamplingOptions
 from ats_vit.tokens import ATSInfo
 
@@ -52,7 +55,8 @@ def apply(
     other layers keep all. ``options``: how tokens are selected (default: the paper's ATS).
     Patches in place and returns the model; applying again sets the new numbers.
     """
-    _patched.apply(family(model), layers, max_tokens, options)
+    found = _divided_family(model) if isinstance(model, _DIVIDED) else _family(model)
+    _patched.apply(found, layers, max_tokens, options)
     return model
 
 

@@ -23,6 +23,7 @@ __all__ = ["SUPPORTED", "Family", "family_of", "last_info", "restore"]
 _REGISTRY = (
     (None, "ats_vit.families.vit"),
     ("timm", "ats_vit.families.timm"),
+    ("transformers", "ats_vit.families.hf_timesformer"),  # before hf, whose KINDS list them too
     ("transformers", "ats_vit.families.hf"),
 )
 # for messages and `ats-vit --help`: what the registry serves

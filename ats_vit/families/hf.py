@@ -659,7 +659,8 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
 def family(model: nn.Module) -> HFFamily:
     """The family of a Hugging Face model, patching it (dense) the first time."""
     if isinstance(model, (TimesformerModel, TimesformerForVideoClassification)):
-        from ats_vit.families import hf_timesformer  # it builds on this module
-
-        return hf_timesformer.family(model)
+        raise TypeError(
+            f"{type(model).__name__} is served by ats_vit.families.hf_timesformer (family_of or "
+            "ats_vit.hf.apply pick it)"
+        )
     return patched_once(model, HFFamily, lambda m: m, _layer_forward)

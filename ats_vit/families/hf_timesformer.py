@@ -41,7 +41,7 @@ from ats_vit.families.hf import HFFamily
 from ats_vit.sampling import Padding, TokenSelection, gather_tokens, tokenwise
 from ats_vit.tokens import TokenState
 
-__all__ = ["TimesformerFamily", "family", "to_tokens", "to_tubes"]
+__all__ = ["MODELS", "TimesformerFamily", "family", "to_tokens", "to_tubes"]
 
 
 def to_tubes(tokens: Tensor, frames: int) -> Tensor:
@@ -230,6 +230,18 @@ class TimesformerFamily(HFFamily):
             return t if norm is None else norm(t.unflatten(-1, (frames, -1))).flatten(-2)
 
         return to_tokens(self.last_state().restore(to_tubes(tokens, frames), tube_norm), frames)
+
+
+def _models() -> tuple[type, ...]:
+    from transformers.models.timesformer.modeling_timesformer import (
+        TimesformerForVideoClassification,
+        TimesformerModel,
+    )
+
+    return (TimesformerModel, TimesformerForVideoClassification)
+
+
+MODELS = _models()
 
 
 def family(model: Any) -> TimesformerFamily:
