@@ -685,8 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ats-vit",
         description="Adaptive Token Sampling for Vision Transformers: budgets in GFLOPs or time, "
         "without or with fine-tuning.",
-        epilog=f"Model families served: {SUPPORTED}. Commands that score accuracy (calibrate, eval) "
-        "score accuracy and need a classifier; a feature tower (--hf) is calibrated for the cosine "
+        epilog=f"Model families served: {SUPPORTED}. eval scores accuracy and needs a classifier; "
+        "calibrate scores a classifier by accuracy and a feature tower (--hf) by the cosine "
         "similarity of its features to the dense ones; video models and dense outputs are served "
         "from Python (ats_vit.hf.apply / restore).",
         formatter_class=_Formatter,
