@@ -5,7 +5,7 @@ suite (``pytest -m slow``); the README's family table says which were run."""
 
 import pytest
 import torch
-from test_compile import graph_breaks
+from test_compile import assert_captured_whole
 
 from ats_vit import SamplingOptions
 
@@ -78,12 +78,4 @@ FAST = ("hf-dinov2-registers",)
     "case", [pytest.param(c, marks=() if c in FAST else pytest.mark.slow) for c in CASES]
 )
 def test_static_shapes_compile_without_graph_breaks_and_export(case):
-    model, x = CASES[case]()
-    assert graph_breaks(model, x) == 0
-    with torch.no_grad():
-        eager = model(x)
-        torch._dynamo.reset()
-        torch.testing.assert_close(torch.compile(model, backend="aot_eager")(x), eager)
-    exported = torch.export.export(model, (x,))
-    with torch.no_grad():
-        torch.testing.assert_close(exported.module()(x), eager, atol=1e-5, rtol=1e-5)
+    assert_captured_whole(*CASES[case]())

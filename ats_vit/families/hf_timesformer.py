@@ -136,7 +136,10 @@ def _layer_forward(
     if self.ats.needed(m):
         kv = tokenwise(partial(linear, weight=w_kv, bias=b_kv), normed, frame_pad)
         k, v = rearrange(kv, "b n (t h d) -> t b h n d", t=2, h=heads).unbind(0)
-        per_frame = lambda t: t.view(b, frames, *t.shape[1:])  # noqa: E731
+
+        def per_frame(t: Tensor) -> Tensor:  # (b T, ...) -> (b, T, ...)
+            return t.view(b, frames, *t.shape[1:])
+
         k_mean = per_frame(k).mean(dim=1)  # (b, h, m, d): ToMe's metric of a tube
         cls_attn = None
         v_norm = v.new_ones(b, heads, m, 1)
@@ -160,9 +163,8 @@ def _layer_forward(
         out_pad = frame_pad
         if selection is None:
             q, k, v = _split_heads(tokenwise(inner.qkv, normed, frame_pad), heads)
-        else:
+        else:  # a merging rule: every token attends, whole tubes merge after (as ToMe)
             q = _heads(tokenwise(partial(linear, weight=w_q, bias=b_q), normed, frame_pad), heads)
-        if selection is not None:
             selection = selection._replace(late=True)
     y = rearrange(attend(q, k, v, frame_bias, drop, inner.scale), "b h n d -> b n (h d)")
     y = self.drop_path(tokenwise(space.output, y, out_pad))  # (b T, m_out, c)
