@@ -15,7 +15,10 @@ All dense (ATS is applied afterwards, without fine-tuning), each reproducible fr
   cores (3 steps/s); the loss stays near chance for ~500 steps, then falls. Dense accuracy
   82.4% on the 10,000 test images (the issue's window: 80-92%);
 - ``glyphs196-s1``: the same recipe from seed 1, held out: `auto`'s members are chosen on it
-  (its validation split), never on the reported ``glyphs196``.
+  (its validation split), never on the reported ``glyphs196``;
+- ``demo-s1``, ``gap-s1``, ``map-s1``: the small recipes from seed 1, held out too: how much
+  better on the calibration images another member must be before `auto` leaves its first
+  (``calibrate.SWITCH_Z``) is chosen on them (``benchmarks/switch_rule.py``).
 
     python benchmarks/frontier_checkpoints.py runs/frontier                    # all of them
     python benchmarks/frontier_checkpoints.py runs/frontier --only gap map     # about 3 min each, 2 CPU cores
@@ -64,6 +67,11 @@ RECIPES = {
         "glyphs",
         TrainConfig(model=GLYPHS, epochs=3, batch_size=32, lr=1e-3, warmup_steps=100, seed=1),
     ),
+    # the small checkpoints from seed 1, held out as well: how readily `auto` leaves its first
+    # member (calibrate.SWITCH_Z) is chosen on them
+    "demo-s1": ("demo", TrainConfig(seed=1)),
+    "gap-s1": ("demo", TrainConfig(model=ModelConfig(arch="timm-gap"), seed=1)),
+    "map-s1": ("demo", TrainConfig(model=ModelConfig(arch="timm-map"), seed=1)),
 }
 
 

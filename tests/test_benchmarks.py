@@ -37,7 +37,7 @@ def tiny_splits(monkeypatch):
 
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "summarize.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py"}
-    tested |= {"profile_sampling.py", "block_rows.py", "calibration_speed.py"}
+    tested |= {"profile_sampling.py", "block_rows.py", "calibration_speed.py", "switch_rule.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
 
@@ -113,3 +113,17 @@ def test_calibration_speed(tmp_path, monkeypatch, tiny_checkpoint, capsys):
     assert run_script("calibration_speed.py", *argv, monkeypatch=monkeypatch) == 0
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert [r["probe"] for r in rows] == ["True", "False"] and rows[0]["same"] == "True"
+
+
+def test_switch_rule(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
+    out = tmp_path / "s.json"
+    argv = [str(tiny_checkpoint), "--data", "tiny", "--calib-images", "48", "--zs", "0", "inf"]
+    assert run_script("switch_rule.py", *argv, "--json", str(out), monkeypatch=monkeypatch) == 0
+    rows = json.loads(out.read_text())["rows"]
+    summary = {r["z"]: r for r in rows if r.get("summary")}
+    points = [r for r in rows if not r.get("summary")]
+    assert set(summary) == {0.0, float("inf")} and len(points) == 2 * summary[0.0]["points"] > 0
+    assert summary[float("inf")]["switches"] == 0, "z = inf never leaves the first member"
+    for r in points:
+        assert r["calib_pct"][r["chosen"]] == max(r["calib_pct"].values()) or r["z"] != 0.0
+    assert "left the first" in capsys.readouterr().out

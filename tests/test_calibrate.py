@@ -1,12 +1,14 @@
 import itertools
+import math
+from dataclasses import replace
 
 import pytest
 import torch
 from helpers import images, peaked_timm_tiny, small_vit
 
 from ats_vit import family_of
-from ats_vit.budget import BudgetError
-from ats_vit.calibrate import AUTO, METHODS, RECOMMENDED, Calibration, base_method, calibrate
+from ats_vit.budget import Budget, BudgetError
+from ats_vit.calibrate import AUTO, METHODS, RECOMMENDED, Calibration, Trial, base_method, calibrate, prefer
 from ats_vit.evaluate import measure
 
 
@@ -57,15 +59,52 @@ def test_every_method_calibrates(method):
         assert budget.early_layers == 0
 
 
-def test_auto_keeps_the_best_of_its_methods_and_shares_their_trials():
+def test_auto_keeps_the_first_member_unless_another_is_significantly_better_and_shares_trials():
     search = Calibration(peaky_vit(), images(48, 1), progress=False, steps=8)
     best = search(0.6)
     assert best.calibration["searched"] == "auto" and best.method in AUTO
     trials = len(search.trials)
     each = {m: search(0.6, m) for m in AUTO}
     assert len(search.trials) == trials, "the single-method searches reuse auto's trials"
-    top = max(b.calibration["agreement"] for b in each.values())
-    assert best.calibration["agreement"] == top
+    candidates = search.candidates(0.6)
+    assert [t.budget.method for t in candidates] == [m for m in AUTO if m in each]
+    for t in candidates:
+        assert t.per_image is not None and t.per_image.mean().item() == pytest.approx(t.score)
+        assert t.score == pytest.approx(each[t.budget.method].calibration["agreement"])
+    assert best == replace(prefer(candidates).budget, target=0.6, calibration=best.calibration)
+
+
+def _scored(method, per_image):
+    per_image = torch.tensor(per_image, dtype=torch.float32)
+    return Trial(
+        Budget(start_layer=0, caps=(4,), method=method),
+        0.5,
+        per_image.mean().item(),
+        len(per_image),
+        (method, 0, 0.5, 1.0),
+        0.5,
+        None,
+        per_image,
+    )
+
+
+def test_prefer_leaves_the_first_member_only_for_a_significant_gain():
+    first = _scored("ats-fuse", [1, 0] * 50)
+    # +2 images of 100, from 12 gained and 10 lost: 0.4 standard errors
+    noisy = [0 if i % 2 == 0 and i < 20 else 1 if i % 2 == 1 and i < 24 else (i + 1) % 2 for i in range(100)]
+    ahead_by_noise = _scored("official", noisy)
+    assert sum(noisy) == 52
+    assert prefer([first, ahead_by_noise], z=1.0) is first
+    assert prefer([first, ahead_by_noise], z=0.0) is ahead_by_noise  # the most accurate
+    clearly = _scored("paper", [1, 1] * 40 + [1, 0] * 10)  # +40 images of 100
+    assert prefer([first, ahead_by_noise, clearly], z=1.0) is clearly
+    assert prefer([first, clearly], z=math.inf) is first
+    same = _scored("tome", [1, 0] * 50)
+    assert prefer([first, same], z=0.0) is first, "a tie keeps the first member"
+    # of several significantly better, the most accurate; a member behind is never chosen
+    behind = _scored("tome", [0, 0] * 50)
+    assert prefer([first, behind, clearly], z=1.0) is clearly
+    assert prefer([first, behind]) is first
 
 
 def test_trials_set_numbers_and_never_repatch():
