@@ -5,7 +5,7 @@ import torch
 from helpers import NUM_PATCHES, SMALL, images
 from helpers import small_vit as any_vit
 
-from ats_vit import SamplingOptions, ViT, load_vit_pytorch_state_dict
+from ats_vit import SamplingOptions, ViT, family_of, load_vit_pytorch_state_dict
 
 DROPPING = (16, 8, 6, 6)
 small_vit = partial(any_vit, DROPPING)
@@ -255,3 +255,18 @@ def test_load_vit_pytorch_state_dict_errors():
         load_vit_pytorch_state_dict(model, [1, 2])
     with pytest.raises(TypeError, match=r"model must be an ats_vit\.ViT"):
         load_vit_pytorch_state_dict(torch.nn.Linear(2, 2), {})
+
+
+def test_a_fused_token_counts_as_a_candidate_of_the_next_layer():
+    """Documented (README, Semantics): the fused token comes on top of the cap, so a next layer
+    with the same cap sees cap + 1 candidates and samples again; dropping keeps the count."""
+    counts = {}
+    for dropped in ("discard", "fuse"):
+        model = any_vit((16, 8, 8, 8), dropped=dropped).eval()
+        with torch.inference_mode():
+            _, state = family_of(model).run(images(4))
+        counts[dropped] = state.trace.kept_per_layer()
+    assert (counts["discard"] == torch.tensor([16, 8, 8, 8])).all()
+    fused = counts["fuse"]
+    assert (fused[:, 1] == 9).all(), "8 kept + the fused token"
+    assert (fused[:, 2] < 9).all() and (fused[:, 3] == fused[:, 2]).all()
