@@ -20,7 +20,7 @@ import timm
 import torch
 
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench import print_table, write_json
+from ats_vit.bench import json_arguments, print_table, write_json
 from ats_vit.timing import time_round_robin
 
 
@@ -95,8 +95,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=Config.repeats)
     p.add_argument("--threads", type=int, default=Config.threads)
     p.add_argument("--min-seconds", type=float, default=Config.min_seconds)
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = json_arguments(p)()
     if min(args.tokens) < 1 or min(args.batch_sizes) < 1 or args.repeats < 1 or args.threads < 1:
         p.error("--tokens, --batch-sizes, --repeats and --threads must be positive")
     cfg = Config(

@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 import ats_vit.sampling as sampling
 import ats_vit.timm as ats_timm
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench import machine, print_table, write_json
+from ats_vit.bench import json_arguments, machine, print_table, write_json
 from ats_vit.testing import sharpen_queries
 from ats_vit.timing import describe, speedup, time_round_robin
 
@@ -87,9 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for f in Config.__dataclass_fields__.values():
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    parser.add_argument("--json", help="also write config, machine and rows here")
-    args = parser.parse_args()
-    cfg = Config(**{k: v for k, v in vars(args).items() if k != "json"})
+    args = json_arguments(parser)()
+    cfg = Config(**{k: v for k, v in vars(args).items() if k not in ("json", "overwrite")})
     print(f"config: {asdict(cfg)}\nmachine: {machine()}")
     model = build(cfg)
     x = torch.randn(

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench import machine, print_table, write_json
+from ats_vit.bench import json_arguments, machine, print_table, write_json
 from ats_vit.calibrate import AUTO, Calibration, prefer
 from ats_vit.checkpoint import load_model
 from ats_vit.data import load_split, source_items, take
@@ -147,8 +147,7 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", default=["demo"], help="one data spec, or one per checkpoint")
     parser.add_argument("--calib-images", type=int, nargs="+", default=[320], help="one count, or one each")
     parser.add_argument("--zs", type=float, nargs="+", help="the z values to replay")
-    parser.add_argument("--json", help="also write config, machine, rows and summary here")
-    args = parser.parse_args()
+    args = json_arguments(parser, "config, machine, rows and summary")()
     cfg = Config(tuple(args.checkpoints), tuple(args.data), tuple(args.calib_images))
     if args.zs:
         cfg.zs = tuple(args.zs)

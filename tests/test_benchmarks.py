@@ -127,3 +127,21 @@ def test_switch_rule(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys
     for r in points:
         assert r["calib_pct"][r["chosen"]] == max(r["calib_pct"].values()) or r["z"] != 0.0
     assert "left the first" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("block_rows.py", []),
+        ("profile_sampling.py", []),
+        ("calibration_speed.py", ["no-such-checkpoint.safetensors"]),
+        ("switch_rule.py", ["no-such-checkpoint.safetensors"]),
+    ],
+)
+def test_scripts_refuse_to_write_over_an_existing_json(tmp_path, monkeypatch, capsys, script, argv):
+    """Refused at parse time, before any work (the checkpoints named do not even exist)."""
+    existing = tmp_path / "run.json"
+    existing.write_text("an earlier run")
+    assert run_script(script, *argv, "--json", str(existing), monkeypatch=monkeypatch) == 2
+    assert existing.read_text() == "an earlier run"
+    assert "already exists: pass --overwrite" in capsys.readouterr().err

@@ -6,6 +6,7 @@ round-robin, :mod:`ats_vit.timing`); nothing here is asserted as a timing in tes
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import weakref
@@ -22,7 +23,7 @@ from torch.utils._pytree import tree_leaves
 from ats_vit.stats import binomial_ci95
 from ats_vit.timing import _sync
 
-__all__ = ["binomial_ci95", "machine", "peak_memory", "print_table", "write_json"]
+__all__ = ["binomial_ci95", "json_arguments", "machine", "peak_memory", "print_table", "write_json"]
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -110,6 +111,26 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -
     print(line(["-" * w for w in widths]))
     for row in cells:
         print(line(row))
+
+
+def json_arguments(
+    parser: argparse.ArgumentParser, what: str = "config, machine and rows"
+) -> Callable[[], Any]:
+    """Add ``--json FILE`` and ``--overwrite`` to a benchmark script's parser; returns the parse
+    function, which refuses an existing FILE without ``--overwrite`` before any work is done
+    (a finished run is never written over by accident)."""
+    parser.add_argument("--json", help=f"also write {what} here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+
+    def parse() -> Any:
+        args = parser.parse_args()
+        if args.json and Path(args.json).exists() and not args.overwrite:
+            parser.error(
+                f"{args.json} already exists: pass --overwrite to replace it, or choose another --json"
+            )
+        return args
+
+    return parse
 
 
 def write_json(
