@@ -14,11 +14,11 @@ accuracy (or, without labels, agreement with the dense model's top-1). Two costs
 ``method="auto"`` searches several methods and keeps the first one's best budget unless another
 method's is ahead on the calibration images by more than :data:`SWITCH_Z` standard errors of
 the paired per-image difference (:func:`prefer`): with a few hundred images the most accurate
-of four is often ahead by noise. Among budgets of equal accuracy (within one calibration
-image) the one predicted fastest wins
-when a latency model is at hand (always for ``cost="latency"``; for ``cost="gflops"`` when
-``timing_batch`` is given). The model is set once through its family (:mod:`ats_vit.families`);
-each trial only sets numbers on its sampling modules.
+of four is often ahead by noise. With a latency model at hand (always for ``cost="latency"``;
+for ``cost="gflops"`` when ``timing_batch`` is given), the budget predicted fastest among those
+within one calibration image of the most accurate wins instead. The model is set once
+through its family (:mod:`ats_vit.families`); each trial only sets numbers on its sampling
+modules.
 
 Method names (what :func:`calibrate` searches):
 

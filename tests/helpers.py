@@ -110,3 +110,19 @@ def peaked_timm_tiny(peaked: float = 6.0):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10)
     return sharpen_queries(model.eval(), peaked)
+
+
+def fit_video_classifier(model, x, y, test_x, test_y, lr: float, steps: int = 220) -> float:
+    """Train a Hugging Face video classifier with AdamW on batches of 48 drawn by a fixed
+    generator; returns its held-out top-1 accuracy (the model is left in eval mode)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        pick = torch.randint(0, len(y), (48,), generator=gen)
+        loss = model(pixel_values=x[pick], labels=y[pick]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        return (model(pixel_values=test_x).logits.argmax(-1) == test_y).float().mean().item()

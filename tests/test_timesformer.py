@@ -3,6 +3,7 @@ position is kept or dropped in every frame at once. Random weights, no downloads
 
 import pytest
 import torch
+from helpers import fit_video_classifier
 
 transformers = pytest.importorskip("transformers")
 
@@ -217,18 +218,7 @@ def test_learns_the_moving_digit_task_as_well_with_tube_sampling_in_the_loop():
         model = T.TimesformerForVideoClassification(config)
         if sampled:
             ats_hf.apply(model, layers=[1, 2, 3], max_tokens=[12, 8, 6])
-        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(220):
-            pick = torch.randint(0, len(y), (48,), generator=gen)
-            loss = model(pixel_values=x[pick], labels=y[pick]).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        model.eval()
-        with torch.no_grad():
-            logits = model(pixel_values=test_x).logits
-        accuracy[sampled] = (logits.argmax(-1) == test_y).float().mean().item()
+        accuracy[sampled] = fit_video_classifier(model, x, y, test_x, test_y, lr=5e-4)
         if sampled:
             kept = ats_hf.last_info(model).kept_per_layer
     assert accuracy[True] >= 0.4, f"accuracy {accuracy} after 220 steps (chance 0.25)"

@@ -3,6 +3,7 @@ task (which way does a digit move?). Random weights, no downloads."""
 
 import pytest
 import torch
+from helpers import fit_video_classifier
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("sklearn")
@@ -96,17 +97,7 @@ def trained():
     config = T.VideoMAEConfig(**{**TINY, "hidden_size": 64, "num_hidden_layers": 4}, num_labels=4)
     model = T.VideoMAEForVideoClassification(config)
     ats_hf.apply(model, layers=[1, 2, 3], max_tokens=[16, 12, 8])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(220):
-        pick = torch.randint(0, len(y), (48,), generator=gen)
-        loss = model(pixel_values=x[pick], labels=y[pick]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = (model(pixel_values=test_x).logits.argmax(-1) == test_y).float().mean().item()
+    accuracy = fit_video_classifier(model, x, y, test_x, test_y, lr=2e-3)
     return model, accuracy, test_x
 
 
