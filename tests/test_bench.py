@@ -250,3 +250,20 @@ def test_train_speed_times_dense_and_each_budget_in_one_run(tiny_checkpoint, tin
     assert 0 < rows[1]["gflops_ratio"] < 1 and rows[1]["steps_per_s"] > 0 and rows[1]["ideal"] > 1
     with pytest.raises(ValueError, match="at least one budget file"):
         TrainSpeedConfig(str(tiny_checkpoint), ())
+
+
+def test_train_speed_gives_budgets_with_the_same_stem_their_own_rows(tiny_checkpoint, tiny_splits, tmp_path):
+    """Two budget files named alike in different folders got one row (the second overwrote the
+    first): each now keeps its row, named by its path."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = Budget(1, (8, 4), dropped="merge").save(tmp_path / "a" / "b.json")
+    second = Budget(1, (4, 2), dropped="merge").save(tmp_path / "b" / "b.json")
+    paths = (str(first), str(second))
+    cfg = TrainSpeedConfig(str(tiny_checkpoint), paths, batch_size=16, warmup=1, repeats=1)
+    cfg.min_seconds = 0.0
+    rows = train_speed(cfg)
+    assert [r["variant"] for r in rows] == ["dense", str(first), str(second)]
+    assert rows[1]["gflops_ratio"] > rows[2]["gflops_ratio"]
+    with pytest.raises(ValueError, match="more than once"):
+        train_speed(TrainSpeedConfig(str(tiny_checkpoint), (str(first), str(first))))

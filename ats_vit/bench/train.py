@@ -56,6 +56,17 @@ TRAIN_SPEED_COLUMNS = (
 )
 
 
+def variant_names(paths: tuple[str, ...]) -> dict[str, str]:
+    """A row name per budget file: its stem, or the path as given where stems collide (two
+    budgets named alike in different folders must not share, and overwrite, one row)."""
+    if len(set(paths)) != len(paths):
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        raise ValueError(f"budgets lists {', '.join(twice)} more than once")
+    stems = [Path(p).stem for p in paths]
+    clash = {s for s in stems if stems.count(s) > 1 or s == "dense"}
+    return {(p if s in clash else s): p for p, s in zip(paths, stems, strict=True)}
+
+
 def _step(
     model: torch.nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor
 ) -> None:
@@ -70,7 +81,7 @@ def train_speed(cfg: TrainSpeedConfig) -> list[dict[str, Any]]:
 
     base, model_cfg = load_model(cfg.checkpoint)
     images, labels = take(load_split("demo", "train", model_cfg.image_size), cfg.batch_size, cfg.seed)
-    variants = {"dense": None, **{Path(p).stem: Budget.load(p) for p in cfg.budgets}}
+    variants = {"dense": None, **{name: Budget.load(p) for name, p in variant_names(cfg.budgets).items()}}
     models: dict[str, torch.nn.Module] = {}
     steps: dict[str, Callable[[], object]] = {}
     costs: dict[str, float] = {}
