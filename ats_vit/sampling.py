@@ -89,10 +89,15 @@ class Merge(NamedTuple):
     dest: (b, n) int64 slot in [0, m] each input token joins; ``m`` means none (discarded
         tokens, padding). weight: (b, n) float, the token's share of its slot (the weights of
         a slot sum to 1), so each slot is the weighted mean of the tokens sent to it.
+    fused: (b, 1) int64 the one slot that holds several tokens (``dropped="fuse"``: the fused
+        token), -1 where an image fused nothing; every other slot then holds the one token
+        the selection's index names, so :func:`select_tokens` gathers rows and adds a single
+        weighted sum per image instead of scattering every row. ``None`` for general merges.
     """
 
     dest: Tensor
     weight: Tensor
+    fused: Tensor | None = None
 
 
 class TokenSelection(NamedTuple):
@@ -130,12 +135,14 @@ def significance_scores(cls_attn: Tensor, v: Tensor, valid: Tensor | None = None
     stays well defined (a non-finite input still yields non-finite logits downstream).
     """
     scores = einsum(cls_attn.float(), v.float().norm(dim=-1), "b h n, b h n -> b n")
-    scores = torch.where(torch.isfinite(scores), scores.clamp_min(0.0), 0.0)
+    scores = scores.nan_to_num(0.0, 0.0, 0.0).clamp_min_(0.0)
+    uniform: Tensor | float
     if valid is None:
-        valid = torch.ones_like(scores, dtype=torch.bool)
-    scores = scores.masked_fill(~valid, 0.0)
+        uniform = 1.0 / scores.shape[-1]
+    else:
+        scores = scores.masked_fill(~valid, 0.0)
+        uniform = valid.float() / valid.sum(dim=-1, keepdim=True).clamp_min(1)
     total = scores.sum(dim=-1, keepdim=True)
-    uniform = valid.float() / valid.sum(dim=-1, keepdim=True).clamp_min(1)
     return torch.where(total > 0, scores / total.clamp_min(torch.finfo(scores.dtype).tiny), uniform)
 
 
@@ -177,9 +184,10 @@ def inverse_transform_sample(
     else:
         offset = torch.full((b, k), 0.5, device=scores.device, dtype=cdf.dtype)
     points = (steps + offset) / k
-    # the first index whose CDF reaches a point is the number of CDF entries below it (the
-    # CDF is non-decreasing): searchsorted's answer, in ops that ONNX also has
-    return (cdf.unsqueeze(1) < points.unsqueeze(2)).sum(dim=-1).clamp_max_(n - 1)
+    # the first index whose CDF reaches a point (the CDF is non-decreasing)
+    if torch.compiler.is_exporting():  # as the number of CDF entries below it: ops ONNX has
+        return (cdf.unsqueeze(1) < points.unsqueeze(2)).sum(dim=-1).clamp_max_(n - 1)
+    return torch.searchsorted(cdf, points).clamp_max_(n - 1)
 
 
 def gumbel_sample(
@@ -418,9 +426,19 @@ def select_tokens(x: Tensor, selection: TokenSelection) -> Tensor:
     when the selection merges, each slot the weighted mean of the rows sent to it."""
     if selection.merge is None:
         return gather_tokens(x, selection.index)
-    dest, weight = selection.merge
+    dest, weight, fused = selection.merge
     b, m = selection.index.shape
     n = x.shape[1]
+    if fused is not None:
+        # every slot but the fused one is a row of x: gather, then write one weighted sum per
+        # image (an image that fused nothing rewrites its first row with itself)
+        rows = gather_tokens(x, selection.index).reshape(b * m, -1)
+        share = torch.where(dest == fused, weight, 0.0).to(x.dtype)  # (b, n)
+        # element-wise, like the index_add below (the cost model counts it as merging, not a GEMM)
+        mean = (share.unsqueeze(-1) * x.reshape(b, n, -1)).sum(dim=1)  # (b, c)
+        mean = torch.where(fused >= 0, mean, rows[::m])
+        at = torch.arange(b, device=dest.device) * m + fused.squeeze(1).clamp_min(0)
+        return rows.index_copy_(0, at, mean).view(b, m, *x.shape[2:])
     rows = x.reshape(b * n, -1) * weight.reshape(b * n, 1).to(x.dtype)  # (b n, c)
     # one flat index_add_ over rows (several times faster than a scatter_add_ along the token
     # axis on CPU); tokens that join no slot (dest == m) all land in one spare row at the end
@@ -439,16 +457,17 @@ def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> Token
     for packed token-wise compute when at least :data:`PACK_MIN_PADDING` of the grid is
     padding; a fixed ``size`` (at least the largest count) needs no sync.
     """
-    b = keep.shape[0]
-    counts = keep.sum(dim=-1)  # (b,)
+    b, n = keep.shape
+    before = keep.cumsum(dim=-1)  # (b, n) kept candidates up to each position
+    counts = before[:, -1]  # (b,)
     total = None
     if size is None:
         # one sync answers "how wide", "is any row padded" and "how many real tokens"
         smallest, size, total = torch.stack((counts.min(), counts.max(), counts.sum())).tolist()
     # kept tokens first, then dropped ones, each in original order (what a stable argsort on
-    # "dropped" gives, without a sort: ONNX has no stable sort, and two cumsums are cheaper)
-    n = keep.shape[1]
-    slot = torch.where(keep, keep.cumsum(-1) - 1, counts[:, None] + (~keep).cumsum(-1) - 1)
+    # "dropped" gives, without a sort: ONNX has no stable sort, and one cumsum is cheaper)
+    dropped_before = torch.arange(1, n + 1, device=keep.device) - before
+    slot = torch.where(keep, before - 1, counts[:, None] + dropped_before - 1)
     order = torch.empty_like(slot).scatter_(1, slot, torch.arange(n, device=keep.device).expand(b, n))
     order = order[:, :size]
     prefix = torch.arange(num_prefix, device=keep.device).expand(b, num_prefix)
@@ -582,14 +601,21 @@ class AdaptiveTokenSampling(nn.Module):
     def needed(self, num_tokens: int) -> bool:
         """Whether a layer with ``num_tokens`` tokens (prefix included) samples at all. The
         authors' ATS samples whenever it has more than 8 candidates (its cap only bounds what
-        it keeps); every other rule when there are more candidates than the cap; none in a
-        layer a schedule leaves whole (``keeps_all``)."""
+        it keeps); every other rule when there are more candidates than :attr:`room`; none
+        in a layer a schedule leaves whole (``keeps_all``)."""
         candidates = num_tokens - self.num_prefix_tokens
         if self.keeps_all:
             return False
         if self.options.sampler == "official":
             return candidates > OFFICIAL_MIN_TOKENS
-        return candidates > self.max_tokens
+        return candidates > self.room
+
+    @property
+    def room(self) -> int:
+        """How many candidates a layer keeps whole: the cap, plus one with ``dropped="fuse"``
+        (its output is the cap's tokens and the fused one, so a next layer with the same cap
+        leaves that output as it is instead of sampling it again)."""
+        return self.max_tokens + (self.options.dropped == "fuse")
 
     def forward(
         self,
@@ -647,7 +673,7 @@ class AdaptiveTokenSampling(nn.Module):
             keep = keep_mask(picks, n - p)
             if valid is not None:
                 # images with few enough valid candidates keep them all, as they would alone
-                few = valid.sum(-1, keepdim=True) <= cap
+                few = valid.sum(-1, keepdim=True) <= self.room
                 keep = (few & valid) | (~few & keep)
         if valid is not None:
             keep = keep & valid
@@ -693,13 +719,14 @@ class AdaptiveTokenSampling(nn.Module):
         """Add to ``selection`` where each dropped candidate goes and the output sizes.
 
         keep, dropped: (b, n - p) bool over the candidates (the fused token's host is kept
-        and dropped: it holds itself and the others); scores: (b, n - p) significance."""
+        and dropped: it holds itself and the others); scores: (b, n - p) significance (needed
+        to fuse)."""
         p = self.num_prefix_tokens
         b, m = selection.index.shape
         slot = p + keep.long().cumsum(dim=-1) - 1  # (b, n - p) output slot of each kept candidate
         if self.options.dropped == "fuse":
-            target = slot.masked_fill(~(keep & dropped), -1).amax(dim=-1, keepdim=True).expand_as(slot)
-        elif into is not None:  # tome: the matched candidate's slot
+            return self._fused(selection, keep, dropped, slot, _required(scores), size)
+        if into is not None:  # tome: the matched candidate's slot
             target = slot.gather(1, into.clamp_min(0))
         else:
             metric = _required(k).mean(dim=1)  # (b, n, d) keys averaged over heads, as ToMe compares tokens
@@ -707,19 +734,43 @@ class AdaptiveTokenSampling(nn.Module):
             if selection.padding is not None:
                 allowed = allowed & selection.padding.mask
             target = nearest_kept(metric[:, p:], gather_tokens(metric, selection.index), allowed)
-        fuse = self.options.dropped == "fuse"
-        joins = dropped & ~keep if not fuse else dropped
-        dest = torch.where(keep & ~joins, slot, torch.where(joins, target, m))
+        joins = dropped & ~keep
+        dest = torch.where(keep, slot, torch.where(joins, target, m))
         dest = torch.cat((torch.arange(p, device=dest.device).expand(b, p), dest), dim=1)  # (b, n)
         patches = torch.ones(dest.shape, device=dest.device) if size is None else size.float()
-        weight = patches  # merging averages by size, as ToMe does
-        if fuse:
-            # significance-weighted, as EViT weights by attention; kept tokens are alone in their slot
-            weight = torch.cat(
-                (torch.ones_like(patches[:, :p]), torch.where(dropped, _required(scores), 1.0)), dim=1
-            )
+        # merging averages by size, as ToMe does
         size_out = patches.new_zeros(b, m + 1).scatter_add_(1, dest, patches)[:, :m]
-        return selection._replace(merge=merge_plan(dest, weight, m), size=size_out)
+        return selection._replace(merge=merge_plan(dest, patches, m), size=size_out)
+
+    def _fused(
+        self,
+        selection: TokenSelection,
+        keep: Tensor,
+        dropped: Tensor,
+        slot: Tensor,
+        scores: Tensor,
+        size: Tensor | None,
+    ) -> TokenSelection:
+        """The merge of ``dropped="fuse"``: kept tokens alone in their slots, the dropped ones
+        (the host among them) averaged into the host's slot by significance, as EViT weights
+        them by attention. In closed form: one slot per image holds several tokens, so no
+        scatter is needed for its weights or sizes."""
+        p = self.num_prefix_tokens
+        b, m = selection.index.shape
+        host = keep & dropped  # at most one per image
+        fused = slot.masked_fill(~host, -1).amax(dim=-1, keepdim=True)  # (b, 1); -1: fused nothing
+        joined = torch.where(dropped, fused, slot.masked_fill(~keep, m))  # padding joins no slot
+        dest = torch.cat((torch.arange(p, device=slot.device).expand(b, p), joined), dim=1)  # (b, n)
+        mass = scores.masked_fill(~dropped, 0.0)
+        share = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+        weight = torch.cat((torch.ones_like(share[:, :p]), torch.where(dropped, share, 1.0)), dim=1)
+        patches = torch.ones(dest.shape, device=dest.device) if size is None else size.float()
+        fused_size = patches[:, p:].masked_fill(~dropped, 0.0).sum(dim=-1, keepdim=True)  # (b, 1)
+        size_out = gather_tokens(patches, selection.index)
+        size_out = torch.where(torch.arange(m, device=dest.device) == fused, fused_size, size_out)
+        if selection.padding is not None:
+            size_out = size_out.masked_fill(~selection.padding.mask, 0.0)
+        return selection._replace(merge=Merge(dest, weight, fused), size=size_out)
 
 
 def _most_significant(keep: Tensor, scores: Tensor, cap: int) -> Tensor:
