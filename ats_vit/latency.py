@@ -47,6 +47,10 @@ from ats_vit.sampling import PACK_MIN_PADDING, Padding
 __all__ = ["CONTEXTS", "LatencyModel", "LatencyTable", "cache_dir"]
 
 FORMAT = "ats-vit-latency/1"
+# the code a table times: part of the cache key, so that a table timed with an older
+# implementation of the blocks is measured afresh (bump when the sampling or block code
+# changes its speed). 2: fused selections built in closed form, fewer selection ops
+CODE_REVISION = 2
 # what a layer's input carries once earlier layers selected: nothing, token sizes (after a
 # merge), or padding (after an adaptive count)
 CONTEXTS = ("plain", "sized", "padded")
@@ -179,6 +183,7 @@ class LatencyModel:
             threads=torch.get_num_threads() if self.device.type == "cpu" else 0,
             torch=torch.__version__,
             points=points,
+            code=CODE_REVISION,
         )
         self.table = self._load() or self._build_dense(points)
         if not self.table.fit:

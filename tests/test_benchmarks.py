@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).parent.parent / "benchmarks"
 TINY_TIMM = ["--model", "vit_tiny_patch16_224"]
@@ -38,6 +39,7 @@ def tiny_splits(monkeypatch):
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "summarize.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py"}
     tested |= {"profile_sampling.py", "block_rows.py", "calibration_speed.py", "switch_rule.py"}
+    tested |= {"selection_cost.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
 
@@ -129,10 +131,55 @@ def test_switch_rule(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys
     assert "left the first" in capsys.readouterr().out
 
 
+def test_selection_cost(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
+    """Replayed selections give the live logits (checked inside the script) for a fusing and
+    a discarding budget; the rows relate speed-up, ideal and efficiency."""
+    from ats_vit.budget import Budget
+
+    fuse = Budget(1, (8, 4), dropped="fuse").save(tmp_path / "fuse.json")
+    keep = Budget(1, (6, 3)).save(tmp_path / "discard.json")
+    out = tmp_path / "cost.json"
+    argv = [str(tiny_checkpoint), "--budget", str(fuse), str(keep), "--batch-size", "16", "--repeats", "1"]
+    argv += ["--min-seconds", "0", "--json", str(out)]
+    assert run_script("selection_cost.py", *argv, monkeypatch=monkeypatch) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["budget"] for r in rows] == ["fuse", "discard"]
+    for r in rows:
+        assert 0 < r["gflops_ratio"] < 1 and r["ideal"] == pytest.approx(1 / r["gflops_ratio"])
+        assert r["efficiency"] == pytest.approx(r["speedup"] / r["ideal"])
+        assert r["replayed_efficiency"] == pytest.approx(r["replayed"] / r["ideal"])
+    assert "replayed speed-up" in capsys.readouterr().out
+
+
+def test_selection_cost_replays_what_the_first_pass_chose(tiny_checkpoint, tiny_splits):
+    """The replayed model runs no sampling code: its layers return the recorded selections."""
+    import runpy
+
+    from ats_vit.budget import Budget
+    from ats_vit.checkpoint import load_model
+    from ats_vit.sampling import AdaptiveTokenSampling
+
+    replaying = runpy.run_path(str(SCRIPTS / "selection_cost.py"))["replaying"]
+    model = Budget(1, (8, 4), dropped="fuse").apply(load_model(tiny_checkpoint)[0].eval())
+    x = tiny_splits["test"].tensors[0][:8]
+    replay = replaying(model, x)
+    calls = []
+    original = AdaptiveTokenSampling.forward
+    AdaptiveTokenSampling.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(replay(x), model(x))
+    finally:
+        AdaptiveTokenSampling.forward = original
+    replayed = [m for m in replay.modules() if isinstance(m, AdaptiveTokenSampling) and "forward" in vars(m)]
+    assert replayed and len(calls) == len(replayed), "only the live model runs its sampling layers"
+
+
 @pytest.mark.parametrize(
     "script, argv",
     [
         ("block_rows.py", []),
+        ("selection_cost.py", ["no-such-checkpoint.safetensors", "--budget", "b.json"]),
         ("profile_sampling.py", []),
         ("calibration_speed.py", ["no-such-checkpoint.safetensors"]),
         ("switch_rule.py", ["no-such-checkpoint.safetensors"]),

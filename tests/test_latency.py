@@ -44,11 +44,15 @@ def test_a_table_is_built_once_and_read_back():
     assert other.path != first.path
 
 
-def test_a_table_of_another_machine_is_not_used(cache):
+@pytest.mark.parametrize(
+    "field, value", [("device", "another CPU"), ("code", latency.CODE_REVISION - 1)], ids=["machine", "code"]
+)
+def test_a_table_of_another_machine_or_older_code_is_not_used(cache, field, value):
     model = small_vit().eval()
     table = quick(model)
     raw = json.loads(table.path.read_text())
-    raw["key"]["device"] = "another CPU"
+    assert raw["key"][field] != value
+    raw["key"][field] = value
     table.path.write_text(json.dumps(raw))
     calls = []
     original = LatencyModel._build_dense
