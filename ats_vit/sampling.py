@@ -601,21 +601,14 @@ class AdaptiveTokenSampling(nn.Module):
     def needed(self, num_tokens: int) -> bool:
         """Whether a layer with ``num_tokens`` tokens (prefix included) samples at all. The
         authors' ATS samples whenever it has more than 8 candidates (its cap only bounds what
-        it keeps); every other rule when there are more candidates than :attr:`room`; none
-        in a layer a schedule leaves whole (``keeps_all``)."""
+        it keeps); every other rule when there are more candidates than the cap; none in a
+        layer a schedule leaves whole (``keeps_all``)."""
         candidates = num_tokens - self.num_prefix_tokens
         if self.keeps_all:
             return False
         if self.options.sampler == "official":
             return candidates > OFFICIAL_MIN_TOKENS
-        return candidates > self.room
-
-    @property
-    def room(self) -> int:
-        """How many candidates a layer keeps whole: the cap, plus one with ``dropped="fuse"``
-        (its output is the cap's tokens and the fused one, so a next layer with the same cap
-        leaves that output as it is instead of sampling it again)."""
-        return self.max_tokens + (self.options.dropped == "fuse")
+        return candidates > self.max_tokens
 
     def forward(
         self,
@@ -673,7 +666,7 @@ class AdaptiveTokenSampling(nn.Module):
             keep = keep_mask(picks, n - p)
             if valid is not None:
                 # images with few enough valid candidates keep them all, as they would alone
-                few = valid.sum(-1, keepdim=True) <= self.room
+                few = valid.sum(-1, keepdim=True) <= cap
                 keep = (few & valid) | (~few & keep)
         if valid is not None:
             keep = keep & valid
