@@ -466,12 +466,12 @@ def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> Token
         smallest, size, total = torch.stack((counts.min(), counts.max(), counts.sum())).tolist()
     # kept tokens first, then dropped ones, each in original order (what a stable argsort on
     # "dropped" gives, without a sort: ONNX has no stable sort, and one cumsum is cheaper)
-    dropped_before = torch.arange(1, n + 1, device=keep.device) - before
-    slot = torch.where(keep, before - 1, counts[:, None] + dropped_before - 1)
-    order = torch.empty_like(slot).scatter_(1, slot, torch.arange(n, device=keep.device).expand(b, n))
+    positions = torch.arange(n, device=keep.device)
+    # a dropped token's slot: after every kept one, then the dropped ones before it
+    slot = torch.where(keep, before - 1, counts[:, None] + positions - before)
+    order = torch.empty_like(slot).scatter_(1, slot, positions.expand(b, n))
     order = order[:, :size]
-    prefix = torch.arange(num_prefix, device=keep.device).expand(b, num_prefix)
-    index = torch.cat((prefix, order + num_prefix), dim=1)
+    index = _after_prefix(order + num_prefix, num_prefix)
     if total is not None and smallest == size:
         return TokenSelection(index, None)
     mask = torch.arange(num_prefix + size, device=keep.device) < (counts + num_prefix)[:, None]
@@ -693,8 +693,7 @@ class AdaptiveTokenSampling(nn.Module):
             picks = topk_select(_required(cls_attn)[..., p:], cap)
         else:
             picks = random_select(torch.ones(b, n - p, dtype=torch.bool, device=v.device), cap)
-        prefix = torch.arange(p, device=v.device).expand(b, p)
-        index = torch.cat((prefix, picks.sort(dim=-1).values + p), dim=1)
+        index = _after_prefix(picks.sort(dim=-1).values + p, p)
         return TokenSelection(
             index, None, size=None if size is None else size.gather(1, index), rule=self.rule
         )
@@ -728,8 +727,7 @@ class AdaptiveTokenSampling(nn.Module):
                 allowed = allowed & selection.padding.mask
             target = nearest_kept(metric[:, p:], gather_tokens(metric, selection.index), allowed)
         joins = dropped & ~keep
-        dest = torch.where(keep, slot, torch.where(joins, target, m))
-        dest = torch.cat((torch.arange(p, device=dest.device).expand(b, p), dest), dim=1)  # (b, n)
+        dest = _after_prefix(torch.where(keep, slot, torch.where(joins, target, m)), p)
         patches = torch.ones(dest.shape, device=dest.device) if size is None else size.float()
         # merging averages by size, as ToMe does
         size_out = patches.new_zeros(b, m + 1).scatter_add_(1, dest, patches)[:, :m]
@@ -748,12 +746,10 @@ class AdaptiveTokenSampling(nn.Module):
         (the host among them) averaged into the host's slot by significance, as EViT weights
         them by attention. In closed form: one slot per image holds several tokens, so no
         scatter is needed for its weights or sizes."""
-        p = self.num_prefix_tokens
-        b, m = selection.index.shape
+        p, m = self.num_prefix_tokens, selection.index.shape[1]
         host = keep & dropped  # at most one per image
         fused = slot.masked_fill(~host, -1).amax(dim=-1, keepdim=True)  # (b, 1); -1: fused nothing
-        joined = torch.where(dropped, fused, slot.masked_fill(~keep, m))  # padding joins no slot
-        dest = torch.cat((torch.arange(p, device=slot.device).expand(b, p), joined), dim=1)  # (b, n)
+        dest = _after_prefix(torch.where(dropped, fused, slot.masked_fill(~keep, m)), p)  # padding: no slot
         mass = scores.masked_fill(~dropped, 0.0)
         share = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         weight = torch.cat((torch.ones_like(share[:, :p]), torch.where(dropped, share, 1.0)), dim=1)
@@ -764,6 +760,13 @@ class AdaptiveTokenSampling(nn.Module):
         if selection.padding is not None:
             size_out = size_out.masked_fill(~selection.padding.mask, 0.0)
         return selection._replace(merge=Merge(dest, weight, fused), size=size_out)
+
+
+def _after_prefix(t: Tensor, num_prefix: int) -> Tensor:
+    """(b, k) positions or slots of candidates -> (b, p + k) with the prefix tokens' own
+    positions 0 .. p - 1 first (prefix tokens are always kept, each alone in its slot)."""
+    prefix = torch.arange(num_prefix, device=t.device).expand(t.shape[0], num_prefix)
+    return torch.cat((prefix, t), dim=1)
 
 
 def _most_significant(keep: Tensor, scores: Tensor, cap: int) -> Tensor:
