@@ -246,7 +246,7 @@ def _print_eval(rows: list[dict[str, Any]]) -> None:
         (
             r["label"],
             (r["budget"] or {}).get("method") or ("dense" if r["budget"] is None else "custom"),
-            f"{100 * r['accuracy']:.2f}%",
+            f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.1f}",
             f"{r['gflops']:.4f}",
             "" if math.isnan(r["gflops_ratio"]) else f"{r['gflops_ratio']:.0%}",
             f"{r['kept_per_layer'][-1]:.1f}",
@@ -438,6 +438,7 @@ def _dtype(name: str | None) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ats_vit.data import source_items
     from ats_vit.distributed import finish, init_distributed, is_lead
     from ats_vit.evaluate import evaluate_budgets
     from ats_vit.timing import WIDE_SPREAD
@@ -453,6 +454,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model,
         data,
         budgets,
+        items=source_items(args.data, "test", len(data)),
         batch_size=args.batch_size,
         workers=args.workers,
         timing_repeats=args.timing_repeats,
@@ -462,7 +464,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not is_lead():
         return 0
     trained = "" if source.config is None or source.config.budget is None else " (trained with a budget)"
-    print(f"{source.name}{trained} on {rows[0]['images']} images:")
+    shared = "" if rows[0]["items"] == rows[0]["images"] else f" of {rows[0]['items']} independent items"
+    print(f"{source.name}{trained} on {rows[0]['images']} images{shared} (±: 95% interval over the items):")
     _print_eval(rows)
     if rows[0]["skipped"]:
         print(f"skipped {rows[0]['skipped']} unreadable images (--skip-bad-images)")

@@ -23,6 +23,7 @@ from ats_vit.data import collate_skipping
 from ats_vit.distributed import rank_world
 from ats_vit.families import family_of
 from ats_vit.flops import flops
+from ats_vit.stats import binomial_ci95, bootstrap_ci95
 from ats_vit.timing import Timing, speedup, time_round_robin
 
 __all__ = ["evaluate", "evaluate_budgets", "measure", "time_budgets"]
@@ -47,18 +48,26 @@ def evaluate(
     *,
     workers: int = 0,
     progress: bool = False,
+    items: Tensor | None = None,
 ) -> dict[str, Any]:
     """Accuracy, mean kept patch tokens per layer and mean GFLOPs per image of ``model`` as it
-    is configured (our ViT, or a timm / Hugging Face model).
+    is configured (our ViT, or a timm / Hugging Face model), and the accuracy's 95% interval.
 
-    Images that a folder data set could not read (``image_folder(skip_bad=True)``) are
-    counted in ``skipped`` and left out.
+    ``items``: (len(data),) the independent item each image comes from
+    (:func:`ats_vit.data.source_items`; None: every image is its own). The interval
+    (``ci95``, a half-width) counts items, not images: a cluster bootstrap over them in one
+    process, the binomial interval of the item count (wider, as if an item's images always
+    agreed) under ``torchrun`` or when images were skipped. Images that a folder data set
+    could not read (``image_folder(skip_bad=True)``) are counted in ``skipped`` and left out.
     """
+    size = len(data)  # type: ignore[arg-type]
+    if items is not None and items.shape != (size,):
+        raise ValueError(f"items must be ({size},), one per image, got {tuple(items.shape)}")
     family = _classifier(model)
     model.eval()
     device = next(model.parameters()).device
     rank, world = rank_world()
-    mine = Subset(data, range(rank, len(data), world))  # type: ignore[arg-type]
+    mine = Subset(data, range(rank, size, world))
     loader = DataLoader(mine, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping)
     # integer sums on the device; one sync at the end instead of several per batch
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -66,6 +75,7 @@ def evaluate(
     skipped = torch.zeros((), dtype=torch.long, device=device)
     kept = torch.zeros(family.depth, dtype=torch.long, device=device)
     total_flops = torch.zeros((), dtype=torch.float64, device=device)
+    hits: list[Tensor] = []
     bar = progress_bar(total=len(loader), desc="eval", unit="batch", disable=not progress or rank != 0)
     for images, labels, bad in loader:
         skipped += bad
@@ -74,7 +84,9 @@ def evaluate(
             continue
         images, labels = images.to(device), labels.to(device)
         logits, state = family.run(images)
-        correct += (logits.argmax(-1) == labels).sum()
+        hit = logits.argmax(-1) == labels
+        hits.append(hit)
+        correct += hit.sum()
         seen += len(labels)
         kept += state.trace.kept_per_layer().sum(0).to(device)
         total_flops += flops(family.cost, state.trace).to(device).sum()
@@ -84,12 +96,20 @@ def evaluate(
         for t in sums:
             dist.all_reduce(t)
     n = max(int(seen), 1)
+    accuracy = int(correct) / n
+    independent = n if items is None else int(items.unique().numel())
+    if items is not None and independent < n and world == 1 and not int(skipped):
+        ci95 = bootstrap_ci95(torch.cat(hits).cpu(), items)  # images share items: resample items
+    else:
+        ci95 = binomial_ci95(accuracy, max(independent, 1))
     return dict(
-        accuracy=int(correct) / n,
+        accuracy=accuracy,
         kept_per_layer=(kept.double() / n).tolist(),
         gflops=float(total_flops) / n / 1e9,
         images=int(seen),
         skipped=int(skipped),
+        items=independent,
+        ci95=ci95,
     )
 
 
@@ -159,8 +179,10 @@ def evaluate_budgets(
     timing_repeats: int = 5,
     timing_batch: int = 64,
     progress: bool = True,
+    items: Tensor | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per ``(label, budget)`` (``None``: dense): accuracy, kept tokens, GFLOPs, and
+    """One row per ``(label, budget)`` (``None``: dense): accuracy with its 95% interval over
+    the independent ``items`` (as in :func:`evaluate`), kept tokens, GFLOPs, and
     throughput measured in one interleaved run over one batch of up to ``timing_batch`` images
     (the whole split when it is smaller: ``timing_images`` says how many were timed). Each
     row has the median images/s and speed-up over the first row (when it is dense) with their
@@ -175,7 +197,7 @@ def evaluate_budgets(
     quiet = not progress or rank != 0
     for label, budget in progress_bar(iterable=budgets, desc="budgets", unit="budget", disable=quiet):
         configure(family, budget)
-        result = evaluate(model, data, batch_size, workers=workers)
+        result = evaluate(model, data, batch_size, workers=workers, items=items)
         rows.append(dict(label=label, budget=None if budget is None else budget.to_dict(), **result))
     dense_first = bool(budgets) and budgets[0][1] is None
     images = None

@@ -113,7 +113,7 @@ def _accuracy_axis(ax: Any, values: Sequence[float], errors: Sequence[float], mi
 
 def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Accuracy against GFLOPs and, when timed, against the measured speed-up: one marker per
-    budget (named in the legend), with the 95% interval of the test-set size as error bars.
+    budget (named in the legend), with the accuracy's 95% interval (``ci95``) as error bars.
 
     rows: as from :func:`ats_vit.evaluate.evaluate_budgets` ('label', 'accuracy', 'images',
     'gflops_ratio' or 'gflops', and optionally 'speedup')."""
@@ -121,7 +121,8 @@ def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path, titl
     timed = any(not math.isnan(r.get("speedup", math.nan)) for r in rows)
     fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(10.5 if timed else 5.8, 4.0), squeeze=False)
     ys = [100 * r["accuracy"] for r in rows]
-    errs = [100 * binomial_ci95(r["accuracy"], max(int(r["images"]), 1)) for r in rows]
+    # rows of older eval.json files have no interval: every image counted as independent
+    errs = [100 * r.get("ci95", binomial_ci95(r["accuracy"], max(int(r["images"]), 1))) for r in rows]
     use_ratio = not any(math.isnan(r.get("gflops_ratio", math.nan)) for r in rows)
     panels = [
         ("gflops_ratio" if use_ratio else "gflops", "GFLOPs / dense" if use_ratio else "GFLOPs per image")

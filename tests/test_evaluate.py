@@ -126,3 +126,27 @@ def test_evaluate_counts_the_flops_of_the_tokens_kept(tiny_checkpoint):
     assert family_of(model).cost is model.cost
     result = evaluate(model, tiny_data(5))
     assert result["gflops"] == pytest.approx(gflops(model.cost, trace).double().mean().item(), rel=1e-6)
+
+
+def test_the_interval_counts_independent_items_not_images():
+    """Three copies of each of 20 images are 20 items: the interval is a bootstrap over them,
+    wider than the 60 images would claim; items of the wrong length are refused."""
+    from helpers import TINY
+    from torch.utils.data import TensorDataset
+
+    from ats_vit.models import build_model
+    from ats_vit.stats import binomial_ci95
+
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    images, labels = tiny_data(20, seed=4).tensors
+    copies = TensorDataset(images.repeat(3, 1, 1, 1), labels.repeat(3))
+    alone = evaluate(model, copies)
+    assert alone["items"] == 60 and alone["ci95"] == binomial_ci95(alone["accuracy"], 60)
+    assert 0 < alone["accuracy"] < 1, "a random model, so the interval is not empty"
+    grouped = evaluate(model, copies, items=torch.arange(60) % 20)
+    assert grouped["items"] == 20 and grouped["accuracy"] == alone["accuracy"]
+    # copies always agree, so resampling 20 items is about sqrt(3) wider than 60 images
+    assert grouped["ci95"] > 1.4 * alone["ci95"]
+    with pytest.raises(ValueError, match="items"):
+        evaluate(model, copies, items=torch.arange(20))
