@@ -752,7 +752,7 @@ class AdaptiveTokenSampling(nn.Module):
         dest = _after_prefix(torch.where(dropped, fused, slot.masked_fill(~keep, m)), p)  # padding: no slot
         mass = scores.masked_fill(~dropped, 0.0)
         share = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
-        weight = torch.cat((torch.ones_like(share[:, :p]), torch.where(dropped, share, 1.0)), dim=1)
+        weight = torch.cat((share.new_ones(share.shape[0], p), torch.where(dropped, share, 1.0)), dim=1)
         patches = torch.ones(dest.shape, device=dest.device) if size is None else size.float()
         fused_size = patches[:, p:].masked_fill(~dropped, 0.0).sum(dim=-1, keepdim=True)  # (b, 1)
         size_out = gather_tokens(patches, selection.index)
