@@ -208,7 +208,6 @@ def test_fuse_adds_the_significance_weighted_mean_of_the_dropped_tokens():
     torch.testing.assert_close(select_tokens(x, sel)[0, :, 0], torch.tensor([0.0, 1.0, fused]))
 
 
-
 def test_fuse_with_more_prefix_tokens_than_candidates():
     """Three prefix tokens (CLS and registers) and two candidates, one kept: the prefix keeps
     its own rows (a bug once built the prefix weights from the candidates' width)."""
@@ -220,6 +219,7 @@ def test_fuse_with_more_prefix_tokens_than_candidates():
     assert sel.index.tolist() == [[0, 1, 2, 3, 4]] and sel.size.tolist() == [[1.0] * 5]
     x = torch.arange(5.0)[None, :, None]
     torch.testing.assert_close(select_tokens(x, sel), x)
+
 
 def test_merge_sends_each_dropped_token_to_its_most_similar_kept_token():
     attn = torch.tensor([[[0.0, 0.5, 0.4, 0.05, 0.05]]])
