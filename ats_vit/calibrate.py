@@ -367,7 +367,7 @@ class Calibration:
             scores.append(self._scores(logits, i))
             costs.append(_gflops(self.family, state) / self.dense_gflops)
             counts.append(state.trace.kept_per_layer())
-            rules = state.trace.rules
+            rules = state.trace.timings
             probe_done = i + 1 == self.probe_batches and self.cost == "gflops"
             if probe_done and target is not None and self._far(torch.cat(costs), target):
                 cost = torch.cat(costs).mean().item()
@@ -447,7 +447,7 @@ class Calibration:
             kl.append(1 - _cosine(dense, logits) if self.features else _kl(dense, logits))
             costs.append(_gflops(self.family, state) / self.dense_gflops)
             counts.append(state.trace.kept_per_layer())
-            rules = state.trace.rules
+            rules = state.trace.timings
         if self._bar is not None:
             self._bar.update()
         if self.cost == "gflops" or self.latency is None:

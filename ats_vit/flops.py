@@ -77,7 +77,9 @@ class TokenTrace:
 
     counts[i]: (b,) non-prefix tokens block i outputs per image. rules[i]: ``None`` for a
     block that kept every token, else how it selected (one of :data:`RULES`; its queries were
-    split from its keys), whatever each image kept.
+    split from its keys), whatever each image kept. timings[i]: what its selection ran (for
+    the latency model: :attr:`ats_vit.sampling.AdaptiveTokenSampling.timing`), ``rules[i]``
+    when not given.
     positions[i]: for sampling blocks, (b, m) original token positions (prefix included)
     alive after the block, -1 at padding; for pictures of what was kept.
     """
@@ -86,10 +88,16 @@ class TokenTrace:
     num_prefix_tokens: int
     counts: list[Tensor] = field(default_factory=list)
     rules: list[str | None] = field(default_factory=list)
+    timings: list[str | None] = field(default_factory=list)
     positions: dict[int, Tensor] = field(default_factory=dict)
 
     def record(
-        self, x: Tensor, padding: Padding | None, rule: str | None = None, positions: Tensor | None = None
+        self,
+        x: Tensor,
+        padding: Padding | None,
+        rule: str | None = None,
+        positions: Tensor | None = None,
+        timing: str | None = None,
     ) -> None:
         """Record a block's output x: (b, m, c), its padding, how it selected (None: it kept
         every token) and, if it selected, positions (b, m)."""
@@ -104,6 +112,7 @@ class TokenTrace:
             count = padding.mask.sum(dim=1) - self.num_prefix_tokens
         self.counts.append(count)
         self.rules.append(rule)
+        self.timings.append(None if rule is None else timing or rule)
 
     def kept_per_layer(self) -> Tensor:
         """(b, depth) non-prefix tokens each block outputs, per image."""

@@ -49,8 +49,9 @@ __all__ = ["CONTEXTS", "LatencyModel", "LatencyTable", "cache_dir"]
 FORMAT = "ats-vit-latency/1"
 # the code a table times: part of the cache key, so that a table timed with an older
 # implementation of the blocks is measured afresh (bump when the sampling or block code
-# changes its speed). 2: fused selections built in closed form, fewer selection ops
-CODE_REVISION = 2
+# changes its speed). 2: fused selections built in closed form, fewer selection ops; 3: the
+# authors' ATS and fixed-count top-k / random picks timed as their own kinds
+CODE_REVISION = 3
 # what a layer's input carries once earlier layers selected: nothing, token sizes (after a
 # merge), or padding (after an adaptive count)
 CONTEXTS = ("plain", "sized", "padded")
@@ -65,13 +66,16 @@ RULE_OPTIONS = {
     "score+merge": SamplingOptions(dropped="merge"),
     "bipartite": SamplingOptions(sampler="tome-early"),
     "tome": SamplingOptions(sampler="tome"),
+    # same FLOPs as "score", other ops: the authors' scores and de-duplication; a fixed count
+    "official": SamplingOptions(sampler="official"),
+    "fixed": SamplingOptions(sampler="topk"),
 }
 # rules whose output tokens carry sizes (every later layer's attention adds log(size))
 MERGING = ("score+fuse", "score+merge", "bipartite", "tome")
 # the rules whole passes are timed with to fit the table to the model in place; the others
 # take the multiplier of their nearest kin
-REFERENCE_RULES = ("score", "score+fuse", "tome")
-KIN = {"score+merge": "score+fuse", "bipartite": "tome"}
+REFERENCE_RULES = ("score", "score+fuse", "tome", "official")
+KIN = {"score+merge": "score+fuse", "bipartite": "tome", "fixed": "dense"}
 
 
 def _timed_as(rule: str | None) -> str | None:
@@ -389,7 +393,7 @@ class LatencyModel:
             family.model.train(training)
         kinds = ["dense", *REFERENCE_RULES]
         sums = torch.tensor(
-            [[self._kind_sums(t.kept_per_layer(), t.rules).get(k, 0.0) for k in kinds] for t in traces]
+            [[self._kind_sums(t.kept_per_layer(), t.timings).get(k, 0.0) for k in kinds] for t in traces]
         )
         measured = torch.tensor([times[i] for i in range(len(configs))], dtype=sums.dtype) - self.table.stem
         # least squares with a pull towards 1 (weighted by the typical sum), so a kind seen in
@@ -464,7 +468,8 @@ class LatencyModel:
         """Predicted seconds per batch of ``batch_size`` images, averaged over the images given.
 
         counts: (N, depth) non-prefix tokens each block output per image (as
-        ``trace.kept_per_layer()``); rules: per block, how it selected (None: kept all). The
+        ``trace.kept_per_layer()``); rules: per block, what its selection ran (``trace.timings``;
+        None: kept all). The
         images are taken in batches of ``batch_size`` in order."""
         sums = self._kind_sums(counts, rules)
         fit = self.table.fit
@@ -472,7 +477,7 @@ class LatencyModel:
 
     def ratio(self, trace: TokenTrace) -> float:
         """Predicted time of the pass ``trace`` recorded, as a fraction of the dense pass."""
-        return self.seconds(trace.kept_per_layer(), trace.rules) / self.dense_seconds()
+        return self.seconds(trace.kept_per_layer(), trace.timings) / self.dense_seconds()
 
 
 def _kind_of(kind: str) -> str:

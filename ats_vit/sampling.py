@@ -113,6 +113,8 @@ class TokenSelection(NamedTuple):
         token is one patch (nothing was ever merged).
     rule: how the layer selected (:attr:`AdaptiveTokenSampling.rule`, one of
         :data:`ats_vit.flops.RULES`, for the cost trace); ``None`` when it kept every token.
+    timing: how its selection runs, for the latency model (:attr:`AdaptiveTokenSampling.timing`;
+        rules of equal FLOPs can run different ops); ``None`` when it kept every token.
     late: the selection applies after attention, to the residual stream plus the attention
         output of every token (ToMe); otherwise only the kept tokens get queries.
     """
@@ -123,6 +125,7 @@ class TokenSelection(NamedTuple):
     size: Tensor | None = None
     rule: str | None = None
     late: bool = False
+    timing: str | None = None
 
 
 def significance_scores(cls_attn: Tensor, v: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -587,6 +590,19 @@ class AdaptiveTokenSampling(nn.Module):
         return base if self.options.dropped == "discard" else f"{base}+{self.options.dropped}"
 
     @property
+    def timing(self) -> str:
+        """What a sampling layer runs, for :class:`ats_vit.latency.LatencyModel`: its
+        :attr:`rule`, except ``"fixed"`` for top-k or random picks that discard (a fixed count:
+        no padding, no host sync) and ``"official"`` for the authors' ATS (its own scores and
+        de-duplication), whose FLOPs are the rule ``"score"``'s but whose time is not."""
+        o = self.options
+        if o.dropped == "discard" and o.sampler in ("topk", "random"):
+            return "fixed"
+        if o.dropped == "discard" and o.sampler == "official":
+            return "official"
+        return self.rule
+
+    @property
     def uses_attention_scores(self) -> bool:
         """Whether the rule needs attention scores (the CLS row or received attention); the
         ToMe rules compare keys instead."""
@@ -633,7 +649,8 @@ class AdaptiveTokenSampling(nn.Module):
         if o.sampler == "tome":
             metric = _required(k).mean(dim=1)  # (b, n, d): ToMe compares head-averaged keys
             mask = None if padding is None else padding.mask
-            return tome_plan(metric, cap, mask, p, size, o.static_shape)._replace(rule=self.rule)
+            plan = tome_plan(metric, cap, mask, p, size, o.static_shape)
+            return plan._replace(rule=self.rule, timing=self.timing)
         if o.sampler in ("topk", "random") and valid is None and o.dropped == "discard":
             return self._fixed_count(cls_attn, v, size)
         scores, into = None, None
@@ -677,7 +694,7 @@ class AdaptiveTokenSampling(nn.Module):
             keep = keep.scatter(1, host, dropped.any(dim=-1, keepdim=True) | keep.gather(1, host))
         widest = max(cap, min(OFFICIAL_MIN_TOKENS, n - p)) if o.sampler == "official" else cap
         static = widest + (o.dropped == "fuse") if o.static_shape else None
-        selection = compact(keep, static, num_prefix=p)._replace(rule=self.rule)
+        selection = compact(keep, static, num_prefix=p)._replace(rule=self.rule, timing=self.timing)
         if o.dropped == "discard":
             return (
                 selection if size is None else selection._replace(size=gather_tokens(size, selection.index))
@@ -695,7 +712,11 @@ class AdaptiveTokenSampling(nn.Module):
             picks = random_select(torch.ones(b, n - p, dtype=torch.bool, device=v.device), cap)
         index = _after_prefix(picks.sort(dim=-1).values + p, p)
         return TokenSelection(
-            index, None, size=None if size is None else size.gather(1, index), rule=self.rule
+            index,
+            None,
+            size=None if size is None else size.gather(1, index),
+            rule=self.rule,
+            timing=self.timing,
         )
 
     def _merged(

@@ -66,6 +66,7 @@ class TokenState:
         self.trace = TokenTrace(n - num_prefix_tokens, num_prefix_tokens)
         self.resume = resume
         self._rule: str | None = None  # how the block under way selected, until it records
+        self._timing: str | None = None  # and what its selection ran (for the latency model)
         # with ``track`` (SamplingOptions(restorable=True)): where each original token is now
         # (its slot, -1 once dropped) and the last residual state of the dropped ones
         self.slot_of: Tensor | None = self.positions.clone() if track else None
@@ -86,9 +87,10 @@ class TokenState:
         ``x + out``, ``out`` covering every token. Takes on the selection's padding, sizes and
         positions."""
         if selection is None:
-            self._rule = None
+            self._rule = self._timing = None
             return x + out
         self.padding, self.size, self._rule = selection.padding, selection.size, selection.rule
+        self._timing = selection.timing
         self.positions = self.positions.gather(1, selection.index)
         if selection.late:
             merged = x + out
@@ -141,8 +143,10 @@ class TokenState:
     def record(self, x: Tensor) -> None:
         """Record a block's output x: (b, m, c) in the trace (after :meth:`follow`)."""
         rule = self._rule
-        self.trace.record(x, self.padding, rule=rule, positions=self.positions if rule else None)
-        self._rule = None
+        self.trace.record(
+            x, self.padding, rule=rule, positions=self.positions if rule else None, timing=self._timing
+        )
+        self._rule = self._timing = None
 
     def token_ids(self) -> Tensor:
         """(b, m) patch indices alive now (0-based, prefix excluded), -1 for padding."""

@@ -39,7 +39,7 @@ def tiny_splits(monkeypatch):
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "summarize.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py"}
     tested |= {"profile_sampling.py", "block_rows.py", "calibration_speed.py", "switch_rule.py"}
-    tested |= {"selection_cost.py"}
+    tested |= {"selection_cost.py", "latency_model.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
 
@@ -151,6 +151,51 @@ def test_selection_cost(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, cap
     assert "replayed speed-up" in capsys.readouterr().out
 
 
+def test_latency_model(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
+    """Predicted and measured ratios side by side, from budget files or a frontier JSON; the
+    error is the prediction against the median of the runs."""
+    from ats_vit.budget import Budget
+
+    monkeypatch.setenv("ATS_VIT_CACHE", str(tmp_path / "cache"))
+    fuse = Budget(1, (8, 4), dropped="fuse").save(tmp_path / "fuse.json")
+    keep = Budget(1, (6, 3), sampler="topk").save(tmp_path / "topk.json")
+    out = tmp_path / "lat.json"
+    argv = [str(tiny_checkpoint), "--budget", str(fuse), str(keep), "--batch-size", "16", "--runs", "2"]
+    argv += ["--repeats", "1", "--json", str(out)]
+    assert run_script("latency_model.py", *argv, monkeypatch=monkeypatch) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["budget"] for r in rows] == ["fuse", "topk"]
+    for r in rows:
+        assert len(r["measured_runs"]) == 2 and r["measured"] == pytest.approx(
+            sorted(r["measured_runs"])[0] / 2 + sorted(r["measured_runs"])[1] / 2
+        )
+        assert r["error_pct"] == pytest.approx(100 * (r["predicted"] / r["measured"] - 1))
+    assert "absolute error of the prediction" in capsys.readouterr().out
+    frontier = tmp_path / "frontier.json"
+    frontier.write_text(
+        json.dumps(
+            {
+                "rows": [
+                    {
+                        "checkpoint": "tiny",
+                        "method": "paper",
+                        "target": 0.5,
+                        "budget": Budget(1, (6, 3)).to_dict(),
+                    },
+                    {"checkpoint": "tiny", "method": "dense", "target": 1.0, "budget": None},
+                ]
+            }
+        )
+    )
+    argv = [str(tiny_checkpoint), "--frontier", str(frontier), "--checkpoint-name", "tiny", "--runs", "1"]
+    assert run_script("latency_model.py", *argv, "--repeats", "1", monkeypatch=monkeypatch) == 0
+    assert "paper@0.5" in capsys.readouterr().out
+    assert (
+        run_script("latency_model.py", *argv[:3], "--checkpoint-name", "other", monkeypatch=monkeypatch) == 2
+    )
+    assert "must be one of ['tiny']" in capsys.readouterr().err
+
+
 def test_selection_cost_replays_what_the_first_pass_chose(tiny_checkpoint, tiny_splits):
     """The replayed model runs no sampling code: its layers return the recorded selections."""
     import runpy
@@ -180,6 +225,7 @@ def test_selection_cost_replays_what_the_first_pass_chose(tiny_checkpoint, tiny_
     [
         ("block_rows.py", []),
         ("selection_cost.py", ["no-such-checkpoint.safetensors", "--budget", "b.json"]),
+        ("latency_model.py", ["no-such-checkpoint.safetensors", "--budget", "b.json"]),
         ("profile_sampling.py", []),
         ("calibration_speed.py", ["no-such-checkpoint.safetensors"]),
         ("switch_rule.py", ["no-such-checkpoint.safetensors"]),

@@ -12,6 +12,7 @@ from ats_vit import family_of
 from ats_vit.budget import Budget, BudgetError
 from ats_vit.calibrate import Calibration
 from ats_vit.latency import LatencyModel
+from ats_vit.options import SamplingOptions
 
 
 @pytest.fixture(autouse=True)
@@ -152,3 +153,33 @@ def test_a_latency_budget_that_misses_its_timing_is_searched_again(monkeypatch):
     aims = [t["aim"] for t in search.timings]
     assert aims[0] == 0.8 and len(aims) > 1 and aims[1] < aims[0]
     assert budget.calibration["measured_latency_ratio"] == pytest.approx(0.8, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    "options, rule, timing",
+    [
+        (SamplingOptions(), "score", "score"),
+        (SamplingOptions("topk"), "score", "fixed"),
+        (SamplingOptions("random"), "score", "fixed"),
+        (SamplingOptions("official"), "score", "official"),
+        (SamplingOptions(dropped="fuse"), "score+fuse", "score+fuse"),
+        (SamplingOptions("tome"), "tome", "tome"),
+    ],
+)
+def test_rules_of_equal_flops_are_timed_as_what_they_run(options, rule, timing):
+    """Top-k and the authors' ATS count the FLOPs of the rule "score" but run other ops: the
+    trace says what ran, and the prediction takes that kind's cells."""
+    model = small_vit(peaked=6.0).eval()
+    family = family_of(model)
+    family.set_schedule((16, 8, 8, 8), options)
+    with torch.inference_mode():
+        trace = family.run(images(4, 1))[1].trace
+    sampled = [r for r in trace.rules if r]
+    assert sampled and set(sampled) == {rule} and {t for t in trace.timings if t} == {timing}
+    assert [t is None for t in trace.timings] == [r is None for r in trace.rules]
+    lat = fixed_table(model)
+    lat.table.rules[timing] = [[cell / 2 for cell in row] for row in lat.table.rules[timing]]
+    counts = trace.kept_per_layer()
+    if timing != rule:
+        assert lat.seconds(counts, trace.timings) < lat.seconds(counts, trace.rules)
+    assert lat.ratio(trace) == lat.seconds(counts, trace.timings) / lat.dense_seconds()

@@ -118,6 +118,7 @@ def _seed_trace(model: Any, x: Tensor, num_patches: int) -> TokenTrace:
         _, mask, sampled_ids = output
         trace.counts.append(mask.sum(dim=1) - 1)
         trace.rules.append(None if sampled_ids is None else "score")
+        trace.timings.append(trace.rules[-1])
 
     handles = [layer[0].register_forward_hook(hook) for layer in model.transformer.layers]
     try:
