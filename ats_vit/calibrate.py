@@ -621,17 +621,19 @@ class Calibration:
 
     def _verified(self, methods: tuple[str, ...], target: float, best: Trial) -> tuple[Trial, float]:
         """Time ``best``; while it misses ``target`` by more than :data:`VERIFY_TOLERANCE`, aim
-        the predicted ratio where the timing says it must be, and search again. Returns the
-        trial whose timing came closest, and that timing."""
+        the predicted ratio where the timings say it must be (:func:`_next_aim`), and search
+        again. Returns the trial whose timing came closest, and that timing."""
         attempts: list[tuple[Trial, float]] = []
+        aims: list[tuple[float, float]] = []  # (aim, measured) of every attempt
         aim = target
         for _ in range(VERIFY_ATTEMPTS):
             measured = self.measured_ratio(best.budget)
             self.timings.append(dict(aim=aim, predicted=best.cost, measured=measured))
             attempts.append((best, measured))
+            aims.append((aim, measured))
             if abs(measured / target - 1) <= VERIFY_TOLERANCE:
                 break
-            aim = min(aim * target / measured, 1.0)  # the prediction was off by measured / predicted
+            aim = _next_aim(aims, target)
             if aim <= 0:
                 break
             try:
@@ -662,6 +664,21 @@ class Calibration:
         if measured is not None:
             record["measured_latency_ratio"] = measured
         return record
+
+
+def _next_aim(aims: list[tuple[float, float]], target: float) -> float:
+    """Where to aim the predicted ratio next, from the (aim, timed ratio) of every attempt: once
+    timings lie on both sides of ``target``, between the closest aims on either side, by linear
+    interpolation (a new aim can land on another kind of budget, whose prediction errs
+    differently, so scaling the last aim alone can jump past the target again and again);
+    before that, the last aim scaled by how far its timing was off (at most 1)."""
+    below = [am for am in aims if am[1] < target]
+    above = [am for am in aims if am[1] > target]
+    if below and above:
+        (a0, m0), (a1, m1) = max(below, key=lambda am: am[1]), min(above, key=lambda am: am[1])
+        return a0 + (target - m0) * (a1 - a0) / (m1 - m0)
+    aim, measured = aims[-1]
+    return min(aim * target / measured, 1.0)
 
 
 def _each_best(near: list[Trial], methods: tuple[str, ...]) -> list[Trial]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import images, small_vit
 
+import ats_vit.calibrate as calibrate
 import ats_vit.latency as latency
 from ats_vit import family_of
 from ats_vit.budget import Budget, BudgetError
@@ -183,3 +184,26 @@ def test_rules_of_equal_flops_are_timed_as_what_they_run(options, rule, timing):
     if timing != rule:
         assert lat.seconds(counts, trace.timings) < lat.seconds(counts, trace.rules)
     assert lat.ratio(trace) == lat.seconds(counts, trace.timings) / lat.dense_seconds()
+
+
+def test_a_search_that_timed_both_sides_of_its_target_aims_between_them(monkeypatch):
+    """Timed ratio = 2 x predicted - 0.6 (steeper than the prediction): scaling the last aim by
+    its error lands 10% off twice (0.8, then 0.625); interpolating between the two sides lands
+    on 0.7."""
+    model = small_vit(peaked=6.0).eval()
+    search = Calibration(
+        model, images(32, 1), cost="latency", latency=fixed_table(model, batch=8), progress=False
+    )
+
+    def timed(self, budget):
+        predicted = next(t.cost for t in self.trials.values() if t.budget == budget)
+        return 2 * predicted - 0.6
+
+    monkeypatch.setattr(Calibration, "measured_ratio", timed)
+    budget = search(0.7)
+    assert len(search.timings) == 3
+    first, second = (t["measured"] for t in search.timings[:2])
+    assert (first - 0.7) * (second - 0.7) < 0, "the first two timings bracket the target"
+    assert budget.calibration["measured_latency_ratio"] == pytest.approx(0.7, rel=calibrate.VERIFY_TOLERANCE)
+    assert calibrate._next_aim([(0.7, 0.8), (0.6, 0.6)], 0.7) == pytest.approx(0.65)
+    assert calibrate._next_aim([(0.7, 0.8)], 0.7) == pytest.approx(0.7 * 0.7 / 0.8)
