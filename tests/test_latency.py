@@ -207,3 +207,34 @@ def test_a_search_that_timed_both_sides_of_its_target_aims_between_them(monkeypa
     assert budget.calibration["measured_latency_ratio"] == pytest.approx(0.7, rel=calibrate.VERIFY_TOLERANCE)
     assert calibrate._next_aim([(0.7, 0.8), (0.6, 0.6)], 0.7) == pytest.approx(0.65)
     assert calibrate._next_aim([(0.7, 0.8)], 0.7) == pytest.approx(0.7 * 0.7 / 0.8)
+
+
+def test_aims_narrow_their_bracket_when_timings_are_out_of_order():
+    """A demo search at 0.8 timed aim 0.8 at 1.024, 0.625 at 0.652 and 0.695 at 0.631 (the
+    last landed on another kind of budget): bracketing by the best timing below aimed at 0.695
+    again and again; bracketing by the highest aim below moves on."""
+    aims = [(0.8, 1.024), (0.625, 0.652), (0.695, 0.631)]
+    aim = calibrate._next_aim(aims, 0.8)
+    assert 0.695 < aim < 0.8
+    assert aim == pytest.approx(0.695 + (0.8 - 0.631) * (0.8 - 0.695) / (1.024 - 0.631))
+    # the lowest aim above lies below the highest aim below: halve the bracket
+    assert calibrate._next_aim([(0.6, 0.65), (0.7, 0.55)], 0.6) == pytest.approx(0.65)
+
+
+def test_a_latency_pick_is_timed_once(monkeypatch):
+    """When a re-aim chooses a budget that was timed already, the search stops: a second
+    timing of it would measure the machine's noise, not the budget."""
+    model = small_vit(peaked=6.0).eval()
+    search = Calibration(
+        model, images(32, 1), cost="latency", latency=fixed_table(model, batch=8), progress=False
+    )
+    monkeypatch.setattr(Calibration, "measured_ratio", lambda self, budget: 0.9)
+    choose, first = Calibration._choose, {}
+
+    def always_the_first(self, methods, target):
+        return first.setdefault("pick", choose(self, methods, target))
+
+    monkeypatch.setattr(Calibration, "_choose", always_the_first)
+    budget = search(0.7)
+    assert len(search.timings) == 1
+    assert budget.calibration["measured_latency_ratio"] == 0.9
