@@ -126,3 +126,25 @@ def fit_video_classifier(model, x, y, test_x, test_y, lr: float, steps: int = 22
     model.eval()
     with torch.no_grad():
         return (model(pixel_values=test_x).logits.argmax(-1) == test_y).float().mean().item()
+
+
+def fixed_latency(lat):
+    """``lat`` (a :class:`~ats_vit.latency.LatencyModel`) with a hand-set table: a dense block
+    costs its token count (ms), a sampling block 1 ms more than a dense block of its output, the
+    stem 5 ms; the same on every machine, so tests of latency searches do not depend on timing."""
+    from ats_vit import latency
+
+    widths = lat.table.widths
+    lat.table.dense = [w * 1e-3 for w in widths]
+    lat.table.dense_in = {c: list(lat.table.dense) for c in ("sized", "padded")}
+    lat.table.stem = 5e-3
+    grid = [
+        [
+            (widths[j] + 1) * 1e-3 if j < i else widths[i] * 1e-3 if j == i else float("nan")
+            for j in range(len(widths))
+        ]
+        for i in range(len(widths))
+    ]
+    lat.table.rules = {rule: grid for rule in latency.RULE_OPTIONS}
+    lat.table.fit = {}
+    return lat

@@ -39,7 +39,7 @@ def tiny_splits(monkeypatch):
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "summarize.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py"}
     tested |= {"profile_sampling.py", "block_rows.py", "calibration_speed.py", "switch_rule.py"}
-    tested |= {"selection_cost.py", "latency_model.py"}
+    tested |= {"selection_cost.py", "latency_model.py", "latency_search.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
 
@@ -238,3 +238,36 @@ def test_scripts_refuse_to_write_over_an_existing_json(tmp_path, monkeypatch, ca
     assert run_script(script, *argv, "--json", str(existing), monkeypatch=monkeypatch) == 2
     assert existing.read_text() == "an earlier run"
     assert "already exists: pass --overwrite" in capsys.readouterr().err
+
+
+def test_latency_search(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
+    """Fresh latency searches per number of verification attempts, each pick timed afterwards;
+    the module's own setting is restored, and the count of searches within 10% adds up."""
+    from helpers import fixed_latency
+
+    import ats_vit.calibrate as calibrate
+    import ats_vit.latency as latency
+
+    monkeypatch.setenv("ATS_VIT_CACHE", str(tmp_path / "cache"))
+    built = latency.LatencyModel  # a hand-set table: the tiny model is too small to run faster sampled
+
+    def fixed(family, batch, **_):
+        return fixed_latency(built(family, batch, repeats=1, min_seconds=0.0, progress=False))
+
+    monkeypatch.setattr(latency, "LatencyModel", fixed)
+    default = calibrate.VERIFY_ATTEMPTS
+    out = tmp_path / "search.json"
+    argv = [str(tiny_checkpoint), "--target", "0.9", "--attempts", "1", "2", "--rounds", "1"]
+    argv += ["--batch-size", "16", "--eval-runs", "2", "--repeats", "1", "--json", str(out)]
+    assert run_script("latency_search.py", *argv, monkeypatch=monkeypatch) == 0
+    assert default == calibrate.VERIFY_ATTEMPTS
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["attempts"] for r in rows] == [1, 2]
+    for r in rows:
+        assert 1 <= len(r["timings"]) <= r["attempts"]
+        assert r["speedup"] == pytest.approx(sum(r["eval_speedups"]) / 2)
+        assert r["off_pct"] == pytest.approx(100 * (r["speedup"] * 0.9 - 1))
+    printed = capsys.readouterr().out
+    hits = sum(abs(r["off_pct"]) <= 10 for r in rows if r["attempts"] == 1)
+    assert f"1 attempts: {hits} of 1 searches within" in printed
+    assert run_script("latency_search.py", *argv, monkeypatch=monkeypatch) == 2  # refuses to overwrite

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import images, small_vit
+from helpers import fixed_latency, images, small_vit
 
 import ats_vit.calibrate as calibrate
 import ats_vit.latency as latency
@@ -72,23 +72,8 @@ def test_a_table_of_another_machine_or_older_code_is_not_used(cache, field, valu
 
 
 def fixed_table(model, batch=4):
-    """A latency model whose table says: a dense block costs its token count (ms), a sampling
-    block 1 ms more than a dense block of its output, the stem 5 ms."""
-    lat = quick(model, batch)
-    widths = lat.table.widths
-    lat.table.dense = [w * 1e-3 for w in widths]
-    lat.table.dense_in = {c: list(lat.table.dense) for c in ("sized", "padded")}
-    lat.table.stem = 5e-3
-    grid = [
-        [
-            (widths[j] + 1) * 1e-3 if j < i else widths[i] * 1e-3 if j == i else float("nan")
-            for j in range(len(widths))
-        ]
-        for i in range(len(widths))
-    ]
-    lat.table.rules = {rule: grid for rule in latency.RULE_OPTIONS}
-    lat.table.fit = {}
-    return lat
+    """:func:`helpers.fixed_latency` on a quickly built table of ``model``."""
+    return fixed_latency(quick(model, batch))
 
 
 def test_predictions_interpolate_the_table_and_grow_with_tokens():
