@@ -6,7 +6,8 @@ table shared by all, so only the verification timings differ), once per value of
 dense model as ``ats-vit eval`` does (first batch of the test split, interleaved rounds),
 ``--eval-runs`` times; the median of those is compared with the target speed-up. The table says,
 per search, what verification timed (aim -> predicted / timed) and how far the later timing
-landed; the last lines count the searches within ±10%.
+landed, and the pick's predicted ratio on the batch verification timed (calibration images) and
+on the batch timed later (test images); the last lines count the searches within ±10%.
 
     python benchmarks/latency_search.py runs/demo/final.safetensors --target 0.6 \\
         --attempts 3 5 --rounds 3 --json search.json
@@ -55,6 +56,8 @@ COLUMNS = (
     ("chosen", "chosen", "<14"),
     ("accuracy", "calib acc", ".3f"),
     ("verification", "verification: aim -> predicted / timed", "<60"),
+    ("predicted_calib", "pred. calib", ".3f"),
+    ("predicted_test", "pred. test", ".3f"),
     ("eval_runs", "later speed-ups", "<16"),
     ("speedup", "median", ".2f"),
     ("off_pct", "off by %", "+.1f"),
@@ -82,6 +85,11 @@ def run(cfg: Config) -> list[dict[str, Any]]:
             )
             budget = search(cfg.target)
             seconds = time.perf_counter() - start
+            # the pick's predicted ratio on the batch verification timed and on the one timed later
+            predicted = {}
+            for split, batch in (("calib", images[: cfg.batch_size]), ("test", timed)):
+                with torch.inference_mode():
+                    predicted[split] = latency.ratio(family.run(batch)[1].trace)
             configure(family, None)
             ups = []
             for _ in range(cfg.eval_runs):
@@ -95,6 +103,8 @@ def run(cfg: Config) -> list[dict[str, Any]]:
                     chosen=f"{budget.method} from {budget.start_layer}",
                     budget=budget.to_dict(),
                     accuracy=budget.calibration["accuracy"],
+                    predicted_calib=predicted["calib"],
+                    predicted_test=predicted["test"],
                     timings=search.timings,
                     verification=" ".join(
                         f"{t['aim']:.3f}->{t['predicted']:.3f}/{t['measured']:.3f}" for t in search.timings

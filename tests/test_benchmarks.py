@@ -265,6 +265,7 @@ def test_latency_search(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, cap
     assert [r["attempts"] for r in rows] == [1, 2]
     for r in rows:
         assert 1 <= len(r["timings"]) <= r["attempts"]
+        assert r["predicted_calib"] > 0 and r["predicted_test"] > 0
         assert r["speedup"] == pytest.approx(sum(r["eval_speedups"]) / 2)
         assert r["off_pct"] == pytest.approx(100 * (r["speedup"] * 0.9 - 1))
     printed = capsys.readouterr().out
