@@ -58,6 +58,9 @@ __all__ = [
 # on CPU, so packing a grid that is nearly full loses more than the padded GEMM rows it saves
 # (benchmarks/profile_sampling.py).
 PACK_MIN_PADDING = 1 / 32
+# ToMe's plan on an unpadded grid takes a shorter path (:func:`_tome_plan_unpadded`, the same
+# plan in a third of the ops); False runs the general path everywhere (tests, benchmarks/tome_plan.py)
+TOME_FAST_PATH = True
 
 # the seed's epsilon inside log(scores) for Gumbel draws
 GUMBEL_EPS = 1e-6
@@ -363,6 +366,8 @@ def tome_plan(
     as many tokens and no host sync is needed; with padding, ``static`` pads to the widest any
     image can be instead of syncing.
     """
+    if valid is None and TOME_FAST_PATH and not torch.compiler.is_exporting():
+        return _tome_plan_unpadded(metric, keep_count, num_prefix, size)
     b, n, _ = metric.shape
     device = metric.device
     position = torch.arange(n, device=device)
@@ -413,6 +418,46 @@ def tome_plan(
     if valid is not None:
         padding = Padding(torch.arange(width, device=device) < counts[:, None], None)
     return TokenSelection(index, padding, merge_plan(dest, patches, width), size_out, late=True)
+
+
+def _tome_plan_unpadded(
+    metric: Tensor, keep_count: int, num_prefix: int, size: Tensor | None
+) -> TokenSelection:
+    """:func:`tome_plan` without padding, in a third of its ops (each is a fixed cost that
+    dominates at small sizes): every image merges the same number ``r`` of A tokens, known
+    here, so every B token's slot is the same in all images and only the A tokens' slots are
+    computed. Picks what :func:`tome_plan` picks: the ``r`` A tokens with the closest matches,
+    ties by position (a stable sort gives ToMe's ranks; ONNX exports take the general path)."""
+    b, n, _ = metric.shape
+    device, p = metric.device, num_prefix
+    prefix_a, prefix_b = (p + 1) // 2, p // 2  # prefix tokens among A (even positions) and B (odd)
+    n_a, n_b = (n + 1) // 2, n // 2
+    merges = min(max(n - p - keep_count, 0), n_a - prefix_a) if n_b > prefix_b else 0
+    unit = _unit(metric.float())
+    # all of A against all of B, as the general path (and the FLOP count) has it; then the
+    # non-prefix rows and columns only
+    sim = (unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2))[:, prefix_a:, prefix_b:]  # (b, |A'|, |B'|)
+    best, match = sim.max(dim=-1)
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices  # closest first
+    merged, unmerged = order[:, :merges], order[:, merges:].sort(dim=-1).values
+    first_b = n_a - prefix_a - merges + p  # slots: prefix, unmerged A (position order), B
+    width = first_b + n_b - prefix_b
+    # dest of the non-prefix A tokens: unmerged ones their own slot, merged ones their B's
+    dest_a = torch.empty_like(best, dtype=torch.long)
+    dest_a.scatter_(1, unmerged, torch.arange(p, first_b, device=device).expand(b, -1))
+    dest_a.scatter_(1, merged, match.gather(1, merged) + first_b)
+    dest = torch.empty(b, n, dtype=torch.long, device=device)
+    dest[:, :p] = torch.arange(p, device=device)
+    dest[:, 2 * prefix_a :: 2] = dest_a
+    dest[:, 2 * prefix_b + 1 :: 2] = torch.arange(first_b, width, device=device)
+    index = torch.empty(b, width, dtype=torch.long, device=device)
+    index[:, :p] = torch.arange(p, device=device)
+    index[:, p:first_b] = 2 * (unmerged + prefix_a)
+    index[:, first_b:] = torch.arange(2 * prefix_b + 1, n, 2, device=device)
+    patches = torch.ones(b, n, device=device) if size is None else size.float()
+    total = patches.new_zeros(b, width).scatter_add_(1, dest, patches)  # every token has a slot
+    weight = patches / total.gather(1, dest)
+    return TokenSelection(index, None, Merge(dest, weight), total, late=True)
 
 
 def merge_plan(dest: Tensor, weight: Tensor, num_slots: int) -> Merge:

@@ -39,6 +39,7 @@ def tiny_splits(monkeypatch):
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "summarize.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py"}
     tested |= {"profile_sampling.py", "block_rows.py", "calibration_speed.py", "switch_rule.py"}
+    tested |= {"tome_plan.py"}
     tested |= {"selection_cost.py", "latency_model.py", "latency_search.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
@@ -103,6 +104,29 @@ def test_block_rows(monkeypatch, capsys):
     argv = [*TINY_TIMM, "--tokens", "17", "9", "--batch-sizes", "1", "--repeats", "1", "--min-seconds", "0"]
     assert run_script("block_rows.py", *argv, monkeypatch=monkeypatch) == 0
     assert "efficiency" in capsys.readouterr().out
+
+
+def test_tome_plan(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
+    """Both plans give equal logits (checked inside the script) and a speed-up per run; the
+    module's setting is restored; a budget of another rule is refused."""
+    import ats_vit.sampling as sampling
+    from ats_vit.budget import Budget
+    from ats_vit.checkpoint import load_model
+    from ats_vit.families import family_of
+
+    family = family_of(load_model(tiny_checkpoint)[0])
+    tome = Budget.tome(2, depth=family.depth, num_patches=family.num_patches).save(tmp_path / "t.json")
+    out = tmp_path / "p.json"
+    argv = [str(tiny_checkpoint), "--budget", str(tome), "--batch-size", "8", "--runs", "2", "--repeats", "1"]
+    argv += ["--min-seconds", "0", "--json", str(out)]
+    assert run_script("tome_plan.py", *argv, monkeypatch=monkeypatch) == 0
+    assert sampling.TOME_FAST_PATH is True
+    (row,) = json.loads(out.read_text())["rows"]
+    assert len(row["fast_runs"]) == len(row["general_runs"]) == 2 and row["gain"] > 0
+    paper = Budget(1, (6, 3)).save(tmp_path / "paper.json")
+    argv = [str(tiny_checkpoint), "--budget", str(paper), "--runs", "1", "--repeats", "1"]
+    assert run_script("tome_plan.py", *argv, monkeypatch=monkeypatch) == 2
+    assert "this benchmark times ToMe budgets" in capsys.readouterr().err
 
 
 def test_calibration_speed(tmp_path, monkeypatch, tiny_checkpoint, capsys):
@@ -224,6 +248,7 @@ def test_selection_cost_replays_what_the_first_pass_chose(tiny_checkpoint, tiny_
     "script, argv",
     [
         ("block_rows.py", []),
+        ("tome_plan.py", ["no-such-checkpoint.safetensors", "--budget", "b.json"]),
         ("selection_cost.py", ["no-such-checkpoint.safetensors", "--budget", "b.json"]),
         ("latency_model.py", ["no-such-checkpoint.safetensors", "--budget", "b.json"]),
         ("profile_sampling.py", []),

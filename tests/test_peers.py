@@ -122,6 +122,37 @@ def test_tome_keeps_tomes_token_order_and_sizes():
     assert sel.size.sum(dim=1).tolist() == [9.0] * 3
 
 
+@pytest.mark.parametrize("num_prefix", [1, 2, 5])
+@pytest.mark.parametrize("n", [9, 10, 37])
+def test_tome_fast_path_plans_what_the_general_one_plans(monkeypatch, num_prefix, n):
+    """Without padding, tome_plan takes a shorter path (a stable sort, slots known per
+    position); it gives the general path's slots, sources, weights and sizes exactly, with
+    tied matches (repeated keys) and tokens that already stand for several patches."""
+    import ats_vit.sampling as sampling
+    from ats_vit.sampling import tome_plan
+
+    taken = []
+    fast_path = sampling._tome_plan_unpadded
+    monkeypatch.setattr(sampling, "_tome_plan_unpadded", lambda *a: taken.append(1) or fast_path(*a))
+    gen = torch.Generator().manual_seed(n + num_prefix)
+    for keep_count in sorted({1, 3, (n - num_prefix) // 2, n - num_prefix - 1}):
+        for tied in (False, True):
+            metric = torch.randn(4, n, 6, generator=gen)
+            metric = metric.round() if tied else metric  # many keys equal: ties by position
+            size = torch.randint(1, 4, (4, n), generator=gen).float()
+            for sizes in (None, size):
+                fast = tome_plan(metric, keep_count, None, num_prefix, sizes)
+                with monkeypatch.context() as m:
+                    m.setattr(sampling, "TOME_FAST_PATH", False)
+                    general = tome_plan(metric, keep_count, None, num_prefix, sizes)
+                assert fast.padding is None and general.padding is None and fast.late
+                assert torch.equal(fast.index, general.index)
+                assert torch.equal(fast.merge.dest, general.merge.dest)
+                torch.testing.assert_close(fast.merge.weight, general.merge.weight, atol=0, rtol=0)
+                torch.testing.assert_close(fast.size, general.size, atol=0, rtol=0)
+    assert taken, "the fast path ran"
+
+
 def test_tome_schedules_follow_parse_r():
     assert tome_rates(8, 4) == [8, 8, 8, 8]
     assert tome_rates((8, -1.0), 3) == [16, 8, 0]  # ToMe's decreasing schedule
