@@ -20,7 +20,7 @@ import timm
 import torch
 
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench import json_arguments, print_table, write_json
+from ats_vit.bench import json_arguments, print_table, use_threads, write_json
 from ats_vit.timing import time_round_robin
 
 
@@ -46,7 +46,7 @@ COLUMNS = (
 
 
 def run(cfg: Config) -> list[dict]:
-    torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     model = timm.create_model(cfg.model, pretrained=False).eval()
     block = model.blocks[0]
     dim, hidden = model.embed_dim, block.mlp.fc1.out_features

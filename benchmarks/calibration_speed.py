@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench import json_arguments, machine, print_table, write_json
+from ats_vit.bench import json_arguments, machine, print_table, use_threads, write_json
 from ats_vit.calibrate import RECOMMENDED, Calibration
 from ats_vit.checkpoint import load_model
 from ats_vit.data import load_split, take
@@ -48,7 +48,7 @@ COLUMNS = (
 
 
 def run(cfg: Config) -> list[dict]:
-    torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     model, model_cfg = load_model(cfg.checkpoint)
     model.eval()
     split = load_split(cfg.data, "calib", model_cfg.image_size, channels=model_cfg.channels)

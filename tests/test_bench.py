@@ -267,3 +267,17 @@ def test_train_speed_gives_budgets_with_the_same_stem_their_own_rows(tiny_checkp
     assert rows[1]["gflops_ratio"] > rows[2]["gflops_ratio"]
     with pytest.raises(ValueError, match="more than once"):
         train_speed(TrainSpeedConfig(str(tiny_checkpoint), (str(first), str(first))))
+
+
+def test_benchmarks_leave_the_thread_count_alone_unless_it_changes(monkeypatch):
+    """Setting torch's thread count, even to the count in use, slows its fused CPU attention;
+    so speed() sets it only when asked for another count."""
+    from ats_vit.bench import use_threads
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    use_threads(torch.get_num_threads())
+    speed(SpeedConfig(**{**TINY_SPEED, "families": ("ours",)}))
+    assert calls == []
+    use_threads(torch.get_num_threads() + 1)
+    assert calls == [torch.get_num_threads() + 1]

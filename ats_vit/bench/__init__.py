@@ -3,7 +3,15 @@
 training speed (:mod:`~ats_vit.bench.train`). Every speed number is a ratio measured in one
 run; nothing here is asserted as a timing in tests."""
 
-from ats_vit.bench.common import binomial_ci95, json_arguments, machine, peak_memory, print_table, write_json
+from ats_vit.bench.common import (
+    binomial_ci95,
+    json_arguments,
+    machine,
+    peak_memory,
+    print_table,
+    use_threads,
+    write_json,
+)
 from ats_vit.bench.frontier import FRONTIER_COLUMNS, FrontierConfig, frontier
 from ats_vit.bench.speed import FAMILIES, SPEED_COLUMNS, SpeedConfig, speed
 from ats_vit.bench.train import TRAIN_SPEED_COLUMNS, TrainSpeedConfig, train_speed
@@ -24,5 +32,6 @@ __all__ = [
     "print_table",
     "speed",
     "train_speed",
+    "use_threads",
     "write_json",
 ]

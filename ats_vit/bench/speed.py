@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench.common import peak_memory
+from ats_vit.bench.common import peak_memory, use_threads
 from ats_vit.flops import TokenTrace, ViTCost, gflops
 from ats_vit.options import DROPPED, SAMPLERS, SamplingOptions
 from ats_vit.timing import speedup, time_round_robin
@@ -268,7 +268,7 @@ def speed(cfg: SpeedConfig) -> list[dict[str, Any]]:
     seed ATS: throughput over the seed's ATS model. NaN where a column does not apply.
     """
     device = torch.device(cfg.device)
-    torch.set_num_threads(cfg.threads)
+    use_threads(cfg.threads)
     variants, image_hw = _variants(cfg, device)
     channels = _channels(variants[0].model)
     gen = torch.Generator().manual_seed(cfg.seed)
