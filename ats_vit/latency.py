@@ -50,8 +50,9 @@ FORMAT = "ats-vit-latency/1"
 # the code a table times: part of the cache key, so that a table timed with an older
 # implementation of the blocks is measured afresh (bump when the sampling or block code
 # changes its speed). 2: fused selections built in closed form, fewer selection ops; 3: the
-# authors' ATS and fixed-count top-k / random picks timed as their own kinds
-CODE_REVISION = 3
+# authors' ATS and fixed-count top-k / random picks timed as their own kinds; 4: ToMe's
+# shorter plan without padding
+CODE_REVISION = 4
 # what a layer's input carries once earlier layers selected: nothing, token sizes (after a
 # merge), or padding (after an adaptive count)
 CONTEXTS = ("plain", "sized", "padded")
