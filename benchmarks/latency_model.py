@@ -23,11 +23,9 @@ from typing import Any
 import torch
 
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench import json_arguments, print_table, write_json
+from ats_vit.bench import checkpoint_batch, json_arguments, print_table, write_json
 from ats_vit.bench.train import variant_names
 from ats_vit.budget import Budget, configure
-from ats_vit.checkpoint import load_model
-from ats_vit.data import load_split, take
 from ats_vit.evaluate import time_budgets
 from ats_vit.families import family_of
 from ats_vit.latency import LatencyModel
@@ -69,12 +67,9 @@ def _budgets(cfg: Config) -> dict[str, Budget]:
 
 
 def run(cfg: Config) -> list[dict[str, Any]]:
-    model, model_cfg = load_model(cfg.checkpoint)
-    model.eval()
+    model, _, images = checkpoint_batch(cfg.checkpoint, cfg.data, "calib", cfg.batch_size)
     family = family_of(model)
     budgets = _budgets(cfg)
-    split = load_split(cfg.data, "calib", model_cfg.image_size, channels=model_cfg.channels)
-    images = take(split, cfg.batch_size)[0]
     latency = LatencyModel(family, len(images))
     predicted = {}
     for name, budget in budgets.items():

@@ -18,11 +18,9 @@ import torch
 
 import ats_vit.sampling as sampling
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench import json_arguments, print_table, write_json
+from ats_vit.bench import checkpoint_batch, json_arguments, print_table, write_json
 from ats_vit.bench.train import variant_names
 from ats_vit.budget import Budget
-from ats_vit.checkpoint import load_model
-from ats_vit.data import load_split, take
 from ats_vit.timing import speedup, time_round_robin
 
 
@@ -49,10 +47,7 @@ COLUMNS = (
 
 
 def run(cfg: Config) -> list[dict[str, Any]]:
-    base, model_cfg = load_model(cfg.checkpoint)
-    base.eval()
-    split = load_split(cfg.data, "test", model_cfg.image_size, channels=model_cfg.channels)
-    images = take(split, cfg.batch_size)[0]
+    base, _, images = checkpoint_batch(cfg.checkpoint, cfg.data, "test", cfg.batch_size)
     default = sampling.TOME_FAST_PATH
 
     def call(model: torch.nn.Module, fast: bool) -> Any:

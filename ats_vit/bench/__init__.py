@@ -5,6 +5,7 @@ run; nothing here is asserted as a timing in tests."""
 
 from ats_vit.bench.common import (
     binomial_ci95,
+    checkpoint_batch,
     json_arguments,
     machine,
     peak_memory,
@@ -25,6 +26,7 @@ __all__ = [
     "SpeedConfig",
     "TrainSpeedConfig",
     "binomial_ci95",
+    "checkpoint_batch",
     "frontier",
     "json_arguments",
     "machine",

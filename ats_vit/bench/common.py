@@ -25,6 +25,7 @@ from ats_vit.timing import _sync
 
 __all__ = [
     "binomial_ci95",
+    "checkpoint_batch",
     "json_arguments",
     "machine",
     "peak_memory",
@@ -119,6 +120,19 @@ def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -
     print(line(["-" * w for w in widths]))
     for row in cells:
         print(line(row))
+
+
+def checkpoint_batch(
+    checkpoint: str, data: str, split: str, count: int
+) -> tuple[torch.nn.Module, Any, Tensor]:
+    """An ats-vit checkpoint's model (in eval mode), its config, and ``count`` images of a split
+    of ``data`` at the model's size: the batch the checkpoint benchmarks time."""
+    from ats_vit import data as datasets  # looked up when called (tests put tiny data in its place)
+    from ats_vit.checkpoint import load_model
+
+    model, cfg = load_model(checkpoint)
+    images = datasets.take(datasets.load_split(data, split, cfg.image_size, channels=cfg.channels), count)[0]
+    return model.eval(), cfg, images
 
 
 def use_threads(threads: int) -> None:
