@@ -3,8 +3,9 @@
 The CLS attention row is computed on its own (one query against all keys) to score tokens;
 models without a CLS readout score by the attention each token receives instead (every query
 against all keys, in chunks, never the whole matrix at once). Everything else goes through
-fused ``F.scaled_dot_product_attention`` for only the kept queries, with a key padding mask
-once a batch has been padded. Once tokens have been merged, each stands for ``size`` patches
+fused ``F.scaled_dot_product_attention`` for only the kept queries (on CPU at few keys, two
+matmuls and a softmax, which are faster there), with a key padding mask once a batch has been
+padded. Once tokens have been merged, each stands for ``size`` patches
 and gets ``log(size)`` added to its attention logits (ToMe's proportional attention), so a
 merged token draws the attention its patches would have drawn together. The functions here are
 shared by our :class:`~ats_vit.vit.ViT` and the timm and Hugging Face integrations.
@@ -40,6 +41,16 @@ __all__ = [
 
 # queries per chunk of received_attention: its (b, h, chunk, n) float32 logits stay small
 RECEIVED_CHUNK = 256
+# On CPU, float32 inference attention over at most this many keys, unmasked or with a float
+# mask (token sizes), runs as two matmuls and a softmax instead of the fused kernel, whose cost
+# per (image, head) dominates at few keys: the demo model's ToMe budget at 50% of the GFLOPs
+# runs 1.39x -> 1.47x dense with it (layers of 9-30 tokens; dense, at 37 tokens, is untouched),
+# benchmarks/fast_paths.py. 0 turns it off.
+CPU_MATMUL_MAX_KEYS = 32
+# PyTorch's CPU softmax over a last axis shorter than one vector register (16 floats with
+# AVX-512, 8 with AVX2) takes a slow path, ~12x slower per element; below it the logits are
+# laid out keys-first and normalised along the second-to-last axis instead
+SOFTMAX_ACROSS_BELOW = 16 if torch.backends.cpu.get_cpu_capability() == "AVX512" else 8
 
 TensorFn = Callable[[Tensor], Tensor]
 
@@ -124,7 +135,7 @@ def attend(
     pair: Tensor | None = None,
 ) -> Tensor:
     """Fused attention of queries over keys, skipping padding (and with proportional attention
-    once tokens carry sizes).
+    once tokens carry sizes); on CPU at few keys, the same as matmuls (:data:`CPU_MATMUL_MAX_KEYS`).
 
     q: (b, h, m, d), k/v: (b, h, n, d), bias: from :func:`key_bias` (or None), pair: (b, h, m,
     n) logits the model adds per query and key (relative position bias) -> (b, h, m, d).
@@ -132,6 +143,8 @@ def attend(
     attn_mask = None
     if bias is not None:
         attn_mask = rearrange(bias if bias.dtype == torch.bool else bias.to(q.dtype), "b n -> b 1 1 n")
+    if _matmul_attention(q, k, attn_mask, dropout_p):
+        return _matmul_attend(q, k, v, attn_mask, pair, q.shape[-1] ** -0.5 if scale is None else scale)
     if pair is not None:
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
@@ -139,6 +152,36 @@ def attend(
             )
         attn_mask = pair.to(q.dtype) if attn_mask is None else attn_mask + pair.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+def _matmul_attention(q: Tensor, k: Tensor, mask: Tensor | None, dropout_p: float) -> bool:
+    """Whether :func:`attend` computes this attention with matmuls (:data:`CPU_MATMUL_MAX_KEYS`)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and k.shape[2] <= CPU_MATMUL_MAX_KEYS
+        and (mask is None or mask.dtype != torch.bool)
+        and dropout_p == 0.0
+        and not (torch.is_grad_enabled() and q.requires_grad)
+    )
+
+
+def _matmul_attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, pair: Tensor | None, scale: float
+) -> Tensor:
+    """softmax(q k^T * scale + mask + pair) v as matmuls; mask: None or a float (b, 1, 1, n)."""
+    if k.shape[2] < SOFTMAX_ACROSS_BELOW and pair is None:
+        # keys-first (b, h, n, m): the softmax runs along the second-to-last axis, 3-4x faster here
+        logits = (k @ q.transpose(-1, -2)) * scale
+        if mask is not None:
+            logits = logits + mask.transpose(-1, -2)
+        return logits.softmax(dim=-2).transpose(-1, -2) @ v
+    logits = (q @ k.transpose(-1, -2)) * scale  # (b, h, m, n)
+    if mask is not None:
+        logits = logits + mask
+    if pair is not None:
+        logits = logits + pair.to(q.dtype)
+    return logits.softmax(dim=-1) @ v
 
 
 Projection = tuple[Tensor, Tensor | None, int]  # (weight, bias, heads groups)

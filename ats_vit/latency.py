@@ -51,8 +51,8 @@ FORMAT = "ats-vit-latency/1"
 # implementation of the blocks is measured afresh (bump when the sampling or block code
 # changes its speed). 2: fused selections built in closed form, fewer selection ops; 3: the
 # authors' ATS and fixed-count top-k / random picks timed as their own kinds; 4: ToMe's
-# shorter plan without padding
-CODE_REVISION = 4
+# shorter plan without padding; 5: CPU attention over few keys as matmuls, ToMe's head sum
+CODE_REVISION = 5
 # what a layer's input carries once earlier layers selected: nothing, token sizes (after a
 # merge), or padding (after an adaptive count)
 CONTEXTS = ("plain", "sized", "padded")

@@ -59,7 +59,8 @@ __all__ = [
 # (benchmarks/profile_sampling.py).
 PACK_MIN_PADDING = 1 / 32
 # ToMe's plan on an unpadded grid takes a shorter path (:func:`_tome_plan_unpadded`, the same
-# plan in a third of the ops); False runs the general path everywhere (tests, benchmarks/tome_plan.py)
+# plan in a third of the ops); False runs the general path everywhere (tests,
+# benchmarks/fast_paths.py --path tome-plan)
 TOME_FAST_PATH = True
 
 # the seed's epsilon inside log(scores) for Gumbel draws
@@ -244,6 +245,16 @@ def keep_mask(picks: Tensor, num_tokens: int) -> Tensor:
     """De-duplicate picks: (b, k) int64 -> (b, num_tokens) bool, True where picked at least once."""
     keep = torch.zeros((picks.shape[0], num_tokens), dtype=torch.bool, device=picks.device)
     return keep.scatter_(1, picks, True)
+
+
+def head_sum(k: Tensor) -> Tensor:
+    """k: (b, h, n, d) -> (b, n, d) summed over heads: ToMe's head-averaged keys up to a factor,
+    which cosine similarity (all its comparisons) ignores. Summed by halves (one add per halving)
+    rather than by a reduction over the strided head axis, which costs twice as much on CPU."""
+    while k.shape[1] > 1 and k.shape[1] % 2 == 0:
+        half = k.shape[1] // 2
+        k = k[:, :half] + k[:, half:]
+    return k[:, 0] if k.shape[1] == 1 else k.sum(dim=1)
 
 
 def _unit(metric: Tensor) -> Tensor:
@@ -692,7 +703,7 @@ class AdaptiveTokenSampling(nn.Module):
             raise ValueError(f"dropped='merge' (sampler={o.sampler!r}) needs the keys k to compare tokens")
         valid = None if padding is None else padding.mask[:, p:]
         if o.sampler == "tome":
-            metric = _required(k).mean(dim=1)  # (b, n, d): ToMe compares head-averaged keys
+            metric = head_sum(_required(k))  # (b, n, d): ToMe compares head-averaged keys
             mask = None if padding is None else padding.mask
             plan = tome_plan(metric, cap, mask, p, size, o.static_shape)
             return plan._replace(rule=self.rule, timing=self.timing)
@@ -704,7 +715,7 @@ class AdaptiveTokenSampling(nn.Module):
         elif o.sampler in ("inverse_transform", "gumbel") or o.dropped == "fuse":
             scores = significance_scores(_required(cls_attn)[..., p:], v[..., p:, :], valid)  # (b, n - p)
         if o.sampler == "tome-early":
-            keep, into = bipartite_match(_required(k).mean(dim=1)[:, p:], cap, valid)
+            keep, into = bipartite_match(head_sum(_required(k))[:, p:], cap, valid)
         elif o.sampler == "official":
             points = (self.reference_tokens or n) - p
             keep = official_select(sharpen(_required(scores), o.temperature), points, valid)
@@ -787,7 +798,7 @@ class AdaptiveTokenSampling(nn.Module):
         if into is not None:  # tome: the matched candidate's slot
             target = slot.gather(1, into.clamp_min(0))
         else:
-            metric = _required(k).mean(dim=1)  # (b, n, d) keys averaged over heads, as ToMe compares tokens
+            metric = head_sum(_required(k))  # (b, n, d) keys summed over heads, as ToMe compares tokens
             allowed = (torch.arange(m, device=slot.device) >= p).expand(b, m)
             if selection.padding is not None:
                 allowed = allowed & selection.padding.mask

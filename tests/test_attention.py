@@ -102,3 +102,52 @@ def test_sampling_attention_respects_input_padding():
     kept = _real(selection)[1]
     assert torch.equal(selection.index[1][kept], alone_sel.index[0])
     torch.testing.assert_close(out[1][kept], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keys", [5, 12, 32])
+@pytest.mark.parametrize("across", [0, 64])  # softmax along the last axis / keys-first
+@pytest.mark.parametrize("extra", ["none", "sizes", "padded sizes", "pair"])
+def test_matmul_attention_equals_the_fused_kernel(monkeypatch, keys, across, extra):
+    """On CPU at few keys attention runs as matmuls (both softmax layouts): the same result as
+    the fused kernel, which it must not call."""
+    import ats_vit.attention as attention
+
+    gen = torch.Generator().manual_seed(keys)
+    q = torch.randn(3, 2, keys - 2, 8, generator=gen)
+    k, v = torch.randn(3, 2, keys, 8, generator=gen), torch.randn(3, 2, keys, 8, generator=gen)
+    size = torch.randint(1, 4, (3, keys), generator=gen).float()
+    padding = None
+    if extra == "padded sizes":
+        mask = torch.ones(3, keys, dtype=torch.bool)
+        mask[1, keys // 2 :] = False
+        padding = Padding(mask, None)
+    bias = None if extra in ("none", "pair") else key_bias(padding, size)
+    pair = torch.randn(3, 2, keys - 2, keys, generator=gen) if extra == "pair" else None
+    monkeypatch.setattr(attention, "CPU_MATMUL_MAX_KEYS", 0)
+    fused = attend(q, k, v, bias, scale=0.3, pair=pair)
+    monkeypatch.setattr(attention, "CPU_MATMUL_MAX_KEYS", 32)
+    monkeypatch.setattr(attention, "SOFTMAX_ACROSS_BELOW", across)
+    calls = []
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(a))
+    torch.testing.assert_close(attend(q, k, v, bias, scale=0.3, pair=pair), fused)
+    assert not calls
+
+
+def test_the_fused_kernel_keeps_training_dropout_bool_masks_and_other_dtypes(monkeypatch):
+    import ats_vit.attention as attention
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    q, k, v = (torch.randn(2, 2, 9, 8) for _ in range(3))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    attend(q.requires_grad_(), k, v, None)  # autograd: the fused kernel's backward
+    attend(q.detach(), k, v, None, dropout_p=0.1)
+    attend(q.detach(), k, v, mask)  # padding masks: the fused kernel is as fast
+    attend(q.detach().bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    attend(torch.randn(2, 2, 9, 8), torch.randn(2, 2, 33, 8), torch.randn(2, 2, 33, 8), None)  # many keys
+    assert len(calls) == 5
+    attend(q.detach(), k, v, None)
+    assert len(calls) == 5

@@ -39,7 +39,7 @@ def tiny_splits(monkeypatch):
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "summarize.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py"}
     tested |= {"profile_sampling.py", "block_rows.py", "calibration_speed.py", "switch_rule.py"}
-    tested |= {"tome_plan.py"}
+    tested |= {"fast_paths.py"}
     tested |= {"selection_cost.py", "latency_model.py", "latency_search.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
@@ -106,9 +106,11 @@ def test_block_rows(monkeypatch, capsys):
     assert "efficiency" in capsys.readouterr().out
 
 
-def test_tome_plan(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
-    """Both plans give equal logits (checked inside the script) and a speed-up per run; the
-    module's setting is restored; a budget of another rule is refused."""
+def test_fast_paths(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
+    """Each path gives the same logits on and off (checked inside the script) and a speed-up
+    per run for dense and each budget; the module's setting is restored; ToMe's plan refuses a
+    budget of another rule."""
+    import ats_vit.attention as attention
     import ats_vit.sampling as sampling
     from ats_vit.budget import Budget
     from ats_vit.checkpoint import load_model
@@ -116,17 +118,20 @@ def test_tome_plan(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
 
     family = family_of(load_model(tiny_checkpoint)[0])
     tome = Budget.tome(2, depth=family.depth, num_patches=family.num_patches).save(tmp_path / "t.json")
-    out = tmp_path / "p.json"
-    argv = [str(tiny_checkpoint), "--budget", str(tome), "--batch-size", "8", "--runs", "2", "--repeats", "1"]
-    argv += ["--min-seconds", "0", "--json", str(out)]
-    assert run_script("tome_plan.py", *argv, monkeypatch=monkeypatch) == 0
-    assert sampling.TOME_FAST_PATH is True
-    (row,) = json.loads(out.read_text())["rows"]
-    assert len(row["fast_runs"]) == len(row["general_runs"]) == 2 and row["gain"] > 0
     paper = Budget(1, (6, 3)).save(tmp_path / "paper.json")
-    argv = [str(tiny_checkpoint), "--budget", str(paper), "--runs", "1", "--repeats", "1"]
-    assert run_script("tome_plan.py", *argv, monkeypatch=monkeypatch) == 2
-    assert "this benchmark times ToMe budgets" in capsys.readouterr().err
+    for path, budgets in (("tome-plan", [tome]), ("matmul-attention", [tome, paper])):
+        out = tmp_path / f"{path}.json"
+        argv = [str(tiny_checkpoint), "--path", path, "--budget", *map(str, budgets), "--batch-size", "8"]
+        argv += ["--runs", "2", "--repeats", "1", "--min-seconds", "0", "--json", str(out)]
+        assert run_script("fast_paths.py", *argv, monkeypatch=monkeypatch) == 0
+        rows = json.loads(out.read_text())["rows"]
+        assert [row["budget"] for row in rows] == ["dense", *(b.stem for b in budgets)]
+        for row in rows:
+            assert len(row["on_runs"]) == len(row["off_runs"]) == 2 and row["gain"] > 0
+    assert sampling.TOME_FAST_PATH is True and attention.CPU_MATMUL_MAX_KEYS == 32
+    argv = [str(tiny_checkpoint), "--path", "tome-plan", "--budget", str(paper), "--runs", "1"]
+    assert run_script("fast_paths.py", *argv, monkeypatch=monkeypatch) == 2
+    assert "--path tome-plan times ToMe budgets" in capsys.readouterr().err
 
 
 def test_calibration_speed(tmp_path, monkeypatch, tiny_checkpoint, capsys):
@@ -248,7 +253,7 @@ def test_selection_cost_replays_what_the_first_pass_chose(tiny_checkpoint, tiny_
     "script, argv",
     [
         ("block_rows.py", []),
-        ("tome_plan.py", ["no-such-checkpoint.safetensors", "--budget", "b.json"]),
+        ("fast_paths.py", ["no-such-checkpoint.safetensors", "--budget", "b.json"]),
         ("selection_cost.py", ["no-such-checkpoint.safetensors", "--budget", "b.json"]),
         ("latency_model.py", ["no-such-checkpoint.safetensors", "--budget", "b.json"]),
         ("profile_sampling.py", []),
