@@ -17,6 +17,7 @@ Merging makes tokens stand for several patches; their ``size`` then biases atten
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -453,22 +454,48 @@ def _tome_plan_unpadded(
     merged, unmerged = order[:, :merges], order[:, merges:].sort(dim=-1).values
     first_b = n_a - prefix_a - merges + p  # slots: prefix, unmerged A (position order), B
     width = first_b + n_b - prefix_b
+    own_slots, dest_fixed, index_fixed = _tome_constants(n, p, merges, device)
     # dest of the non-prefix A tokens: unmerged ones their own slot, merged ones their B's
-    dest_a = torch.empty_like(best, dtype=torch.long)
-    dest_a.scatter_(1, unmerged, torch.arange(p, first_b, device=device).expand(b, -1))
+    dest_a = torch.empty_like(best, dtype=torch.long).scatter_(1, unmerged, own_slots.expand(b, -1))
     dest_a.scatter_(1, merged, match.gather(1, merged) + first_b)
-    dest = torch.empty(b, n, dtype=torch.long, device=device)
-    dest[:, :p] = torch.arange(p, device=device)
+    dest = dest_fixed.expand(b, n).clone()  # prefix and B tokens: the same slots in every image
     dest[:, 2 * prefix_a :: 2] = dest_a
-    dest[:, 2 * prefix_b + 1 :: 2] = torch.arange(first_b, width, device=device)
-    index = torch.empty(b, width, dtype=torch.long, device=device)
-    index[:, :p] = torch.arange(p, device=device)
+    index = index_fixed.expand(b, width).clone()
     index[:, p:first_b] = 2 * (unmerged + prefix_a)
-    index[:, first_b:] = torch.arange(2 * prefix_b + 1, n, 2, device=device)
     patches = torch.ones(b, n, device=device) if size is None else size.float()
     total = patches.new_zeros(b, width).scatter_add_(1, dest, patches)  # every token has a slot
     weight = patches / total.gather(1, dest)
     return TokenSelection(index, None, Merge(dest, weight), total, late=True)
+
+
+def _tome_constants(n: int, p: int, merges: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """What :func:`_tome_plan_unpadded` fills in the same in every image and layer of a shape:
+    the slots of the unmerged A tokens (1, |A'| - merges), ``dest`` of the prefix and B tokens
+    (1, n; A tokens' entries unspecified) and ``index`` of the prefix and B slots (1, width;
+    unmerged A slots unspecified). Cached per shape (a few small tensors fewer per layer), except
+    while compiling."""
+    if torch.compiler.is_compiling():
+        return _tome_constants_uncached(n, p, merges, device)
+    with torch.inference_mode(False):  # normal tensors: also usable by passes that train
+        return _tome_constants_cached(n, p, merges, device)
+
+
+def _tome_constants_uncached(
+    n: int, p: int, merges: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    prefix_a, prefix_b = (p + 1) // 2, p // 2
+    first_b = (n + 1) // 2 - prefix_a - merges + p
+    width = first_b + n // 2 - prefix_b
+    dest = torch.zeros(1, n, dtype=torch.long, device=device)
+    dest[:, :p] = torch.arange(p, device=device)
+    dest[:, 2 * prefix_b + 1 :: 2] = torch.arange(first_b, width, device=device)
+    index = torch.zeros(1, width, dtype=torch.long, device=device)
+    index[:, :p] = torch.arange(p, device=device)
+    index[:, first_b:] = torch.arange(2 * prefix_b + 1, n, 2, device=device)
+    return torch.arange(p, first_b, device=device)[None], dest, index
+
+
+_tome_constants_cached = functools.lru_cache(maxsize=256)(_tome_constants_uncached)
 
 
 def merge_plan(dest: Tensor, weight: Tensor, num_slots: int) -> Merge:

@@ -153,6 +153,24 @@ def test_tome_fast_path_plans_what_the_general_one_plans(monkeypatch, num_prefix
     assert taken, "the fast path ran"
 
 
+def test_tome_fast_path_constants_are_cached_but_never_shared():
+    """The shorter plan caches what is the same for every image of a shape; made under
+    inference mode they still serve a pass that trains, and no plan hands out the cache."""
+    from ats_vit.sampling import select_tokens, tome_plan
+
+    metric = torch.randn(2, 9, 4)
+    with torch.inference_mode():
+        first = tome_plan(metric, 5, None, 1, None)
+        first.index.zero_()
+        first.merge.dest.zero_()
+    x = torch.randn(2, 9, 3, requires_grad=True)
+    again = tome_plan(metric, 5, None, 1, None)
+    assert again.index[:, 0].tolist() == [0, 0] and again.index[:, -4:].tolist() == [[1, 3, 5, 7]] * 2
+    select_tokens(x, again).sum().backward()
+    assert x.grad is not None  # each token's gradient is its share of its slot
+    torch.testing.assert_close(x.grad, again.merge.weight[..., None].expand_as(x))
+
+
 def test_tome_schedules_follow_parse_r():
     assert tome_rates(8, 4) == [8, 8, 8, 8]
     assert tome_rates((8, -1.0), 3) == [16, 8, 0]  # ToMe's decreasing schedule
