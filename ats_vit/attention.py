@@ -44,8 +44,8 @@ RECEIVED_CHUNK = 256
 # On CPU, float32 inference attention over at most this many keys, unmasked or with a float
 # mask (token sizes), runs as two matmuls and a softmax instead of the fused kernel, whose cost
 # per (image, head) dominates at few keys: the demo model's ToMe budget at 50% of the GFLOPs
-# runs 1.39x -> 1.47x dense with it (layers of 9-30 tokens; dense, at 37 tokens, is untouched),
-# benchmarks/fast_paths.py. 0 turns it off.
+# runs 1.40x -> 1.47x dense with it (layers of 9-30 tokens; dense, at 37 tokens, is untouched),
+# benchmarks/fast_paths.py; measured on an AVX-512 CPU only. 0 turns it off.
 CPU_MATMUL_MAX_KEYS = 32
 # PyTorch's CPU softmax over a last axis shorter than one vector register (16 floats with
 # AVX-512, 8 with AVX2) takes a slow path, ~12x slower per element; below it the logits are

@@ -248,6 +248,16 @@ def test_bipartite_match_merges_the_closest_pairs_of_a_into_b():
     assert keep.sum().item() == 2
 
 
+@pytest.mark.parametrize("heads", [1, 2, 3, 4, 6, 12])
+def test_head_sum_sums_the_heads_of_strided_keys(heads):
+    """ToMe's metric, summed by halves, equals the sum over heads (strided keys as projected)."""
+    from ats_vit.sampling import head_sum
+
+    qkv = torch.randn(2, 5, 3, heads, 4)
+    k = qkv.permute(2, 0, 3, 1, 4)[1]  # (b, h, n, d), as the attention's keys are
+    torch.testing.assert_close(head_sum(k), k.sum(dim=1))
+
+
 def test_tome_keeps_a_fixed_count_and_conserves_size():
     gen = torch.Generator().manual_seed(0)
     k = torch.randn(3, 2, 17, 4, generator=gen)
