@@ -451,3 +451,22 @@ def test_cli_loads_a_hugging_face_tower_as_a_tower(tmp_path, capsys):
     argv = ["viz", "--hf", str(tmp_path / "video"), "--data", data, "--output", str(out), "--overwrite"]
     assert main(argv) == 2
     assert "VideoMAEModel is a video model; the command line reads images" in capsys.readouterr().err
+
+
+def test_demo_chains_its_steps_and_times_budgets_at_one_batch(tmp_path, monkeypatch, capsys):
+    """The demo's calibration ranks equally accurate budgets by their time at the batch its
+    eval times them at (no step runs here: each is recorded); a second run without --resume
+    or --overwrite is refused."""
+    import ats_vit.cli as cli
+
+    ran = []
+    for name in ("cmd_train", "cmd_calibrate", "cmd_eval", "cmd_viz"):
+        monkeypatch.setattr(cli, name, lambda args, name=name: ran.append((name, args)) or 0)
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert [name for name, _ in ran] == ["cmd_train", "cmd_calibrate", "cmd_eval", "cmd_viz", "cmd_viz"]
+    calibrate, evaluate = ran[1][1], ran[2][1]
+    assert calibrate.cost == "gflops" and calibrate.target == [0.5, 0.7]
+    assert calibrate.timing_batch == evaluate.timing_batch == cli.DEMO_TIMING_BATCH
+    (tmp_path / "eval.json").write_text("{}")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "already holds a demo run" in capsys.readouterr().err
