@@ -11,7 +11,7 @@ Paths (``--path``):
   is that small; logits equal to float tolerance.
 
     python benchmarks/fast_paths.py runs/demo/final.safetensors --path matmul-attention \\
-        --budget budget-0.5.json budget-0.7.json --runs 3 --json results/matmul_attention_demo.json
+        --budget budget-0.5.json budget-0.7.json --runs 3 --json matmul_attention.json
 """
 
 from __future__ import annotations
