@@ -119,6 +119,22 @@ def test_batch_equals_each_image_alone(static_shape, rule):
             assert torch.equal(ids[0][ids[0] >= 0], batch_ids[i][batch_ids[i] >= 0])
 
 
+@pytest.mark.parametrize("rule", RULES, ids=RULE_IDS)
+def test_matmul_attention_gives_the_fused_kernels_logits_for_every_rule(monkeypatch, rule):
+    """At 17 tokens every layer's attention takes the CPU matmul path; with it turned off
+    (the fused kernel everywhere) each rule keeps the same tokens and gives the same logits."""
+    import ats_vit.attention as attention
+
+    model = any_vit(peaked=8.0, **rule).eval()
+    x = images(6)
+    with torch.no_grad():
+        logits, ids = model(x, return_sampled_token_ids=True)
+        monkeypatch.setattr(attention, "CPU_MATMUL_MAX_KEYS", 0)
+        fused_logits, fused_ids = model(x, return_sampled_token_ids=True)
+    assert torch.equal(ids, fused_ids)
+    torch.testing.assert_close(logits, fused_logits, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("sampler", ["topk", "random"])
 def test_fixed_count_peers_keep_exactly_the_cap(sampler):
     model = small_vit(peaked=8.0, sampler=sampler).eval()
