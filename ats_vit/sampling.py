@@ -98,11 +98,15 @@ class Merge(NamedTuple):
         token), -1 where an image fused nothing; every other slot then holds the one token
         the selection's index names, so :func:`select_tokens` gathers rows and adds a single
         weighted sum per image instead of scattering every row. ``None`` for general merges.
+    whole: every input token joins a slot (no ``dest == m``: no padding, nothing discarded),
+        so :func:`select_tokens` needs no spare row for the tokens that join none (ToMe's
+        plan without padding).
     """
 
     dest: Tensor
     weight: Tensor
     fused: Tensor | None = None
+    whole: bool = False
 
 
 class TokenSelection(NamedTuple):
@@ -253,9 +257,9 @@ def head_sum(k: Tensor) -> Tensor:
     which cosine similarity (all its comparisons) ignores. Summed by halves (one add per halving)
     rather than by a reduction over the strided head axis, which costs twice as much on CPU."""
     while k.shape[1] > 1 and k.shape[1] % 2 == 0:
-        half = k.shape[1] // 2
-        k = k[:, :half] + k[:, half:]
-    return k[:, 0] if k.shape[1] == 1 else k.sum(dim=1)
+        first, second = k.chunk(2, dim=1)
+        k = first + second
+    return k.squeeze(1) if k.shape[1] == 1 else k.sum(dim=1)
 
 
 def _unit(metric: Tensor) -> Tensor:
@@ -445,13 +449,14 @@ def _tome_plan_unpadded(
     prefix_a, prefix_b = (p + 1) // 2, p // 2  # prefix tokens among A (even positions) and B (odd)
     n_a, n_b = (n + 1) // 2, n // 2
     merges = min(max(n - p - keep_count, 0), n_a - prefix_a) if n_b > prefix_b else 0
-    unit = _unit(metric.float())
+    unit = _unit(_float(metric))
     # all of A against all of B, as the general path (and the FLOP count) has it; then the
     # non-prefix rows and columns only
     sim = (unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2))[:, prefix_a:, prefix_b:]  # (b, |A'|, |B'|)
     best, match = sim.max(dim=-1)
     order = torch.sort(best, dim=-1, descending=True, stable=True).indices  # closest first
-    merged, unmerged = order[:, :merges], order[:, merges:].sort(dim=-1).values
+    merged, rest = order.split((merges, order.shape[1] - merges), dim=1)
+    unmerged = rest.sort(dim=-1).values
     first_b = n_a - prefix_a - merges + p  # slots: prefix, unmerged A (position order), B
     width = first_b + n_b - prefix_b
     own_slots, dest_fixed, index_fixed = _tome_constants(n, p, merges, device)
@@ -462,10 +467,10 @@ def _tome_plan_unpadded(
     dest[:, 2 * prefix_a :: 2] = dest_a
     index = index_fixed.expand(b, width).clone()
     index[:, p:first_b] = 2 * (unmerged + prefix_a)
-    patches = torch.ones(b, n, device=device) if size is None else size.float()
+    patches = torch.ones(b, n, device=device) if size is None else _float(size)
     total = patches.new_zeros(b, width).scatter_add_(1, dest, patches)  # every token has a slot
     weight = patches / total.gather(1, dest)
-    return TokenSelection(index, None, Merge(dest, weight), total, late=True)
+    return TokenSelection(index, None, Merge(dest, weight, whole=True), total, late=True)
 
 
 def _tome_constants(n: int, p: int, merges: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -498,6 +503,27 @@ def _tome_constants_uncached(
 _tome_constants_cached = functools.lru_cache(maxsize=256)(_tome_constants_uncached)
 
 
+def _float(t: Tensor) -> Tensor:
+    """``t.float()`` without the call when it is float32 already (each call is a fixed cost)."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _row_offsets(b: int, n: int, device: torch.device) -> Tensor:
+    """(b, 1) the first row of each image in a flattened (b n) token axis: ``arange(b) * n``,
+    cached per shape (three ops fewer per gather), except while compiling."""
+    if torch.compiler.is_compiling():
+        return _row_offsets_uncached(b, n, device)
+    with torch.inference_mode(False):  # normal tensors: also usable by passes that train
+        return _row_offsets_cached(b, n, device)
+
+
+def _row_offsets_uncached(b: int, n: int, device: torch.device) -> Tensor:
+    return torch.arange(b, device=device)[:, None] * n
+
+
+_row_offsets_cached = functools.lru_cache(maxsize=256)(_row_offsets_uncached)
+
+
 def merge_plan(dest: Tensor, weight: Tensor, num_slots: int) -> Merge:
     """A :class:`Merge` whose weights are normalised per slot.
 
@@ -512,9 +538,14 @@ def select_tokens(x: Tensor, selection: TokenSelection) -> Tensor:
     when the selection merges, each slot the weighted mean of the rows sent to it."""
     if selection.merge is None:
         return gather_tokens(x, selection.index)
-    dest, weight, fused = selection.merge
+    dest, weight, fused, whole = selection.merge
     b, m = selection.index.shape
     n = x.shape[1]
+    if whole:  # every token joins a slot: one index_add_ of the weighted rows, no spare row
+        share = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+        rows = x.reshape(b * n, -1) * share.view(b * n, 1)
+        target = (dest + _row_offsets(b, m, dest.device)).view(-1)
+        return rows.new_zeros(b * m, rows.shape[1]).index_add_(0, target, rows).view(b, m, *x.shape[2:])
     if fused is not None:
         # every slot but the fused one is a row of x: gather, then write one weighted sum per
         # image (an image that fused nothing rewrites its first row with itself)
@@ -589,7 +620,7 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
     b, n = x.shape[:2]
     # rows of the flattened (b n) axis: index_select copies whole rows, several times faster
     # on CPU than a gather with an index expanded over the feature axes
-    rows = (index + torch.arange(b, device=index.device)[:, None] * n).flatten()
+    rows = (index + _row_offsets(b, n, index.device)).view(-1)
     return x.reshape(b * n, *x.shape[2:]).index_select(0, rows).view(b, index.shape[1], *x.shape[2:])
 
 

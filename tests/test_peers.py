@@ -126,10 +126,11 @@ def test_tome_keeps_tomes_token_order_and_sizes():
 @pytest.mark.parametrize("n", [9, 10, 37])
 def test_tome_fast_path_plans_what_the_general_one_plans(monkeypatch, num_prefix, n):
     """Without padding, tome_plan takes a shorter path (a stable sort, slots known per
-    position); it gives the general path's slots, sources, weights and sizes exactly, with
-    tied matches (repeated keys) and tokens that already stand for several patches."""
+    position); it gives the general path's slots, sources, weights, sizes and merged tokens
+    exactly, with tied matches (repeated keys) and tokens that already stand for several
+    patches."""
     import ats_vit.sampling as sampling
-    from ats_vit.sampling import tome_plan
+    from ats_vit.sampling import select_tokens, tome_plan
 
     taken = []
     fast_path = sampling._tome_plan_unpadded
@@ -146,6 +147,10 @@ def test_tome_fast_path_plans_what_the_general_one_plans(monkeypatch, num_prefix
                     m.setattr(sampling, "TOME_FAST_PATH", False)
                     general = tome_plan(metric, keep_count, None, num_prefix, sizes)
                 assert fast.padding is None and general.padding is None and fast.late
+                assert fast.merge.whole and not general.merge.whole
+                x = torch.randn(4, n, 5, generator=gen)
+                merged = select_tokens(x, fast)  # one index_add_ without a spare row
+                torch.testing.assert_close(merged, select_tokens(x, general), atol=0, rtol=0)
                 assert torch.equal(fast.index, general.index)
                 assert torch.equal(fast.merge.dest, general.merge.dest)
                 torch.testing.assert_close(fast.merge.weight, general.merge.weight, atol=0, rtol=0)
@@ -161,6 +166,7 @@ def test_tome_fast_path_constants_are_cached_but_never_shared():
     metric = torch.randn(2, 9, 4)
     with torch.inference_mode():
         first = tome_plan(metric, 5, None, 1, None)
+        select_tokens(torch.randn(2, 9, 3), first)  # caches the row offsets in inference mode
         first.index.zero_()
         first.merge.dest.zero_()
     x = torch.randn(2, 9, 3, requires_grad=True)
