@@ -172,16 +172,17 @@ def _matmul_attend(
     """softmax(q k^T * scale + mask + pair) v as matmuls; mask: None or a float (b, 1, 1, n)."""
     if k.shape[2] < SOFTMAX_ACROSS_BELOW and pair is None:
         # keys-first (b, h, n, m): the softmax runs along the second-to-last axis, 3-4x faster here
-        logits = (k @ q.transpose(-1, -2)) * scale
-        if mask is not None:
-            logits = logits + mask.transpose(-1, -2)
+        logits = _scaled(k @ q.transpose(-1, -2), scale, None if mask is None else mask.transpose(-1, -2))
         return logits.softmax(dim=-2).transpose(-1, -2) @ v
-    logits = (q @ k.transpose(-1, -2)) * scale  # (b, h, m, n)
-    if mask is not None:
-        logits = logits + mask
+    logits = _scaled(q @ k.transpose(-1, -2), scale, mask)  # (b, h, m, n)
     if pair is not None:
         logits = logits + pair.to(q.dtype)
     return logits.softmax(dim=-1) @ v
+
+
+def _scaled(logits: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+    """logits * scale + mask, in one op when there is a mask."""
+    return logits * scale if mask is None else torch.add(mask, logits, alpha=scale)
 
 
 Projection = tuple[Tensor, Tensor | None, int]  # (weight, bias, heads groups)
