@@ -51,8 +51,9 @@ FORMAT = "ats-vit-latency/1"
 # implementation of the blocks is measured afresh (bump when the sampling or block code
 # changes its speed). 2: fused selections built in closed form, fewer selection ops; 3: the
 # authors' ATS and fixed-count top-k / random picks timed as their own kinds; 4: ToMe's
-# shorter plan without padding; 5: CPU attention over few keys as matmuls, ToMe's head sum
-CODE_REVISION = 5
+# shorter plan without padding; 5: CPU attention over few keys as matmuls, ToMe's head sum;
+# 6: ToMe's merge without a spare row, cached row offsets
+CODE_REVISION = 6
 # what a layer's input carries once earlier layers selected: nothing, token sizes (after a
 # merge), or padding (after an adaptive count)
 CONTEXTS = ("plain", "sized", "padded")
