@@ -478,8 +478,8 @@ def _tome_constants(n: int, p: int, merges: int, device: torch.device) -> tuple[
     the slots of the unmerged A tokens (1, |A'| - merges), ``dest`` of the prefix and B tokens
     (1, n; A tokens' entries unspecified) and ``index`` of the prefix and B slots (1, width;
     unmerged A slots unspecified). Cached per shape (a few small tensors fewer per layer), except
-    while compiling."""
-    if torch.compiler.is_compiling():
+    while compiling or tracing."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return _tome_constants_uncached(n, p, merges, device)
     with torch.inference_mode(False):  # normal tensors: also usable by passes that train
         return _tome_constants_cached(n, p, merges, device)
@@ -510,8 +510,8 @@ def _float(t: Tensor) -> Tensor:
 
 def _row_offsets(b: int, n: int, device: torch.device) -> Tensor:
     """(b, 1) the first row of each image in a flattened (b n) token axis: ``arange(b) * n``,
-    cached per shape (three ops fewer per gather), except while compiling."""
-    if torch.compiler.is_compiling():
+    cached per shape (three ops fewer per gather), except while compiling or tracing."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return _row_offsets_uncached(b, n, device)
     with torch.inference_mode(False):  # normal tensors: also usable by passes that train
         return _row_offsets_cached(b, n, device)

@@ -177,6 +177,23 @@ def test_tome_fast_path_constants_are_cached_but_never_shared():
     torch.testing.assert_close(x.grad, again.merge.weight[..., None].expand_as(x))
 
 
+def test_shape_caches_are_bypassed_while_compiling_or_tracing(monkeypatch):
+    """Cached per-shape tensors would be baked into a traced or compiled graph as constants
+    of one batch size; there they are made afresh."""
+    import ats_vit.sampling as sampling
+
+    cpu = torch.device("cpu")
+    assert sampling._row_offsets(3, 5, cpu) is sampling._row_offsets(3, 5, cpu)
+    assert sampling._tome_constants(9, 1, 2, cpu)[1] is sampling._tome_constants(9, 1, 2, cpu)[1]
+    for switch in ("torch.jit.is_tracing", "torch.compiler.is_compiling"):
+        with monkeypatch.context() as m:
+            m.setattr(switch, lambda: True)
+            assert sampling._row_offsets(3, 5, cpu) is not sampling._row_offsets(3, 5, cpu)
+            assert sampling._row_offsets(3, 5, cpu).tolist() == [[0], [5], [10]]
+            fresh = sampling._tome_constants(9, 1, 2, cpu)
+            assert fresh[1] is not sampling._tome_constants(9, 1, 2, cpu)[1]
+
+
 def test_tome_schedules_follow_parse_r():
     assert tome_rates(8, 4) == [8, 8, 8, 8]
     assert tome_rates((8, -1.0), 3) == [16, 8, 0]  # ToMe's decreasing schedule
