@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from einops import einsum
@@ -473,21 +473,29 @@ def _tome_plan_unpadded(
     return TokenSelection(index, None, Merge(dest, weight, whole=True), total, late=True)
 
 
+def _shape_cached(make: Callable[..., Any]) -> Callable[..., Any]:
+    """``make`` (small constant tensors from a shape and a device) cached per argument tuple:
+    a few ops fewer per layer. Made outside inference mode, so passes that train can use them;
+    made afresh while compiling or tracing, where a cached tensor would become a constant of
+    one batch size in the graph. Callers never write into what it returns."""
+    cached = functools.lru_cache(maxsize=256)(make)
+
+    @functools.wraps(make)
+    def get(*args: Any) -> Any:
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return make(*args)
+        with torch.inference_mode(False):
+            return cached(*args)
+
+    return get
+
+
+@_shape_cached
 def _tome_constants(n: int, p: int, merges: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """What :func:`_tome_plan_unpadded` fills in the same in every image and layer of a shape:
     the slots of the unmerged A tokens (1, |A'| - merges), ``dest`` of the prefix and B tokens
     (1, n; A tokens' entries unspecified) and ``index`` of the prefix and B slots (1, width;
-    unmerged A slots unspecified). Cached per shape (a few small tensors fewer per layer), except
-    while compiling or tracing."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return _tome_constants_uncached(n, p, merges, device)
-    with torch.inference_mode(False):  # normal tensors: also usable by passes that train
-        return _tome_constants_cached(n, p, merges, device)
-
-
-def _tome_constants_uncached(
-    n: int, p: int, merges: int, device: torch.device
-) -> tuple[Tensor, Tensor, Tensor]:
+    unmerged A slots unspecified)."""
     prefix_a, prefix_b = (p + 1) // 2, p // 2
     first_b = (n + 1) // 2 - prefix_a - merges + p
     width = first_b + n // 2 - prefix_b
@@ -500,28 +508,15 @@ def _tome_constants_uncached(
     return torch.arange(p, first_b, device=device)[None], dest, index
 
 
-_tome_constants_cached = functools.lru_cache(maxsize=256)(_tome_constants_uncached)
-
-
 def _float(t: Tensor) -> Tensor:
     """``t.float()`` without the call when it is float32 already (each call is a fixed cost)."""
     return t if t.dtype == torch.float32 else t.float()
 
 
+@_shape_cached
 def _row_offsets(b: int, n: int, device: torch.device) -> Tensor:
-    """(b, 1) the first row of each image in a flattened (b n) token axis: ``arange(b) * n``,
-    cached per shape (three ops fewer per gather), except while compiling or tracing."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return _row_offsets_uncached(b, n, device)
-    with torch.inference_mode(False):  # normal tensors: also usable by passes that train
-        return _row_offsets_cached(b, n, device)
-
-
-def _row_offsets_uncached(b: int, n: int, device: torch.device) -> Tensor:
+    """(b, 1) the first row of each image in a flattened (b n) token axis: ``arange(b) * n``."""
     return torch.arange(b, device=device)[:, None] * n
-
-
-_row_offsets_cached = functools.lru_cache(maxsize=256)(_row_offsets_uncached)
 
 
 def merge_plan(dest: Tensor, weight: Tensor, num_slots: int) -> Merge:

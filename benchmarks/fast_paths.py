@@ -28,7 +28,7 @@ import torch
 import ats_vit.attention as attention
 import ats_vit.sampling as sampling
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench import checkpoint_batch, json_arguments, print_table, write_json
+from ats_vit.bench import checkpoint_batch, checkpoint_budget_arguments, print_table, write_json
 from ats_vit.bench.train import variant_names
 from ats_vit.budget import Budget
 from ats_vit.timing import speedup, time_round_robin
@@ -144,21 +144,11 @@ def run(cfg: Config) -> list[dict[str, Any]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="an ats-vit checkpoint (e.g. the demo's final.safetensors)")
     p.add_argument("--path", choices=tuple(PATHS), default=Config.path, help="the fast path to time")
-    p.add_argument("--budget", nargs="+", required=True, help="budget files from `ats-vit calibrate`")
-    p.add_argument("--data", default=Config.data, help="demo, glyphs or an image folder (its test split)")
-    p.add_argument("--batch-size", type=int, default=Config.batch_size)
     p.add_argument("--runs", type=int, default=Config.runs)
-    p.add_argument("--repeats", type=int, default=Config.repeats)
-    p.add_argument("--min-seconds", type=float, default=Config.min_seconds)
-    args = json_arguments(p)()
-    if min(args.batch_size, args.runs, args.repeats) < 1 or args.min_seconds < 0:
-        p.error("--batch-size, --runs and --repeats must be positive, --min-seconds >= 0")
-    try:
-        variant_names(tuple(args.budget))
-    except ValueError as error:
-        p.error(str(error))
+    args = checkpoint_budget_arguments(p, Config)()
+    if args.runs < 1:
+        p.error("--runs must be positive")
     cfg = Config(
         checkpoint=args.checkpoint,
         budgets=tuple(args.budget),

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench import checkpoint_batch, json_arguments, print_table, write_json
+from ats_vit.bench import checkpoint_batch, checkpoint_budget_arguments, print_table, write_json
 from ats_vit.bench.train import variant_names
 from ats_vit.budget import Budget
 from ats_vit.families import family_of
@@ -123,19 +123,7 @@ def run(cfg: Config) -> list[dict[str, Any]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="an ats-vit checkpoint (e.g. the demo's final.safetensors)")
-    p.add_argument("--budget", nargs="+", required=True, help="budget files from `ats-vit calibrate`")
-    p.add_argument("--data", default=Config.data, help="demo, glyphs or an image folder (its test split)")
-    p.add_argument("--batch-size", type=int, default=Config.batch_size)
-    p.add_argument("--repeats", type=int, default=Config.repeats)
-    p.add_argument("--min-seconds", type=float, default=Config.min_seconds)
-    args = json_arguments(p)()
-    if args.batch_size < 1 or args.repeats < 1:
-        p.error("--batch-size and --repeats must be positive")
-    try:
-        variant_names(tuple(args.budget))
-    except ValueError as error:
-        p.error(str(error))
+    args = checkpoint_budget_arguments(p, Config)()
     cfg = Config(
         checkpoint=args.checkpoint,
         budgets=tuple(args.budget),

@@ -6,6 +6,7 @@ run; nothing here is asserted as a timing in tests."""
 from ats_vit.bench.common import (
     binomial_ci95,
     checkpoint_batch,
+    checkpoint_budget_arguments,
     json_arguments,
     machine,
     peak_memory,
@@ -27,6 +28,7 @@ __all__ = [
     "TrainSpeedConfig",
     "binomial_ci95",
     "checkpoint_batch",
+    "checkpoint_budget_arguments",
     "frontier",
     "json_arguments",
     "machine",

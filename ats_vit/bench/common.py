@@ -26,11 +26,13 @@ from ats_vit.timing import _sync
 __all__ = [
     "binomial_ci95",
     "checkpoint_batch",
+    "checkpoint_budget_arguments",
     "json_arguments",
     "machine",
     "peak_memory",
     "print_table",
     "use_threads",
+    "variant_names",
     "write_json",
 ]
 
@@ -160,6 +162,47 @@ def json_arguments(
             parser.error(
                 f"{args.json} already exists: pass --overwrite to replace it, or choose another --json"
             )
+        return args
+
+    return parse
+
+
+def variant_names(paths: tuple[str, ...]) -> dict[str, str]:
+    """A row name per budget file: its stem, or the path as given where stems collide (two
+    budgets named alike in different folders must not share, and overwrite, one row)."""
+    if len(set(paths)) != len(paths):
+        twice = sorted({p for p in paths if paths.count(p) > 1})
+        raise ValueError(f"budgets lists {', '.join(twice)} more than once")
+    stems = [Path(p).stem for p in paths]
+    clash = {s for s in stems if stems.count(s) > 1 or s == "dense"}
+    return {(p if s in clash else s): p for p, s in zip(paths, stems, strict=True)}
+
+
+def checkpoint_budget_arguments(
+    parser: argparse.ArgumentParser, defaults: Any, budget_help: str = "budget files from `ats-vit calibrate`"
+) -> Callable[[], Any]:
+    """Add what a benchmark timing a checkpoint's budgets takes (the checkpoint, ``--budget``,
+    ``--data``, ``--batch-size``, ``--repeats``, ``--min-seconds``, with ``defaults``' values,
+    and :func:`json_arguments`); returns the parse function, which also refuses non-positive
+    counts, a negative time and a budget list that names a file twice."""
+    parser.add_argument("checkpoint", help="an ats-vit checkpoint (e.g. the demo's final.safetensors)")
+    parser.add_argument("--budget", nargs="+", required=True, help=budget_help)
+    parser.add_argument(
+        "--data", default=defaults.data, help="demo, glyphs or an image folder (its test split)"
+    )
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--min-seconds", type=float, default=defaults.min_seconds)
+    parse_json = json_arguments(parser)
+
+    def parse() -> Any:
+        args = parse_json()
+        if min(args.batch_size, args.repeats) < 1 or args.min_seconds < 0:
+            parser.error("--batch-size and --repeats must be positive, --min-seconds >= 0")
+        try:
+            variant_names(tuple(args.budget))
+        except ValueError as error:
+            parser.error(str(error))
         return args
 
     return parse

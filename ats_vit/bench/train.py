@@ -6,13 +6,13 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ats_vit._progress import bar as progress_bar
+from ats_vit.bench.common import variant_names
 from ats_vit.budget import Budget
 from ats_vit.checkpoint import load_model
 from ats_vit.data import load_split, take
@@ -54,17 +54,6 @@ TRAIN_SPEED_COLUMNS = (
     ("ideal", "ideal", ".2f"),
     ("efficiency", "efficiency", ".2f"),
 )
-
-
-def variant_names(paths: tuple[str, ...]) -> dict[str, str]:
-    """A row name per budget file: its stem, or the path as given where stems collide (two
-    budgets named alike in different folders must not share, and overwrite, one row)."""
-    if len(set(paths)) != len(paths):
-        twice = sorted({p for p in paths if paths.count(p) > 1})
-        raise ValueError(f"budgets lists {', '.join(twice)} more than once")
-    stems = [Path(p).stem for p in paths]
-    clash = {s for s in stems if stems.count(s) > 1 or s == "dense"}
-    return {(p if s in clash else s): p for p, s in zip(paths, stems, strict=True)}
 
 
 def _step(
