@@ -18,7 +18,6 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from ats_vit.options import SamplingOptions
@@ -64,7 +63,7 @@ def key_bias(padding: Padding | None, size: Tensor | None) -> Tensor | None:
     carry sizes, (b, n) float ``log(size)`` with ``-inf`` at padding."""
     if size is None:
         return None if padding is None else padding.mask
-    bias = size.float().clamp_min(1.0).log()
+    bias = (size if size.dtype == torch.float32 else size.float()).clamp_min(1.0).log()
     return bias if padding is None else bias.masked_fill(~padding.mask, float("-inf"))
 
 
@@ -142,7 +141,9 @@ def attend(
     """
     attn_mask = None
     if bias is not None:
-        attn_mask = rearrange(bias if bias.dtype == torch.bool else bias.to(q.dtype), "b n -> b 1 1 n")
+        if bias.dtype not in (torch.bool, q.dtype):
+            bias = bias.to(q.dtype)
+        attn_mask = bias[:, None, None, :]  # (b, 1, 1, n)
     if _matmul_attention(q, k, attn_mask, dropout_p):
         return _matmul_attend(q, k, v, attn_mask, pair, q.shape[-1] ** -0.5 if scale is None else scale)
     if pair is not None:
@@ -202,13 +203,37 @@ def _kept(positions: Tensor | None, selection: TokenSelection) -> Tensor | None:
     return None if positions is None else positions.gather(1, selection.index)
 
 
+def _projections(
+    qkv_weight: Tensor | Sequence[Tensor], qkv_bias: Tensor | Sequence[Tensor | None] | None
+) -> list[Projection]:
+    """The (weight, bias, heads groups) GEMMs that make q, k and v: one fused (timm, ours) or
+    three."""
+    if isinstance(qkv_weight, Tensor):
+        return [(qkv_weight, qkv_bias if isinstance(qkv_bias, Tensor) else None, 3)]
+    biases = (None, None, None) if qkv_bias is None or isinstance(qkv_bias, Tensor) else qkv_bias
+    return [(w, b, 1) for w, b in zip(qkv_weight, biases, strict=True)]
+
+
+def _split_projections(all_proj: list[Projection]) -> tuple[list[Projection], list[Projection]]:
+    """(the GEMMs that make q, those that make k and v): a fused one is split by rows (only
+    layers that project queries after selecting need it, so the split is not made otherwise)."""
+    if len(all_proj) == 3:
+        return all_proj[:1], all_proj[1:]
+    weight, bias, _ = all_proj[0]
+    inner = weight.shape[0] // 3
+    w_q, w_kv = weight.split((inner, 2 * inner))
+    b_q, b_kv = (None, None) if bias is None else bias.split((inner, 2 * inner))
+    return [(w_q, b_q, 1)], [(w_kv, b_kv, 2)]
+
+
 def _project(x: Tensor, projections: list[Projection], padding: Padding | None, heads: int) -> list[Tensor]:
     """x: (b, n, c) through each (weight, bias, parts) GEMM, split into its ``parts`` of
     (b, h, n, d) each: [q], [k, v] or [q, k, v]."""
     out: list[Tensor] = []
     for weight, bias, parts in projections:
         y = tokenwise(partial(F.linear, weight=weight, bias=bias), x, padding)
-        out.extend(rearrange(y, "b n (t h d) -> t b h n d", t=parts, h=heads).unbind(0))
+        # (b, n, t h d) -> t of (b, h, n, d); native views (einops' parsing costs as much here)
+        out.extend(y.unflatten(-1, (parts, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0))
     return out
 
 
@@ -259,19 +284,7 @@ def sampled_self_attention(
         return t if rope is None or where is None else rope(t, where)
 
     bias = key_bias(padding, size)
-    # (weight, bias, heads-groups) GEMMs that make q, then k and v: one fused (timm, ours) or separate
-    q_proj: list[Projection]
-    if isinstance(qkv_weight, Tensor):
-        inner = qkv_weight.shape[0] // 3
-        w_q, w_kv = qkv_weight.split((inner, 2 * inner))
-        fused_bias = qkv_bias if isinstance(qkv_bias, Tensor) else None
-        b_q, b_kv = (None, None) if fused_bias is None else fused_bias.split((inner, 2 * inner))
-        q_proj, kv_proj, all_proj = [(w_q, b_q, 1)], [(w_kv, b_kv, 2)], [(qkv_weight, fused_bias, 3)]
-    else:
-        biases = (None, None, None) if qkv_bias is None or isinstance(qkv_bias, Tensor) else qkv_bias
-        (w_q, w_k, w_v), (b_q, b_k, b_v) = qkv_weight, biases
-        q_proj, kv_proj = [(w_q, b_q, 1)], [(w_k, b_k, 1), (w_v, b_v, 1)]
-        all_proj = q_proj + kv_proj
+    all_proj = _projections(qkv_weight, qkv_bias)
     if ats is None or not ats.needed(x.shape[1]) or ats.late:
         q, k, v = _project(x, all_proj, padding, heads)
         q, k = rotate(q_norm(q), positions), rotate(k_norm(k), positions)
@@ -292,6 +305,7 @@ def sampled_self_attention(
         q_positions = _kept(positions, selection)
         q = rotate(q_norm(select_tokens(q_raw.transpose(1, 2), selection).transpose(1, 2)), q_positions)
     else:
+        q_proj, kv_proj = _split_projections(all_proj)
         k, v = _project(x, kv_proj, padding, heads)
         k = rotate(k_norm(k), positions)
         cls_attn = None
@@ -309,7 +323,7 @@ def sampled_self_attention(
     pair = None
     if pair_bias is not None and positions is not None and q_positions is not None:
         pair = pair_bias(q_positions, positions)
-    out = rearrange(attend(q, k, v, bias, dropout_p, scale, pair), "b h m d -> b m (h d)")
+    out = attend(q, k, v, bias, dropout_p, scale, pair).transpose(1, 2).flatten(2)  # (b, m, h d)
     if gate is None:
         return tokenwise(lambda t: proj(out_norm(t)), out, out_padding), selection
     gated = tokenwise(lambda t, t_in: proj(out_norm(t) * gate(t_in).sigmoid()), out, out_padding, queries)
