@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ats_vit.sampling import Padding
+from ats_vit.sampling import Padding, _shape_cached
 
 __all__ = ["RECEIVED", "RULES", "TokenTrace", "ViTCost", "flops", "gflops", "mlp_width"]
 
@@ -71,6 +71,12 @@ def mlp_width(mlp: nn.Module, dim: int) -> float:
     return weights / (2 * dim)
 
 
+@_shape_cached
+def _same_count(b: int, count: int, device: torch.device) -> Tensor:
+    """(b,) tokens of an unpadded grid (all images alike), made once per shape."""
+    return torch.full((b,), count, device=device)
+
+
 @dataclass
 class TokenTrace:
     """How many tokens each block handled in one forward pass.
@@ -107,7 +113,7 @@ class TokenTrace:
             alive = positions if padding is None else positions.masked_fill(~padding.mask, -1)
             self.positions[len(self.counts)] = alive
         if padding is None:
-            count = torch.full((x.shape[0],), x.shape[1] - self.num_prefix_tokens, device=x.device)
+            count = _same_count(x.shape[0], x.shape[1] - self.num_prefix_tokens, x.device)
         else:
             count = padding.mask.sum(dim=1) - self.num_prefix_tokens
         self.counts.append(count)

@@ -52,8 +52,9 @@ FORMAT = "ats-vit-latency/1"
 # changes its speed). 2: fused selections built in closed form, fewer selection ops; 3: the
 # authors' ATS and fixed-count top-k / random picks timed as their own kinds; 4: ToMe's
 # shorter plan without padding; 5: CPU attention over few keys as matmuls, ToMe's head sum;
-# 6: ToMe's merge without a spare row, cached row offsets
-CODE_REVISION = 6
+# 6: ToMe's merge without a spare row, cached row offsets; 7: fewer ops in ToMe's plan and in
+# every attention (native views, no no-op casts, shape caches hit without leaving inference mode)
+CODE_REVISION = 7
 # what a layer's input carries once earlier layers selected: nothing, token sizes (after a
 # merge), or padding (after an adaptive count)
 CONTEXTS = ("plain", "sized", "padded")

@@ -459,18 +459,23 @@ def _tome_plan_unpadded(
     unmerged = rest.sort(dim=-1).values
     first_b = n_a - prefix_a - merges + p  # slots: prefix, unmerged A (position order), B
     width = first_b + n_b - prefix_b
-    own_slots, dest_fixed, index_fixed = _tome_constants(n, p, merges, device)
+    own_slots, dest_fixed, index_fixed, first_a = _tome_constants(n, p, merges, device)
     # dest of the non-prefix A tokens: unmerged ones their own slot, merged ones their B's
-    dest_a = torch.empty_like(best, dtype=torch.long).scatter_(1, unmerged, own_slots.expand(b, -1))
-    dest_a.scatter_(1, merged, match.gather(1, merged) + first_b)
     dest = dest_fixed.expand(b, n).clone()  # prefix and B tokens: the same slots in every image
-    dest[:, 2 * prefix_a :: 2] = dest_a
+    # the non-prefix A tokens' entries, written in place: unmerged ones their own slot,
+    # merged ones their B's
+    dest_a = dest[:, 2 * prefix_a :: 2]
+    dest_a.scatter_(1, unmerged, own_slots.expand(b, -1))
+    dest_a.scatter_(1, merged, match.gather(1, merged) + first_b)
     index = index_fixed.expand(b, width).clone()
-    index[:, p:first_b] = 2 * (unmerged + prefix_a)
+    torch.add(first_a, unmerged, alpha=2, out=index[:, p:first_b])  # position 2 * (a + prefix_a)
     patches = torch.ones(b, n, device=device) if size is None else _float(size)
     total = patches.new_zeros(b, width).scatter_add_(1, dest, patches)  # every token has a slot
     weight = patches / total.gather(1, dest)
     return TokenSelection(index, None, Merge(dest, weight, whole=True), total, late=True)
+
+
+_SHAPE_CACHE_SIZE = 256  # entries per cached function: shapes a process sees; cleared when full
 
 
 def _shape_cached(make: Callable[..., Any]) -> Callable[..., Any]:
@@ -478,24 +483,32 @@ def _shape_cached(make: Callable[..., Any]) -> Callable[..., Any]:
     a few ops fewer per layer. Made outside inference mode, so passes that train can use them;
     made afresh while compiling or tracing, where a cached tensor would become a constant of
     one batch size in the graph. Callers never write into what it returns."""
-    cached = functools.lru_cache(maxsize=256)(make)
+    cache: dict[tuple[Any, ...], Any] = {}
 
     @functools.wraps(make)
     def get(*args: Any) -> Any:
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return make(*args)
-        with torch.inference_mode(False):
-            return cached(*args)
+        hit = cache.get(args)
+        if hit is None:  # leaving inference mode costs a few microseconds: only on a miss
+            if len(cache) >= _SHAPE_CACHE_SIZE:
+                cache.clear()
+            with torch.inference_mode(False):
+                hit = cache[args] = make(*args)
+        return hit
 
+    get.cache_clear = cache.clear  # type: ignore[attr-defined]
     return get
 
 
 @_shape_cached
-def _tome_constants(n: int, p: int, merges: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _tome_constants(
+    n: int, p: int, merges: int, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """What :func:`_tome_plan_unpadded` fills in the same in every image and layer of a shape:
     the slots of the unmerged A tokens (1, |A'| - merges), ``dest`` of the prefix and B tokens
-    (1, n; A tokens' entries unspecified) and ``index`` of the prefix and B slots (1, width;
-    unmerged A slots unspecified)."""
+    (1, n; A tokens' entries unspecified), ``index`` of the prefix and B slots (1, width;
+    unmerged A slots unspecified) and the position of the first non-prefix A token (1, 1)."""
     prefix_a, prefix_b = (p + 1) // 2, p // 2
     first_b = (n + 1) // 2 - prefix_a - merges + p
     width = first_b + n // 2 - prefix_b
@@ -505,7 +518,8 @@ def _tome_constants(n: int, p: int, merges: int, device: torch.device) -> tuple[
     index = torch.zeros(1, width, dtype=torch.long, device=device)
     index[:, :p] = torch.arange(p, device=device)
     index[:, first_b:] = torch.arange(2 * prefix_b + 1, n, 2, device=device)
-    return torch.arange(p, first_b, device=device)[None], dest, index
+    first_a = torch.full((1, 1), 2 * prefix_a, dtype=torch.long, device=device)
+    return torch.arange(p, first_b, device=device)[None], dest, index, first_a
 
 
 def _float(t: Tensor) -> Tensor:

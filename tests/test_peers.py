@@ -183,6 +183,11 @@ def test_shape_caches_are_bypassed_while_compiling_or_tracing(monkeypatch):
     import ats_vit.sampling as sampling
 
     cpu = torch.device("cpu")
+    with torch.inference_mode():  # a miss inside inference mode still makes a normal tensor
+        inside = sampling._row_offsets(3, 7, cpu)
+    assert not inside.is_inference() and sampling._row_offsets(3, 7, cpu) is inside
+    for b in range(1, sampling._SHAPE_CACHE_SIZE + 2):  # a full cache starts afresh, still right
+        assert sampling._row_offsets(b, 4, cpu)[-1].item() == 4 * (b - 1)
     assert sampling._row_offsets(3, 5, cpu) is sampling._row_offsets(3, 5, cpu)
     assert sampling._tome_constants(9, 1, 2, cpu)[1] is sampling._tome_constants(9, 1, 2, cpu)[1]
     for switch in ("torch.jit.is_tracing", "torch.compiler.is_compiling"):
