@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -78,22 +78,28 @@ def _sync(device: torch.device) -> None:
 
 
 def time_round_robin(
-    fns: dict[str, Callable[[], object]],
+    fns: Mapping[str, Callable[[], object]],
     warmup: int,
     repeats: int,
     device: torch.device | None = None,
     progress: _Progress | None = None,
     min_seconds: float = 0.0,
     clock: Callable[[], float] = time.perf_counter,
+    setup: Mapping[str, Callable[[], object]] | None = None,
 ) -> dict[str, Timing]:
     """Seconds per call of each function, the calls interleaved across functions round by
     round. Rounds go on past ``repeats`` until every function has run ``min_seconds`` in
     all, so short calls get enough samples. ``device`` is synchronised around each call;
     ``progress`` (a bar counting calls, ``warmup + repeats`` per function) is advanced and
-    grown by extra rounds. ``clock`` is the timer (a fake one in tests)."""
+    grown by extra rounds. ``setup[name]``, when given, runs before each call of ``name``,
+    untimed (e.g. setting a shared model to what that call times). ``clock`` is the timer
+    (a fake one in tests)."""
     device = device or torch.device("cpu")
-    for fn in fns.values():
+    setup = setup or {}
+    for name, fn in fns.items():
         for _ in range(warmup):
+            if name in setup:
+                setup[name]()
             fn()
             if progress is not None:
                 progress.update()
@@ -104,6 +110,8 @@ def time_round_robin(
         if rounds > repeats and progress is not None and progress.total is not None:
             progress.total += len(fns)
         for name, fn in fns.items():
+            if name in setup:
+                setup[name]()
             _sync(device)
             start = clock()
             fn()

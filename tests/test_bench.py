@@ -1,10 +1,12 @@
 import json
 import math
+import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from ats_vit import ViT
 from ats_vit.bench import (
     FrontierConfig,
     SpeedConfig,
@@ -71,6 +73,52 @@ def test_time_round_robin_interleaves_and_keeps_every_round():
     timings = time_round_robin({"slow": clock.call(0.01), "fast": clock.call(0.002)}, 0, 2, clock=clock)
     assert timings["slow"].samples == pytest.approx((0.01, 0.01))
     assert speedup(timings["slow"], timings["fast"]).median == pytest.approx(5.0)
+
+
+def test_setup_runs_before_each_call_untimed():
+    """time_budgets sets one shared model to each budget before its pass: that is not timed."""
+    clock, calls = FakeClock(), []
+
+    def setting(name):
+        def fn():
+            calls.append(name)
+            clock.now += 1.0  # a slow setup that must not show in the timing
+
+        return fn
+
+    fns = {"a": clock.call(0.01), "b": clock.call(0.02)}
+    timings = time_round_robin(fns, 1, 2, clock=clock, setup={"a": setting("a"), "b": setting("b")})
+    assert calls == ["a", "b"] * 3, "before every warm-up and timed call"
+    assert timings["a"].samples == pytest.approx((0.01, 0.01))
+    assert timings["b"].samples == pytest.approx((0.02, 0.02))
+
+
+def test_time_budgets_times_the_forward_passes_not_the_configuring(monkeypatch):
+    import ats_vit.evaluate as evaluate
+
+    model = ViT(
+        image_size=16,
+        patch_size=4,
+        num_classes=3,
+        dim=16,
+        depth=2,
+        max_tokens_per_depth=(16, 16),
+        heads=2,
+        mlp_dim=16,
+    )
+    set_to = []
+    real = evaluate.configure
+
+    def slow_configure(family, budget):
+        set_to.append(budget)
+        real(family, budget)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(evaluate, "configure", slow_configure)
+    budget = Budget.paper(0.5, 1, depth=2, num_patches=16)
+    dense, sampled = evaluate.time_budgets(model, [None, budget], torch.randn(2, 3, 16, 16), repeats=3)
+    assert set_to == [None, budget] * 4, "set before the warm-up and each timed pass"
+    assert max(dense.samples + sampled.samples) < 0.05, "the 50 ms of configuring is not in the timings"
 
 
 def test_short_calls_repeat_until_they_fill_min_seconds_and_the_bar_grows():
