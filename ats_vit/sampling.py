@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from einops import einsum
 from torch import Tensor, nn
 
 from ats_vit import _validate
@@ -146,7 +145,9 @@ def significance_scores(cls_attn: Tensor, v: Tensor, valid: Tensor | None = None
     image whose scores are all 0 falls back to uniform over its valid tokens, so sampling
     stays well defined (a non-finite input still yields non-finite logits downstream).
     """
-    scores = einsum(cls_attn.float(), v.float().norm(dim=-1), "b h n, b h n -> b n")
+    # Σ_h as a product and a sum: an einsum would permute into a batched matmul of 1x1 blocks
+    # (about twice the time, and four times in training with its backward)
+    scores = (_float(cls_attn) * _float(v).norm(dim=-1)).sum(dim=1)
     scores = scores.nan_to_num(0.0, 0.0, 0.0).clamp_min_(0.0)
     uniform: Tensor | float
     if valid is None:
@@ -316,9 +317,9 @@ def official_scores(cls_attn: Tensor, v: Tensor, valid: Tensor | None = None) ->
     cls_attn: (b, h, n), v: (b, h, n, d) over the n candidates; valid: (b, n) bool.
     Returns (b, n) float32 (padding 0). Differs from :func:`significance_scores` (the paper's
     formula as vit-pytorch reads it: the sum over heads of per-head products)."""
-    norm = v.float().transpose(1, 2).flatten(2).norm(dim=-1)  # (b, n): ||V_j|| over h * d
+    norm = _float(v).transpose(1, 2).flatten(2).norm(dim=-1)  # (b, n): ||V_j|| over h * d
     # (Σ_h A[cls, j]) · ||V_j||, contracted over heads as significance_scores is (same count)
-    scores = einsum(cls_attn.float(), norm[:, None].expand_as(cls_attn), "b h n, b h n -> b n")
+    scores = (_float(cls_attn) * norm[:, None]).sum(dim=1)
     if valid is not None:
         scores = scores.masked_fill(~valid, 0.0)
     return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)

@@ -3,12 +3,15 @@
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
-from ats_vit import SamplingOptions, ViT
+from ats_vit import SamplingOptions, ViT, sampling
 from ats_vit.checkpoint import load_checkpoint
 from ats_vit.models import ModelConfig
 from ats_vit.testing import sharpen_queries
@@ -148,3 +151,29 @@ def fixed_latency(lat):
     lat.table.rules = {rule: grid for rule in latency.RULE_OPTIONS}
     lat.table.fit = {}
     return lat
+
+
+def measured_gflops(fn: Callable[[], object]) -> float:
+    """Multiply-adds (GFLOPs, fvcore's convention) of ``fn()`` as PyTorch's own counter sees
+    them (it counts 2 FLOPs per multiply-add; the math SDPA backend makes attention visible to
+    it), plus the significance scores' products (Σ_h A·||V||: one per head and candidate,
+    element-wise, which the counter does not see), read from the scores each call computes."""
+    products = []
+    originals = {name: getattr(sampling, name) for name in ("significance_scores", "official_scores")}
+
+    def counting(score: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        def wrapped(cls_attn: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+            products.append(cls_attn.numel())
+            return score(cls_attn, *args, **kwargs)
+
+        return wrapped
+
+    try:
+        for name, score in originals.items():
+            setattr(sampling, name, counting(score))
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for name, score in originals.items():
+            setattr(sampling, name, score)
+    return (counter.get_total_flops() / 2 + sum(products)) / 1e9

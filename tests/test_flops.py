@@ -1,20 +1,11 @@
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from helpers import measured_gflops
 
 from ats_vit import SamplingOptions, ViT
 from ats_vit.flops import TokenTrace, ViTCost, gflops
 
 DEIT_S = dict(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536)
-
-
-def measured_gflops(fn) -> float:
-    """Multiply-adds PyTorch's own counter sees (it counts 2 FLOPs per multiply-add; the math
-    SDPA backend makes attention visible to it)."""
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        fn()
-    return counter.get_total_flops() / 2 / 1e9
 
 
 def test_dense_deit_small_is_the_published_count():

@@ -117,14 +117,11 @@ def test_patching_is_instance_local_and_keeps_the_state_dict():
 
 
 def test_analytic_count_matches_pytorch_flop_counter():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+    from helpers import measured_gflops
 
     model = build(DeiTConfig, DeiTForImageClassificationWithTeacher, peaky=True)
     ats_hf.apply(model, layers=[1, 2], max_tokens=[9, 5])
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(pixel_values=images(1))
-    measured = counter.get_total_flops() / 2 / 1e9
+    measured = measured_gflops(lambda: model(pixel_values=images(1)))
     assert ats_hf.last_info(model).gflops.item() == pytest.approx(measured, rel=1e-6)
 
 

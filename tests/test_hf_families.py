@@ -147,14 +147,11 @@ def test_pooled_readouts_heed_padding_and_sizes(name, dropped):
 @pytest.mark.parametrize("name", ["CLIPForImageClassification", "Dinov2WithRegistersForImageClassification"])
 def test_analytic_count_matches_pytorch_flop_counter(name):
     """Counts a classifier on the mean of the tokens and DINOv2's SwiGLU MLP exactly."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+    from helpers import measured_gflops
 
     model = build(name, peaky=True)
     ats_hf.apply(model, layers=[1, 2], max_tokens=[9, 5])
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(pixel_values=images(1))
-    measured = counter.get_total_flops() / 2 / 1e9
+    measured = measured_gflops(lambda: model(pixel_values=images(1)))
     assert ats_hf.last_info(model).gflops.item() == pytest.approx(measured, rel=1e-6)
 
 

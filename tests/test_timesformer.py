@@ -112,14 +112,11 @@ def test_last_layer_sampling_keeps_the_dense_output_of_each_kept_tube():
 
 @pytest.mark.parametrize("options", [RULES[0], RULES[3], RULES[5]], ids=["ats", "fuse", "tome"])
 def test_analytic_count_matches_pytorch_flop_counter(options):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+    from helpers import measured_gflops
 
     model = build(peaky=True)
     ats_hf.apply(model, layers=[1, 2], max_tokens=[10, 5], options=options)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(pixel_values=clips(1))
-    measured = counter.get_total_flops() / 2
+    measured = measured_gflops(lambda: model(pixel_values=clips(1))) * 1e9
     kept = ats_hf.last_info(model).kept_per_layer[0]
     if options.dropped != "discard":  # merging averages whole tubes (index_add_, not counted by torch)
         measured += sum((1 + n_in) * 4 * 32 for n_in in (16, kept[1].item()))

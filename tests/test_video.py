@@ -71,14 +71,11 @@ def test_videomae_equals_the_original_when_nothing_is_dropped(attn):
 
 
 def test_analytic_count_matches_pytorch_flop_counter():
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
+    from helpers import measured_gflops
 
     model = build(peaky=True)
     ats_hf.apply(model, layers=[1, 2], max_tokens=[16, 8])
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(pixel_values=clips(1))
-    measured = counter.get_total_flops() / 2 / 1e9
+    measured = measured_gflops(lambda: model(pixel_values=clips(1)))
     assert ats_hf.last_info(model).gflops.item() == pytest.approx(measured, rel=1e-6)
 
 
