@@ -461,7 +461,6 @@ def _tome_plan_unpadded(
     first_b = n_a - prefix_a - merges + p  # slots: prefix, unmerged A (position order), B
     width = first_b + n_b - prefix_b
     own_slots, dest_fixed, index_fixed, first_a = _tome_constants(n, p, merges, device)
-    # dest of the non-prefix A tokens: unmerged ones their own slot, merged ones their B's
     dest = dest_fixed.expand(b, n).clone()  # prefix and B tokens: the same slots in every image
     # the non-prefix A tokens' entries, written in place: unmerged ones their own slot,
     # merged ones their B's
@@ -469,7 +468,10 @@ def _tome_plan_unpadded(
     dest_a.scatter_(1, unmerged, own_slots.expand(b, -1))
     dest_a.scatter_(1, merged, match.gather(1, merged) + first_b)
     index = index_fixed.expand(b, width).clone()
-    torch.add(first_a, unmerged, alpha=2, out=index[:, p:first_b])  # position 2 * (a + prefix_a)
+    if torch.compiler.is_compiling():  # dynamo refuses out= into a view
+        index[:, p:first_b] = torch.add(first_a, unmerged, alpha=2)
+    else:
+        torch.add(first_a, unmerged, alpha=2, out=index[:, p:first_b])  # position 2 * (a + prefix_a)
     patches = torch.ones(b, n, device=device) if size is None else _float(size)
     total = patches.new_zeros(b, width).scatter_add_(1, dest, patches)  # every token has a slot
     weight = patches / total.gather(1, dest)
@@ -498,7 +500,6 @@ def _shape_cached(make: Callable[..., Any]) -> Callable[..., Any]:
                 hit = cache[args] = make(*args)
         return hit
 
-    get.cache_clear = cache.clear  # type: ignore[attr-defined]
     return get
 
 

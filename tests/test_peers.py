@@ -158,6 +158,24 @@ def test_tome_fast_path_plans_what_the_general_one_plans(monkeypatch, num_prefix
     assert taken, "the fast path ran"
 
 
+def test_tome_fast_path_compiles_in_one_graph():
+    """Its in-place writes into views (the A tokens' slots, the unmerged positions) must not
+    break ``ats_vit.compile``'s fullgraph compilation (dynamo refuses ``out=`` into a view)."""
+    import ats_vit.sampling as sampling
+
+    metric = torch.randn(3, 37, 8, generator=torch.Generator().manual_seed(0))
+    eager = sampling._tome_plan_unpadded(metric, 20, 1, None)
+    torch._dynamo.reset()
+    compiled = torch.compile(sampling._tome_plan_unpadded, backend="eager", fullgraph=True)
+    traced = compiled(metric, 20, 1, None)
+    for got, want in zip(
+        traced[:1] + tuple(traced.merge[:2]) + traced[3:4],
+        eager[:1] + tuple(eager.merge[:2]) + eager[3:4],
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_tome_fast_path_constants_are_cached_but_never_shared():
     """The shorter plan caches what is the same for every image of a shape; made under
     inference mode they still serve a pass that trains, and no plan hands out the cache."""
