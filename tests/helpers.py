@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from ats_vit import SamplingOptions, ViT, sampling
+from ats_vit import SamplingOptions, ViT, attention, sampling
 from ats_vit.checkpoint import load_checkpoint
 from ats_vit.models import ModelConfig
 from ats_vit.testing import sharpen_queries
@@ -156,24 +156,38 @@ def fixed_latency(lat):
 def measured_gflops(fn: Callable[[], object]) -> float:
     """Multiply-adds (GFLOPs, fvcore's convention) of ``fn()`` as PyTorch's own counter sees
     them (it counts 2 FLOPs per multiply-add; the math SDPA backend makes attention visible to
-    it), plus the significance scores' products (Σ_h A·||V||: one per head and candidate,
-    element-wise, which the counter does not see), read from the scores each call computes."""
+    it), plus the products it does not see because they are element-wise: the CLS row's
+    logits (one per key and channel) and the significance scores (Σ_h A·||V||: one per head
+    and candidate), read from the inputs of each call."""
     products = []
-    originals = {name: getattr(sampling, name) for name in ("significance_scores", "official_scores")}
 
-    def counting(score: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        def wrapped(cls_attn: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-            products.append(cls_attn.numel())
-            return score(cls_attn, *args, **kwargs)
+    def counting(fn: Callable[..., torch.Tensor], count: Callable[..., int]) -> Callable[..., torch.Tensor]:
+        def wrapped(*args: object, **kwargs: object) -> torch.Tensor:
+            products.append(count(*args))
+            return fn(*args, **kwargs)
 
         return wrapped
 
+    counts: dict[str, Callable[..., int]] = {
+        "cls_attention": lambda q_cls, k, *rest: k.numel(),
+        "significance_scores": lambda cls_attn, *rest: cls_attn.numel(),
+        "official_scores": lambda cls_attn, *rest: cls_attn.numel(),
+    }
+    originals = {name: getattr(sampling if name != "cls_attention" else attention, name) for name in counts}
+    # every ats_vit module that imported one of them by name
+    holders = [
+        (module, name)
+        for module in list(sys.modules.values())
+        if getattr(module, "__name__", "").startswith("ats_vit")
+        for name, fn in originals.items()
+        if getattr(module, name, None) is fn
+    ]
     try:
-        for name, score in originals.items():
-            setattr(sampling, name, counting(score))
+        for module, name in holders:
+            setattr(module, name, counting(originals[name], counts[name]))
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
             fn()
     finally:
-        for name, score in originals.items():
-            setattr(sampling, name, score)
+        for module, name in holders:
+            setattr(module, name, originals[name])
     return (counter.get_total_flops() / 2 + sum(products)) / 1e9
