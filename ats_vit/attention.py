@@ -40,11 +40,13 @@ __all__ = [
 
 # queries per chunk of received_attention: its (b, h, chunk, n) float32 logits stay small
 RECEIVED_CHUNK = 256
-# On CPU, float32 inference attention over at most this many keys, unmasked or with a float
-# mask (token sizes), runs as two matmuls and a softmax instead of the fused kernel, whose cost
-# per (image, head) dominates at few keys: the demo model's ToMe budget at 50% of the GFLOPs
-# runs 1.40x -> 1.47x dense with it (layers of 9-30 tokens; dense, at 37 tokens, is untouched),
-# benchmarks/fast_paths.py; measured on an AVX-512 CPU only. 0 turns it off.
+# On CPU, float32 attention over at most this many keys, unmasked or with a float mask (token
+# sizes) and without dropout, runs as two matmuls and a softmax instead of the fused kernel,
+# whose cost per (image, head) dominates at few keys: the demo model's ToMe budget at 50% of
+# the GFLOPs runs 1.40x -> 1.47x dense with it (layers of 9-30 tokens; dense, at 37 tokens, is
+# untouched), benchmarks/fast_paths.py. In training too (autograd keeps the (b, h, m, n)
+# probabilities, small at this many keys): ToMe +1.4-3.2%, ats-fuse +0.9-1.4% per step at 40%.
+# Measured on an AVX-512 CPU only. 0 turns it off.
 CPU_MATMUL_MAX_KEYS = 32
 # PyTorch's CPU softmax over a last axis shorter than one vector register (16 floats with
 # AVX-512, 8 with AVX2) takes a slow path, ~12x slower per element; below it the logits are
@@ -165,7 +167,6 @@ def _matmul_attention(q: Tensor, k: Tensor, mask: Tensor | None, dropout_p: floa
         and k.shape[2] <= CPU_MATMUL_MAX_KEYS
         and (mask is None or mask.dtype != torch.bool)
         and dropout_p == 0.0
-        and not (torch.is_grad_enabled() and q.requires_grad)
     )
 
 

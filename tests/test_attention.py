@@ -133,7 +133,7 @@ def test_matmul_attention_equals_the_fused_kernel(monkeypatch, keys, across, ext
     assert not calls
 
 
-def test_the_fused_kernel_keeps_training_dropout_bool_masks_and_other_dtypes(monkeypatch):
+def test_the_fused_kernel_keeps_dropout_bool_masks_and_other_dtypes(monkeypatch):
     import ats_vit.attention as attention
 
     calls = []
@@ -143,11 +143,38 @@ def test_the_fused_kernel_keeps_training_dropout_bool_masks_and_other_dtypes(mon
     )
     q, k, v = (torch.randn(2, 2, 9, 8) for _ in range(3))
     mask = torch.ones(2, 9, dtype=torch.bool)
-    attend(q.requires_grad_(), k, v, None)  # autograd: the fused kernel's backward
-    attend(q.detach(), k, v, None, dropout_p=0.1)
-    attend(q.detach(), k, v, mask)  # padding masks: the fused kernel is as fast
-    attend(q.detach().bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    attend(q, k, v, None, dropout_p=0.1)
+    attend(q, k, v, mask)  # padding masks: the fused kernel is as fast
+    attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
     attend(torch.randn(2, 2, 9, 8), torch.randn(2, 2, 33, 8), torch.randn(2, 2, 33, 8), None)  # many keys
-    assert len(calls) == 5
-    attend(q.detach(), k, v, None)
-    assert len(calls) == 5
+    assert len(calls) == 4
+    attend(q, k, v, None)
+    assert len(calls) == 4
+
+
+@pytest.mark.parametrize("keys", [9, 30])  # keys-first softmax below one vector register, and not
+def test_matmul_attention_trains_as_the_fused_kernel(monkeypatch, keys):
+    """Under autograd (no dropout) few keys take the matmuls too; their gradients are the
+    fused kernel's, with and without a size mask."""
+    import ats_vit.attention as attention
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    gen = torch.Generator().manual_seed(keys)
+    inputs = [torch.randn(3, 2, 5, 8, generator=gen)]
+    inputs += [torch.randn(3, 2, keys, 8, generator=gen) for _ in "kv"]
+    limit = attention.CPU_MATMUL_MAX_KEYS
+    for bias in (None, torch.rand(3, keys, generator=gen).log()):
+        grads = []
+        for switch in (limit, 0):  # matmuls, then the fused kernel
+            monkeypatch.setattr(attention, "CPU_MATMUL_MAX_KEYS", switch)
+            q, k, v = (t.clone().requires_grad_() for t in inputs)
+            out = attend(q, k, v, bias)
+            out.pow(2).sum().backward()
+            grads.append((out, q.grad, k.grad, v.grad))
+        for matmul, fused in zip(*grads, strict=True):
+            torch.testing.assert_close(matmul, fused)
+    assert len(calls) == 2, "the fused kernel ran only where it was switched off"
