@@ -53,8 +53,9 @@ FORMAT = "ats-vit-latency/1"
 # authors' ATS and fixed-count top-k / random picks timed as their own kinds; 4: ToMe's
 # shorter plan without padding; 5: CPU attention over few keys as matmuls, ToMe's head sum;
 # 6: ToMe's merge without a spare row, cached row offsets; 7: fewer ops in ToMe's plan and in
-# every attention (native views, no no-op casts, shape caches hit without leaving inference mode)
-CODE_REVISION = 7
+# every attention (native views, no no-op casts, shape caches hit without leaving inference mode);
+# 8: the CLS row and the significance scores as products and sums (ATS rules' selection)
+CODE_REVISION = 8
 # what a layer's input carries once earlier layers selected: nothing, token sizes (after a
 # merge), or padding (after an adaptive count)
 CONTEXTS = ("plain", "sized", "padded")
