@@ -161,10 +161,10 @@ def measured_gflops(fn: Callable[[], object]) -> float:
     and candidate), read from the inputs of each call."""
     products = []
 
-    def counting(fn: Callable[..., torch.Tensor], count: Callable[..., int]) -> Callable[..., torch.Tensor]:
+    def counting(real: Callable[..., torch.Tensor], count: Callable[..., int]) -> Callable[..., torch.Tensor]:
         def wrapped(*args: object, **kwargs: object) -> torch.Tensor:
             products.append(count(*args))
-            return fn(*args, **kwargs)
+            return real(*args, **kwargs)
 
         return wrapped
 
@@ -179,8 +179,8 @@ def measured_gflops(fn: Callable[[], object]) -> float:
         (module, name)
         for module in list(sys.modules.values())
         if getattr(module, "__name__", "").startswith("ats_vit")
-        for name, fn in originals.items()
-        if getattr(module, name, None) is fn
+        for name, original in originals.items()
+        if getattr(module, name, None) is original
     ]
     try:
         for module, name in holders:
