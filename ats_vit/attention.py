@@ -25,6 +25,7 @@ from ats_vit.sampling import (
     AdaptiveTokenSampling,
     Padding,
     TokenSelection,
+    _float,
     select_tokens,
     tokenwise,
 )
@@ -78,8 +79,9 @@ def cls_attention(
     1, n) what the model adds to the CLS row's logits (relative position bias) -> (b, h, n).
     """
     # one query: a product and a sum over d, since a matmul would first copy the strided keys
-    # into one contiguous batch (2-3% of an `ats-fuse` training step on the demo model)
-    logits = (q_cls * k).sum(dim=-1).float() * scale  # (b, h, n)
+    # into one contiguous batch (2-3% of an `ats-fuse` training step on the demo model); in
+    # float32, so low-precision inputs do not round each product (a matmul accumulates wider)
+    logits = (_float(q_cls) * _float(k)).sum(dim=-1) * scale  # (b, h, n)
     if pair is not None:
         logits = logits + pair.squeeze(-2).float()
     if bias is not None:

@@ -19,6 +19,19 @@ def test_cls_attention_matches_full_softmax_row():
     torch.testing.assert_close(cls_attention(q[:, :, :1], k, mask, 8**-0.5), full[:, :, 0])
 
 
+def test_cls_attention_of_low_precision_inputs_is_computed_in_float32():
+    """bfloat16 q and k (autocast) give the row of their float32 values: the products are not
+    rounded to bfloat16 before the sum."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (
+        torch.randn(2, 3, 1, 64, generator=gen).bfloat16(),
+        torch.randn(2, 3, 40, 64, generator=gen).bfloat16(),
+    )
+    row = cls_attention(q, k, None, 0.125)
+    assert row.dtype == torch.float32
+    torch.testing.assert_close(row, cls_attention(q.float(), k.float(), None, 0.125), atol=0, rtol=0)
+
+
 def test_padded_keys_are_never_attended():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 5, 4, generator=gen) for _ in range(3))
