@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import NUM_PATCHES, images, small_vit
 
-from ats_vit import ViT
 from ats_vit.bench import (
     FrontierConfig,
     SpeedConfig,
@@ -96,16 +96,7 @@ def test_setup_runs_before_each_call_untimed():
 def test_time_budgets_times_the_forward_passes_not_the_configuring(monkeypatch):
     import ats_vit.evaluate as evaluate
 
-    model = ViT(
-        image_size=16,
-        patch_size=4,
-        num_classes=3,
-        dim=16,
-        depth=2,
-        max_tokens_per_depth=(16, 16),
-        heads=2,
-        mlp_dim=16,
-    )
+    model = small_vit()
     set_to = []
     real = evaluate.configure
 
@@ -115,8 +106,8 @@ def test_time_budgets_times_the_forward_passes_not_the_configuring(monkeypatch):
         time.sleep(0.05)
 
     monkeypatch.setattr(evaluate, "configure", slow_configure)
-    budget = Budget.paper(0.5, 1, depth=2, num_patches=16)
-    dense, sampled = evaluate.time_budgets(model, [None, budget], torch.randn(2, 3, 16, 16), repeats=3)
+    budget = Budget.paper(0.5, 1, depth=4, num_patches=NUM_PATCHES)
+    dense, sampled = evaluate.time_budgets(model, [None, budget], images(2), repeats=3)
     assert set_to == [None, budget] * 4, "set before the warm-up and each timed pass"
     assert max(dense.samples + sampled.samples) < 0.05, "the 50 ms of configuring is not in the timings"
 
