@@ -39,7 +39,7 @@ def tiny_splits(monkeypatch):
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "summarize.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py"}
     tested |= {"profile_sampling.py", "block_rows.py", "calibration_speed.py", "switch_rule.py"}
-    tested |= {"fast_paths.py"}
+    tested |= {"fast_paths.py", "held_caps.py"}
     tested |= {"selection_cost.py", "latency_model.py", "latency_search.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
@@ -302,3 +302,32 @@ def test_latency_search(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, cap
     hits = sum(abs(r["off_pct"]) <= 10 for r in rows if r["attempts"] == 1)
     assert f"1 attempts: {hits} of 1 searches within" in printed
     assert run_script("latency_search.py", *argv, monkeypatch=monkeypatch) == 2  # refuses to overwrite
+
+
+def test_held_caps(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
+    """Both searches per target (decaying caps only, and with held caps), each pick's test
+    accuracy against the decaying one's (paired), and its speed-up over dense per run."""
+    from helpers import fixed_latency
+
+    import ats_vit.latency as latency
+
+    monkeypatch.setenv("ATS_VIT_CACHE", str(tmp_path / "cache"))
+    built = latency.LatencyModel  # a hand-set table: the tiny model is too small to time
+
+    def fixed(family, batch, **_):
+        return fixed_latency(built(family, batch, repeats=1, min_seconds=0.0, progress=False))
+
+    monkeypatch.setattr(latency, "LatencyModel", fixed)
+    out = tmp_path / "held.json"
+    argv = [str(tiny_checkpoint), "--data", "tiny", "--targets", "0.7", "--runs", "2", "--calib-images", "48"]
+    argv += ["--timing-batch", "8", "--repeats", "1", "--min-seconds", "0", "--json", str(out)]
+    assert run_script("held_caps.py", *argv, monkeypatch=monkeypatch) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["search"] for r in rows] == ["decaying", "held"]
+    decaying = rows[0]
+    assert decaying["vs_decaying_pct"] == 0.0 and decaying["p"] == 1.0
+    for r in rows:
+        assert len(r["speedups"]) == 2 and r["speedup"] == pytest.approx(sum(r["speedups"]) / 2)
+        assert 0 <= r["test_pct"] <= 100 and 0 < r["gflops"] < 1 and r["predicted"] > 0
+    assert "vs decaying" in capsys.readouterr().out
+    assert run_script("held_caps.py", *argv, monkeypatch=monkeypatch) == 2  # refuses to overwrite

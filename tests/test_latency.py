@@ -223,3 +223,42 @@ def test_a_latency_pick_is_timed_once(monkeypatch):
     budget = search(0.7)
     assert len(search.timings) == 1
     assert budget.calibration["measured_latency_ratio"] == 0.9
+
+
+def test_a_timed_search_also_tries_caps_held_for_two_layers_and_picks_the_fastest_of_the_best():
+    """With a latency model, a method whose caps decay is also searched with each cap held for
+    two layers (a layer whose input fits its cap runs no selection, so such a schedule pays
+    fewer sampling layers at about the same GFLOPs), and of the budgets near the target within
+    one calibration image of the most accurate, the search keeps the fastest predicted one.
+    Without a latency model (or with ``hold=1``) it tries decaying caps only."""
+    model = small_vit(peaked=6.0).eval()
+    x = images(32, 1)
+
+    def held(search):
+        return [t for t in search.trials.values() if isinstance(t.key[2], tuple)]
+
+    timed = Calibration(model, x, method="tome", latency=fixed_table(model, batch=8), progress=False)
+    chosen = timed(0.7)
+    caps = [t.budget.caps for t in held(timed)]
+    assert caps, "the timed search tried held caps"
+    assert all(c[i] == c[i + 1] for c in caps for i in range(0, len(c) - 1, 2))
+    near = [t for t in timed.trials.values() if abs(t.cost - 0.7) <= timed.window(0.7) and not t.estimated]
+    best = max(t.score for t in near)
+    equal = [t for t in near if t.score >= best - 1 / len(x) - 1e-9]
+    assert chosen.calibration["latency_ratio"] == min(t.seconds for t in equal)
+
+    for plain in (
+        Calibration(model, x, method="tome", progress=False),
+        Calibration(model, x, method="tome", latency=fixed_table(model, batch=8), hold=1, progress=False),
+    ):
+        plain(0.7)
+        assert plain.trials and not held(plain)
+    with pytest.raises(ValueError, match="hold must be >= 1, got 0"):
+        Calibration(model, x, hold=0, progress=False)
+
+
+def test_held_caps_decay_once_every_hold_layers():
+    assert calibrate.caps_for(0.5, 16, 5, hold=2) == (8, 8, 4, 4, 2)
+    assert calibrate.caps_for(0.5, 16, 3) == (8, 4, 2)
+    with pytest.raises(ValueError, match="hold must be >= 1, got 0"):
+        calibrate.caps_for(0.5, 16, 3, hold=0)
