@@ -54,8 +54,10 @@ FORMAT = "ats-vit-latency/1"
 # shorter plan without padding; 5: CPU attention over few keys as matmuls, ToMe's head sum;
 # 6: ToMe's merge without a spare row, cached row offsets; 7: fewer ops in ToMe's plan and in
 # every attention (native views, no no-op casts, shape caches hit without leaving inference mode);
-# 8: the CLS row and the significance scores as products and sums (ATS rules' selection)
-CODE_REVISION = 8
+# 8: the CLS row and the significance scores as products and sums (ATS rules' selection);
+# 9: rule cells select even where the model's middle block keeps everything (before, a table
+# built on a dense model timed its rule cells as dense blocks)
+CODE_REVISION = 9
 # what a layer's input carries once earlier layers selected: nothing, token sizes (after a
 # merge), or padding (after an adaptive count)
 CONTEXTS = ("plain", "sized", "padded")
@@ -277,16 +279,19 @@ class LatencyModel:
         return {key: statistics.median(s) for key, s in samples.items()}
 
     def _with_block(self, fn: Callable[[Any], dict[Any, float]]) -> dict[Any, float]:
-        """Run ``fn`` with the middle block's sampling module free to reconfigure, then restore
-        it and the model's train/eval mode."""
+        """Run ``fn`` with the middle block's sampling module free to reconfigure (and to
+        select: a dense model, or a budget that leaves the block whole, marks it as keeping
+        everything), then restore it and the model's train/eval mode."""
         family = self.family
         ats = family.sampling_layers()[family.depth // 2]
         saved, training = (ats.max_tokens, ats.options), family.model.training
+        keeps_all, ats.keeps_all = ats.keeps_all, False
         family.model.eval()
         try:
             return fn(ats)
         finally:
             ats.configure(*saved)
+            ats.keeps_all = keeps_all
             family.model.train(training)
 
     def _build_dense(self, points: int) -> LatencyTable:

@@ -2,6 +2,7 @@
 Timings are never asserted: the tests check what the model computes from what it measured."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -262,3 +263,26 @@ def test_held_caps_decay_once_every_hold_layers():
     assert calibrate.caps_for(0.5, 16, 3) == (8, 4, 2)
     with pytest.raises(ValueError, match="hold must be >= 1, got 0"):
         calibrate.caps_for(0.5, 16, 3, hold=0)
+
+
+def test_rule_cells_time_a_block_that_selects_even_when_the_model_is_dense(monkeypatch):
+    """A rule's cells are timed on the model's middle block with its sampling module set to each
+    cell's cap. A dense model (or a budget that leaves that block whole) marks the block's
+    module as keeping everything; the cells must still select, or they time a dense block."""
+    model = small_vit(peaked=6.0).eval()
+    family = family_of(model)
+    family.set_schedule(None, SamplingOptions())  # dense: every layer keeps all
+    lat = quick(model)
+    widths = []
+    original = type(family).run_block
+
+    def spy(self, block, x, **kw):
+        out = original(self, block, x, **kw)
+        widths.append((x.shape[1], out.shape[1]))
+        return out
+
+    monkeypatch.setattr(type(family), "run_block", spy)
+    grid = lat._build_rule("score")
+    assert widths and all(n_out < n_in for n_in, n_out in widths), "every cell selects"
+    assert all(ats.keeps_all for ats in family.sampling_layers()), "the model is left dense"
+    assert not any(math.isnan(grid[i][j]) for i in range(len(grid)) for j in range(i))
