@@ -227,18 +227,18 @@ def test_a_latency_pick_is_timed_once(monkeypatch):
 
 
 def test_a_timed_search_also_tries_caps_held_for_two_layers_and_picks_the_fastest_of_the_best():
-    """With a latency model, a method whose caps decay is also searched with each cap held for
+    """With a latency model and ``hold=2``, a method whose caps decay is also searched with each cap held for
     two layers (a layer whose input fits its cap runs no selection, so such a schedule pays
     fewer sampling layers at about the same GFLOPs), and of the budgets near the target within
     one calibration image of the most accurate, the search keeps the fastest predicted one.
-    Without a latency model (or with ``hold=1``) it tries decaying caps only."""
+    Without a latency model, or with ``hold=1`` (the default), it tries decaying caps only."""
     model = small_vit(peaked=6.0).eval()
     x = images(32, 1)
 
     def held(search):
         return [t for t in search.trials.values() if isinstance(t.key[2], tuple)]
 
-    timed = Calibration(model, x, method="tome", latency=fixed_table(model, batch=8), progress=False)
+    timed = Calibration(model, x, method="tome", latency=fixed_table(model, batch=8), hold=2, progress=False)
     chosen = timed(0.7)
     caps = [t.budget.caps for t in held(timed)]
     assert caps, "the timed search tried held caps"
@@ -249,8 +249,8 @@ def test_a_timed_search_also_tries_caps_held_for_two_layers_and_picks_the_fastes
     assert chosen.calibration["latency_ratio"] == min(t.seconds for t in equal)
 
     for plain in (
-        Calibration(model, x, method="tome", progress=False),
-        Calibration(model, x, method="tome", latency=fixed_table(model, batch=8), hold=1, progress=False),
+        Calibration(model, x, method="tome", hold=2, progress=False),  # no latency model
+        Calibration(model, x, method="tome", latency=fixed_table(model, batch=8), progress=False),  # hold=1
     ):
         plain(0.7)
         assert plain.trials and not held(plain)
