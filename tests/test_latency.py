@@ -286,3 +286,39 @@ def test_rule_cells_time_a_block_that_selects_even_when_the_model_is_dense(monke
     assert widths and all(n_out < n_in for n_in, n_out in widths), "every cell selects"
     assert all(ats.keeps_all for ats in family.sampling_layers()), "the model is left dense"
     assert not any(math.isnan(grid[i][j]) for i in range(len(grid)) for j in range(i))
+
+
+def test_a_busy_moment_in_one_cell_never_makes_fewer_tokens_cost_more(monkeypatch):
+    """Cells are medians on a shared machine; one that a busy stretch inflated above a wider
+    one is lowered to it, so predictions never fall when tokens grow (dense rows and contexts,
+    a rule's output counts and its input counts; a rule's diagonal, its dense cell, stays)."""
+    model = small_vit().eval()
+    lat = quick(model)
+    widths = lat.table.widths
+
+    def spiky(self, calls, _configure):
+        def seconds(key):
+            if key == "stem":
+                return 1e-3
+            if key == "model":
+                return 1e-3 + self.family.depth * widths[-1] * 1e-4  # in place as alone: scale 1
+            width = key[1] if isinstance(key, tuple) and isinstance(key[0], str) else key
+            if isinstance(key, tuple) and isinstance(key[0], int):  # a rule's cell (in, out)
+                return (widths[key[0]] + widths[key[1]]) * 1e-4 * (10 if key == (len(widths) - 1, 1) else 1)
+            return width * 1e-4 * (10 if width == widths[1] else 1)
+
+        return {key: seconds(key) for key in calls}
+
+    monkeypatch.setattr(LatencyModel, "_time", spiky)
+    table = lat._build_dense(len(widths))
+    for row in (table.dense, *table.dense_in.values()):
+        assert row == sorted(row) and row[1] == row[2]
+    grid = lat._build_rule("score")
+    last = len(widths) - 1
+    assert grid[last][1] == grid[last][2] == pytest.approx((widths[last] + widths[2]) * 1e-4)
+    for i in range(len(widths)):
+        cells = [grid[i][j] for j in range(i)]
+        assert cells == sorted(cells)
+    for j in range(len(widths)):
+        column = [grid[i][j] for i in range(j + 1, len(widths))]
+        assert column == sorted(column)
