@@ -200,8 +200,8 @@ class Calibration:
     the fastest predicted is kept, and with ``hold`` > 1 methods whose caps decay (ToMe) are
     also tried with each cap held for ``hold`` layers: a layer whose input fits its cap selects
     nothing, so such a schedule runs fewer sampling layers at about the same GFLOPs. Off by
-    default: on the held-out seed-1 demo checkpoint it chose slower budgets at 60% and 70% of
-    the GFLOPs (the table's errors across methods exceed what it saves;
+    default: on the held-out seed-1 demo checkpoint it never chose a faster budget (slower ones
+    at 60% and 70% of the GFLOPs with the rev. 9 table, the same ones with rev. 10;
     ``benchmarks/held_caps.py``). The dense pass (predictions, GFLOPs and every
     block's input) is computed once, so each trial runs only the blocks from its
     start layer on; a GFLOPs trial whose cost on a probe quarter of the images is clearly far

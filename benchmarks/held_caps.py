@@ -6,7 +6,7 @@ GFLOPs target given ``timing_batch``, as the demo calibrates) also tries, for me
 caps decay (ToMe), each cap held for two layers: a layer whose input fits its cap runs no
 selection, so the schedule pays half as many sampling layers' fixed ops at about the same
 GFLOPs; of the equally accurate budgets near the target the search keeps the fastest
-predicted. (Off by default: on the held-out checkpoint it chose slower budgets.)
+predicted. (Off by default: on the held-out checkpoint it never chose a faster budget.)
 
 This script calibrates each target twice on a checkpoint's calibration split
 (``hold=1``: decaying caps only, and ``hold=2``), then reports each pick's test accuracy, the
