@@ -227,11 +227,12 @@ def test_a_latency_pick_is_timed_once(monkeypatch):
 
 
 def test_a_timed_search_also_tries_caps_held_for_two_layers_and_picks_the_fastest_of_the_best():
-    """With a latency model and ``hold=2``, a method whose caps decay is also searched with each cap held for
-    two layers (a layer whose input fits its cap runs no selection, so such a schedule pays
-    fewer sampling layers at about the same GFLOPs), and of the budgets near the target within
-    one calibration image of the most accurate, the search keeps the fastest predicted one.
-    Without a latency model, or with ``hold=1`` (the default), it tries decaying caps only."""
+    """With a latency model and ``hold=2``, a method whose caps decay is also searched with
+    each cap held for two layers (a layer whose input fits its cap runs no selection, so such a
+    schedule pays fewer sampling layers at about the same GFLOPs), and of the budgets near the
+    target within one calibration image of the most accurate, the search keeps the fastest
+    predicted one. Without a latency model, or with ``hold=1`` (the default), it tries
+    decaying caps only."""
     model = small_vit(peaked=6.0).eval()
     x = images(32, 1)
 
