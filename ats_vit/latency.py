@@ -5,7 +5,8 @@ layer adds a few small ops. A :class:`LatencyModel` times one of the model's own
 this device, at one batch size and dtype, on a grid of token counts: dense (``n`` tokens in
 and out) and for each selection rule (``n_in`` tokens in, ``n_out`` out). A forward pass's
 time is then predicted from the tokens each layer handled (a :class:`~ats_vit.flops.TokenTrace`)
-by interpolating that table, so a search over a hundred budgets times no forward pass. Tables
+by interpolating that table (its rows monotone in tokens), so a search over a hundred budgets
+times no forward pass. Tables
 are cached on disk per model shape, device, batch size, dtype, threads and torch version
 (``$ATS_VIT_CACHE``, else ``~/.cache/ats-vit``), and built once; a rule's cells are timed the
 first time a prediction needs them.
