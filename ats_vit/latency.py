@@ -6,10 +6,9 @@ this device, at one batch size and dtype, on a grid of token counts: dense (``n`
 and out) and for each selection rule (``n_in`` tokens in, ``n_out`` out). A forward pass's
 time is then predicted from the tokens each layer handled (a :class:`~ats_vit.flops.TokenTrace`)
 by interpolating that table (its rows monotone in tokens), so a search over a hundred budgets
-times no forward pass. Tables
-are cached on disk per model shape, device, batch size, dtype, threads and torch version
-(``$ATS_VIT_CACHE``, else ``~/.cache/ats-vit``), and built once; a rule's cells are timed the
-first time a prediction needs them.
+times no forward pass. Tables are cached on disk per model shape, device, batch size, dtype,
+threads and torch version (``$ATS_VIT_CACHE``, else ``~/.cache/ats-vit``), and built once; a
+rule's cells are timed the first time a prediction needs them.
 
 The grid inputs are identical tokens, so attention is uniform: the inverse transform then keeps
 exactly its cap, and every rule runs at a known count. What a layer's input carries changes its
