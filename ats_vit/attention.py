@@ -45,10 +45,9 @@ RECEIVED_CHUNK = 256
 # sizes) and without dropout, runs as two matmuls and a softmax instead of the fused kernel,
 # whose cost per (image, head) dominates at few keys: the demo model's ToMe budget at 50% of
 # the GFLOPs runs 1.40x -> 1.47x dense with it (layers of 9-30 tokens; dense, at 37 tokens, is
-# untouched), benchmarks/fast_paths.py. In training too (autograd keeps the (b, h, m, n)
-# probabilities, small at this many keys): ToMe +1.4-3.2%, ats-fuse +0.9-1.4% per step at 40%.
-# Measured on an AVX-512 CPU only. 0 turns it off.
-CPU_MATMUL_MAX_KEYS = 32
+# untouched). In training too (autograd keeps the (b, h, m, n) probabilities, small at this
+# many keys): ToMe +1.4-3.2%, ats-fuse +0.9-1.4% per step at 40%. Measured on an AVX-512 CPU.
+_CPU_MATMUL_MAX_KEYS = 32
 # PyTorch's CPU softmax over a last axis shorter than one vector register (16 floats with
 # AVX-512, 8 with AVX2) takes a slow path, ~12x slower per element; below it the logits are
 # laid out keys-first and normalised along the second-to-last axis instead
@@ -140,7 +139,7 @@ def attend(
     pair: Tensor | None = None,
 ) -> Tensor:
     """Fused attention of queries over keys, skipping padding (and with proportional attention
-    once tokens carry sizes); on CPU at few keys, the same as matmuls (:data:`CPU_MATMUL_MAX_KEYS`).
+    once tokens carry sizes); on CPU at few keys, the same as matmuls, which run faster there.
 
     q: (b, h, m, d), k/v: (b, h, n, d), bias: from :func:`key_bias` (or None), pair: (b, h, m,
     n) logits the model adds per query and key (relative position bias) -> (b, h, m, d).
@@ -162,11 +161,12 @@ def attend(
 
 
 def _matmul_attention(q: Tensor, k: Tensor, mask: Tensor | None, dropout_p: float) -> bool:
-    """Whether :func:`attend` computes this attention with matmuls (:data:`CPU_MATMUL_MAX_KEYS`)."""
+    """Whether :func:`attend` computes this attention with matmuls (CPU, float32, at most
+    ``_CPU_MATMUL_MAX_KEYS`` keys, no boolean mask, no dropout)."""
     return (
         q.device.type == "cpu"
         and q.dtype == torch.float32
-        and k.shape[2] <= CPU_MATMUL_MAX_KEYS
+        and k.shape[2] <= _CPU_MATMUL_MAX_KEYS
         and (mask is None or mask.dtype != torch.bool)
         and dropout_p == 0.0
     )

@@ -45,11 +45,6 @@ class Budget:
     ``method``, ``target``, ``cost`` and ``calibration`` record how
     :func:`ats_vit.calibrate.calibrate` chose it. ``source`` names the file it was loaded from
     (for messages; not saved, not compared).
-
-    A *hybrid* budget selects with two rules: its first ``early_layers`` caps with
-    ``early_sampler`` / ``early_dropped`` (e.g. ToMe's merging, which keeps what a layer's
-    tokens share), the later ones with ``sampler`` / ``dropped`` (e.g. ATS, which drops what
-    the class token no longer needs).
     """
 
     start_layer: int
@@ -63,9 +58,6 @@ class Budget:
     target: float | None = None
     cost: str = "gflops"
     calibration: dict[str, Any] = field(default_factory=dict)
-    early_layers: int = 0
-    early_sampler: str | None = None
-    early_dropped: str | None = None
     source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,18 +78,6 @@ class Budget:
         object.__setattr__(self, "temperature", rule.temperature)
         object.__setattr__(self, "dropped", rule.dropped)
         _validate.choice("cost", self.cost, COST_KINDS)
-        if not _validate.is_int(self.early_layers) or not 0 <= self.early_layers <= len(caps):
-            raise BudgetError(
-                f"early_layers must be an int in [0, {len(caps)}] (the caps), got {self.early_layers!r}"
-            )
-        if self.early_layers and self.early_sampler is None:
-            raise BudgetError("a budget with early_layers > 0 needs its early_sampler")
-        if self.early_sampler is not None:
-            try:
-                early = SamplingOptions(self.early_sampler, 1.0, self.early_dropped)  # type: ignore[arg-type]
-            except (TypeError, ValueError) as exc:
-                raise BudgetError(f"early rule: {exc}") from exc
-            object.__setattr__(self, "early_dropped", early.dropped)
         for name in ("depth", "num_patches"):
             value = getattr(self, name)
             if value is not None:
@@ -147,22 +127,8 @@ class Budget:
         return cls(0, tuple(caps), sampler="tome", depth=depth, num_patches=num_patches, method="tome")
 
     def options(self, runtime: SamplingOptions | None = None) -> SamplingOptions:
-        """This budget's rule (of its later layers, if hybrid) on ``runtime``'s static shape and
-        jitter (how the model runs)."""
+        """This budget's rule on ``runtime``'s static shape and jitter (how the model runs)."""
         return (runtime or SamplingOptions()).with_rule(self.sampler, self.temperature, self.dropped)
-
-    def layer_options(
-        self, depth: int, runtime: SamplingOptions | None = None
-    ) -> tuple[SamplingOptions, ...]:
-        """The rule of every layer of a model of ``depth`` layers: the early rule up to
-        ``start_layer + early_layers`` (layers before the start keep all, whatever their rule),
-        this budget's rule after."""
-        late = self.options(runtime)
-        if not self.early_layers or self.early_sampler is None:
-            return (late,) * depth
-        early = (runtime or SamplingOptions()).with_rule(self.early_sampler, 1.0, self.early_dropped)
-        switch = self.start_layer + self.early_layers
-        return tuple(early if layer < switch else late for layer in range(depth))
 
     def _where(self) -> str:
         return f"budget file {self.source!r}" if self.source else "this budget"
@@ -218,6 +184,13 @@ class Budget:
         raw = dict(raw)
         if raw.get("format") == "ats-vit-budget/1":  # 0.1's files: the caps were called max_tokens
             raw["format"], raw["caps"] = FORMAT, raw.pop("max_tokens", None)
+        # 0.2's files carry the fields of hybrid budgets (removed in 1.0), empty unless hybrid
+        early = {k: raw.pop(k) for k in ("early_layers", "early_sampler", "early_dropped") if k in raw}
+        if early.get("early_layers"):
+            raise BudgetError(
+                f"{where} is a hybrid budget (early_layers={early['early_layers']}), which 1.0 no longer "
+                "runs (it measured worse than 'auto'): calibrate a new one"
+            )
         if raw.get("format") != FORMAT:
             raise BudgetError(
                 f"{where}: not an ats-vit budget (format {raw.get('format')!r}, expected {FORMAT!r})"
@@ -284,6 +257,4 @@ def configure(family: Family, budget: Budget | None) -> None:
         family.set_schedule(None, runtime.with_rule("inverse_transform", 1.0, None))
         return
     budget.check(family)
-    family.set_schedule(
-        budget.schedule(family.depth, family.num_patches), budget.layer_options(family.depth, runtime)
-    )
+    family.set_schedule(budget.schedule(family.depth, family.num_patches), budget.options(runtime))

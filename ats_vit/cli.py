@@ -20,7 +20,7 @@ from ats_vit import __version__
 from ats_vit.bench.speed import FAMILIES
 from ats_vit.calibrate import METHOD_CHOICES, RECOMMENDED
 from ats_vit.families import SUPPORTED
-from ats_vit.options import DROPPED, SAMPLERS
+from ats_vit.options import SAMPLERS
 
 # ---------------------------------------------------------------- argument types
 
@@ -201,11 +201,7 @@ def _describe(budget: Any) -> str:
     knob = "" if budget.temperature == 1.0 else f", temperature {budget.temperature:.3g}"
     kept = "" if budget.dropped == "discard" else f", dropped tokens {budget.dropped}d"
     name = budget.method or budget.sampler
-    early = ""
-    if budget.early_layers:
-        switch = budget.start_layer + budget.early_layers
-        early = f", {budget.early_sampler} before layer {switch}"
-    return f"{name}: from layer {budget.start_layer}, caps {list(budget.caps)}{knob}{kept}{early}"
+    return f"{name}: from layer {budget.start_layer}, caps {list(budget.caps)}{knob}{kept}"
 
 
 def _eval_budgets(args: argparse.Namespace, source: Any) -> list[tuple[str, Any]]:
@@ -785,7 +781,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=METHOD_CHOICES,
         default=RECOMMENDED,
-        help="how tokens are selected ('+search': also search a per-layer schedule)",
+        help="how tokens are selected (docs: Methods)",
     )
     _add_data(cal, "val")
     cal.add_argument("--images", type=_positive_int, default=512, help="calibration images")
@@ -867,7 +863,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=["inverse_transform", "gumbel"],
         help="selection rules",
     )
-    sp.add_argument("--dropped", nargs="+", choices=DROPPED, default=["discard"], help="with each sampler")
+    sp.add_argument(
+        "--dropped", nargs="+", choices=("discard", "fuse"), default=["discard"], help="with each sampler"
+    )
     sp.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="implementations")
     sp.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 16, 64], help="batch sizes")
     sp.add_argument("--warmup", type=_count, default=1, help="untimed calls per variant")
@@ -900,8 +898,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         choices=METHOD_CHOICES,
-        help="methods to compare (default: all but the '+search' variants, which also search a "
-        "per-layer schedule)",
+        help="methods to compare (default: all)",
     )
     fr.add_argument(
         "--targets",

@@ -3,8 +3,8 @@
 Convention: one multiply-add counts as one FLOP (fvcore's, used by DeiT and the ATS paper;
 DeiT-S dense = 4.6 GFLOPs). Counted: patch embedding, qkv, the CLS scoring row (or, scoring by
 received attention, every query's logits), attention (QKᵀ and AV), the significance scores
-(heads * candidates), output projection, MLP and head, and in layers that merge, the token
-similarities and the weighted merging itself. Norms, softmax, GELU and the sort/search steps of
+(heads * candidates), output projection, MLP and head, and in layers that fuse or merge, the
+weighted merging itself (and ToMe's token similarities). Norms, softmax, GELU and the sort/search steps of
 sampling are ignored, as fvcore ignores such element-wise work. Only real tokens are counted:
 token-wise layers run on packed real tokens whenever at least 1/32 of the batch grid is padding
 (below that they run on the grid, and up to 1/32 more rows are computed than counted), and
@@ -13,14 +13,16 @@ attention is counted over real queries and real keys.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from ats_vit.options import Rule
 from ats_vit.sampling import Padding, _shape_cached
 
-__all__ = ["RECEIVED", "RULES", "TokenTrace", "ViTCost", "flops", "gflops", "mlp_width"]
+__all__ = ["TokenTrace", "ViTCost", "flops", "gflops", "mlp_width"]
 
 
 @dataclass(frozen=True)
@@ -40,25 +42,6 @@ class ViTCost:
     # in time within each tube, then in space within each frame (TimeSformer's divided
     # space-time attention, which also projects the time branch: one more dim x dim matrix)
     frames: int = 1
-
-
-# what a sampling block computes besides the kept tokens' attention and MLP, by
-# AdaptiveTokenSampling.rule: a CLS-scored selection (ATS and the top-k / random peers), the
-# same with the dropped tokens fused or merged, ToMe's matching merged before the queries
-# ("bipartite", tome-early), ToMe itself: attention for every token, then merging ("tome"),
-# and the selections scored by received attention (models without a CLS readout: every token
-# gets a query and its attention logits, only the kept ones an output)
-RULES = (
-    "score",
-    "score+fuse",
-    "score+merge",
-    "bipartite",
-    "tome",
-    "received",
-    "received+fuse",
-    "received+merge",
-)
-RECEIVED = ("received", "received+fuse", "received+merge")
 
 
 def mlp_width(mlp: nn.Module, dim: int) -> float:
@@ -82,10 +65,9 @@ class TokenTrace:
     """How many tokens each block handled in one forward pass.
 
     counts[i]: (b,) non-prefix tokens block i outputs per image. rules[i]: ``None`` for a
-    block that kept every token, else how it selected (one of :data:`RULES`; its queries were
-    split from its keys), whatever each image kept. timings[i]: what its selection ran (for
-    the latency model: :attr:`ats_vit.sampling.AdaptiveTokenSampling.timing`), ``rules[i]``
-    when not given.
+    block that kept every token, else what it ran (a :class:`~ats_vit.options.Rule`; what
+    its FLOPs and its time depend on), whatever each image kept. received[i]: whether it
+    scored tokens by the attention they receive (every query's logits) rather than the CLS row.
     positions[i]: for sampling blocks, (b, m) original token positions (prefix included)
     alive after the block, -1 at padding; for pictures of what was kept.
     """
@@ -93,22 +75,22 @@ class TokenTrace:
     num_patches: int
     num_prefix_tokens: int
     counts: list[Tensor] = field(default_factory=list)
-    rules: list[str | None] = field(default_factory=list)
-    timings: list[str | None] = field(default_factory=list)
+    rules: list[Rule | None] = field(default_factory=list)
+    received: list[bool] = field(default_factory=list)
     positions: dict[int, Tensor] = field(default_factory=dict)
 
     def record(
         self,
         x: Tensor,
         padding: Padding | None,
-        rule: str | None = None,
+        rule: Rule | None = None,
         positions: Tensor | None = None,
-        timing: str | None = None,
+        received: bool = False,
     ) -> None:
-        """Record a block's output x: (b, m, c), its padding, how it selected (None: it kept
-        every token) and, if it selected, positions (b, m)."""
-        if rule is not None and rule not in RULES:
-            raise ValueError(f"rule must be None or one of {RULES}, got {rule!r}")
+        """Record a block's output x: (b, m, c), its padding, what it ran (None: it kept every
+        token), whether it scored by received attention and, if it selected, positions (b, m)."""
+        if rule is not None and not isinstance(rule, Rule):
+            raise TypeError(f"rule must be None or an ats_vit.options.Rule, got {rule!r}")
         if rule is not None and positions is not None:
             alive = positions if padding is None else positions.masked_fill(~padding.mask, -1)
             self.positions[len(self.counts)] = alive
@@ -118,7 +100,7 @@ class TokenTrace:
             count = padding.mask.sum(dim=1) - self.num_prefix_tokens
         self.counts.append(count)
         self.rules.append(rule)
-        self.timings.append(None if rule is None else timing or rule)
+        self.received.append(rule is not None and received)
 
     def kept_per_layer(self) -> Tensor:
         """(b, depth) non-prefix tokens each block outputs, per image."""
@@ -143,9 +125,10 @@ def _in_out(cost: ViTCost, trace: TokenTrace) -> tuple[Tensor, Tensor]:
     return torch.cat((first, kept[:, :-1]), dim=1), kept
 
 
-def _where_rule(trace: TokenTrace, rules: tuple[str, ...], device: torch.device) -> Tensor:
-    """(depth,) whether each block selected by one of ``rules``."""
-    return torch.tensor([r in rules for r in trace.rules], dtype=torch.bool, device=device)
+def _layers(trace: TokenTrace, device: torch.device, keep: Callable[[Rule, bool], bool]) -> Tensor:
+    """(depth,) whether each block selected, with a rule and scoring that ``keep`` accepts."""
+    flags = [r is not None and keep(r, rec) for r, rec in zip(trace.rules, trace.received, strict=True)]
+    return torch.tensor(flags, dtype=torch.bool, device=device)
 
 
 def _divided_flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
@@ -154,32 +137,30 @@ def _divided_flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     included; the class token is one token, copied into each frame for the spatial step):
     time attention within each patch tube (qkv, T x T logits and outputs, projection and the
     time branch's dense layer), space attention within each frame over the n tubes' tokens (keys
-    and values of all; queries of the kept tubes when a rule discards, of all when it merges,
-    since those rules select after attention), the class row per frame, the tube scores, merging, and
-    the MLP of the class token and of every frame of each kept tube."""
+    and values of all; queries of the kept tubes when a rule discards, of all when it fuses or
+    merges, since those rules select after attention), the class row per frame, the tube
+    scores, merging, and the MLP of the class token and of every frame of each kept tube."""
     t, p, d, a, hidden = cost.frames, cost.num_prefix_tokens, cost.dim, cost.attn_dim, cost.mlp_hidden
     head_dim = a / cost.heads
     n_in, n_out = _in_out(cost, trace)
     device = n_in.device
-
-    def where_rule(rules: tuple[str, ...]) -> Tensor:
-        return _where_rule(trace, rules, device)
+    discards = _layers(trace, device, lambda r, _: not r.merges)
+    scored = _layers(trace, device, lambda r, rec: r is not Rule.TOME and not rec)
+    merges = _layers(trace, device, lambda r, _: r.merges)
+    tome = _layers(trace, device, lambda r, _: r is Rule.TOME)
 
     tubes = n_in - p
     time = tubes * t * (3 * d * a + 2 * t * a + a * d + d * d)
-    queries = torch.where(where_rule(("score", "received")), n_out, n_in)
+    queries = torch.where(discards, n_out, n_in)
     space = t * ((2 * n_in + queries) * d * a + 2 * queries * n_in * a + queries * a * d)
     # the class token's query is the same in every frame (once), its logits are per frame; the
     # score of a tube, Σ_h A·||V|| of its frame means, once (the frame means are element-wise)
-    scoring = torch.where(where_rule(RULES[:3]), d * a + t * n_in * a + tubes * cost.heads, 0.0)
-    merging = torch.where(where_rule(RULES[1:5]), n_in * t * d, 0.0)
-    similarity = torch.where(where_rule(("score+merge",)), tubes * n_out * head_dim, 0.0)
-    similarity = similarity + torch.where(
-        where_rule(("bipartite",)), torch.ceil(tubes / 2) * torch.floor(tubes / 2) * head_dim, 0.0
+    significance = _layers(trace, device, lambda r, rec: r not in (Rule.TOME, Rule.FIXED) and not rec)
+    scoring = torch.where(scored, d * a + t * n_in * a, 0.0) + torch.where(
+        significance, tubes * cost.heads, 0.0
     )
-    similarity = similarity + torch.where(
-        where_rule(("tome",)), torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0
-    )
+    merging = torch.where(merges, n_in * t * d, 0.0)
+    similarity = torch.where(tome, torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0)
     mlp = (p + (n_out - p) * t) * 2 * d * hidden
     blocks = (time + space + scoring + merging + similarity + mlp).sum(dim=1)
     return blocks + trace.num_patches * t * cost.patch_dim * d + d * cost.num_classes
@@ -195,34 +176,30 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     p, d, a, hidden = cost.num_prefix_tokens, cost.dim, cost.attn_dim, cost.mlp_hidden
     head_dim = a / cost.heads
     n_in, n_out = _in_out(cost, trace)
-
-    def where_rule(rules: tuple[str, ...]) -> Tensor:
-        return _where_rule(trace, rules, n_in.device)
-
-    early = where_rule((*RULES[:4], *RECEIVED))  # only the kept tokens get outputs
-    received = where_rule(RECEIVED)
+    device = n_in.device
+    early = _layers(trace, device, lambda r, _: r is not Rule.TOME)  # only the kept tokens get outputs
+    received = _layers(trace, device, lambda r, rec: r is not Rule.TOME and rec)
+    cls_row = _layers(trace, device, lambda r, rec: r is not Rule.TOME and not rec)
+    fuse = _layers(trace, device, lambda r, rec: r is Rule.FUSE and not rec)
+    fuse_received = _layers(trace, device, lambda r, rec: r is Rule.FUSE and rec)
+    tome = _layers(trace, device, lambda r, _: r is Rule.TOME)
     queries = torch.where(early, n_out, n_in)
     candidates = n_in - p
     # k, v of all tokens; q of those that get outputs (of all, when all of them score)
     qkv = n_in * d * 2 * a + torch.where(received, n_in, queries) * d * a
-    # the CLS query and its attention row (or every query's logits), and Σ_h A·||V||
-    scoring = torch.where(where_rule(RULES[:3]), d * a + n_in * a, 0.0)
+    # the CLS query and its attention row (or every query's logits), and Σ_h A·||V|| (not
+    # computed by top-k or random picks, which keep a fixed count)
+    scoring = torch.where(cls_row, d * a + n_in * a, 0.0)
     scoring = scoring + torch.where(received, n_in * n_in * a, 0.0)
-    scoring = scoring + torch.where(where_rule((*RULES[:3], *RECEIVED)), candidates * cost.heads, 0.0)
-    # early merging averages the residual stream and the normalised input (received: the
-    # queries, already projected) into the kept slots; ToMe averages the residual stream
-    merging = torch.where(where_rule(RULES[1:4]), 2 * n_in * d, 0.0)
-    merging = merging + torch.where(where_rule(RECEIVED[1:]), n_in * (d + a), 0.0)
-    merging = merging + torch.where(where_rule(("tome",)), n_in * d, 0.0)
-    nearest = where_rule(("score+merge", "received+merge"))
-    similarity = torch.where(nearest, candidates * n_out * head_dim, 0.0)
-    similarity = similarity + torch.where(
-        where_rule(("bipartite",)), torch.ceil(candidates / 2) * torch.floor(candidates / 2) * head_dim, 0.0
-    )
+    significance = _layers(trace, device, lambda r, _: r not in (Rule.TOME, Rule.FIXED))
+    scoring = scoring + torch.where(significance, candidates * cost.heads, 0.0)
+    # fusing averages the residual stream and the normalised input (received: the queries,
+    # already projected) into the kept slots; ToMe averages the residual stream
+    merging = torch.where(fuse, 2 * n_in * d, 0.0)
+    merging = merging + torch.where(fuse_received, n_in * (d + a), 0.0)
+    merging = merging + torch.where(tome, n_in * d, 0.0)
     # ToMe's bipartite split runs over every token, prefix included
-    similarity = similarity + torch.where(
-        where_rule(("tome",)), torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0
-    )
+    similarity = torch.where(tome, torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0)
     attention = 2 * queries * n_in * a
     rest = queries * a * d + 2 * n_out * d * hidden  # output projection and MLP
     blocks = (qkv + scoring + merging + similarity + attention + rest).sum(dim=1)

@@ -7,8 +7,9 @@ and out) and for each selection rule (``n_in`` tokens in, ``n_out`` out). A forw
 time is then predicted from the tokens each layer handled (a :class:`~ats_vit.flops.TokenTrace`)
 by interpolating that table (its rows monotone in tokens), so a search over a hundred budgets
 times no forward pass. Tables are cached on disk per model shape, device, batch size, dtype,
-threads and torch version (``$ATS_VIT_CACHE``, else ``~/.cache/ats-vit``), and built once; a
-rule's cells are timed the first time a prediction needs them.
+threads, torch version and a hash of the code timed (``$ATS_VIT_CACHE``, else
+``~/.cache/ats-vit``), and built once; a rule's cells are timed the first time a prediction
+needs them.
 
 The grid inputs are identical tokens, so attention is uniform: the inverse transform then keeps
 exactly its cap, and every rule runs at a known count. What a layer's input carries changes its
@@ -41,23 +42,23 @@ from torch import Tensor
 from ats_vit._progress import bar as progress_bar
 from ats_vit.families import Family
 from ats_vit.flops import TokenTrace
-from ats_vit.options import SamplingOptions
+from ats_vit.options import Rule, SamplingOptions
 from ats_vit.sampling import PACK_MIN_PADDING, Padding
 
 __all__ = ["CONTEXTS", "LatencyModel", "LatencyTable", "cache_dir"]
 
 FORMAT = "ats-vit-latency/1"
-# the code a table times: part of the cache key, so that a table timed with an older
-# implementation of the blocks is measured afresh (bump when the sampling or block code
-# changes its speed). 2: fused selections built in closed form, fewer selection ops; 3: the
-# authors' ATS and fixed-count top-k / random picks timed as their own kinds; 4: ToMe's
-# shorter plan without padding; 5: CPU attention over few keys as matmuls, ToMe's head sum;
-# 6: ToMe's merge without a spare row, cached row offsets; 7: fewer ops in ToMe's plan and in
-# every attention (native views, no no-op casts, shape caches hit without leaving inference mode);
-# 8: the CLS row and the significance scores as products and sums (ATS rules' selection);
-# 9: rule cells select even where the model's middle block keeps everything (before, a table
-# built on a dense model timed its rule cells as dense blocks); 10: cells monotone in tokens
-CODE_REVISION = 10
+# the source files whose code a table times (the blocks, the selection, the table itself):
+# their hash is part of the cache key, so a table timed with other code is measured afresh
+TIMED_SOURCES = (
+    "attention.py",
+    "flops.py",
+    "latency.py",
+    "options.py",
+    "sampling.py",
+    "tokens.py",
+    "families",
+)
 # what a layer's input carries once earlier layers selected: nothing, token sizes (after a
 # merge), or padding (after an adaptive count)
 CONTEXTS = ("plain", "sized", "padded")
@@ -67,27 +68,29 @@ PADDED_SHARE = 0.2
 MIN_CELL_SECONDS = 0.05
 # the options that make each rule's block run at a known count on identical tokens
 RULE_OPTIONS = {
-    "score": SamplingOptions(),
-    "score+fuse": SamplingOptions(dropped="fuse"),
-    "score+merge": SamplingOptions(dropped="merge"),
-    "bipartite": SamplingOptions(sampler="tome-early"),
-    "tome": SamplingOptions(sampler="tome"),
-    # same FLOPs as "score", other ops: the authors' scores and de-duplication; a fixed count
-    "official": SamplingOptions(sampler="official"),
-    "fixed": SamplingOptions(sampler="topk"),
+    Rule.SCORE: SamplingOptions(),
+    Rule.FUSE: SamplingOptions(dropped="fuse"),
+    Rule.TOME: SamplingOptions(sampler="tome"),
+    Rule.OFFICIAL: SamplingOptions(sampler="official"),
+    Rule.FIXED: SamplingOptions(sampler="topk"),
 }
-# rules whose output tokens carry sizes (every later layer's attention adds log(size))
-MERGING = ("score+fuse", "score+merge", "bipartite", "tome")
 # the rules whole passes are timed with to fit the table to the model in place; the others
 # take the multiplier of their nearest kin
-REFERENCE_RULES = ("score", "score+fuse", "tome", "official")
-KIN = {"score+merge": "score+fuse", "bipartite": "tome", "fixed": "dense"}
+REFERENCE_RULES = (Rule.SCORE, Rule.FUSE, Rule.TOME, Rule.OFFICIAL)
+KIN = {Rule.FIXED.value: "dense"}
 
 
-def _timed_as(rule: str | None) -> str | None:
-    """The table entry of a trace's rule: a family scores one way in every block, so its
-    "score" cells were timed with the scoring it uses (CLS row or received attention)."""
-    return None if rule is None else rule.replace("received", "score")
+def code_digest(root: Path | None = None) -> str:
+    """A hash of the code that a latency table times (:data:`TIMED_SOURCES` in the package
+    folder ``root``, default: this package's)."""
+    root = Path(__file__).parent if root is None else root
+    digest = hashlib.sha1()
+    for name in TIMED_SOURCES:
+        path = root / name
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cache_dir() -> Path:
@@ -193,7 +196,7 @@ class LatencyModel:
             threads=torch.get_num_threads() if self.device.type == "cpu" else 0,
             torch=torch.__version__,
             points=points,
-            code=CODE_REVISION,
+            code=code_digest(),
         )
         self.table = self._load() or self._build_dense(points)
         if not self.table.fit:
@@ -339,12 +342,10 @@ class LatencyModel:
         self._save()
         return self.table
 
-    def _build_rule(self, rule: str) -> list[list[float]]:
-        if rule not in RULE_OPTIONS:
-            raise ValueError(f"rule must be one of {tuple(RULE_OPTIONS)}, got {rule!r}")
+    def _build_rule(self, rule: Rule) -> list[list[float]]:
         widths, p = self.table.widths, self.family.num_prefix_tokens
         options = RULE_OPTIONS[rule]
-        extra = 1 if rule == "score+fuse" else 0  # the fused token comes on top of the cap
+        extra = 1 if rule is Rule.FUSE else 0  # the fused token comes on top of the cap
         cells = [(i, j) for i in range(len(widths)) for j in range(i) if widths[j] - p - extra >= 1]
         runs = {(i, j): self._runner(widths[i]) for i, j in cells}
 
@@ -365,7 +366,7 @@ class LatencyModel:
             column = _monotone([grid[i][j] for i in range(j + 1, len(widths))])
             for i, value in enumerate(column, start=j + 1):
                 grid[i][j] = value
-        self.table.rules[rule] = grid
+        self.table.rules[rule.value] = grid
         self._save()
         return grid
 
@@ -408,9 +409,9 @@ class LatencyModel:
         finally:
             family.set_schedule(*saved)
             family.model.train(training)
-        kinds = ["dense", *REFERENCE_RULES]
+        kinds = ["dense", *(r.value for r in REFERENCE_RULES)]
         sums = torch.tensor(
-            [[self._kind_sums(t.kept_per_layer(), t.timings).get(k, 0.0) for k in kinds] for t in traces]
+            [[self._kind_sums(t.kept_per_layer(), t.rules).get(k, 0.0) for k in kinds] for t in traces]
         )
         measured = torch.tensor([times[i] for i in range(len(configs))], dtype=sums.dtype) - self.table.stem
         # least squares with a pull towards 1 (weighted by the typical sum), so a kind seen in
@@ -422,7 +423,7 @@ class LatencyModel:
         self.table.fit = {k: float(v) for k, v in zip(kinds, solution, strict=True)}
         self._save()
 
-    def _kind_sums(self, counts: Tensor, rules: Sequence[str | None]) -> dict[str, float]:
+    def _kind_sums(self, counts: Tensor, rules: Sequence[Rule | None]) -> dict[str, float]:
         """Table seconds per batch summed by layer kind ("dense" and each rule), averaged over
         batches of ``batch_size`` images."""
         p, n = self.family.num_prefix_tokens, self.family.num_patches
@@ -432,17 +433,16 @@ class LatencyModel:
         for chunk in chunks:
             widths_in = torch.cat((torch.full((len(chunk), 1), float(n)), chunk[:, :-1]), dim=1)
             sized = False
-            for layer, traced in enumerate(rules):
-                rule = _timed_as(traced)
+            for layer, rule in enumerate(rules):
                 width_in = _width(widths_in[:, layer]) + p
                 width_out = _width(chunk[:, layer]) + p
                 padded = bool(widths_in[:, layer].min() < widths_in[:, layer].max())
                 context = "sized" if sized else "padded" if padded else "plain"
-                kind = rule or "dense"
+                kind = "dense" if rule is None else rule.value
                 sums[kind] = sums.get(kind, 0.0) + self.layer_seconds(
                     rule, width_in, width_out, context
                 ) / len(chunks)
-                sized = sized or rule in MERGING
+                sized = sized or (rule is not None and rule.merges)
         return sums
 
     # ---------------------------------------------------------------- predicting
@@ -450,8 +450,12 @@ class LatencyModel:
     def _dense_row(self, context: str) -> list[float]:
         return self.table.dense if context == "plain" else self.table.dense_in[context]
 
-    def _rule_at(self, rule: str, width_in: float, width_out: float) -> float:
-        grid = self.table.rules.get(rule) or self._build_rule(rule)
+    def _grid(self, rule: Rule) -> list[list[float]]:
+        """The table's cells of ``rule`` (timed the first time they are needed)."""
+        return self.table.rules.get(rule.value) or self._build_rule(rule)
+
+    def _rule_at(self, rule: Rule, width_in: float, width_out: float) -> float:
+        grid = self._grid(rule)
         widths = self.table.widths
         width_out = min(width_out, width_in)
         # interpolate along n_out within the two bracketing n_in rows, then along n_in
@@ -464,11 +468,12 @@ class LatencyModel:
         return _interp([widths[i], widths[i + 1]], rows, width_in)
 
     def layer_seconds(
-        self, rule: str | None, width_in: float, width_out: float, context: str = "plain"
+        self, rule: Rule | None, width_in: float, width_out: float, context: str = "plain"
     ) -> float:
         """Seconds of one block with ``width_in`` tokens in and ``width_out`` out (prefix
-        included), selecting by ``rule``; None: a dense block whose input is in ``context``."""
-        rule = _timed_as(rule)
+        included), selecting by ``rule``; None: a dense block whose input is in ``context``.
+        A family scores one way in every block, so a rule's cells were timed with its scoring
+        (the CLS row or received attention)."""
         dense = _interp(self.table.widths, self.table.dense, width_in)
         in_context = _interp(self.table.widths, self._dense_row(context), width_in)
         if rule is None:
@@ -481,20 +486,19 @@ class LatencyModel:
         """Predicted seconds of a dense forward pass at this batch size."""
         return self.table.stem + self.table.fit.get("dense", 1.0) * self.family.depth * self.table.dense[-1]
 
-    def seconds(self, counts: Tensor, rules: Sequence[str | None]) -> float:
+    def seconds(self, counts: Tensor, rules: Sequence[Rule | None]) -> float:
         """Predicted seconds per batch of ``batch_size`` images, averaged over the images given.
 
         counts: (N, depth) non-prefix tokens each block output per image (as
-        ``trace.kept_per_layer()``); rules: per block, what its selection ran (``trace.timings``;
-        None: kept all). The
-        images are taken in batches of ``batch_size`` in order."""
+        ``trace.kept_per_layer()``); rules: per block, what it ran (``trace.rules``; None: kept
+        all). The images are taken in batches of ``batch_size`` in order."""
         sums = self._kind_sums(counts, rules)
         fit = self.table.fit
         return self.table.stem + sum(fit.get(_kind_of(k), 1.0) * v for k, v in sums.items())
 
     def ratio(self, trace: TokenTrace) -> float:
         """Predicted time of the pass ``trace`` recorded, as a fraction of the dense pass."""
-        return self.seconds(trace.kept_per_layer(), trace.timings) / self.dense_seconds()
+        return self.seconds(trace.kept_per_layer(), trace.rules) / self.dense_seconds()
 
 
 def _kind_of(kind: str) -> str:

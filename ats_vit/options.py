@@ -11,28 +11,23 @@ model *runs* (``static_shape`` for compilation and export, ``jitter`` for traini
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from enum import Enum
 from typing import Any, Literal
 
 from ats_vit import _validate
 
-__all__ = ["DROPPED", "SAMPLERS", "Dropped", "Sampler", "SamplingOptions"]
+__all__ = ["DROPPED", "SAMPLERS", "Dropped", "Rule", "Sampler", "SamplingOptions"]
 
-Sampler = Literal["inverse_transform", "official", "gumbel", "topk", "random", "tome", "tome-early"]
-# "topk", "random", "tome" and "tome-early" keep a fixed count per image: the peers ATS is
-# compared to; "official" is the authors' released selection
-SAMPLERS: tuple[str, ...] = (
-    "inverse_transform",
-    "official",
-    "gumbel",
-    "topk",
-    "random",
-    "tome",
-    "tome-early",
-)
+Sampler = Literal["inverse_transform", "official", "gumbel", "topk", "random", "tome"]
+# "topk", "random" and "tome" keep a fixed count per image: the peers ATS is compared to;
+# "official" is the authors' released selection
+SAMPLERS: tuple[str, ...] = ("inverse_transform", "official", "gumbel", "topk", "random", "tome")
 Dropped = Literal["discard", "fuse", "merge"]
 DROPPED: tuple[str, ...] = ("discard", "fuse", "merge")
-# samplers that merge what they drop, so "merge" is their only (and default) choice of `dropped`
-MERGING_SAMPLERS = ("tome", "tome-early")
+# the sampler that merges what it drops: "merge" is its only (and default) choice of `dropped`,
+# and no other sampler's (1.0 removed merging into the nearest kept token, which measured no
+# better than fusing: CHANGELOG.md)
+MERGING_SAMPLERS = ("tome",)
 
 
 @dataclass(frozen=True)
@@ -43,14 +38,12 @@ class SamplingOptions:
         eval), ``"official"`` (the authors' released code: head-summed scores sorted, the
         nearest CDF entry to evenly spaced values, at least 8 tokens), ``"gumbel"`` (the seed's
         draws), or a fixed-count peer: ``"topk"`` (EViT's CLS attention), ``"random"``,
-        ``"tome"`` (ToMe: attention for all tokens, then the closest pairs merge) or
-        ``"tome-early"`` (ToMe's matching, merged before the queries: cheaper, not ToMe).
+        ``"tome"`` (ToMe: attention for all tokens, then the closest pairs merge).
     temperature: scores reshaped as ``S^(1/temperature)`` before the ATS samplers draw (the
         cost knob of a budget); 1 is the paper's op.
-    dropped: ``"discard"`` (the paper), ``"fuse"`` (EViT-style: one token, the
-        significance-weighted mean of the dropped ones) or ``"merge"`` (each joins its most
-        similar kept token). ``None`` means the sampler's own: ``"merge"`` for the ToMe rules,
-        else ``"discard"``.
+    dropped: ``"discard"`` (the paper) or ``"fuse"`` (EViT-style: one token, the
+        significance-weighted mean of the dropped ones); ``"merge"`` is ToMe's, and only its.
+        ``None`` means the sampler's own: ``"merge"`` for ToMe, else ``"discard"``.
     static_shape: pad each sampling layer's output to its cap instead of the batch's largest
         count: no host sync (whole-graph compile, export), some padded compute.
     jitter: in training, draw the inverse-transform points inside their strata (at eval they
@@ -76,16 +69,16 @@ class SamplingOptions:
                 f"sampler={self.sampler!r} merges the tokens it drops; dropped must be 'merge', "
                 f"got {dropped!r}"
             )
+        if dropped == "merge" and self.sampler not in MERGING_SAMPLERS:
+            raise ValueError(
+                f"dropped='merge' belongs to sampler='tome'; with sampler={self.sampler!r} dropped must "
+                "be 'discard' or 'fuse' (merging into the nearest kept token was removed in 1.0)"
+            )
         object.__setattr__(self, "dropped", dropped)
         object.__setattr__(self, "temperature", _validate.positive_float("temperature", self.temperature))
         for name in ("static_shape", "jitter", "restorable"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-
-    @property
-    def rule(self) -> dict[str, Any]:
-        """The fields a budget chooses (sampler, temperature, dropped)."""
-        return dict(sampler=self.sampler, temperature=self.temperature, dropped=self.dropped)
 
     def with_rule(self, sampler: str, temperature: float, dropped: str | None) -> SamplingOptions:
         """These options with another rule; how the model runs (static shape, jitter) is kept."""
@@ -93,3 +86,42 @@ class SamplingOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class Rule(str, Enum):
+    """What a sampling layer ran, as the trace of a pass records it: the one name that
+    sampling (:class:`~ats_vit.sampling.AdaptiveTokenSampling`), the cost count
+    (:mod:`ats_vit.flops`) and the latency table (:mod:`ats_vit.latency`) share.
+
+    Rules of equal FLOPs can run different ops, so they are told apart by what runs:
+    ``SCORE`` the paper's sampling (or the seed's Gumbel draws) of an adaptive count from the
+    significance scores, dropped tokens discarded; ``OFFICIAL`` the authors' selection (its own
+    scores and de-duplication); ``FIXED`` top-k or random picks of a fixed count, discarded;
+    ``FUSE`` any scored selection whose dropped tokens fuse into one token; ``TOME`` ToMe
+    (attention for every token, then merging). ``SCORE`` and ``OFFICIAL`` count the same
+    FLOPs; ``FIXED`` computes no significance scores.
+    """
+
+    SCORE = "score"
+    OFFICIAL = "official"
+    FIXED = "fixed"
+    FUSE = "fuse"
+    TOME = "tome"
+
+    @classmethod
+    def of(cls, options: SamplingOptions) -> Rule:
+        """The rule that ``options`` run."""
+        if options.sampler == "tome":
+            return cls.TOME
+        if options.dropped == "fuse":
+            return cls.FUSE
+        if options.sampler == "official":
+            return cls.OFFICIAL
+        if options.sampler in ("topk", "random"):
+            return cls.FIXED
+        return cls.SCORE
+
+    @property
+    def merges(self) -> bool:
+        """Whether its output tokens carry sizes (later attention adds ``log(size)``)."""
+        return self in (Rule.FUSE, Rule.TOME)

@@ -5,14 +5,13 @@ value vectors, and gets back which tokens survive. Every function is batched and
 per-sample Python loops; the only host sync is the one that sizes a dynamically padded output
 (see :func:`compact`), and ``static_shape=True`` removes it.
 
-Beyond the paper's op, three things a budget can turn (all exact no-ops at their defaults):
+Beyond the paper's op, two things a budget can turn (both exact no-ops at their defaults):
 ``temperature`` reshapes the significance scores before sampling (the cost knob: the
 inverse transform keeps more distinct tokens as the scores flatten), and ``dropped`` says what
-happens to the tokens a layer does not keep: ``"discard"`` (the paper), ``"fuse"`` them into
-one token (EViT-style), or ``"merge"`` each into its most similar kept token (ToMe-style). The
-``"tome"`` sampler is ToMe's bipartite matching in the same framework, for comparisons.
-Merging makes tokens stand for several patches; their ``size`` then biases attention
-(proportional attention), see :mod:`ats_vit.attention`.
+happens to the tokens a layer does not keep: ``"discard"`` (the paper) or ``"fuse"`` them into
+one token (EViT-style). The ``"tome"`` sampler is ToMe's bipartite matching in the same
+framework, for comparisons. Fusing and merging make tokens stand for several patches; their
+``size`` then biases attention (proportional attention), see :mod:`ats_vit.attention`.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ats_vit import _validate
-from ats_vit.options import DROPPED, SAMPLERS, Dropped, Sampler, SamplingOptions
+from ats_vit.options import DROPPED, SAMPLERS, Dropped, Rule, Sampler, SamplingOptions
 
 __all__ = [
     "DROPPED",
@@ -34,17 +33,16 @@ __all__ = [
     "Dropped",
     "Merge",
     "Padding",
+    "Rule",
     "Sampler",
     "SamplingOptions",
     "TokenSelection",
-    "bipartite_match",
     "compact",
     "gather_tokens",
     "gumbel_sample",
     "inverse_transform_sample",
     "keep_mask",
     "merge_plan",
-    "nearest_kept",
     "random_select",
     "select_tokens",
     "sharpen",
@@ -58,11 +56,6 @@ __all__ = [
 # on CPU, so packing a grid that is nearly full loses more than the padded GEMM rows it saves
 # (benchmarks/profile_sampling.py).
 PACK_MIN_PADDING = 1 / 32
-# ToMe's plan on an unpadded grid takes a shorter path (:func:`_tome_plan_unpadded`, the same
-# plan in a third of the ops); False runs the general path everywhere (tests,
-# benchmarks/fast_paths.py --path tome-plan)
-TOME_FAST_PATH = True
-
 # the seed's epsilon inside log(scores) for Gumbel draws
 GUMBEL_EPS = 1e-6
 # the authors' ATS never keeps fewer than this many tokens (their n_tokens clamp)
@@ -119,10 +112,10 @@ class TokenSelection(NamedTuple):
         otherwise how dropped tokens are averaged into kept slots (see :func:`select_tokens`).
     size: (b, m) float, how many patches each output token stands for; ``None`` while every
         token is one patch (nothing was ever merged).
-    rule: how the layer selected (:attr:`AdaptiveTokenSampling.rule`, one of
-        :data:`ats_vit.flops.RULES`, for the cost trace); ``None`` when it kept every token.
-    timing: how its selection runs, for the latency model (:attr:`AdaptiveTokenSampling.timing`;
-        rules of equal FLOPs can run different ops); ``None`` when it kept every token.
+    rule: what the layer ran (a :class:`~ats_vit.options.Rule`, for the trace that costs
+        and times a pass); ``None`` when it kept every token.
+    received: the layer scored tokens by the attention they receive (every query's logits,
+        for models without a CLS readout) rather than by the CLS row (what its FLOPs count).
     late: the selection applies after attention, to the residual stream plus the attention
         output of every token (ToMe); otherwise only the kept tokens get queries.
     """
@@ -131,9 +124,9 @@ class TokenSelection(NamedTuple):
     padding: Padding | None
     merge: Merge | None = None
     size: Tensor | None = None
-    rule: str | None = None
+    rule: Rule | None = None
+    received: bool = False
     late: bool = False
-    timing: str | None = None
 
 
 def significance_scores(cls_attn: Tensor, v: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -267,49 +260,6 @@ def _unit(metric: Tensor) -> Tensor:
     return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
 
 
-def bipartite_match(metric: Tensor, keep_count: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """ToMe's bipartite soft matching (Bolya et al., ICLR 2023) over n candidates.
-
-    metric: (b, n, d) features to compare (keys averaged over heads); valid: (b, n) bool.
-    Candidates alternate into a set A (even positions) and B (odd). Each A token's match is
-    its most similar (cosine) B token, and the A tokens with the closest matches merge into
-    theirs until ``keep_count`` valid candidates remain. Only A tokens merge, so one layer at
-    most halves the tokens. Returns keep: (b, n) bool and into: (b, n) int64, the candidate
-    each merged token joins (-1 for the others).
-    """
-    b, n, _ = metric.shape
-    if valid is None:
-        valid = torch.ones(b, n, dtype=torch.bool, device=metric.device)
-    unit = _unit(metric.float())
-    sim = unit[:, ::2] @ unit[:, 1::2].transpose(-1, -2)  # (b, |A|, |B|)
-    sim = sim.masked_fill(~valid[:, None, 1::2], float("-inf"))
-    best, match = sim.max(dim=-1)  # (b, |A|)
-    valid_a = valid[:, ::2] & torch.isfinite(best)  # an A token with no valid partner stays
-    best = best.masked_fill(~valid_a, float("-inf"))
-    # each A token's place when sorted by best match, closest first, ties by position: a stable
-    # sort's ranks by counting (no sort op, which ONNX lacks in a stable form)
-    above = best[:, None, :] > best[:, :, None]  # (b, i, j): j's match is closer than i's
-    before = (best[:, None, :] == best[:, :, None]) & torch.ones_like(above[0]).tril(-1)
-    rank = (above | before).sum(dim=-1)
-    merges = (valid.sum(dim=-1, keepdim=True) - keep_count).clamp_min(0)  # (b, 1)
-    merged = (rank < merges) & valid_a
-    keep = valid.clone()
-    keep[:, ::2] &= ~merged
-    into = torch.full((b, n), -1, dtype=torch.long, device=metric.device)
-    into[:, ::2] = torch.where(merged, 2 * match + 1, -1)
-    return keep, into
-
-
-def nearest_kept(metric: Tensor, kept_metric: Tensor, allowed: Tensor) -> Tensor:
-    """The most similar (cosine) allowed slot for every token.
-
-    metric: (b, n, d); kept_metric: (b, m, d) features of the output slots; allowed: (b, m)
-    bool (False for prefix and padding slots). Returns (b, n) int64 slot ids in [0, m).
-    """
-    sim = _unit(metric.float()) @ _unit(kept_metric.float()).transpose(-1, -2)  # (b, n, m)
-    return sim.masked_fill(~allowed[:, None, :], float("-inf")).argmax(dim=-1)
-
-
 def official_scores(cls_attn: Tensor, v: Tensor, valid: Tensor | None = None) -> Tensor:
     """The authors' released significance: the CLS attention summed over heads times the norm
     of each token's value over all heads concatenated, normalised to sum to 1.
@@ -378,13 +328,26 @@ def tome_plan(
     theirs, as many per image as it has candidates above ``keep_count`` (at most its mergeable
     A tokens). The output is in ToMe's order: prefix tokens, the unmerged A tokens, then the B
     tokens, each in position order (then padding, when images keep different counts); every
-    slot is the size-weighted mean of its tokens. Returns the selection (``late``: it applies
-    to the residual stream after attention, as ToMe merges). Without padding every image keeps
+    slot is the size-weighted mean of its tokens. Returns the selection (``Rule.TOME``: it
+    applies to the residual stream after attention, as ToMe merges). Without padding every image keeps
     as many tokens and no host sync is needed; with padding, ``static`` pads to the widest any
     image can be instead of syncing.
     """
-    if valid is None and TOME_FAST_PATH and not torch.compiler.is_exporting():
+    if valid is None and not torch.compiler.is_exporting():
         return _tome_plan_unpadded(metric, keep_count, num_prefix, size)
+    return _tome_plan_general(metric, keep_count, valid, num_prefix, size, static)
+
+
+def _tome_plan_general(
+    metric: Tensor,
+    keep_count: int,
+    valid: Tensor | None,
+    num_prefix: int,
+    size: Tensor | None,
+    static: bool = False,
+) -> TokenSelection:
+    """:func:`tome_plan` on any grid, padded or not (and in ONNX exports, which lack a stable
+    sort): ranks by counting."""
     b, n, _ = metric.shape
     device = metric.device
     position = torch.arange(n, device=device)
@@ -434,7 +397,7 @@ def tome_plan(
     padding = None
     if valid is not None:
         padding = Padding(torch.arange(width, device=device) < counts[:, None], None)
-    return TokenSelection(index, padding, merge_plan(dest, patches, width), size_out, late=True)
+    return TokenSelection(index, padding, merge_plan(dest, patches, width), size_out, Rule.TOME, late=True)
 
 
 def _tome_plan_unpadded(
@@ -475,7 +438,7 @@ def _tome_plan_unpadded(
     patches = torch.ones(b, n, device=device) if size is None else _float(size)
     total = patches.new_zeros(b, width).scatter_add_(1, dest, patches)  # every token has a slot
     weight = patches / total.gather(1, dest)
-    return TokenSelection(index, None, Merge(dest, weight, whole=True), total, late=True)
+    return TokenSelection(index, None, Merge(dest, weight, whole=True), total, Rule.TOME, late=True)
 
 
 _SHAPE_CACHE_SIZE = 256  # entries per cached function: shapes a process sees; cleared when full
@@ -706,32 +669,15 @@ class AdaptiveTokenSampling(nn.Module):
         return str(self.options.dropped)
 
     @property
-    def rule(self) -> str:
-        """What a sampling layer computes besides the kept tokens' attention (for FLOPs)."""
-        sampler = self.options.sampler
-        if sampler in ("tome", "tome-early"):
-            return "tome" if sampler == "tome" else "bipartite"
-        base = "score" if self.scoring == "cls" else "received"
-        return base if self.options.dropped == "discard" else f"{base}+{self.options.dropped}"
-
-    @property
-    def timing(self) -> str:
-        """What a sampling layer runs, for :class:`ats_vit.latency.LatencyModel`: its
-        :attr:`rule`, except ``"fixed"`` for top-k or random picks that discard (a fixed count:
-        no padding, no host sync) and ``"official"`` for the authors' ATS (its own scores and
-        de-duplication), whose FLOPs are the rule ``"score"``'s but whose time is not."""
-        o = self.options
-        if o.dropped == "discard" and o.sampler in ("topk", "random"):
-            return "fixed"
-        if o.dropped == "discard" and o.sampler == "official":
-            return "official"
-        return self.rule
+    def rule(self) -> Rule:
+        """What this layer runs when it samples (for the trace that costs and times a pass)."""
+        return Rule.of(self.options)
 
     @property
     def uses_attention_scores(self) -> bool:
-        """Whether the rule needs attention scores (the CLS row or received attention); the
-        ToMe rules compare keys instead."""
-        return self.options.sampler not in ("tome", "tome-early")
+        """Whether the rule needs attention scores (the CLS row or received attention); ToMe
+        compares keys instead."""
+        return self.options.sampler != "tome"
 
     @property
     def late(self) -> bool:
@@ -768,24 +714,21 @@ class AdaptiveTokenSampling(nn.Module):
         b, _, n, _ = v.shape
         if not self.needed(n):
             return TokenSelection(torch.arange(n, device=v.device).expand(b, n), padding, size=size)
-        if k is None and o.dropped == "merge":
-            raise ValueError(f"dropped='merge' (sampler={o.sampler!r}) needs the keys k to compare tokens")
+        if k is None and o.sampler == "tome":
+            raise ValueError("sampler='tome' needs the keys k to compare tokens")
         valid = None if padding is None else padding.mask[:, p:]
         if o.sampler == "tome":
             metric = head_sum(_required(k))  # (b, n, d): ToMe compares head-averaged keys
             mask = None if padding is None else padding.mask
-            plan = tome_plan(metric, cap, mask, p, size, o.static_shape)
-            return plan._replace(rule=self.rule, timing=self.timing)
+            return tome_plan(metric, cap, mask, p, size, o.static_shape)
         if o.sampler in ("topk", "random") and valid is None and o.dropped == "discard":
             return self._fixed_count(cls_attn, v, size)
-        scores, into = None, None
+        scores = None
         if o.sampler == "official":
             scores = official_scores(_required(cls_attn)[..., p:], v[..., p:, :], valid)
         elif o.sampler in ("inverse_transform", "gumbel") or o.dropped == "fuse":
             scores = significance_scores(_required(cls_attn)[..., p:], v[..., p:, :], valid)  # (b, n - p)
-        if o.sampler == "tome-early":
-            keep, into = bipartite_match(head_sum(_required(k))[:, p:], cap, valid)
-        elif o.sampler == "official":
+        if o.sampler == "official":
             points = (self.reference_tokens or n) - p
             keep = official_select(sharpen(_required(scores), o.temperature), points, valid)
             keep = _most_significant(keep, _required(scores), max(cap, min(OFFICIAL_MIN_TOKENS, n - p)))
@@ -819,12 +762,14 @@ class AdaptiveTokenSampling(nn.Module):
             keep = keep.scatter(1, host, dropped.any(dim=-1, keepdim=True) | keep.gather(1, host))
         widest = max(cap, min(OFFICIAL_MIN_TOKENS, n - p)) if o.sampler == "official" else cap
         static = widest + (o.dropped == "fuse") if o.static_shape else None
-        selection = compact(keep, static, num_prefix=p)._replace(rule=self.rule, timing=self.timing)
+        selection = compact(keep, static, num_prefix=p)._replace(
+            rule=self.rule, received=self.scoring == "received"
+        )
         if o.dropped == "discard":
             return (
                 selection if size is None else selection._replace(size=gather_tokens(size, selection.index))
             )
-        return self._merged(selection, keep, dropped, scores, into, k, size)
+        return self._fused(selection, keep, dropped, _required(scores), size)
 
     def _fixed_count(self, cls_attn: Tensor | None, v: Tensor, size: Tensor | None) -> TokenSelection:
         """Top-k or random picks on an unpadded grid: every image keeps exactly the cap, so the
@@ -841,58 +786,22 @@ class AdaptiveTokenSampling(nn.Module):
             None,
             size=None if size is None else size.gather(1, index),
             rule=self.rule,
-            timing=self.timing,
+            received=self.scoring == "received",
         )
 
-    def _merged(
-        self,
-        selection: TokenSelection,
-        keep: Tensor,
-        dropped: Tensor,
-        scores: Tensor | None,
-        into: Tensor | None,
-        k: Tensor | None,
-        size: Tensor | None,
+    def _fused(
+        self, selection: TokenSelection, keep: Tensor, dropped: Tensor, scores: Tensor, size: Tensor | None
     ) -> TokenSelection:
-        """Add to ``selection`` where each dropped candidate goes and the output sizes.
+        """Add to ``selection`` where the dropped tokens go (``dropped="fuse"``) and the output
+        sizes: kept tokens alone in their slots, the dropped ones (the host among them) averaged
+        into the host's slot by significance, as EViT weights them by attention. In closed
+        form: one slot per image holds several tokens, so no scatter is needed for its weights
+        or sizes.
 
         keep, dropped: (b, n - p) bool over the candidates (the fused token's host is kept
-        and dropped: it holds itself and the others); scores: (b, n - p) significance (needed
-        to fuse)."""
-        p = self.num_prefix_tokens
-        b, m = selection.index.shape
-        slot = p + keep.long().cumsum(dim=-1) - 1  # (b, n - p) output slot of each kept candidate
-        if self.options.dropped == "fuse":
-            return self._fused(selection, keep, dropped, slot, _required(scores), size)
-        if into is not None:  # tome: the matched candidate's slot
-            target = slot.gather(1, into.clamp_min(0))
-        else:
-            metric = head_sum(_required(k))  # (b, n, d) keys summed over heads, as ToMe compares tokens
-            allowed = (torch.arange(m, device=slot.device) >= p).expand(b, m)
-            if selection.padding is not None:
-                allowed = allowed & selection.padding.mask
-            target = nearest_kept(metric[:, p:], gather_tokens(metric, selection.index), allowed)
-        joins = dropped & ~keep
-        dest = _after_prefix(torch.where(keep, slot, torch.where(joins, target, m)), p)
-        patches = torch.ones(dest.shape, device=dest.device) if size is None else size.float()
-        # merging averages by size, as ToMe does
-        size_out = patches.new_zeros(b, m + 1).scatter_add_(1, dest, patches)[:, :m]
-        return selection._replace(merge=merge_plan(dest, patches, m), size=size_out)
-
-    def _fused(
-        self,
-        selection: TokenSelection,
-        keep: Tensor,
-        dropped: Tensor,
-        slot: Tensor,
-        scores: Tensor,
-        size: Tensor | None,
-    ) -> TokenSelection:
-        """The merge of ``dropped="fuse"``: kept tokens alone in their slots, the dropped ones
-        (the host among them) averaged into the host's slot by significance, as EViT weights
-        them by attention. In closed form: one slot per image holds several tokens, so no
-        scatter is needed for its weights or sizes."""
+        and dropped: it holds itself and the others); scores: (b, n - p) significance."""
         p, m = self.num_prefix_tokens, selection.index.shape[1]
+        slot = p + keep.long().cumsum(dim=-1) - 1  # (b, n - p) output slot of each kept candidate
         host = keep & dropped  # at most one per image
         fused = slot.masked_fill(~host, -1).amax(dim=-1, keepdim=True)  # (b, 1); -1: fused nothing
         dest = _after_prefix(torch.where(dropped, fused, slot.masked_fill(~keep, m)), p)  # padding: no slot

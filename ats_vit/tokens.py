@@ -65,8 +65,7 @@ class TokenState:
         self.positions = torch.arange(n, device=x.device).expand(b, n)  # (b, m) original positions
         self.trace = TokenTrace(n - num_prefix_tokens, num_prefix_tokens)
         self.resume = resume
-        self._rule: str | None = None  # how the block under way selected, until it records
-        self._timing: str | None = None  # and what its selection ran (for the latency model)
+        self._selection: TokenSelection | None = None  # the block under way's, until it records
         # with ``track`` (SamplingOptions(restorable=True)): where each original token is now
         # (its slot, -1 once dropped) and the last residual state of the dropped ones
         self.slot_of: Tensor | None = self.positions.clone() if track else None
@@ -86,11 +85,10 @@ class TokenState:
         output ``out`` of those tokens; or, for a late selection (ToMe), the selected rows of
         ``x + out``, ``out`` covering every token. Takes on the selection's padding, sizes and
         positions."""
+        self._selection = selection
         if selection is None:
-            self._rule = self._timing = None
             return x + out
-        self.padding, self.size, self._rule = selection.padding, selection.size, selection.rule
-        self._timing = selection.timing
+        self.padding, self.size = selection.padding, selection.size
         self.positions = self.positions.gather(1, selection.index)
         if selection.late:
             merged = x + out
@@ -142,11 +140,11 @@ class TokenState:
 
     def record(self, x: Tensor) -> None:
         """Record a block's output x: (b, m, c) in the trace (after :meth:`follow`)."""
-        rule = self._rule
-        self.trace.record(
-            x, self.padding, rule=rule, positions=self.positions if rule else None, timing=self._timing
-        )
-        self._rule = self._timing = None
+        selection, self._selection = self._selection, None
+        if selection is None or selection.rule is None:
+            self.trace.record(x, self.padding)
+            return
+        self.trace.record(x, self.padding, selection.rule, self.positions, selection.received)
 
     def token_ids(self) -> Tensor:
         """(b, m) patch indices alive now (0-based, prefix excluded), -1 for padding."""

@@ -1,7 +1,7 @@
 """Check that every selection rule runs on a CUDA device as on the CPU (no timing).
 
 For our ViT and an ATS-patched timm ViT (peaked attention so images keep different counts),
-each rule (paper ATS, temperature, fuse, merge, ToMe, static shapes) runs on the CPU and on
+each rule (paper ATS, temperature, fuse, the authors' ATS, ToMe, static shapes) runs on the CPU and on
 the GPU in float32, and under bfloat16 autocast on the GPU. A rule passes when at least
 ``--min-same`` of the images keep the same tokens on both devices (a near-tie in the CDF may
 flip one pick), the logits of those images agree to ``--atol``, and bfloat16 gives finite
@@ -31,10 +31,10 @@ RULES = {
     "paper": SamplingOptions(),
     "temperature 2": SamplingOptions(temperature=2.0),
     "fuse": SamplingOptions(dropped="fuse"),
-    "merge": SamplingOptions(dropped="merge"),
+    "official": SamplingOptions(sampler="official"),
     "tome": SamplingOptions(sampler="tome"),
     "paper static": SamplingOptions(static_shape=True),
-    "merge static": SamplingOptions(dropped="merge", static_shape=True),
+    "fuse static": SamplingOptions(dropped="fuse", static_shape=True),
 }
 DEIT_S = dict(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536)
 SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=64, depth=4, heads=2, mlp_dim=128)

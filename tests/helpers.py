@@ -148,7 +148,7 @@ def fixed_latency(lat):
         ]
         for i in range(len(widths))
     ]
-    lat.table.rules = {rule: grid for rule in latency.RULE_OPTIONS}
+    lat.table.rules = {rule.value: [list(row) for row in grid] for rule in latency.RULE_OPTIONS}
     lat.table.fit = {}
     return lat
 

@@ -136,9 +136,9 @@ def test_matmul_attention_equals_the_fused_kernel(monkeypatch, keys, across, ext
         padding = Padding(mask, None)
     bias = None if extra in ("none", "pair") else key_bias(padding, size)
     pair = torch.randn(3, 2, keys - 2, keys, generator=gen) if extra == "pair" else None
-    monkeypatch.setattr(attention, "CPU_MATMUL_MAX_KEYS", 0)
-    fused = attend(q, k, v, bias, scale=0.3, pair=pair)
-    monkeypatch.setattr(attention, "CPU_MATMUL_MAX_KEYS", 32)
+    with monkeypatch.context() as m:
+        m.setattr(attention, "_matmul_attention", lambda *a: False)
+        fused = attend(q, k, v, bias, scale=0.3, pair=pair)
     monkeypatch.setattr(attention, "SOFTMAX_ACROSS_BELOW", across)
     calls = []
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(a))
@@ -179,11 +179,11 @@ def test_matmul_attention_trains_as_the_fused_kernel(monkeypatch, keys):
     gen = torch.Generator().manual_seed(keys)
     inputs = [torch.randn(3, 2, 5, 8, generator=gen)]
     inputs += [torch.randn(3, 2, keys, 8, generator=gen) for _ in "kv"]
-    limit = attention.CPU_MATMUL_MAX_KEYS
+    matmul_path = attention._matmul_attention
     for bias in (None, torch.rand(3, keys, generator=gen).log()):
         grads = []
-        for switch in (limit, 0):  # matmuls, then the fused kernel
-            monkeypatch.setattr(attention, "CPU_MATMUL_MAX_KEYS", switch)
+        for path in (matmul_path, lambda *a: False):  # matmuls, then the fused kernel
+            monkeypatch.setattr(attention, "_matmul_attention", path)
             q, k, v = (t.clone().requires_grad_() for t in inputs)
             out = attend(q, k, v, bias)
             out.pow(2).sum().backward()

@@ -280,11 +280,11 @@ def test_cli_bench_speed_prints_the_table_and_reports_bad_values(tmp_path, capsy
 
 
 def test_train_speed_times_dense_and_each_budget_in_one_run(tiny_checkpoint, tiny_splits, tmp_path):
-    budget = Budget(1, (8, 4), dropped="merge").save(tmp_path / "merge.json")
+    budget = Budget(1, (8, 4), dropped="fuse").save(tmp_path / "fuse.json")
     cfg = TrainSpeedConfig(str(tiny_checkpoint), (str(budget),), batch_size=16, warmup=1, repeats=2)
     cfg.min_seconds = 0.0
     rows = train_speed(cfg)
-    assert [r["variant"] for r in rows] == ["dense", "merge"]
+    assert [r["variant"] for r in rows] == ["dense", "fuse"]
     assert rows[0]["speedup"] == 1.0 and rows[0]["gflops_ratio"] == 1.0
     assert 0 < rows[1]["gflops_ratio"] < 1 and rows[1]["steps_per_s"] > 0 and rows[1]["ideal"] > 1
     with pytest.raises(ValueError, match="at least one budget file"):
@@ -296,8 +296,8 @@ def test_train_speed_gives_budgets_with_the_same_stem_their_own_rows(tiny_checkp
     first): each now keeps its row, named by its path."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = Budget(1, (8, 4), dropped="merge").save(tmp_path / "a" / "b.json")
-    second = Budget(1, (4, 2), dropped="merge").save(tmp_path / "b" / "b.json")
+    first = Budget(1, (8, 4), dropped="fuse").save(tmp_path / "a" / "b.json")
+    second = Budget(1, (4, 2), dropped="fuse").save(tmp_path / "b" / "b.json")
     paths = (str(first), str(second))
     cfg = TrainSpeedConfig(str(tiny_checkpoint), paths, batch_size=16, warmup=1, repeats=1)
     cfg.min_seconds = 0.0

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from helpers import NUM_PATCHES, SMALL, images, small_vit, tiny_data
+from helpers import SMALL, images, small_vit, tiny_data
 
 from ats_vit import SamplingOptions, family_of
 from ats_vit.budget import Budget, BudgetError, configure
@@ -14,7 +14,7 @@ def peaky_vit(schedule=(16,) * 4, **options):
 
 
 def test_budget_round_trips_through_json(tmp_path):
-    budget = Budget(1, (12, 8, 4), temperature=1.5, dropped="merge", depth=4, num_patches=16, target=0.6)
+    budget = Budget(1, (12, 8, 4), temperature=1.5, dropped="fuse", depth=4, num_patches=16, target=0.6)
     path = budget.save(tmp_path / "b" / "budget.json")
     raw = json.loads(path.read_text())
     assert raw["format"] == "ats-vit-budget/2" and raw["caps"] == [12, 8, 4] and "source" not in raw
@@ -182,13 +182,13 @@ def _families():
 def test_static_shape_is_honoured_by_every_family():
     for model in _families():
         family = family_of(model)
-        budget = Budget(1, tuple([8] * (family.depth - 1)), dropped="merge")
+        budget = Budget(1, tuple([8] * (family.depth - 1)), dropped="fuse")
         budget.apply(model)
-        assert family.options() == SamplingOptions(dropped="merge", static_shape=True), type(model).__name__
+        assert family.options() == SamplingOptions(dropped="fuse", static_shape=True), type(model).__name__
         with torch.no_grad():
             family.run(images(3))
-        # static shapes pad to the cap: the output grid is exactly prefix + cap wide
-        assert family.last_state().positions.shape[1] == family.num_prefix_tokens + 8
+        # static shapes pad to the cap: the output grid is exactly prefix + cap + the fused token wide
+        assert family.last_state().positions.shape[1] == family.num_prefix_tokens + 8 + 1
         budget.apply(model, static_shape=False)
         assert not family.options().static_shape
 
@@ -197,35 +197,37 @@ def test_schedule_fills_the_layers_before_the_start():
     assert Budget(1, (20, 8, 8), depth=SMALL["depth"]).schedule(4, 16) == (16, 16, 8, 8)
 
 
-def test_a_hybrid_budget_sets_two_rules_and_round_trips(tmp_path):
-    """Early layers merge (ToMe), later ones sample (ATS): each block runs its own rule, the
-    trace records both, and the file keeps both."""
-    model = small_vit(peaked=8.0)
-    budget = Budget(
-        1,
-        (12, 10, 8),
-        sampler="inverse_transform",
-        dropped="fuse",
-        depth=4,
-        num_patches=NUM_PATCHES,
-        early_layers=2,
-        early_sampler="tome",
+# a budget file as 0.2 wrote it (`ats-vit calibrate`, the demo's 50% budget), hybrid fields included
+BUDGET_0_2 = {
+    "format": "ats-vit-budget/2",
+    "start_layer": 2,
+    "caps": [18, 13, 9, 6, 4, 3],
+    "sampler": "inverse_transform",
+    "temperature": 0.4129,
+    "dropped": "fuse",
+    "depth": 8,
+    "num_patches": 36,
+    "method": "ats-fuse",
+    "target": 0.5,
+    "cost": "gflops",
+    "calibration": {"cost": "gflops", "gflops_ratio": 0.497, "accuracy": 0.95, "images": 512},
+    "early_layers": 0,
+    "early_sampler": None,
+    "early_dropped": None,
+}
+
+
+def test_budget_files_of_0_2_still_load_and_hybrid_ones_are_refused_by_name(tmp_path):
+    path = tmp_path / "budget-0.5.json"
+    path.write_text(json.dumps(BUDGET_0_2))
+    budget = Budget.load(path)
+    assert (budget.start_layer, budget.caps, budget.dropped, budget.method) == (
+        2,
+        (18, 13, 9, 6, 4, 3),
+        "fuse",
+        "ats-fuse",
     )
-    assert budget.early_dropped == "merge"
-    budget.apply(model)
-    rules = [o.sampler for o in family_of(model).layer_options()]
-    assert rules == ["tome", "tome", "tome", "inverse_transform"]
-    family_of(model).set_options(static_shape=False)  # keeps each layer's rule
-    assert [o.sampler for o in family_of(model).layer_options()] == rules
-    with torch.no_grad():
-        model(images(4))
-    trace = family_of(model).last_state().trace
-    assert trace.rules == [None, "tome", "tome", "score+fuse"]
-    loaded = Budget.load(budget.save(tmp_path / "hybrid.json"))
-    assert loaded == budget
-    with pytest.raises(BudgetError, match=r"early_layers must be an int in \[0, 3\]"):
-        Budget(1, (12, 10, 8), early_layers=4, early_sampler="tome")
-    with pytest.raises(BudgetError, match="needs its early_sampler"):
-        Budget(1, (12, 10, 8), early_layers=1)
-    with pytest.raises(BudgetError, match="early rule: "):
-        Budget(1, (12, 10, 8), early_layers=1, early_sampler="nope")
+    assert "early_layers" not in budget.to_dict()
+    path.write_text(json.dumps({**BUDGET_0_2, "early_layers": 3, "early_sampler": "tome"}))
+    with pytest.raises(BudgetError, match=r"budget-0.5.json' is a hybrid budget \(early_layers=3\)"):
+        Budget.load(path)

@@ -1,4 +1,3 @@
-import itertools
 import math
 from dataclasses import replace
 
@@ -8,7 +7,7 @@ from helpers import images, peaked_timm_tiny, small_vit
 
 from ats_vit import family_of
 from ats_vit.budget import Budget, BudgetError
-from ats_vit.calibrate import AUTO, METHODS, RECOMMENDED, Calibration, Trial, base_method, calibrate, prefer
+from ats_vit.calibrate import AUTO, METHODS, RECOMMENDED, Calibration, Trial, calibrate, prefer
 from ats_vit.evaluate import measure
 
 
@@ -35,9 +34,9 @@ def test_calibrate_with_labels_keeps_the_most_accurate_budget_near_the_target():
     model = peaky_vit()
     x = images(64, 1)
     labels, _ = measure(model, x, None)  # the dense model's answers: budgets agree with them unevenly
-    search = Calibration(model, x, labels, method="ats", progress=False)
+    search = Calibration(model, x, labels, method="ats-fuse", progress=False)
     chosen = search(0.7)
-    assert chosen.method == "ats" and model.max_tokens_per_depth == chosen.schedule(4, 16)
+    assert chosen.method == "ats-fuse" and model.max_tokens_per_depth == chosen.schedule(4, 16)
     near = [t for t in search.trials.values() if abs(t.cost - 0.7) <= max(search.tolerance, 0.007)]
     assert len({t.score for t in near}) > 1, "the test needs budgets of different accuracy near the target"
     pred, _ = measure(model, x, chosen)
@@ -46,17 +45,25 @@ def test_calibrate_with_labels_keeps_the_most_accurate_budget_near_the_target():
     assert accuracy == pytest.approx(max(t.score for t in near))
 
 
-@pytest.mark.parametrize("method", sorted(m for m in METHODS if m == base_method(m)))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_calibrates(method):
     budget = calibrate(peaky_vit(), images(48, 1), 0.75, method=method, progress=False, steps=8)
     assert budget.method == method
     assert budget.calibration["gflops_ratio"] == pytest.approx(0.75, abs=0.06)
+    assert (budget.sampler, budget.dropped) == (METHODS[method].sampler, METHODS[method].dropped)
     if method == "paper":
-        assert budget.temperature == 1.0 and budget.dropped == "discard"
-    if method == "hybrid":  # merging in the first half of its sampling layers, ATS after
-        assert budget.early_sampler == "tome" and budget.early_layers == round(len(budget.caps) / 2)
-    else:
-        assert budget.early_layers == 0
+        assert budget.temperature == 1.0 and len(set(budget.caps)) == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "instead"),
+    [("ats", "ats-fuse"), ("ats-merge", "ats-fuse"), ("tome-early", "tome"), ("hybrid", "auto")],
+)
+def test_methods_removed_in_1_0_are_refused_with_what_replaced_them(method, instead):
+    with pytest.raises(ValueError, match=f"method={method!r} was removed in 1.0 .*use {instead!r}"):
+        calibrate(peaky_vit(), images(8, 1), 0.5, method=method)
+    with pytest.raises(ValueError, match=r"'\+search' schedule search was removed in 1.0.*use method='tome'"):
+        Calibration(peaky_vit(), images(8, 1), method="tome+search")
 
 
 def test_auto_keeps_the_first_member_unless_another_is_significantly_better_and_shares_trials():
@@ -128,7 +135,7 @@ def test_unreachable_targets_name_the_reachable_range(target):
 
 def test_calibrate_argument_errors():
     model = peaky_vit()
-    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'auto\+search', 'ats'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('auto', 'paper', 'official'"):
         calibrate(model, images(8, 1), 0.5, method="magic")
     with pytest.raises(TypeError, match="target must be a float"):
         calibrate(model, images(8, 1), "half")
@@ -144,7 +151,7 @@ def test_probing_chooses_the_same_budgets_with_less_work():
     """Trials stopped on the probe quarter are those the full search would reject anyway."""
     model, x = peaky_vit(), images(256, 3)
     probed, whole = Calibration(model, x, progress=False), Calibration(model, x, progress=False, probe=False)
-    assert probed.probe == 64 and whole.probe == 256
+    assert probed.search.probe == 64 and whole.search.probe == 256
     for target in (0.5, 0.8):
         a, b = probed(target), whole(target)
         assert (a.method, a.start_layer, a.caps, a.temperature) == (
@@ -157,62 +164,3 @@ def test_probing_chooses_the_same_budgets_with_less_work():
         assert a.calibration["agreement"] == b.calibration["agreement"]
     assert any(t.estimated for t in probed.trials.values())
     assert probed.passes < 0.7 * whole.passes
-
-
-def test_schedule_search_meets_the_target_with_any_non_increasing_caps():
-    """A searched schedule is a real budget at the target: its caps are not a geometric decay
-    and its measured cost (re-measured here) is the one recorded."""
-    model, x = peaky_vit(), images(128, 4)
-    labels, _ = measure(model, x, None)
-    search = Calibration(model, x, labels, method="tome+search", progress=False)
-    geometric = search(0.6, "tome")
-    searched = search.schedule_search("tome+search", search.trial(*_key(search, geometric)), 0.6)
-    assert searched, "the greedy path must reach the target"
-    for trial in searched:
-        caps = trial.budget.caps
-        assert trial.budget.method == "tome+search" and trial.key[2] == caps
-        assert all(a >= b for a, b in itertools.pairwise(caps)) and caps[-1] >= 1
-        _, cost = measure(model, x, trial.budget)
-        _, dense = measure(model, x, None)
-        assert (cost.double().mean() / dense.double().mean()).item() == pytest.approx(trial.gflops, rel=1e-6)
-    closest = min(searched, key=lambda t: abs(t.cost - 0.6))
-    assert closest.cost == pytest.approx(0.6, abs=0.03)
-    chosen = search(0.6)
-    assert chosen.calibration["searched"] == "tome+search"
-    # the pick is the most accurate of the method's own budgets and the searched schedules
-    assert chosen.calibration["accuracy"] >= max(geometric.calibration["accuracy"], closest.score) - 1 / 128
-
-
-def _key(search, budget):
-    """The key of the trial behind a chosen budget (which carries its target and record)."""
-    same = ("method", "start_layer", "caps", "temperature")
-    return next(
-        t.key
-        for t in search.trials.values()
-        if all(getattr(t.budget, a) == getattr(budget, a) for a in same) and not t.estimated
-    )
-
-
-def test_schedule_search_cuts_where_it_costs_least():
-    """On a model whose last two blocks barely change the residual stream, cutting tokens
-    there changes the prediction least: the greedy path cuts them first."""
-    model = peaky_vit()
-    with torch.no_grad():
-        for block in model.blocks[2:]:
-            for linear in (block.attn.proj, block.mlp.fc2):
-                linear.weight.mul_(0.01)
-                linear.bias.mul_(0.01)
-    x = images(64, 5)
-    search = Calibration(model, x, method="topk+search", start_layers=[0], progress=False)
-    best = search.trial("topk", 0, 0.9, 1.0)
-    trials = search.schedule_search("topk+search", best, 0.75)
-    caps = min(trials, key=lambda t: abs(t.cost - 0.75)).budget.caps
-    assert caps[0] == 16 and caps[-1] < caps[1], caps
-
-
-@pytest.mark.parametrize("method", ["auto+search", "paper+search"])
-def test_searched_methods_record_the_work_done(method):
-    budget = calibrate(peaky_vit(), images(64, 1), 0.6, method=method, progress=False)
-    assert budget.calibration["searched"] == method
-    assert budget.method in {*(m + "+search" for m in AUTO), *AUTO, "paper", "paper+search"}
-    assert budget.calibration["passes"] > 0 and budget.calibration["trials"] > 0

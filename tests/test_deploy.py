@@ -9,8 +9,8 @@ from helpers import images, small_vit
 import ats_vit
 from ats_vit import SamplingOptions
 
-RULES = [dict(), dict(dropped="fuse"), dict(dropped="merge"), dict(sampler="tome"), dict(sampler="official")]
-IDS = ["paper", "fuse", "merge", "tome", "official"]
+RULES = [dict(), dict(dropped="fuse"), dict(sampler="topk"), dict(sampler="tome"), dict(sampler="official")]
+IDS = ["paper", "fuse", "topk", "tome", "official"]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=IDS)
@@ -41,7 +41,7 @@ def test_bfloat16_autocast_gives_finite_logits_close_to_float32():
 @pytest.mark.slow
 def test_the_compiled_path_equals_the_eager_model():
     """torch.compile (fullgraph, static shapes) of the whole inference function."""
-    model = small_vit((16, 10, 6, 6), peaked=6.0, dropped="merge").eval()
+    model = small_vit((16, 10, 6, 6), peaked=6.0, dropped="fuse").eval()
     x = images(4, 3)
     with torch.no_grad():
         expected = model(x)
@@ -64,6 +64,6 @@ def test_cuda_graphs_give_the_eager_logits():
 
 
 def test_options_stay_what_the_budget_set():
-    model = small_vit((16, 10, 6, 6), peaked=6.0, dropped="merge").eval()
+    model = small_vit((16, 10, 6, 6), peaked=6.0, dropped="fuse").eval()
     ats_vit.compile(model, batch_size=2)
-    assert model.options == SamplingOptions(dropped="merge", static_shape=True)
+    assert model.options == SamplingOptions(dropped="fuse", static_shape=True)

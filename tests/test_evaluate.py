@@ -15,17 +15,18 @@ from ats_vit.evaluate import evaluate, evaluate_budgets
 from ats_vit.flops import gflops
 from ats_vit.timing import Timing
 
-BUDGET = Budget(1, (6, 3), temperature=2.0, dropped="merge")
+BUDGET = Budget(1, (6, 3), temperature=2.0, dropped="fuse")
 
 
 def test_evaluate_budgets_rows_and_timing(tiny_checkpoint):
     model, _ = load_model(tiny_checkpoint)
-    budgets = [("dense", None), ("keep 0.25", Budget.paper(0.25, 1, 3, 16)), ("merge", BUDGET)]
+    budgets = [("dense", None), ("keep 0.25", Budget.paper(0.25, 1, 3, 16)), ("fuse", BUDGET)]
     rows = evaluate_budgets(model, tiny_data(48, seed=1), budgets, timing_repeats=3, timing_batch=16)
-    assert [r["label"] for r in rows] == ["dense", "keep 0.25", "merge"]
+    assert [r["label"] for r in rows] == ["dense", "keep 0.25", "fuse"]
     assert rows[0]["budget"] is None and Budget.from_dict(rows[2]["budget"]) == BUDGET
     assert rows[0]["gflops"] > rows[1]["gflops"] and rows[0]["gflops_ratio"] == 1.0
-    assert rows[1]["kept_per_layer"][-1] <= 4 and rows[2]["kept_per_layer"][-1] <= 3
+    # the fused token comes on top of the cap
+    assert rows[1]["kept_per_layer"][-1] <= 4 and rows[2]["kept_per_layer"][-1] <= 3 + 1
     for r in rows:
         assert r["images"] == 48 and r["timing_images"] == 16
         assert 0 < r["img_per_s_q1"] <= r["img_per_s"] <= r["img_per_s_q3"]

@@ -58,7 +58,7 @@ def test_patched_model_equals_the_original_when_nothing_is_dropped(config_cls, m
         for kwargs in (
             dict(max_tokens=16),
             dict(layers=[], max_tokens=1),
-            dict(max_tokens=100, options=SamplingOptions(dropped="merge")),
+            dict(max_tokens=100, options=SamplingOptions(dropped="fuse")),
         ):
             ats_hf.apply(model, **kwargs)
             assert ats_hf.is_patched(model)

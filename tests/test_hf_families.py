@@ -102,7 +102,7 @@ def test_patched_model_equals_the_original_when_nothing_is_dropped(name, attn):
     x = images(3)
     with torch.no_grad():
         reference, dense = output(model, x), features(model, x)
-        for kwargs in (dict(max_tokens=16), dict(max_tokens=100, options=SamplingOptions(dropped="merge"))):
+        for kwargs in (dict(max_tokens=16), dict(max_tokens=100, options=SamplingOptions(dropped="fuse"))):
             ats_hf.apply(model, **kwargs)
             assert (output(model, x) - reference).abs().max().item() <= 1e-5
             assert (features(model, x) - dense).abs().max().item() <= 1e-5
@@ -127,7 +127,7 @@ def test_each_family_scores_as_its_readout_needs_and_keeps_its_prefix(name):
     assert (info.gflops < ats_hf.cost(model).depth * 1.0).all()
 
 
-@pytest.mark.parametrize("dropped", ["discard", "merge"])
+@pytest.mark.parametrize("dropped", ["discard", "fuse"])
 @pytest.mark.parametrize("name", [*POOLED, "SiglipVisionModel"])
 def test_pooled_readouts_heed_padding_and_sizes(name, dropped):
     """Averages and the attention-pool probe see each image's own tokens: a batch, padded to

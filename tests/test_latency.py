@@ -3,18 +3,19 @@ Timings are never asserted: the tests check what the model computes from what it
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import fixed_latency, images, small_vit
 
-import ats_vit.calibrate as calibrate
 import ats_vit.latency as latency
 from ats_vit import family_of
 from ats_vit.budget import Budget, BudgetError
-from ats_vit.calibrate import Calibration
+from ats_vit.calibrate import VERIFY_TOLERANCE, Calibration
+from ats_vit.calibrate.verify import next_aim
 from ats_vit.latency import LatencyModel
-from ats_vit.options import SamplingOptions
+from ats_vit.options import Rule, SamplingOptions
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +31,7 @@ def quick(model, batch=4, **kw):
 def test_a_table_is_built_once_and_read_back():
     model = small_vit(peaked=6.0).eval()
     first = quick(model)
-    assert first.path.is_file() and first.table.fit and set(first.table.rules) >= {"score", "tome"}
+    assert first.path.is_file() and first.table.fit and set(first.table.rules) >= {"score", "fuse", "tome"}
     assert first.table.widths[0] == 2 and first.table.widths[-1] == 17  # one candidate .. all, + CLS
 
     def no_timing(*_args, **_kwargs):
@@ -48,7 +49,7 @@ def test_a_table_is_built_once_and_read_back():
 
 
 @pytest.mark.parametrize(
-    "field, value", [("device", "another CPU"), ("code", latency.CODE_REVISION - 1)], ids=["machine", "code"]
+    "field, value", [("device", "another CPU"), ("code", "0" * 16)], ids=["machine", "code"]
 )
 def test_a_table_of_another_machine_or_older_code_is_not_used(cache, field, value):
     model = small_vit().eval()
@@ -72,6 +73,25 @@ def test_a_table_of_another_machine_or_older_code_is_not_used(cache, field, valu
     assert calls, "a key that does not match is measured afresh"
 
 
+def test_the_code_key_is_a_hash_of_the_timed_sources(tmp_path):
+    """Any change to the code a table times gives another key (so the table is timed afresh);
+    code it does not time (the CLI, say) changes nothing."""
+    import shutil
+
+    root = tmp_path / "ats_vit"
+    shutil.copytree(Path(latency.__file__).parent, root, ignore=shutil.ignore_patterns("__pycache__"))
+    before = latency.code_digest(root)
+    assert before == latency.code_digest(Path(latency.__file__).parent)
+    (root / "cli.py").write_text((root / "cli.py").read_text() + "\n# a comment\n")
+    assert latency.code_digest(root) == before
+    for name in ("sampling.py", "families/timm.py"):
+        edited = root / name
+        original = edited.read_text()
+        edited.write_text(original + "\n# a comment\n")
+        assert latency.code_digest(root) != before, name
+        edited.write_text(original)
+
+
 def fixed_table(model, batch=4):
     """:func:`helpers.fixed_latency` on a quickly built table of ``model``."""
     return fixed_latency(quick(model, batch))
@@ -83,12 +103,12 @@ def test_predictions_interpolate_the_table_and_grow_with_tokens():
     assert lat.dense_seconds() == pytest.approx(5e-3 + 4 * 17e-3)
     # a dense block on 10 tokens (between grid points) costs 10 ms; a sampling block 17 -> 9: 10 ms
     assert lat.layer_seconds(None, 10.0, 10.0) == pytest.approx(10e-3)
-    assert lat.layer_seconds("score", 17.0, 9.0) == pytest.approx(10e-3)
+    assert lat.layer_seconds(Rule.SCORE, 17.0, 9.0) == pytest.approx(10e-3)
     previous = 0.0
     for kept in range(1, 17):
         counts = torch.full((4, 4), float(kept))
         counts[:, 0] = 16
-        seconds = lat.seconds(counts, [None, "score", None, None])
+        seconds = lat.seconds(counts, [None, Rule.SCORE, None, None])
         assert seconds > previous, "more tokens never cost less"
         previous = seconds
 
@@ -98,8 +118,8 @@ def test_a_padded_batch_runs_at_its_mean_count_when_packed():
     lat = fixed_table(model)
     even = torch.tensor([[16.0, 8, 8, 8]] * 4)
     uneven = torch.tensor([[16.0, 4, 4, 4], [16.0, 12, 12, 12]] * 2)  # the same mean, padded to 12
-    assert lat.seconds(uneven, [None, "score", None, None]) == pytest.approx(
-        lat.seconds(even, [None, "score", None, None])
+    assert lat.seconds(uneven, [None, Rule.SCORE, None, None]) == pytest.approx(
+        lat.seconds(even, [None, Rule.SCORE, None, None])
     )
 
 
@@ -143,33 +163,37 @@ def test_a_latency_budget_that_misses_its_timing_is_searched_again(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "options, rule, timing",
+    "options, rule",
     [
-        (SamplingOptions(), "score", "score"),
-        (SamplingOptions("topk"), "score", "fixed"),
-        (SamplingOptions("random"), "score", "fixed"),
-        (SamplingOptions("official"), "score", "official"),
-        (SamplingOptions(dropped="fuse"), "score+fuse", "score+fuse"),
-        (SamplingOptions("tome"), "tome", "tome"),
+        (SamplingOptions(), Rule.SCORE),
+        (SamplingOptions("gumbel"), Rule.SCORE),
+        (SamplingOptions("topk"), Rule.FIXED),
+        (SamplingOptions("random"), Rule.FIXED),
+        (SamplingOptions("official"), Rule.OFFICIAL),
+        (SamplingOptions(dropped="fuse"), Rule.FUSE),
+        (SamplingOptions("topk", dropped="fuse"), Rule.FUSE),
+        (SamplingOptions("tome"), Rule.TOME),
     ],
 )
-def test_rules_of_equal_flops_are_timed_as_what_they_run(options, rule, timing):
-    """Top-k and the authors' ATS count the FLOPs of the rule "score" but run other ops: the
-    trace says what ran, and the prediction takes that kind's cells."""
+def test_the_trace_records_what_each_layer_ran_and_the_prediction_takes_its_cells(options, rule):
+    """One rule per sampling layer, shared by the FLOP count and the latency table: the trace
+    records it, and halving that rule's cells (only) lowers the predicted time."""
     model = small_vit(peaked=6.0).eval()
     family = family_of(model)
     family.set_schedule((16, 8, 8, 8), options)
     with torch.inference_mode():
         trace = family.run(images(4, 1))[1].trace
     sampled = [r for r in trace.rules if r]
-    assert sampled and set(sampled) == {rule} and {t for t in trace.timings if t} == {timing}
-    assert [t is None for t in trace.timings] == [r is None for r in trace.rules]
+    assert sampled and set(sampled) == {rule} and trace.rules[0] is None
     lat = fixed_table(model)
-    lat.table.rules[timing] = [[cell / 2 for cell in row] for row in lat.table.rules[timing]]
     counts = trace.kept_per_layer()
-    if timing != rule:
-        assert lat.seconds(counts, trace.timings) < lat.seconds(counts, trace.rules)
-    assert lat.ratio(trace) == lat.seconds(counts, trace.timings) / lat.dense_seconds()
+    before = lat.seconds(counts, trace.rules)
+    for other in Rule:
+        if other is not rule:
+            lat.table.rules[other.value] = [[c / 2 for c in row] for row in lat._grid(other)]
+    assert lat.seconds(counts, trace.rules) == pytest.approx(before), "other rules' cells are not used"
+    lat.table.rules[rule.value] = [[c / 2 for c in row] for row in lat._grid(rule)]
+    assert lat.seconds(counts, trace.rules) < before
 
 
 def test_a_search_that_timed_both_sides_of_its_target_aims_between_them(monkeypatch):
@@ -190,9 +214,9 @@ def test_a_search_that_timed_both_sides_of_its_target_aims_between_them(monkeypa
     assert len(search.timings) == 3
     first, second = (t["measured"] for t in search.timings[:2])
     assert (first - 0.7) * (second - 0.7) < 0, "the first two timings bracket the target"
-    assert budget.calibration["measured_latency_ratio"] == pytest.approx(0.7, rel=calibrate.VERIFY_TOLERANCE)
-    assert calibrate._next_aim([(0.7, 0.8), (0.6, 0.6)], 0.7) == pytest.approx(0.65)
-    assert calibrate._next_aim([(0.7, 0.8)], 0.7) == pytest.approx(0.7 * 0.7 / 0.8)
+    assert budget.calibration["measured_latency_ratio"] == pytest.approx(0.7, rel=VERIFY_TOLERANCE)
+    assert next_aim([(0.7, 0.8), (0.6, 0.6)], 0.7) == pytest.approx(0.65)
+    assert next_aim([(0.7, 0.8)], 0.7) == pytest.approx(0.7 * 0.7 / 0.8)
 
 
 def test_aims_narrow_their_bracket_when_timings_are_out_of_order():
@@ -200,11 +224,11 @@ def test_aims_narrow_their_bracket_when_timings_are_out_of_order():
     last landed on another kind of budget): bracketing by the best timing below aimed at 0.695
     again and again; bracketing by the highest aim below moves on."""
     aims = [(0.8, 1.024), (0.625, 0.652), (0.695, 0.631)]
-    aim = calibrate._next_aim(aims, 0.8)
+    aim = next_aim(aims, 0.8)
     assert 0.695 < aim < 0.8
     assert aim == pytest.approx(0.695 + (0.8 - 0.631) * (0.8 - 0.695) / (1.024 - 0.631))
     # the lowest aim above lies below the highest aim below: halve the bracket
-    assert calibrate._next_aim([(0.6, 0.65), (0.7, 0.55)], 0.6) == pytest.approx(0.65)
+    assert next_aim([(0.6, 0.65), (0.7, 0.55)], 0.6) == pytest.approx(0.65)
 
 
 def test_a_latency_pick_is_timed_once(monkeypatch):
@@ -215,55 +239,31 @@ def test_a_latency_pick_is_timed_once(monkeypatch):
         model, images(32, 1), cost="latency", latency=fixed_table(model, batch=8), progress=False
     )
     monkeypatch.setattr(Calibration, "measured_ratio", lambda self, budget: 0.9)
-    choose, first = Calibration._choose, {}
+    choose, first = Calibration.choose, {}
 
     def always_the_first(self, methods, target):
         return first.setdefault("pick", choose(self, methods, target))
 
-    monkeypatch.setattr(Calibration, "_choose", always_the_first)
+    monkeypatch.setattr(Calibration, "choose", always_the_first)
     budget = search(0.7)
     assert len(search.timings) == 1
     assert budget.calibration["measured_latency_ratio"] == 0.9
 
 
-def test_a_timed_search_also_tries_caps_held_for_two_layers_and_picks_the_fastest_of_the_best():
-    """With a latency model and ``hold=2``, a method whose caps decay is also searched with
-    each cap held for two layers (a layer whose input fits its cap runs no selection, so such a
-    schedule pays fewer sampling layers at about the same GFLOPs), and of the budgets near the
-    target within one calibration image of the most accurate, the search keeps the fastest
-    predicted one. Without a latency model, or with ``hold=1`` (the default), it tries
-    decaying caps only."""
+def test_a_timed_search_picks_the_fastest_predicted_of_the_equally_accurate():
+    """With a latency model, of the budgets near the target within one calibration image of
+    the most accurate, the search keeps the fastest predicted one."""
     model = small_vit(peaked=6.0).eval()
     x = images(32, 1)
-
-    def held(search):
-        return [t for t in search.trials.values() if isinstance(t.key[2], tuple)]
-
-    timed = Calibration(model, x, method="tome", latency=fixed_table(model, batch=8), hold=2, progress=False)
+    timed = Calibration(model, x, latency=fixed_table(model, batch=8), progress=False)
     chosen = timed(0.7)
-    caps = [t.budget.caps for t in held(timed)]
-    assert caps, "the timed search tried held caps"
-    assert all(c[i] == c[i + 1] for c in caps for i in range(0, len(c) - 1, 2))
-    near = [t for t in timed.trials.values() if abs(t.cost - 0.7) <= timed.window(0.7) and not t.estimated]
+    near = [
+        t for t in timed.trials.values() if abs(t.cost - 0.7) <= timed.search.window(0.7) and not t.estimated
+    ]
     best = max(t.score for t in near)
     equal = [t for t in near if t.score >= best - 1 / len(x) - 1e-9]
+    assert len(equal) > 1, "the test needs several equally accurate budgets"
     assert chosen.calibration["latency_ratio"] == min(t.seconds for t in equal)
-
-    for plain in (
-        Calibration(model, x, method="tome", hold=2, progress=False),  # no latency model
-        Calibration(model, x, method="tome", latency=fixed_table(model, batch=8), progress=False),  # hold=1
-    ):
-        plain(0.7)
-        assert plain.trials and not held(plain)
-    with pytest.raises(ValueError, match="hold must be >= 1, got 0"):
-        Calibration(model, x, hold=0, progress=False)
-
-
-def test_held_caps_decay_once_every_hold_layers():
-    assert calibrate.caps_for(0.5, 16, 5, hold=2) == (8, 8, 4, 4, 2)
-    assert calibrate.caps_for(0.5, 16, 3) == (8, 4, 2)
-    with pytest.raises(ValueError, match="hold must be >= 1, got 0"):
-        calibrate.caps_for(0.5, 16, 3, hold=0)
 
 
 def test_rule_cells_time_a_block_that_selects_even_when_the_model_is_dense(monkeypatch):
@@ -283,7 +283,7 @@ def test_rule_cells_time_a_block_that_selects_even_when_the_model_is_dense(monke
         return out
 
     monkeypatch.setattr(type(family), "run_block", spy)
-    grid = lat._build_rule("score")
+    grid = lat._build_rule(Rule.SCORE)
     assert widths and all(n_out < n_in for n_in, n_out in widths), "every cell selects"
     assert all(ats.keeps_all for ats in family.sampling_layers()), "the model is left dense"
     assert not any(math.isnan(grid[i][j]) for i in range(len(grid)) for j in range(i))
@@ -314,7 +314,7 @@ def test_a_busy_moment_in_one_cell_never_makes_fewer_tokens_cost_more(monkeypatc
     table = lat._build_dense(len(widths))
     for row in (table.dense, *table.dense_in.values()):
         assert row == sorted(row) and row[1] == row[2]
-    grid = lat._build_rule("score")
+    grid = lat._build_rule(Rule.SCORE)
     last = len(widths) - 1
     assert grid[last][1] == grid[last][2] == pytest.approx((widths[last] + widths[2]) * 1e-4)
     for i in range(len(widths)):

@@ -143,9 +143,7 @@ def test_tome_fast_path_plans_what_the_general_one_plans(monkeypatch, num_prefix
             size = torch.randint(1, 4, (4, n), generator=gen).float()
             for sizes in (None, size):
                 fast = tome_plan(metric, keep_count, None, num_prefix, sizes)
-                with monkeypatch.context() as m:
-                    m.setattr(sampling, "TOME_FAST_PATH", False)
-                    general = tome_plan(metric, keep_count, None, num_prefix, sizes)
+                general = sampling._tome_plan_general(metric, keep_count, None, num_prefix, sizes)
                 assert fast.padding is None and general.padding is None and fast.late
                 assert fast.merge.whole and not general.merge.whole
                 x = torch.randn(4, n, 5, generator=gen)

@@ -16,6 +16,7 @@ import ats_vit.timm as ats_timm  # noqa: E402
 from ats_vit import SamplingOptions, family_of  # noqa: E402
 from ats_vit.attention import received_attention  # noqa: E402
 from ats_vit.flops import TokenTrace, ViTCost, flops  # noqa: E402
+from ats_vit.options import Rule  # noqa: E402
 from ats_vit.sampling import AdaptiveTokenSampling, Padding  # noqa: E402
 from ats_vit.testing import sharpen_queries  # noqa: E402
 
@@ -68,7 +69,6 @@ def test_budget_that_drops_nothing_equals_the_unpatched_model(name, fused):
     [
         dict(temperature=0.1),
         dict(temperature=0.1, dropped="fuse"),
-        dict(temperature=0.1, dropped="merge"),
         dict(sampler="topk"),
         dict(sampler="tome"),
     ],
@@ -121,21 +121,22 @@ def test_received_scoring_costs_every_querys_logits():
     cost = ViTCost(16, 0, 32, 2, 32, 64, 48, 10, 2)
     counts = [torch.tensor([8]), torch.tensor([8])]
 
-    def total(rule):
-        return flops(cost, TokenTrace(16, 0, counts=counts, rules=[rule, None])).item()
+    def total(rule, received=False):
+        trace = TokenTrace(16, 0, counts=counts, rules=[rule, None], received=[received, False])
+        return flops(cost, trace).item()
 
     n_in, n_out, d, a, h = 16, 8, 32, 32, 2
     # CLS scoring: one query and its row; received: the other n_in - n_out queries and all logits
     cls_scoring = d * a + n_in * a
     received = (n_in - n_out) * d * a + n_in * n_in * a
-    assert total("received") - total("score") == received - cls_scoring
-    assert total("received+fuse") - total("received") == n_in * (d + a) + 0 * h
+    assert total(Rule.SCORE, received=True) - total(Rule.SCORE) == received - cls_scoring
+    assert total(Rule.FUSE, received=True) - total(Rule.SCORE, received=True) == n_in * (d + a) + 0 * h
 
 
 def test_received_scoring_serves_models_without_prefix_tokens():
     with pytest.raises(ValueError, match="num_prefix_tokens must be >= 1"):
         AdaptiveTokenSampling(4, num_prefix_tokens=0)
-    assert AdaptiveTokenSampling(4, num_prefix_tokens=0, scoring="received").rule == "received"
+    assert AdaptiveTokenSampling(4, num_prefix_tokens=0, scoring="received").rule == Rule.SCORE
     with pytest.raises(ValueError, match="scoring must be one of"):
         AdaptiveTokenSampling(4, scoring="probe")
 

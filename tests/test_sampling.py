@@ -5,11 +5,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ats_vit.options import SamplingOptions
+from ats_vit.options import Rule, SamplingOptions
 from ats_vit.sampling import (
     AdaptiveTokenSampling,
     Padding,
-    bipartite_match,
     compact,
     gumbel_sample,
     inverse_transform_sample,
@@ -51,7 +50,7 @@ def layer_inputs(draw):
         static=draw(st.booleans()),
         training=draw(st.booleans()),
         temperature=draw(st.sampled_from([1.0, 0.3, 3.0])),
-        dropped=draw(st.sampled_from(["discard", "fuse", "merge"])),
+        dropped=draw(st.sampled_from(["discard", "fuse"])),
         keys=torch.randn(b, heads, n, 4, generator=gen),
         size=draw(st.sampled_from([None, "random"])),
     )
@@ -221,33 +220,6 @@ def test_fuse_with_more_prefix_tokens_than_candidates():
     torch.testing.assert_close(select_tokens(x, sel), x)
 
 
-def test_merge_sends_each_dropped_token_to_its_most_similar_kept_token():
-    attn = torch.tensor([[[0.0, 0.5, 0.4, 0.05, 0.05]]])
-    v = torch.ones(1, 1, 5, 2)
-    k = torch.tensor([[[[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]]]])
-    sel = AdaptiveTokenSampling(2, SamplingOptions("topk", dropped="merge")).eval()(attn, v, k=k)
-    assert sel.index.tolist() == [[0, 1, 2]]
-    # token 3 is like token 1, token 4 like token 2; sizes add up; means weighted by size
-    assert sel.merge.dest.tolist() == [[0, 1, 2, 1, 2]]
-    assert sel.size.tolist() == [[1.0, 2.0, 2.0]]
-    x = torch.arange(5.0)[None, :, None]
-    torch.testing.assert_close(select_tokens(x, sel)[0, :, 0], torch.tensor([0.0, 2.0, 3.0]))
-
-
-def test_bipartite_match_merges_the_closest_pairs_of_a_into_b():
-    # A = candidates 0, 2, 4; B = 1, 3. A0 ~ B1 closely, A2 ~ B3 loosely, A4 ~ nothing much
-    metric = torch.tensor([[[1.0, 0.0], [1.0, 0.05], [0.0, 1.0], [0.3, 1.0], [-1.0, -1.0]]])
-    keep, into = bipartite_match(metric, keep_count=4)
-    assert keep.tolist() == [[False, True, True, True, True]]
-    assert into.tolist() == [[1, -1, -1, -1, -1]]
-    keep, into = bipartite_match(metric, keep_count=3)
-    assert keep.tolist() == [[False, True, False, True, True]]
-    assert into.tolist() == [[1, -1, 3, -1, -1]]
-    # at most |A| tokens merge: one layer no more than halves the tokens
-    keep, _ = bipartite_match(metric, keep_count=1)
-    assert keep.sum().item() == 2
-
-
 @pytest.mark.parametrize("heads", [1, 2, 3, 4, 6, 12])
 def test_head_sum_sums_the_heads_of_strided_keys(heads):
     """ToMe's metric, summed by halves, equals the sum over heads (strided keys as projected)."""
@@ -390,6 +362,7 @@ def test_ats_module_errors(kwargs, error, match):
         (dict(temperature="hot"), TypeError, "temperature must be a float"),
         (dict(dropped="keep"), ValueError, "dropped must be one of"),
         (dict(sampler="tome", dropped="discard"), ValueError, "dropped must be 'merge'"),
+        (dict(sampler="topk", dropped="merge"), ValueError, "dropped='merge' belongs to sampler='tome'"),
         (dict(static_shape=1), TypeError, "static_shape must be a bool"),
     ],
 )
@@ -401,7 +374,7 @@ def test_sampling_options_are_checked_once_when_made(kwargs, error, match):
 def test_configure_changes_the_cap_and_options_in_place():
     ats = AdaptiveTokenSampling(8)
     ats.configure(3, SamplingOptions("topk"))
-    assert (ats.max_tokens, ats.sampler, ats.dropped, ats.rule) == (3, "topk", "discard", "score")
+    assert (ats.max_tokens, ats.sampler, ats.dropped, ats.rule) == (3, "topk", "discard", Rule.FIXED)
     ats.configure(5)  # options kept
     assert (ats.max_tokens, ats.sampler) == (5, "topk")
     assert SamplingOptions("tome").dropped == "merge" and SamplingOptions().dropped == "discard"

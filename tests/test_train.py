@@ -142,7 +142,7 @@ def test_the_cli_offers_every_architecture():
     assert tuple(arch.choices) == ARCHS
 
 
-ATS_BUDGET = dict(start_layer=1, caps=(8, 4), dropped="merge", temperature=2.0)
+ATS_BUDGET = dict(start_layer=1, caps=(8, 4), dropped="fuse", temperature=2.0)
 
 
 def ats_cfg(out: Path, **kw):
@@ -161,9 +161,9 @@ def test_training_with_a_budget_keeps_it_in_the_checkpoint(tmp_path):
     final = train(ats_cfg(tmp_path), tiny_data(), progress=False)
     model, cfg = load_model(final)
     assert Budget.from_dict(cfg.budget) == Budget(**ATS_BUDGET)
-    assert model.max_tokens_per_depth == (16, 8, 4) and model.options.dropped == "merge"
+    assert model.max_tokens_per_depth == (16, 8, 4) and model.options.dropped == "fuse"
     result = evaluate(model, tiny_data(32, seed=1))
-    assert result["kept_per_layer"][-1] <= 4
+    assert result["kept_per_layer"][-1] <= 4 + 1  # the fused token comes on top of the cap
 
 
 def test_resume_with_a_budget_gives_the_same_final_weights(tmp_path):

@@ -114,7 +114,7 @@ def test_videomae_trains_with_ats_in_the_loop_and_samples_adaptively(trained):
     assert sampled.gflops.mean() < 0.75 * dense.gflops.mean()
 
 
-@pytest.mark.parametrize("dropped", ["discard", "merge"])
+@pytest.mark.parametrize("dropped", ["discard", "fuse"])
 def test_space_time_sampling_is_per_clip(trained, dropped):
     """A padded batch of clips that keep different counts gives each clip what it gives alone
     (the mean-pooling readout skips padding and weighs merged tokens by their size)."""

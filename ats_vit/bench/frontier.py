@@ -38,19 +38,7 @@ class FrontierConfig:
 
     checkpoints: tuple[str, ...]
     data: tuple[str, ...] = ("demo",)
-    methods: tuple[str, ...] = (
-        "auto",
-        "paper",
-        "official",
-        "ats",
-        "ats-fuse",
-        "ats-merge",
-        "topk",
-        "evit",
-        "random",
-        "tome",
-        "tome-early",
-    )
+    methods: tuple[str, ...] = METHOD_CHOICES
     targets: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     calib_images: int | None = None  # None: the whole calibration split
     batch_size: int = 256

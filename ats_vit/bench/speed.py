@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ats_vit._progress import bar as progress_bar
 from ats_vit.bench.common import peak_memory, use_threads
 from ats_vit.flops import TokenTrace, ViTCost, gflops
-from ats_vit.options import DROPPED, SAMPLERS, SamplingOptions
+from ats_vit.options import DROPPED, SAMPLERS, Rule, SamplingOptions
 from ats_vit.timing import speedup, time_round_robin
 
 __all__ = ["FAMILIES", "SPEED_COLUMNS", "SpeedConfig", "speed"]
@@ -117,8 +117,8 @@ def _seed_trace(model: Any, x: Tensor, num_patches: int) -> TokenTrace:
     def hook(_module: Any, _inputs: Any, output: Any) -> None:
         _, mask, sampled_ids = output
         trace.counts.append(mask.sum(dim=1) - 1)
-        trace.rules.append(None if sampled_ids is None else "score")
-        trace.timings.append(trace.rules[-1])
+        trace.rules.append(None if sampled_ids is None else Rule.SCORE)
+        trace.received.append(False)
 
     handles = [layer[0].register_forward_hook(hook) for layer in model.transformer.layers]
     try:

@@ -134,7 +134,7 @@ class Family(ABC):
         return self.sampling_layers()[-1].options
 
     def layer_options(self) -> tuple[SamplingOptions, ...]:
-        """The sampling options of every layer now (a hybrid budget has two rules)."""
+        """The sampling options of every layer now."""
         return tuple(ats.options for ats in self.sampling_layers())
 
     def set_schedule(
