@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from ats_vit.sampling import (
 )
 
 __all__ = [
+    "AttentionParts",
     "SamplingAttention",
     "attend",
     "cls_attention",
@@ -242,24 +244,42 @@ def _project(x: Tensor, projections: list[Projection], padding: Padding | None, 
     return out
 
 
+class AttentionParts(NamedTuple):
+    """What :func:`sampled_self_attention` needs of a model's attention: its weights and its
+    own modules, gathered once per call by the family's block (one value instead of a dozen
+    arguments).
+
+    ``qkv_weight`` is one fused (3 * inner, c) weight (timm, ours) or separate query, key and
+    value weights (Hugging Face); ``qkv_bias`` likewise, or None. ``dropout_p``: attention
+    dropout (0 at eval). ``q_norm``/``k_norm`` act per head on (b, h, n, d); ``gate`` (a sigmoid
+    gate from the input), ``out_norm`` and ``proj`` act per token. ``rope`` (rotary position
+    embeddings, e.g. EVA-02) rotates queries and keys (b, h, n, d), after their norms, by the
+    original positions (b, n) of their tokens. ``pair_bias`` (relative position bias, e.g.
+    BEiT) gives the (b, h, m, n) logits added for queries at positions (b, m) and keys at
+    positions (b, n).
+    """
+
+    qkv_weight: Tensor | Sequence[Tensor]
+    qkv_bias: Tensor | Sequence[Tensor | None] | None
+    heads: int
+    scale: float
+    dropout_p: float = 0.0
+    q_norm: TensorFn = _identity
+    k_norm: TensorFn = _identity
+    gate: TensorFn | None = None
+    out_norm: TensorFn = _identity
+    proj: TensorFn = _identity
+    rope: Rotation | None = None
+    pair_bias: PairBias | None = None
+
+
 def sampled_self_attention(
     x: Tensor,
     padding: Padding | None,
     ats: AdaptiveTokenSampling | None,
+    parts: AttentionParts,
     *,
     size: Tensor | None = None,
-    qkv_weight: Tensor | Sequence[Tensor],
-    qkv_bias: Tensor | Sequence[Tensor | None] | None,
-    heads: int,
-    scale: float,
-    dropout_p: float = 0.0,
-    q_norm: TensorFn = _identity,
-    k_norm: TensorFn = _identity,
-    gate: TensorFn | None = None,
-    out_norm: TensorFn = _identity,
-    proj: TensorFn = _identity,
-    rope: Rotation | None = None,
-    pair_bias: PairBias | None = None,
     positions: Tensor | None = None,
 ) -> tuple[Tensor, TokenSelection | None]:
     """Self-attention over x (already normalised) that keeps only the tokens ``ats`` samples.
@@ -269,19 +289,14 @@ def sampled_self_attention(
     None when the layer kept every token; the caller takes its residual stream through the
     same selection (:meth:`ats_vit.tokens.TokenState.follow`). A late selection (ToMe) comes
     with the output of every token, which the caller merges after adding it to the residual.
-    ``qkv_weight`` is one fused (3 * inner, c) weight (timm, ours) or separate query, key and
-    value weights (Hugging Face); ``qkv_bias`` likewise, or None. The callables are the model's own
-    modules: ``q_norm``/``k_norm`` act per head on (b, h, n, d); ``gate`` (sigmoid gate from
-    the input), ``out_norm`` and ``proj`` act per token. Keys and values are computed for all
-    tokens; queries only for CLS (to score) and for the kept tokens, or, when ``ats`` scores
-    by received attention, for every token (all of them vote; only the kept ones get outputs).
-    ``rope`` (rotary position embeddings, e.g. EVA-02) rotates queries and keys (b, h, n, d),
-    after their norms, by the original positions (b, n) of their tokens: ``positions`` of the
-    n input tokens, the kept tokens keep theirs (a merged token takes the position of the token
-    it was merged into). ``pair_bias`` (relative position bias, e.g. BEiT) gives the (b, h, m, n)
-    logits added for queries at positions (b, m) and keys at positions (b, n), gathered for
-    the tokens alive and kept the same way.
+    ``parts``: the model's attention (:class:`AttentionParts`). Keys and values are computed
+    for all tokens; queries only for CLS (to score) and for the kept tokens, or, when ``ats``
+    scores by received attention, for every token (all of them vote; only the kept ones get
+    outputs). ``positions`` (b, n): the original positions of the n input tokens, which rotary
+    embeddings and a pair bias need; the kept tokens keep theirs (a merged token takes the
+    position of the token it was merged into).
     """
+    heads, scale, dropout_p, q_norm, k_norm, gate, out_norm, proj, rope, pair_bias = parts[2:]
     if (rope is not None or pair_bias is not None) and positions is None:
         raise ValueError("rope and pair_bias need the positions of the tokens")
 
@@ -289,7 +304,7 @@ def sampled_self_attention(
         return t if rope is None or where is None else rope(t, where)
 
     bias = key_bias(padding, size)
-    all_proj = _projections(qkv_weight, qkv_bias)
+    all_proj = _projections(parts.qkv_weight, parts.qkv_bias)
     if ats is None or not ats.needed(x.shape[1]) or ats.late:
         q, k, v = _project(x, all_proj, padding, heads)
         q, k = rotate(q_norm(q), positions), rotate(k_norm(k), positions)
@@ -375,15 +390,12 @@ class SamplingAttention(nn.Module):
         """x: (b, n, dim) with its padding and token sizes -> output (b, m, dim) for the kept
         tokens (padded slots unspecified) and the selection, or None when this layer kept
         every token."""
-        return sampled_self_attention(
-            x,
-            padding,
-            self.ats,
-            size=size,
-            qkv_weight=self.qkv.weight,
-            qkv_bias=self.qkv.bias,
-            heads=self.heads,
-            scale=self.scale,
+        parts = AttentionParts(
+            self.qkv.weight,
+            self.qkv.bias,
+            self.heads,
+            self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             proj=lambda t: self.proj_drop(self.proj(t)),
         )
+        return sampled_self_attention(x, padding, self.ats, parts, size=size)

@@ -99,7 +99,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("ats_vit.hf needs Hugging Face transformers>=5.24: pip install 'ats-vit[hf]'") from exc
 
-from ats_vit.attention import key_bias, sampled_self_attention
+from ats_vit.attention import AttentionParts, key_bias, sampled_self_attention
 from ats_vit.families._patched import PatchedFamily, block_state, patched_once, weighted_mean
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
@@ -560,17 +560,16 @@ def _layer_forward(
     if skipped is not None:
         return skipped
     p: LayerParts = self._ats_parts(self)
-    out, selection = sampled_self_attention(
-        p.norm1(hidden_states),
-        state.padding,
-        self.ats,
-        size=state.size,
-        qkv_weight=(p.q.weight, p.k.weight, p.v.weight),
-        qkv_bias=(p.q.bias, p.k.bias, p.v.bias),
-        heads=p.heads,
-        scale=p.scale,
+    parts = AttentionParts(
+        (p.q.weight, p.k.weight, p.v.weight),
+        (p.q.bias, p.k.bias, p.v.bias),
+        p.heads,
+        p.scale,
         dropout_p=p.dropout if self.training else 0.0,
         proj=p.proj,
+    )
+    out, selection = sampled_self_attention(
+        p.norm1(hidden_states), state.padding, self.ats, parts, size=state.size
     )
     x = state.follow(hidden_states, p.residual1(out), selection)
     del out  # not alive during the MLP, whose hidden activations set the peak memory

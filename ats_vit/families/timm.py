@@ -15,7 +15,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor
 
-from ats_vit.attention import key_bias, sampled_self_attention
+from ats_vit.attention import AttentionParts, key_bias, sampled_self_attention
 from ats_vit.families import timm_beit, timm_eva
 from ats_vit.families._patched import (
     PatchedFamily,
@@ -125,15 +125,11 @@ def _block_forward(self: Any, x: Tensor, attn_mask: Tensor | None = None, is_cau
     if skipped is not None:
         return skipped
     attn: Any = self.attn
-    out, selection = sampled_self_attention(
-        self.norm1(x),
-        state.padding,
-        self.ats,
-        size=state.size,
-        qkv_weight=attn.qkv.weight,
-        qkv_bias=attn.qkv.bias,
-        heads=attn.num_heads,
-        scale=attn.scale,
+    parts = AttentionParts(
+        attn.qkv.weight,
+        attn.qkv.bias,
+        attn.num_heads,
+        attn.scale,
         dropout_p=attn.attn_drop.p if self.training else 0.0,
         q_norm=attn.q_norm,
         k_norm=attn.k_norm,
@@ -141,6 +137,7 @@ def _block_forward(self: Any, x: Tensor, attn_mask: Tensor | None = None, is_cau
         out_norm=attn.norm,
         proj=lambda t: attn.proj_drop(attn.proj(t)),
     )
+    out, selection = sampled_self_attention(self.norm1(x), state.padding, self.ats, parts, size=state.size)
     x = state.follow(x, self.drop_path1(self.ls1(out)), selection)
     del out  # not alive during the MLP, whose hidden activations set the peak memory
     # drop path is per image, so it must see the padded (b, m, c) grid, not packed tokens

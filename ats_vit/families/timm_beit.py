@@ -20,7 +20,7 @@ import torch
 from timm.models.beit import Attention, Beit, Block
 from torch import Tensor
 
-from ats_vit.attention import sampled_self_attention
+from ats_vit.attention import AttentionParts, sampled_self_attention
 from ats_vit.families._patched import TimmStyleFamily, block_state, model_name, patched_once, weighted_mean
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
@@ -97,19 +97,17 @@ def _block_forward(self: Any, x: Tensor, shared_rel_pos_bias: Tensor | None = No
     table = _dense_bias(attn, shared_rel_pos_bias)
     gamma1 = self.gamma_1 if self.gamma_1 is not None else 1.0
     gamma2 = self.gamma_2 if self.gamma_2 is not None else 1.0
-    out, selection = sampled_self_attention(
-        self.norm1(x),
-        state.padding,
-        self.ats,
-        size=state.size,
-        qkv_weight=attn.qkv.weight,
-        qkv_bias=bias,
-        heads=attn.num_heads,
-        scale=attn.scale,
+    parts = AttentionParts(
+        attn.qkv.weight,
+        bias,
+        attn.num_heads,
+        attn.scale,
         dropout_p=attn.attn_drop.p if self.training else 0.0,
         proj=lambda t: attn.proj_drop(attn.proj(t)),
         pair_bias=None if table is None else pair_bias(table),
-        positions=state.positions,
+    )
+    out, selection = sampled_self_attention(
+        self.norm1(x), state.padding, self.ats, parts, size=state.size, positions=state.positions
     )
     x = state.follow(x, self.drop_path1(gamma1 * out), selection)
     del out

@@ -22,7 +22,7 @@ from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import Tensor
 
-from ats_vit.attention import sampled_self_attention
+from ats_vit.attention import AttentionParts, sampled_self_attention
 from ats_vit.families._patched import TimmStyleFamily, block_state, model_name, patched_once, weighted_mean
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
@@ -110,15 +110,11 @@ def _block_forward(
         bias = (attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
     gamma1 = self.gamma_1 if self.gamma_1 is not None else 1.0
     gamma2 = self.gamma_2 if self.gamma_2 is not None else 1.0
-    out, selection = sampled_self_attention(
-        self.norm1(x),
-        state.padding,
-        self.ats,
-        size=state.size,
-        qkv_weight=weight,
-        qkv_bias=bias,
-        heads=attn.num_heads,
-        scale=attn.scale,
+    parts = AttentionParts(
+        weight,
+        bias,
+        attn.num_heads,
+        attn.scale,
         dropout_p=attn.attn_drop.p if self.training else 0.0,
         q_norm=attn.q_norm,
         k_norm=attn.k_norm,
@@ -126,7 +122,9 @@ def _block_forward(
         out_norm=attn.norm,
         proj=lambda t: attn.proj_drop(attn.proj(t)),
         rope=None if rope is None else rotation(rope, attn.num_prefix_tokens, attn.rotate_half),
-        positions=state.positions,
+    )
+    out, selection = sampled_self_attention(
+        self.norm1(x), state.padding, self.ats, parts, size=state.size, positions=state.positions
     )
     x = state.follow(x, self.drop_path1(gamma1 * out), selection)
     del out
