@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeGuard
 
@@ -125,3 +126,12 @@ def state_dict_mismatch(own: Mapping[str, Tensor], given: Mapping[str, Tensor], 
         if names
     ]
     return "; ".join(parts) if parts else None
+
+
+def deprecated(old: str, new: str, stacklevel: int = 3) -> None:
+    """Warn that ``old`` (a 0.x name) is deprecated for ``new``; it keeps working in 1.x."""
+    warnings.warn(
+        f"{old} is deprecated since ats-vit 1.0 and will be removed in 2.0; use {new}",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )

@@ -353,7 +353,7 @@ def sampled_self_attention(
 class SamplingAttention(nn.Module):
     """Multi-head self-attention (input already normalised) that may drop tokens.
 
-    With ``max_tokens=None``, or when a layer has no more than ``max_tokens`` non-prefix
+    With ``cap=None``, or when a layer has no more than ``cap`` non-prefix
     tokens, it is plain attention. Otherwise keys and values are computed for all tokens,
     queries only for the CLS token (to score) and for the kept tokens (to produce outputs);
     ``options`` say how tokens are selected (default: the paper's ATS).
@@ -365,7 +365,7 @@ class SamplingAttention(nn.Module):
         heads: int = 8,
         dim_head: int = 64,
         dropout: float = 0.0,
-        max_tokens: int | None = None,
+        cap: int | None = None,
         options: SamplingOptions | None = None,
         *,
         num_prefix_tokens: int = 1,
@@ -379,9 +379,7 @@ class SamplingAttention(nn.Module):
         self.proj = nn.Linear(self.inner_dim, dim)
         self.proj_drop = nn.Dropout(dropout)
         self.ats = (
-            None
-            if max_tokens is None
-            else AdaptiveTokenSampling(max_tokens, options, num_prefix_tokens=num_prefix_tokens)
+            None if cap is None else AdaptiveTokenSampling(cap, options, num_prefix_tokens=num_prefix_tokens)
         )
 
     def forward(

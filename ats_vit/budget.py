@@ -23,7 +23,7 @@ from ats_vit import _validate
 from ats_vit.families import Family, family_of
 from ats_vit.options import SamplingOptions
 
-__all__ = ["COST_KINDS", "Budget", "BudgetError", "configure"]
+__all__ = ["Budget", "BudgetError", "configure"]
 
 FORMAT = "ats-vit-budget/2"
 # what a budget's target is a fraction of: counted GFLOPs, or measured time on a device

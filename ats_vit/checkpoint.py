@@ -13,14 +13,7 @@ from torch import Tensor, nn
 
 from ats_vit.models import ModelConfig, build_model
 
-__all__ = [
-    "CheckpointError",
-    "load_checkpoint",
-    "load_model",
-    "load_optimizer_tensors",
-    "optimizer_tensors",
-    "save_checkpoint",
-]
+__all__ = ["CheckpointError", "load_checkpoint", "load_model", "save_checkpoint"]
 
 
 class CheckpointError(ValueError):

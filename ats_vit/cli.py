@@ -62,6 +62,29 @@ _keep_ratio = _fraction("a keep ratio")
 _target = _fraction("a fraction of the dense cost")
 
 
+class _Renamed(argparse.Action):
+    """An option's 0.x name, hidden from --help: sets the new option and says it is deprecated."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        print(
+            f"warning: {option} is deprecated since ats-vit 1.0 and will be removed in 2.0; use {self.new}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def _renamed(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """Accept ``old`` (0.x's name) for the option ``new``, with a deprecation warning."""
+    dest = new.lstrip("-").replace("-", "_")
+    parser.add_argument(old, dest=dest, action=_Renamed, new=new, **kwargs)
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults (0 included), but not the noise of 'default: None' or of flags."""
 
@@ -223,7 +246,7 @@ def _eval_budgets(args: argparse.Namespace, source: Any) -> list[tuple[str, Any]
     for keep in keeps:
         if keep != 1.0:
             start = _start_layer(args, family.depth)
-            budget = Budget.paper(keep, start, family.depth, family.num_patches, args.sampler)
+            budget = Budget.paper(keep, start, family.depth, family.num_patches)
             rows.append((f"keep {keep:g}", budget))
     for _, budget in rows:
         if budget is not None:
@@ -338,10 +361,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = ModelConfig(arch=args.arch)
     else:
         # an ImageFolder: RGB at the requested size, one class per sub-folder
-        classes = getattr(load_split(args.data, "train", args.image_size), "classes", [])
+        classes = getattr(load_split(args.data, "train", args.img_size), "classes", [])
         model = ModelConfig(
             arch=args.arch,
-            image_size=args.image_size,
+            image_size=args.img_size,
             patch_size=args.patch_size,
             channels=3,
             num_classes=len(classes),
@@ -370,7 +393,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _writable(paths, args.overwrite)
     source = _load(args)
     model = source.model.to(_device(args.device))
-    images, labels = take(_split(args, source, "calib"), args.images, args.seed)
+    images, labels = take(_split(args, source, "calib"), args.calib_images, args.seed)
     search = Calibration(
         model,
         images,
@@ -503,7 +526,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from ats_vit.data import take
     from ats_vit.viz import save_kept_tokens_grid
 
-    _writable([args.output], args.overwrite)
+    _writable([args.out], args.overwrite)
     source = _load(args)
     family = source.family
     if args.budget:
@@ -516,7 +539,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
         source.model.eval()
         _, state = family.run(images)
     title = f"{source.name}, {_describe(budget)}"
-    path = save_kept_tokens_grid(images, state.trace, family.patch_size[0], args.output, title=title)
+    path = save_kept_tokens_grid(images, state.trace, family.patch_size[0], args.out, title=title)
     print(f"wrote {path}")
     return 0
 
@@ -525,7 +548,7 @@ def _run_bench(
     run: Callable[[Any], list[dict[str, Any]]], cfg: Any, columns: Any, args: argparse.Namespace
 ) -> list[dict[str, Any]]:
     """Print the config and machine, run the benchmark, print its table and write its JSON."""
-    from ats_vit.bench import machine, print_table, write_json
+    from ats_vit.bench.common import machine, print_table, write_json
 
     _writable([p for p in (args.json, getattr(args, "plot", None)) if p], args.overwrite)
     device = getattr(cfg, "device", "cpu")
@@ -540,14 +563,14 @@ def _run_bench(
 def cmd_bench_speed(args: argparse.Namespace) -> int:
     import torch
 
-    from ats_vit.bench import SPEED_COLUMNS, SpeedConfig, speed
+    from ats_vit.bench.speed import SPEED_COLUMNS, SpeedConfig, speed
 
     cfg = SpeedConfig(
         model=args.model,
         img_size=args.img_size,
         pretrained=args.pretrained,
         start_layer=args.start_layer,
-        max_tokens=args.max_tokens,
+        cap=args.cap,
         samplers=tuple(args.samplers),
         dropped=tuple(args.dropped),
         families=tuple(args.families),
@@ -557,7 +580,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         min_seconds=args.min_seconds,
         seed=args.seed,
         device=args.device,
-        threads=args.threads or torch.get_num_threads(),
+        threads=torch.get_num_threads(),
         static=args.static,
         compile=args.compile,
         dtype=args.dtype,
@@ -567,7 +590,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_frontier(args: argparse.Namespace) -> int:
-    from ats_vit.bench import FRONTIER_COLUMNS, FrontierConfig, frontier
+    from ats_vit.bench.frontier import FRONTIER_COLUMNS, FrontierConfig, frontier
     from ats_vit.viz import plot_frontier
 
     cfg = FrontierConfig(
@@ -593,7 +616,7 @@ def cmd_bench_frontier(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from ats_vit.bench import TRAIN_SPEED_COLUMNS, TrainSpeedConfig, train_speed
+    from ats_vit.bench.train import TRAIN_SPEED_COLUMNS, TrainSpeedConfig, train_speed
 
     cfg = TrainSpeedConfig(
         checkpoint=args.checkpoint,
@@ -657,7 +680,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ckpt,
             "--budget",
             budget.format(target=targets[0]),
-            "--output",
+            "--out",
             str(out / "kept_tokens.png"),
             *again,
         ],
@@ -669,7 +692,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "0.5",
             "--start-layer",
             "3",
-            "--output",
+            "--out",
             str(out / "kept_tokens_paper.png"),
             *again,
         ],
@@ -744,7 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="ats_vit.ViT, or timm's VisionTransformer reading out the class token (timm), "
         "average-pooled without one (timm-gap) or with a SigLIP-style attention-pool head (timm-map)",
     )
-    train.add_argument("--image-size", type=_positive_int, default=224, help="for --data FOLDER (demo: 48)")
+    train.add_argument("--img-size", type=_positive_int, default=224, help="for --data FOLDER (demo: 48)")
+    _renamed(train, "--image-size", "--img-size", type=_positive_int)
     train.add_argument("--patch-size", type=_positive_int, default=16, help="for --data FOLDER (demo: 8)")
     train.set_defaults(fn=cmd_train)
 
@@ -784,7 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="how tokens are selected (docs: Methods)",
     )
     _add_data(cal, "val")
-    cal.add_argument("--images", type=_positive_int, default=512, help="calibration images")
+    cal.add_argument("--calib-images", type=_positive_int, default=512, help="calibration images")
+    _renamed(cal, "--images", "--calib-images", type=_positive_int)
     cal.add_argument(
         "--no-labels", action="store_true", help="maximise agreement with the dense top-1 instead"
     )
@@ -811,7 +836,6 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--start-layer", type=_count, help="first layer that samples, for --keep (default: 3, or the last)"
     )
-    ev.add_argument("--sampler", choices=SAMPLERS, default="inverse_transform", help="for --keep")
     ev.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass")
     ev.add_argument("--workers", type=_count, default=0, help="data loading processes")
     ev.add_argument("--timing-repeats", type=_count, default=5, help="timed rounds per budget (0: no timing)")
@@ -833,7 +857,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="without --budget: first layer that samples (default: 3, or the last)",
     )
     viz.add_argument("--images", type=_positive_int, default=6, help="images (rows) to draw")
-    viz.add_argument("--output", default="runs/kept_tokens.png", help="PNG path")
+    viz.add_argument("--out", default="runs/kept_tokens.png", help="PNG path")
+    _renamed(viz, "--output", "--out")
     viz.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     viz.set_defaults(fn=cmd_viz)
 
@@ -853,9 +878,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--img-size", type=_positive_int, help="image size (default: the model's)")
     sp.add_argument("--pretrained", action="store_true", help="timm weights (needs a download)")
     sp.add_argument("--start-layer", type=_count, default=3, help="first layer that samples (0-based)")
-    sp.add_argument(
-        "--max-tokens", type=_positive_int, default=108, help="patch tokens kept per sampling layer"
-    )
+    sp.add_argument("--cap", type=_positive_int, default=108, help="patch tokens kept per sampling layer")
+    _renamed(sp, "--max-tokens", "--cap", type=_positive_int)
     sp.add_argument(
         "--samplers",
         nargs="+",
@@ -875,7 +899,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--seed", type=int, default=0, help="weights and images")
     sp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    sp.add_argument("--threads", type=_positive_int, help="CPU threads (default: torch's)")
     sp.add_argument("--static", action="store_true", help="also ATS with static shapes (no host sync)")
     sp.add_argument("--compile", action="store_true", help="also torch.compile'd timm and our models")
     sp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="bfloat16: autocast")

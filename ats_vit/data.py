@@ -21,18 +21,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ats_vit import _validate
 
-__all__ = [
-    "SPLITS",
-    "BadImageError",
-    "DemoConfig",
-    "DemoSplits",
-    "cluttered_digits",
-    "collate_skipping",
-    "image_folder",
-    "load_split",
-    "source_items",
-    "take",
-]
+__all__ = ["BadImageError", "DemoConfig", "cluttered_digits", "image_folder", "load_split", "take"]
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ats_vit.options import Rule
 from ats_vit.sampling import Padding, _shape_cached
 
-__all__ = ["TokenTrace", "ViTCost", "flops", "gflops", "mlp_width"]
+__all__ = ["TokenTrace", "ViTCost", "flops", "gflops"]
 
 
 @dataclass(frozen=True)

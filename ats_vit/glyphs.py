@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-__all__ = ["GlyphConfig", "glyph_split", "glyph_templates"]
+__all__ = ["GlyphConfig", "glyph_split"]
 
 DIGITS = "0123456789"
 LETTERS = "ACEFHKLMNPRTUVWXY"  # letters that do not look like digits

@@ -46,17 +46,22 @@ SUPPORTED = MODELS
 
 def apply(
     model: nn.Module,
-    layers: Iterable[int] | None = None,
-    max_tokens: int | Sequence[int] = 108,
+    *,
+    caps: int | Sequence[int] | None = _patched._UNSET,
+    start_layer: int = 0,
     options: SamplingOptions | None = None,
+    layers: Iterable[int] | None = _patched._UNSET,
+    max_tokens: int | Sequence[int] = _patched._UNSET,
 ) -> nn.Module:
-    """Make ``model``'s layers in ``layers`` (default: all) keep at most ``max_tokens`` patch
-    tokens each (an int, or one per chosen layer, in ``layers`` order after sorting); the
-    other layers keep all. ``options``: how tokens are selected (default: the paper's ATS).
-    Patches in place and returns the model; applying again sets the new numbers.
+    """Make ``model``'s layers from ``start_layer`` on keep at most ``caps`` patch tokens each
+    (an int for every such layer, or one cap per layer; a cap of all the patches or more keeps
+    all), the layers before it keeping all; ``caps=None`` patches without dropping.
+    ``options``: how tokens are selected (default: the paper's ATS). Patches in place and
+    returns the model; applying again sets the new numbers. ``layers`` and ``max_tokens`` are
+    0.x's names (deprecated): a cap per chosen layer.
     """
     found = _divided_family(model) if isinstance(model, _DIVIDED) else _family(model)
-    _patched.apply(found, layers, max_tokens, options)
+    _patched.apply(found, caps, start_layer, options, layers, max_tokens)
     return model
 
 

@@ -45,7 +45,7 @@ from ats_vit.flops import TokenTrace
 from ats_vit.options import Rule, SamplingOptions
 from ats_vit.sampling import PACK_MIN_PADDING, Padding
 
-__all__ = ["CONTEXTS", "LatencyModel", "LatencyTable", "cache_dir"]
+__all__ = ["LatencyModel", "LatencyTable", "cache_dir"]
 
 FORMAT = "ats-vit-latency/1"
 # the source files whose code a table times (the blocks, the selection, the table itself):
@@ -287,7 +287,7 @@ class LatencyModel:
         everything), then restore it and the model's train/eval mode."""
         family = self.family
         ats = family.sampling_layers()[family.depth // 2]
-        saved, training = (ats.max_tokens, ats.options), family.model.training
+        saved, training = (ats.cap, ats.options), family.model.training
         keeps_all, ats.keeps_all = ats.keeps_all, False
         family.model.eval()
         try:

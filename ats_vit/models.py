@@ -11,7 +11,7 @@ from ats_vit.budget import Budget
 from ats_vit.families import family_of
 from ats_vit.vit import ViT
 
-__all__ = ["ARCHS", "ModelConfig", "build_model"]
+__all__ = ["ModelConfig", "build_model"]
 
 
 @dataclass

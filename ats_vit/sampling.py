@@ -24,18 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from ats_vit import _validate
-from ats_vit.options import DROPPED, SAMPLERS, Dropped, Rule, Sampler, SamplingOptions
+from ats_vit.options import Rule, SamplingOptions
 
 __all__ = [
-    "DROPPED",
-    "SAMPLERS",
     "AdaptiveTokenSampling",
-    "Dropped",
     "Merge",
     "Padding",
-    "Rule",
-    "Sampler",
-    "SamplingOptions",
     "TokenSelection",
     "compact",
     "gather_tokens",
@@ -599,13 +593,13 @@ def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
 
 
 class AdaptiveTokenSampling(nn.Module):
-    """Keeps at most ``max_tokens`` non-prefix tokens per image, chosen by significance.
+    """Keeps at most ``cap`` non-prefix tokens per image, chosen by significance.
 
     How it selects is ``options`` (:class:`~ats_vit.options.SamplingOptions`): the paper's
     inverse transform and the seed's Gumbel draws keep an adaptive count (repeated picks are
     kept once); the peers ATS is benchmarked against (top-k, random, ToMe) keep exactly
-    ``max_tokens``. Prefix tokens (CLS, distillation, registers: the first
-    ``num_prefix_tokens``) are always kept. An image with at most ``max_tokens`` valid
+    ``cap``. Prefix tokens (CLS, distillation, registers: the first
+    ``num_prefix_tokens``) are always kept. An image with at most ``cap`` valid
     candidates keeps all of them, so an image is treated the same alone as in any batch.
     ``SamplingOptions()`` is the paper's ATS, bit for bit.
 
@@ -620,11 +614,12 @@ class AdaptiveTokenSampling(nn.Module):
 
     def __init__(
         self,
-        max_tokens: int,
+        cap: int | None = None,
         options: SamplingOptions | None = None,
         *,
         num_prefix_tokens: int = 1,
         scoring: str = "cls",
+        max_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.scoring = _validate.choice("scoring", scoring, SCORING)
@@ -632,7 +627,12 @@ class AdaptiveTokenSampling(nn.Module):
             self.num_prefix_tokens = _validate.positive_int("num_prefix_tokens", num_prefix_tokens)
         else:
             self.num_prefix_tokens = _validate.non_negative_int("num_prefix_tokens", num_prefix_tokens)
-        self.max_tokens = 0
+        if max_tokens is not None:
+            _validate.deprecated("AdaptiveTokenSampling(max_tokens=)", "AdaptiveTokenSampling(cap=)")
+            cap = max_tokens if cap is None else cap
+        if cap is None:
+            raise TypeError("AdaptiveTokenSampling needs cap: the most non-prefix tokens the layer keeps")
+        self.cap = 0
         self.options = SamplingOptions()
         # the model's full token count (prefix included) where a rule needs it (the authors'
         # ATS places as many CDF points in every layer); None: the layer's own count
@@ -640,11 +640,17 @@ class AdaptiveTokenSampling(nn.Module):
         # set by a budget for the layers it leaves whole (before its start layer): then no rule
         # samples, not even the authors' ATS, whose cap only bounds what it keeps
         self.keeps_all = False
-        self.configure(max_tokens, options)
+        self.configure(cap, options)
 
-    def configure(self, max_tokens: int, options: SamplingOptions | None = None) -> None:
+    @property
+    def max_tokens(self) -> int:
+        """0.x's name of :attr:`cap` (deprecated)."""
+        _validate.deprecated("AdaptiveTokenSampling.max_tokens", "AdaptiveTokenSampling.cap")
+        return self.cap
+
+    def configure(self, cap: int, options: SamplingOptions | None = None) -> None:
         """Set the cap and (unless None) the options, in place."""
-        self.max_tokens = _validate.positive_int("max_tokens", max_tokens)
+        self.cap = _validate.positive_int("cap", cap)
         if options is not None:
             if not isinstance(options, SamplingOptions):
                 raise TypeError(
@@ -655,7 +661,7 @@ class AdaptiveTokenSampling(nn.Module):
     def extra_repr(self) -> str:
         o = self.options
         return (
-            f"max_tokens={self.max_tokens}, sampler={o.sampler!r}, scoring={self.scoring!r}, "
+            f"cap={self.cap}, sampler={o.sampler!r}, scoring={self.scoring!r}, "
             f"num_prefix_tokens={self.num_prefix_tokens}, "
             f"static_shape={o.static_shape}, temperature={o.temperature:g}, dropped={o.dropped!r}"
         )
@@ -695,7 +701,7 @@ class AdaptiveTokenSampling(nn.Module):
             return False
         if self.options.sampler == "official":
             return candidates > OFFICIAL_MIN_TOKENS
-        return candidates > self.max_tokens
+        return candidates > self.cap
 
     def forward(
         self,
@@ -710,7 +716,7 @@ class AdaptiveTokenSampling(nn.Module):
         attention with ``scoring="received"``; unused, may be None, for the ToMe rules); v, k:
         (b, h, n, d) values and keys (keys are needed to merge); padding of the n input tokens,
         or None; size: (b, n) patches per token, or None (all 1)."""
-        p, cap, o = self.num_prefix_tokens, self.max_tokens, self.options
+        p, cap, o = self.num_prefix_tokens, self.cap, self.options
         b, _, n, _ = v.shape
         if not self.needed(n):
             return TokenSelection(torch.arange(n, device=v.device).expand(b, n), padding, size=size)
@@ -774,7 +780,7 @@ class AdaptiveTokenSampling(nn.Module):
     def _fixed_count(self, cls_attn: Tensor | None, v: Tensor, size: Tensor | None) -> TokenSelection:
         """Top-k or random picks on an unpadded grid: every image keeps exactly the cap, so the
         sorted picks are the output positions (no mask, no host sync)."""
-        p, cap = self.num_prefix_tokens, self.max_tokens
+        p, cap = self.num_prefix_tokens, self.cap
         b, _, n, _ = v.shape
         if self.options.sampler == "topk":
             picks = topk_select(_required(cls_attn)[..., p:], cap)

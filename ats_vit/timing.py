@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["WIDE_SPREAD", "Timing", "describe", "medians", "speedup", "spread_warning", "time_round_robin"]
+__all__ = ["Timing", "speedup", "time_round_robin"]
 
 # an interquartile range above this fraction of the median marks a timing as unsteady
 WIDE_SPREAD = 0.15

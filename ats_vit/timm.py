@@ -31,18 +31,22 @@ __all__ = ["ATSInfo", "apply", "cost", "is_patched", "last_info", "last_trace", 
 
 def apply(
     model: VisionTransformer | Eva | Beit,
-    layers: Iterable[int] | None = None,
-    max_tokens: int | Sequence[int] = 108,
+    *,
+    caps: int | Sequence[int] | None = _patched._UNSET,
+    start_layer: int = 0,
     options: SamplingOptions | None = None,
+    layers: Iterable[int] | None = _patched._UNSET,
+    max_tokens: int | Sequence[int] = _patched._UNSET,
 ) -> VisionTransformer | Eva | Beit:
-    """Make ``model``'s blocks in ``layers`` (default: all) keep at most ``max_tokens`` patch
-    tokens each (an int, or one per chosen layer, in ``layers`` order after sorting); the
-    other blocks keep all. ``options``: how tokens are selected (default: the paper's ATS).
-    Prefix tokens (class, distillation, registers) are always kept. Patches in place and
-    returns the model; applying again sets the new numbers. See :func:`last_info` for what
-    the last forward kept.
+    """Make ``model``'s blocks from ``start_layer`` on keep at most ``caps`` patch tokens each
+    (an int for every such block, or one cap per block; a cap of all the patches or more keeps
+    all), the blocks before it keeping all; ``caps=None`` patches without dropping.
+    ``options``: how tokens are selected (default: the paper's ATS). Prefix tokens (class,
+    distillation, registers) are always kept. Patches in place and returns the model;
+    applying again sets the new numbers. See :func:`last_info` for what the last forward kept.
+    ``layers`` and ``max_tokens`` are 0.x's names (deprecated): a cap per chosen block.
     """
-    _patched.apply(family(model), layers, max_tokens, options)
+    _patched.apply(family(model), caps, start_layer, options, layers, max_tokens)
     return model
 
 

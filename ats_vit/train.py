@@ -36,15 +36,7 @@ from ats_vit.distributed import init_distributed, rank_world
 from ats_vit.families import family_of
 from ats_vit.models import ModelConfig, build_model
 
-__all__ = [
-    "RUN_FILES",
-    "RunExistsError",
-    "TrainConfig",
-    "TrainingInterrupted",
-    "prepare_run_dir",
-    "steps_per_epoch",
-    "train",
-]
+__all__ = ["RunExistsError", "TrainConfig", "TrainingInterrupted", "train"]
 
 
 @dataclass

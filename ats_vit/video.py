@@ -17,7 +17,7 @@ from torch import Tensor
 from ats_vit import _validate
 from ats_vit.data import _load_digits, _paste
 
-__all__ = ["DIRECTIONS", "VideoConfig", "moving_digits"]
+__all__ = ["VideoConfig", "moving_digits"]
 
 DIRECTIONS = ("right", "left", "down", "up")
 _VELOCITY = torch.tensor([[0, 1], [0, -1], [1, 0], [-1, 0]])  # (dy, dx) per direction

@@ -65,12 +65,12 @@ class Block(nn.Module):
         dim_head: int,
         mlp_dim: int,
         dropout: float = 0.0,
-        max_tokens: int | None = None,
+        cap: int | None = None,
         options: SamplingOptions | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = SamplingAttention(dim, heads, dim_head, dropout, max_tokens, options)
+        self.attn = SamplingAttention(dim, heads, dim_head, dropout, cap, options)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = FeedForward(dim, mlp_dim, dropout)
 
@@ -178,7 +178,7 @@ class ViT(nn.Module):
 
     @property
     def max_tokens_per_depth(self) -> tuple[int, ...]:
-        return tuple(ats.max_tokens for ats in self.sampling_layers())
+        return tuple(ats.cap for ats in self.sampling_layers())
 
     @property
     def options(self) -> SamplingOptions:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench import json_arguments, machine, print_table, use_threads, write_json
+from ats_vit.bench.common import json_arguments, machine, print_table, use_threads, write_json
 from ats_vit.calibrate import RECOMMENDED, Calibration
 from ats_vit.checkpoint import load_model
 from ats_vit.data import load_split, take
@@ -94,10 +94,10 @@ def main() -> None:
     parser.add_argument("--data", default="demo", help="'demo' or an ImageFolder root")
     parser.add_argument("--method", default=RECOMMENDED, help="what to calibrate")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5], help="GFLOPs fractions")
-    parser.add_argument("--images", type=int, help="calibration images (default: the whole split)")
+    parser.add_argument("--calib-images", type=int, help="calibration images (default: the whole split)")
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs of each search")
     args = json_arguments(parser)()
-    cfg = Config(args.checkpoint, args.data, args.method, tuple(args.targets), args.images, args.runs)
+    cfg = Config(args.checkpoint, args.data, args.method, tuple(args.targets), args.calib_images, args.runs)
     print(f"config: {cfg}\nmachine: {machine()}")
     rows = run(cfg)
     print_table(rows, COLUMNS)

@@ -95,7 +95,7 @@ def main() -> int:
         ok &= compare(
             f"ours {name}", lambda m, x: m(x, return_sampled_token_ids=True), ours, x, args.device, args
         )
-        patched = ats_timm.apply(copy.deepcopy(base), range(1, depth), list(schedule[1:]), rule)
+        patched = ats_timm.apply(copy.deepcopy(base), caps=tuple(schedule[1:]), start_layer=1, options=rule)
 
         def run(m: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
             return m(x), ats_timm.last_info(m).token_ids

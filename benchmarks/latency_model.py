@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench import checkpoint_batch, json_arguments, print_table, write_json
+from ats_vit.bench.common import checkpoint_batch, json_arguments, print_table, write_json
 from ats_vit.bench.train import variant_names
 from ats_vit.budget import Budget, configure
 from ats_vit.evaluate import time_budgets

@@ -83,7 +83,7 @@ def _reference_attention(module: SamplingAttention, x: torch.Tensor) -> torch.Te
 @pytest.mark.parametrize("max_tokens", [None, 9, 100])
 def test_attention_without_dropping_equals_reference(max_tokens):
     torch.manual_seed(0)
-    module = SamplingAttention(16, heads=2, dim_head=8, max_tokens=max_tokens).eval()
+    module = SamplingAttention(16, heads=2, dim_head=8, cap=max_tokens).eval()
     x = torch.randn(3, 10, 16)
     out, selection = module(x)
     assert selection is None
@@ -92,7 +92,7 @@ def test_attention_without_dropping_equals_reference(max_tokens):
 
 def test_sampling_attention_outputs_equal_the_kept_rows_of_full_attention():
     torch.manual_seed(0)
-    module = SamplingAttention(16, heads=2, dim_head=8, max_tokens=4).eval()
+    module = SamplingAttention(16, heads=2, dim_head=8, cap=4).eval()
     x = torch.randn(3, 12, 16)
     out, selection = module(x)
     assert selection is not None
@@ -106,7 +106,7 @@ def test_sampling_attention_outputs_equal_the_kept_rows_of_full_attention():
 
 def test_sampling_attention_respects_input_padding():
     torch.manual_seed(0)
-    module = SamplingAttention(16, heads=2, dim_head=8, max_tokens=3).eval()
+    module = SamplingAttention(16, heads=2, dim_head=8, cap=3).eval()
     x = torch.randn(2, 9, 16)
     mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])
     x[1, 5:] = 1e4  # whatever sits in padded slots must not matter

@@ -48,7 +48,7 @@ def test_budget_that_drops_nothing_equals_the_unpatched_model(name, fused):
     x = images(3)
     with torch.no_grad():
         logits, features = model(x), model.forward_features(x)
-        ats_timm.apply(model, max_tokens=10_000, options=SamplingOptions(restorable=True))
+        ats_timm.apply(model, caps=10000, options=SamplingOptions(restorable=True))
         torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=1e-5)
         restored = ats_timm.restore(model, model.forward_features(x))
         torch.testing.assert_close(restored, features, atol=1e-5, rtol=1e-5)
@@ -64,7 +64,7 @@ def test_scoring_and_batch_equals_each_image_alone(name):
     x = images(5, seed=1)
     for dropped in ("discard", "fuse"):
         options = SamplingOptions(dropped=dropped, temperature=0.3)
-        ats_timm.apply(model, layers=[1, 2], max_tokens=[10, 5], options=options)
+        ats_timm.apply(model, caps=(10, 5), start_layer=1, options=options)
         with torch.no_grad():
             batch = model(x)
             kept = ats_timm.last_info(model).kept_per_layer
@@ -80,7 +80,7 @@ def test_kept_tokens_get_the_bias_of_their_grid_positions(name):
     x = images(4)
     with torch.no_grad():
         dense = model.forward_features(x)
-        ats_timm.apply(model, layers=[2], max_tokens=5)
+        ats_timm.apply(model, caps=5, start_layer=2)
         sampled = model.forward_features(x)
     ids = ats_timm.last_info(model).token_ids
     assert not torch.equal(ids, torch.arange(5).expand_as(ids)), "the test needs tokens off the first slots"

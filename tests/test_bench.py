@@ -11,7 +11,6 @@ from ats_vit.bench import (
     FrontierConfig,
     SpeedConfig,
     TrainSpeedConfig,
-    binomial_ci95,
     frontier,
     peak_memory,
     speed,
@@ -20,13 +19,14 @@ from ats_vit.bench import (
 from ats_vit.budget import Budget
 from ats_vit.calibrate import AUTO
 from ats_vit.cli import main
+from ats_vit.stats import binomial_ci95
 from ats_vit.timing import Timing, speedup, time_round_robin
 
 TINY_SPEED = dict(
     model="vit_tiny_patch16_224",
     img_size=64,
     start_layer=1,
-    max_tokens=8,
+    cap=8,
     batch_sizes=(2,),
     warmup=0,
     repeats=1,
@@ -269,7 +269,7 @@ def test_cli_bench_frontier_writes_table_json_and_plot(tiny_checkpoint, tiny_spl
 
 def test_cli_bench_speed_prints_the_table_and_reports_bad_values(tmp_path, capsys):
     pytest.importorskip("timm")
-    command = "bench speed --model vit_tiny_patch16_224 --img-size 64 --start-layer 1 --max-tokens 8 "
+    command = "bench speed --model vit_tiny_patch16_224 --img-size 64 --start-layer 1 --cap 8 "
     command += "--batch-sizes 1 --repeats 1 --warmup 0 --min-seconds 0 --families ours"
     argv = command.split()
     assert main([*argv, "--json", str(tmp_path / "speed.json")]) == 0
@@ -311,7 +311,7 @@ def test_train_speed_gives_budgets_with_the_same_stem_their_own_rows(tiny_checkp
 def test_benchmarks_leave_the_thread_count_alone_unless_it_changes(monkeypatch):
     """Setting torch's thread count, even to the count in use, slows its fused CPU attention;
     so speed() sets it only when asked for another count."""
-    from ats_vit.bench import use_threads
+    from ats_vit.bench.common import use_threads
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)

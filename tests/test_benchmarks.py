@@ -43,7 +43,7 @@ def test_every_script_has_a_smoke_test():
 
 def test_speed_and_summarize(tmp_path, monkeypatch, capsys):
     pytest.importorskip("timm")
-    argv = [*TINY_TIMM, "--img-size", "32", "--start-layer", "1", "--max-tokens", "8", "--batch-sizes", "1"]
+    argv = [*TINY_TIMM, "--img-size", "32", "--start-layer", "1", "--cap", "8", "--batch-sizes", "1"]
     argv += ["--repeats", "1", "--warmup", "0", "--min-seconds", "0", "--families", "ours", "timm"]
     for run in ("a", "b"):
         assert (

@@ -176,7 +176,7 @@ def _families():
     ours = small_vit().eval().set_sampling((16,) * 4, static)
     t = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10).eval()
     h = transformers.ViTForImageClassification(transformers.ViTConfig(**HF_TINY)).eval()
-    return [ours, ats_timm.apply(t, layers=[], max_tokens=1, options=static), ats_hf.apply(h, [], 1, static)]
+    return [ours, ats_timm.apply(t, caps=None, options=static), ats_hf.apply(h, caps=None, options=static)]
 
 
 def test_static_shape_is_honoured_by_every_family():

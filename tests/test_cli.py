@@ -2,6 +2,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,7 +114,7 @@ def test_cli_train_calibrate_eval_viz_on_the_demo_data(tmp_path, capsys):
         ckpt,
         "--target",
         "0.6",
-        "--images",
+        "--calib-images",
         "64",
         "--start-layers",
         "2",
@@ -133,7 +134,7 @@ def test_cli_train_calibrate_eval_viz_on_the_demo_data(tmp_path, capsys):
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert [r["label"] for r in rows] == ["dense", "budget @ 0.6", "keep 0.25"]
     assert rows[1]["gflops_ratio"] == pytest.approx(0.6, abs=0.06), "held-out cost near the target"
-    assert main(["viz", ckpt, "--budget", budget, "--images", "3", "--output", str(out / "kept.png")]) == 0
+    assert main(["viz", ckpt, "--budget", budget, "--images", "3", "--out", str(out / "kept.png")]) == 0
     assert (out / "accuracy_vs_gflops.png").exists() and (out / "kept.png").exists()
 
 
@@ -145,7 +146,7 @@ def test_cli_trains_and_evaluates_an_image_folder(tmp_path, capsys):
 
     data = str(image_folder_tree(tmp_path / "data"))
     out = tmp_path / "run"
-    argv = ["train", "--data", data, "--image-size", "32", "--patch-size", "8"]
+    argv = ["train", "--data", data, "--img-size", "32", "--patch-size", "8"]
     assert main([*argv, "--epochs", "1", "--batch-size", "4", "--out", str(out)]) == 0
     cfg = load_checkpoint(out / "final.safetensors")[0]
     assert (cfg.channels, cfg.num_classes, cfg.image_size, cfg.patch_size) == (3, 2, 32, 8)
@@ -267,9 +268,9 @@ def test_other_outputs_are_not_written_over(tmp_path, tiny_checkpoint, capsys):
     assert existing.read_text() == "mine"
     picture = tmp_path / "kept.png"
     picture.write_bytes(b"mine")
-    assert main(["viz", ckpt, "--data", data, "--output", str(picture), "--start-layer", "1"]) == 2
+    assert main(["viz", ckpt, "--data", data, "--out", str(picture), "--start-layer", "1"]) == 2
     assert picture.read_bytes() == b"mine"
-    argv = ["viz", ckpt, "--data", data, "--output", str(picture), "--start-layer", "1", "--overwrite"]
+    argv = ["viz", ckpt, "--data", data, "--out", str(picture), "--start-layer", "1", "--overwrite"]
     assert main(argv) == 0 and picture.read_bytes()[:4] == b"\x89PNG"
 
 
@@ -298,8 +299,6 @@ def test_budgets_are_checked_against_the_model_before_any_work(tmp_path, tiny_ch
     for path, message in ((deep, "with depth=12; ats_vit.ViT has depth=3"), (wide, "num_patches=64")):
         for command in (["eval"], ["viz"], ["finetune"]):
             argv = [*command, str(tiny_checkpoint), "--budget", str(path), "--out", str(tmp_path / "x")]
-            if command == ["viz"]:
-                argv[-2] = "--output"
             assert main(argv) == 2, command
             err = capsys.readouterr().err
             assert str(path.name) in err and message in err, (command, err)
@@ -435,20 +434,20 @@ def test_cli_loads_a_hugging_face_tower_as_a_tower(tmp_path, capsys):
     data = str(image_folder_tree(tmp_path / "data", splits=("train", "val")))
     out = tmp_path / "kept.png"
     argv = ["viz", "--hf", str(tmp_path / "tower"), "--data", data, "--images", "2", "--keep", "0.5"]
-    assert main([*argv, "--output", str(out)]) == 0
+    assert main([*argv, "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
     assert main(["eval", "--hf", str(tmp_path / "tower"), "--data", data, "--out", str(tmp_path / "e")]) == 2
     assert "Dinov2Model has no classification head" in capsys.readouterr().err
     budget = tmp_path / "tower.json"
     argv = ["calibrate", "--hf", str(tmp_path / "tower"), "--data", data, "--target", "0.6"]
-    assert main([*argv, "--images", "16", "--out", str(budget)]) == 0
+    assert main([*argv, "--calib-images", "16", "--out", str(budget)]) == 0
     assert "(fidelity)" in capsys.readouterr().out
     calibration = json.loads(budget.read_text())["calibration"]
     assert 0.5 < calibration["fidelity"] <= 1.0 and calibration["dense_fidelity"] == 1.0
     video = dict(HF_TINY, num_frames=4, tubelet_size=2)
     VideoMAEModel(VideoMAEConfig(**video)).save_pretrained(tmp_path / "video")
     BitImageProcessor().save_pretrained(tmp_path / "video")
-    argv = ["viz", "--hf", str(tmp_path / "video"), "--data", data, "--output", str(out), "--overwrite"]
+    argv = ["viz", "--hf", str(tmp_path / "video"), "--data", data, "--out", str(out), "--overwrite"]
     assert main(argv) == 2
     assert "VideoMAEModel is a video model; the command line reads images" in capsys.readouterr().err
 
@@ -470,3 +469,33 @@ def test_demo_chains_its_steps_and_times_budgets_at_one_batch(tmp_path, monkeypa
     (tmp_path / "eval.json").write_text("{}")
     assert main(["demo", "--out", str(tmp_path)]) == 2
     assert "already holds a demo run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "old", "new"),
+    [
+        (["viz", "CKPT", "--start-layer", "1", "--output", "OUT/kept.png"], "--output", "--out"),
+        (
+            ["calibrate", "CKPT", "--target", "0.7", "--images", "32", "--out", "OUT/b.json"],
+            "--images",
+            "--calib-images",
+        ),
+    ],
+)
+def test_0_x_option_names_still_work_warn_and_are_hidden_from_help(
+    tiny_checkpoint, tmp_path, capsys, argv, old, new
+):
+    pytest.importorskip("torchvision")
+    from helpers import image_folder_tree
+
+    data = str(image_folder_tree(tmp_path / "data", size=16, mode="L"))
+    argv = [a.replace("CKPT", str(tiny_checkpoint)).replace("OUT", str(tmp_path)) for a in argv]
+    assert main([*argv, "--data", data]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {old} is deprecated since ats-vit 1.0 and will be removed in 2.0; use {new}" in err
+    out = Path(argv[-1])
+    assert out.is_file(), f"{old} set {new}"
+    with pytest.raises(SystemExit):
+        main([argv[0], "--help"])
+    shown = capsys.readouterr().out
+    assert new in shown and f"{old} " not in shown

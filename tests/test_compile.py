@@ -66,9 +66,7 @@ def test_patched_timm_with_static_shapes_compiles_without_graph_breaks(rule):
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=10)
     model.eval()
-    ats_timm.apply(
-        model, layers=[1, 2, 3], max_tokens=[8, 6, 6], options=SamplingOptions(static_shape=True, **rule)
-    )
+    ats_timm.apply(model, caps=(8, 6, 6), start_layer=1, options=SamplingOptions(static_shape=True, **rule))
     assert_captured_whole(model, images())
 
 
@@ -84,7 +82,7 @@ def test_pooled_timm_models_with_static_shapes_compile_and_export(arch):
         arch, img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2, num_classes=10
     ).eval()
     options = SamplingOptions(static_shape=True, dropped="fuse")
-    ats_timm.apply(model, layers=[1, 2], max_tokens=[8, 6], options=options)
+    ats_timm.apply(model, caps=(8, 6, 16), start_layer=1, options=options)
     assert_captured_whole(model, images())
 
 

@@ -35,7 +35,7 @@ def _hf(name):
     import ats_vit.hf as ats_hf
 
     model = test_hf_families.build(name, peaky=True)
-    ats_hf.apply(model, layers=[1, 2], max_tokens=[10, 6], options=STATIC)
+    ats_hf.apply(model, caps=(10, 6), start_layer=1, options=STATIC)
     return Readout(model), torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
@@ -46,7 +46,7 @@ def _timesformer():
     import ats_vit.hf as ats_hf
 
     model = test_timesformer.build(peaky=True)
-    ats_hf.apply(model, layers=[1, 2], max_tokens=[10, 6], options=STATIC)
+    ats_hf.apply(model, caps=(10, 6), start_layer=1, options=STATIC)
     return Readout(model), test_timesformer.clips(2)
 
 
@@ -58,7 +58,8 @@ def _timm(module, name):
 
     tests = importlib.import_module(module)
     model = tests.make(name, peaked=8.0)
-    ats_timm.apply(model, layers=[1, 2], max_tokens=[10, 6], options=STATIC)
+    later = (model.patch_embed.num_patches,) * (len(model.blocks) - 3)  # layers after 2 keep all
+    ats_timm.apply(model, caps=(10, 6, *later), start_layer=1, options=STATIC)
     size = model.patch_embed.img_size
     return model, torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
 

@@ -49,7 +49,7 @@ def test_budget_that_drops_nothing_equals_the_unpatched_model(name, fused):
     x = inputs(model, 3)
     with torch.no_grad():
         logits, features = model(x), model.forward_features(x)
-        ats_timm.apply(model, max_tokens=10_000, options=SamplingOptions(restorable=True))
+        ats_timm.apply(model, caps=10000, options=SamplingOptions(restorable=True))
         torch.testing.assert_close(model(x), logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(
             ats_timm.restore(model, model.forward_features(x)), features, atol=1e-5, rtol=1e-5
@@ -68,7 +68,7 @@ def test_family_scoring_prefix_and_batch_equals_each_image_alone(name):
     x = inputs(model, 5, seed=1)
     for dropped in ("discard", "fuse"):
         options = SamplingOptions(dropped=dropped, temperature=0.3)
-        ats_timm.apply(model, layers=[1, 2], max_tokens=[10, 5], options=options)
+        ats_timm.apply(model, caps=(10, 5), start_layer=1, options=options)
         with torch.no_grad():
             batch = model(x)
             kept = ats_timm.last_info(model).kept_per_layer
@@ -84,7 +84,7 @@ def test_kept_tokens_are_rotated_by_their_original_positions():
     x = inputs(model, 4)
     with torch.no_grad():
         dense = model.forward_features(x)
-        ats_timm.apply(model, layers=[2], max_tokens=5)
+        ats_timm.apply(model, caps=5, start_layer=2)
         sampled = model.forward_features(x)
     ids = ats_timm.last_info(model).token_ids
     assert ids.shape[1] == 5 and (ids >= 0).all()
@@ -135,7 +135,7 @@ def test_after_a_selection_tokens_keep_their_rotations_and_see_only_the_alive_ke
     x = inputs(model, 3)
     seen = {}
     block = model.blocks[2]
-    ats_timm.apply(model, layers=[1], max_tokens=6)
+    ats_timm.apply(model, caps=(6, 16), start_layer=1)
     hooks = [
         block.register_forward_pre_hook(
             lambda m, args, kw: seen.update(x=args[0], rope=kw["rope"]), with_kwargs=True

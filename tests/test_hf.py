@@ -56,9 +56,9 @@ def test_patched_model_equals_the_original_when_nothing_is_dropped(config_cls, m
     with torch.no_grad():
         reference = output(model, x)
         for kwargs in (
-            dict(max_tokens=16),
-            dict(layers=[], max_tokens=1),
-            dict(max_tokens=100, options=SamplingOptions(dropped="fuse")),
+            dict(caps=16),
+            dict(caps=None),
+            dict(caps=100, options=SamplingOptions(dropped="fuse")),
         ):
             ats_hf.apply(model, **kwargs)
             assert ats_hf.is_patched(model)
@@ -73,7 +73,7 @@ def test_dropping_keeps_prefix_tokens_and_counts_cost(config_cls, model_cls, pre
     model = build(config_cls, model_cls, peaky=True)
     x = images(4)
     with torch.no_grad():
-        ats_hf.apply(model, layers=[1, 2], max_tokens=[8, 4])
+        ats_hf.apply(model, caps=(8, 4), start_layer=1)
         out = model(pixel_values=x)
         info = ats_hf.last_info(model)
     if isinstance(model, (ViTModel, DeiTModel)):  # the tokens the last layer kept, padded per batch
@@ -83,7 +83,7 @@ def test_dropping_keeps_prefix_tokens_and_counts_cost(config_cls, model_cls, pre
     assert (info.kept_per_layer[:, 0] == 16).all() and (info.kept_per_layer[:, 2] <= 4).all()
     assert info.token_ids.shape[0] == 4 and info.token_ids.max() < 16
     assert ats_hf.last_trace(model).rules == [None, "score", "score"]
-    ats_hf.apply(model, layers=[], max_tokens=1)
+    ats_hf.apply(model, caps=None)
     with torch.no_grad():
         model(pixel_values=x)
     assert (ats_hf.last_info(model).gflops > info.gflops).all()
@@ -91,9 +91,7 @@ def test_dropping_keeps_prefix_tokens_and_counts_cost(config_cls, model_cls, pre
 
 def test_batch_equals_each_image_alone():
     model = build(DeiTConfig, DeiTForImageClassificationWithTeacher, peaky=True)
-    ats_hf.apply(
-        model, layers=[1, 2], max_tokens=[10, 5], options=SamplingOptions(dropped="fuse", temperature=0.3)
-    )
+    ats_hf.apply(model, caps=(10, 5), start_layer=1, options=SamplingOptions(dropped="fuse", temperature=0.3))
     x = images(5)
     with torch.no_grad():
         batch = model(pixel_values=x).logits
@@ -108,7 +106,7 @@ def test_batch_equals_each_image_alone():
 def test_patching_is_instance_local_and_keeps_the_state_dict():
     a, b = build(ViTConfig, ViTForImageClassification), build(ViTConfig, ViTForImageClassification)
     state = {k: v.clone() for k, v in a.state_dict().items()}
-    ats_hf.apply(a, max_tokens=4)
+    ats_hf.apply(a, caps=4)
     assert not ats_hf.is_patched(b)
     assert a.state_dict().keys() == state.keys()
     assert type(a.vit.layers[0]).forward is type(b.vit.layers[0]).forward
@@ -120,7 +118,7 @@ def test_analytic_count_matches_pytorch_flop_counter():
     from helpers import measured_gflops
 
     model = build(DeiTConfig, DeiTForImageClassificationWithTeacher, peaky=True)
-    ats_hf.apply(model, layers=[1, 2], max_tokens=[9, 5])
+    ats_hf.apply(model, caps=(9, 5), start_layer=1)
     measured = measured_gflops(lambda: model(pixel_values=images(1)))
     assert ats_hf.last_info(model).gflops.item() == pytest.approx(measured, rel=1e-6)
 
@@ -128,7 +126,7 @@ def test_analytic_count_matches_pytorch_flop_counter():
 def test_budgets_and_calibration_work_on_hf_models():
     model = build(ViTConfig, ViTForImageClassification, peaky=True)
     Budget(1, (8, 4)).apply(model)
-    assert ats_hf.is_patched(model) and model.vit.layers[2].ats.max_tokens == 4
+    assert ats_hf.is_patched(model) and model.vit.layers[2].ats.cap == 4
     budget = calibrate(model, images(32), 0.7, progress=False, steps=8)
     _, dense = measure(model, images(32), None)
     _, cost = measure(model, images(32), budget)
@@ -142,7 +140,7 @@ def test_unsupported_models_are_refused_by_name():
     with pytest.raises(TypeError, match="got Linear"):
         ats_hf.apply(torch.nn.Linear(2, 2))
     backbone_only = Budget(1, (8, 4)).apply(ViTModel(config))  # budgets set features extractors too
-    assert backbone_only.layers[2].ats.max_tokens == 4
+    assert backbone_only.layers[2].ats.cap == 4
     # a backbone has no accuracy: calibration keeps its features close to the dense ones
     assert "fidelity" in calibrate(backbone_only, images(8), 0.7, progress=False).calibration
     with pytest.raises(TypeError, match="ViTModel has no classification head"):
@@ -152,7 +150,7 @@ def test_unsupported_models_are_refused_by_name():
 def test_attention_masks_are_refused():
     """A mask the user passes is refused (by keyword or position); the all-attend mask the
     model builds for itself when traced (compile, export) is not the user's and is ignored."""
-    model = ats_hf.apply(build(ViTConfig, ViTForImageClassification), max_tokens=4)
+    model = ats_hf.apply(build(ViTConfig, ViTForImageClassification), caps=4)
     mask = torch.ones(1, 17, dtype=torch.bool)
     mask[0, 5] = False  # (an all-True mask is dropped by the model itself)
     with pytest.raises(ValueError, match="do not support an attention_mask"):

@@ -102,7 +102,7 @@ def test_patched_model_equals_the_original_when_nothing_is_dropped(name, attn):
     x = images(3)
     with torch.no_grad():
         reference, dense = output(model, x), features(model, x)
-        for kwargs in (dict(max_tokens=16), dict(max_tokens=100, options=SamplingOptions(dropped="fuse"))):
+        for kwargs in (dict(caps=16), dict(caps=100, options=SamplingOptions(dropped="fuse"))):
             ats_hf.apply(model, **kwargs)
             assert (output(model, x) - reference).abs().max().item() <= 1e-5
             assert (features(model, x) - dense).abs().max().item() <= 1e-5
@@ -119,7 +119,7 @@ def test_each_family_scores_as_its_readout_needs_and_keeps_its_prefix(name):
     family = family_of(model)
     assert (family.scoring, family.num_prefix_tokens, family.num_patches) == (scoring, prefix, 16)
     with torch.no_grad():
-        ats_hf.apply(model, layers=[1, 2], max_tokens=[8, 4])
+        ats_hf.apply(model, caps=(8, 4), start_layer=1)
         hidden = features(model, images(4))
     info = ats_hf.last_info(model)
     assert (info.kept_per_layer[:, 0] == 16).all() and (info.kept_per_layer[:, 2] <= 4).all()
@@ -134,7 +134,7 @@ def test_pooled_readouts_heed_padding_and_sizes(name, dropped):
     its longest image, gives each image what it gives alone."""
     model = build(name, peaky=True)
     options = SamplingOptions(dropped=dropped, temperature=0.3)
-    ats_hf.apply(model, layers=[1, 2], max_tokens=[10, 5], options=options)
+    ats_hf.apply(model, caps=(10, 5), start_layer=1, options=options)
     x = images(5, seed=1)
     with torch.no_grad():
         batch = output(model, x)
@@ -150,7 +150,7 @@ def test_analytic_count_matches_pytorch_flop_counter(name):
     from helpers import measured_gflops
 
     model = build(name, peaky=True)
-    ats_hf.apply(model, layers=[1, 2], max_tokens=[9, 5])
+    ats_hf.apply(model, caps=(9, 5), start_layer=1)
     measured = measured_gflops(lambda: model(pixel_values=images(1)))
     assert ats_hf.last_info(model).gflops.item() == pytest.approx(measured, rel=1e-6)
 
@@ -161,10 +161,10 @@ def test_restore_gives_the_dense_grid_back_when_nothing_is_dropped(name):
     x = images(2)
     with torch.no_grad():
         dense = model(pixel_values=x).last_hidden_state
-        ats_hf.apply(model, layers=[1, 2], max_tokens=16, options=SamplingOptions(restorable=True))
+        ats_hf.apply(model, caps=16, start_layer=1, options=SamplingOptions(restorable=True))
         restored = ats_hf.restore(model, model(pixel_values=x).last_hidden_state)
         torch.testing.assert_close(restored, dense, atol=1e-5, rtol=1e-5)
-        ats_hf.apply(model, layers=[1, 2], max_tokens=[8, 4], options=SamplingOptions(restorable=True))
+        ats_hf.apply(model, caps=(8, 4), start_layer=1, options=SamplingOptions(restorable=True))
         features = model(pixel_values=x).last_hidden_state
         assert ats_hf.restore(model, features).shape == dense.shape
         assert features.shape[1] < dense.shape[1]
@@ -187,11 +187,11 @@ def test_vit_mae_needs_no_masking_and_then_equals_the_original():
     x, noise = images(2), torch.arange(16.0).expand(2, 16)
     with torch.no_grad():
         dense = model(pixel_values=x, noise=noise).last_hidden_state
-        ats_hf.apply(model, max_tokens=16)
+        ats_hf.apply(model, caps=16)
         torch.testing.assert_close(
             model(pixel_values=x, noise=noise).last_hidden_state, dense, atol=1e-5, rtol=1e-5
         )
-        ats_hf.apply(model, layers=[2], max_tokens=4)
+        ats_hf.apply(model, caps=4, start_layer=2)
         assert model(pixel_values=x, noise=noise).last_hidden_state.shape[1] <= 1 + 4
 
 

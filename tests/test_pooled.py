@@ -55,7 +55,7 @@ def test_budget_that_drops_nothing_equals_the_unpatched_model(name, fused):
     reference = copy.deepcopy(model)
     x = inputs(model, 3)
     with torch.no_grad():
-        ats_timm.apply(model, max_tokens=model.patch_embed.num_patches)
+        ats_timm.apply(model, caps=model.patch_embed.num_patches)
         torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
         assert family_of(model).scoring == DEPLOYED[name][2]
         ats_timm.remove(model)
@@ -81,7 +81,7 @@ def test_batch_equals_each_image_alone(name, rule):
     x = inputs(model, 8, seed=1)
     caps = [8, 5, 4]
     with torch.no_grad():
-        ats_timm.apply(model, layers=[0, 1, 2], max_tokens=caps, options=SamplingOptions(**rule))
+        ats_timm.apply(model, caps=caps, options=SamplingOptions(**rule))
         batch = model(x)
         counts = ats_timm.last_info(model).kept_per_layer
         alone = torch.cat([model(x[i : i + 1]) for i in range(8)])
@@ -94,7 +94,7 @@ def test_average_pool_weighs_merged_tokens_by_their_patches():
     model = make("gap-no-cls", peaked=8.0)
     x = inputs(model, 2)
     with torch.no_grad():
-        ats_timm.apply(model, layers=[1], max_tokens=5, options=SamplingOptions(sampler="tome"))
+        ats_timm.apply(model, caps=(5, 16), start_layer=1, options=SamplingOptions(sampler="tome"))
         features = model.forward_features(x)
         state = family_of(model).last_state()
         size = state.size
@@ -147,7 +147,7 @@ def test_unsupported_pooling_is_named():
             return x.mean(1)
 
     with pytest.raises(TypeError, match=r"overrides VisionTransformer\.pool"):
-        ats_timm.apply(OwnPool(**SMALL, patch_size=8), max_tokens=4)
+        ats_timm.apply(OwnPool(**SMALL, patch_size=8), caps=4)
 
 
 @pytest.mark.parametrize("name", ["siglip-map", "dinov2-registers"])
@@ -157,11 +157,11 @@ def test_restore_gives_every_patch_back(name):
     num, prefix = model.patch_embed.num_patches, model.num_prefix_tokens
     with torch.no_grad():
         dense = model.forward_features(x)
-        ats_timm.apply(model, max_tokens=num, options=SamplingOptions(restorable=True))
+        ats_timm.apply(model, caps=num, options=SamplingOptions(restorable=True))
         torch.testing.assert_close(
             ats_timm.restore(model, model.forward_features(x)), dense, atol=1e-5, rtol=1e-5
         )
-        ats_timm.apply(model, layers=[1, 2], max_tokens=[8, 4], options=SamplingOptions(restorable=True))
+        ats_timm.apply(model, caps=(8, 4), start_layer=1, options=SamplingOptions(restorable=True))
         features = model.forward_features(x)
         full = ats_timm.restore(model, features)
     assert features.shape[1] < prefix + num and full.shape == (3, prefix + num, 32)

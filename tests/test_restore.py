@@ -58,7 +58,7 @@ def test_timm_features_come_back_normalised_like_the_kept_ones():
     x = images(3)
     with torch.no_grad():
         dense = model.forward_features(x)
-        ats_timm.apply(model, layers=[], max_tokens=1, options=SamplingOptions(restorable=True))
+        ats_timm.apply(model, caps=None, options=SamplingOptions(restorable=True))
         torch.testing.assert_close(
             ats_timm.restore(model, model.forward_features(x)), dense, atol=1e-5, rtol=1e-5
         )
@@ -80,6 +80,6 @@ def test_hugging_face_last_hidden_state_comes_back_on_the_grid():
     x = images(2)
     with torch.no_grad():
         dense = model(pixel_values=x).last_hidden_state
-        ats_hf.apply(model, layers=[1, 2], max_tokens=16, options=SamplingOptions(restorable=True))
+        ats_hf.apply(model, caps=16, start_layer=1, options=SamplingOptions(restorable=True))
         restored = ats_hf.restore(model, model(pixel_values=x).last_hidden_state)
     torch.testing.assert_close(restored, dense, atol=1e-5, rtol=1e-5)

@@ -342,11 +342,11 @@ def test_tokenwise_computes_real_rows_only():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(max_tokens=0), ValueError, "max_tokens must be >= 1"),
-        (dict(max_tokens=2.5), TypeError, "max_tokens must be an int"),
-        (dict(max_tokens=True), TypeError, "max_tokens must be an int"),
-        (dict(max_tokens=4, num_prefix_tokens=0), ValueError, "num_prefix_tokens must be >= 1"),
-        (dict(max_tokens=4, options="gumbel"), TypeError, "options must be an ats_vit.SamplingOptions"),
+        (dict(cap=0), ValueError, "cap must be >= 1"),
+        (dict(cap=2.5), TypeError, "cap must be an int"),
+        (dict(cap=True), TypeError, "cap must be an int"),
+        (dict(cap=4, num_prefix_tokens=0), ValueError, "num_prefix_tokens must be >= 1"),
+        (dict(cap=4, options="gumbel"), TypeError, "options must be an ats_vit.SamplingOptions"),
     ],
 )
 def test_ats_module_errors(kwargs, error, match):
@@ -374,7 +374,20 @@ def test_sampling_options_are_checked_once_when_made(kwargs, error, match):
 def test_configure_changes_the_cap_and_options_in_place():
     ats = AdaptiveTokenSampling(8)
     ats.configure(3, SamplingOptions("topk"))
-    assert (ats.max_tokens, ats.sampler, ats.dropped, ats.rule) == (3, "topk", "discard", Rule.FIXED)
+    assert (ats.cap, ats.sampler, ats.dropped, ats.rule) == (3, "topk", "discard", Rule.FIXED)
     ats.configure(5)  # options kept
-    assert (ats.max_tokens, ats.sampler) == (5, "topk")
+    assert (ats.cap, ats.sampler) == (5, "topk")
     assert SamplingOptions("tome").dropped == "merge" and SamplingOptions().dropped == "discard"
+
+
+def test_the_0_x_name_of_the_cap_still_works_and_warns():
+    with pytest.warns(
+        DeprecationWarning,
+        match=r"AdaptiveTokenSampling\(max_tokens=\) is deprecated .* use AdaptiveTokenSampling\(cap=\)",
+    ):
+        ats = AdaptiveTokenSampling(max_tokens=6)
+    assert ats.cap == 6
+    with pytest.warns(DeprecationWarning, match=r"AdaptiveTokenSampling.max_tokens is deprecated"):
+        assert ats.max_tokens == 6
+    with pytest.raises(TypeError, match="AdaptiveTokenSampling needs cap"):
+        AdaptiveTokenSampling()

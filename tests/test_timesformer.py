@@ -58,7 +58,7 @@ def test_timesformer_equals_the_original_when_nothing_is_dropped(classifier):
     x = clips(3)
     with torch.no_grad():
         reference = model(pixel_values=x)
-        ats_hf.apply(model, max_tokens=16)
+        ats_hf.apply(model, caps=16)
         family = family_of(model)
         assert (family.num_patches, family.frames, family.input_shape) == (16, 4, (4, 3, 32, 32))
         assert (family.scoring, family.num_prefix_tokens, family.cost.frames) == ("cls", 1, 4)
@@ -73,7 +73,7 @@ def test_timesformer_equals_the_original_when_nothing_is_dropped(classifier):
 def test_each_clip_gets_what_it_gets_alone(options):
     """A padded batch of clips that keep different tube counts gives each clip its own logits."""
     model = build(peaky=True)
-    ats_hf.apply(model, layers=[1, 2], max_tokens=[10, 5], options=options)
+    ats_hf.apply(model, caps=(10, 5), start_layer=1, options=options)
     x = clips(6, seed=1)
     with torch.no_grad():
         batch = model(pixel_values=x).logits
@@ -96,7 +96,7 @@ def test_last_layer_sampling_keeps_the_dense_output_of_each_kept_tube():
     x = clips(4, seed=2)
     with torch.no_grad():
         dense = model(pixel_values=x).last_hidden_state  # (b, 1 + 16 T, c)
-        ats_hf.apply(model, layers=[2], max_tokens=6)
+        ats_hf.apply(model, caps=6, start_layer=2)
         out = model(pixel_values=x).last_hidden_state
         ids = ats_hf.last_info(model).token_ids  # (b, m) patch positions
     tubes, dense_tubes = to_tubes(out, 4), to_tubes(dense, 4)
@@ -113,7 +113,7 @@ def test_analytic_count_matches_pytorch_flop_counter(options):
     from helpers import measured_gflops
 
     model = build(peaky=True)
-    ats_hf.apply(model, layers=[1, 2], max_tokens=[10, 5], options=options)
+    ats_hf.apply(model, caps=(10, 5), start_layer=1, options=options)
     measured = measured_gflops(lambda: model(pixel_values=clips(1))) * 1e9
     kept = ats_hf.last_info(model).kept_per_layer[0]
     if options.dropped != "discard":  # merging averages whole tubes (index_add_, not counted by torch)
@@ -126,10 +126,10 @@ def test_restore_gives_every_patch_of_every_frame_back():
     x = clips(3, seed=3)
     with torch.no_grad():
         dense = model(pixel_values=x).last_hidden_state
-        ats_hf.apply(model, max_tokens=16, options=SamplingOptions(restorable=True))
+        ats_hf.apply(model, caps=16, options=SamplingOptions(restorable=True))
         out = model(pixel_values=x).last_hidden_state
         torch.testing.assert_close(ats_hf.restore(model, out), dense, atol=1e-5, rtol=1e-5)
-        ats_hf.apply(model, layers=[1, 2], max_tokens=[8, 4], options=SamplingOptions(restorable=True))
+        ats_hf.apply(model, caps=(8, 4), start_layer=1, options=SamplingOptions(restorable=True))
         out = model(pixel_values=x).last_hidden_state
         full = ats_hf.restore(model, out)
         ids = ats_hf.last_info(model).token_ids
@@ -158,7 +158,7 @@ def test_calibration_and_latency_blocks_work_on_tubes():
 
 def test_trains_with_tube_sampling_in_the_loop():
     model = build(peaky=True).train()
-    ats_hf.apply(model, layers=[1, 2], max_tokens=[10, 5])
+    ats_hf.apply(model, caps=(10, 5), start_layer=1)
     loss = model(pixel_values=clips(4), labels=torch.tensor([0, 1, 2, 3])).loss
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -168,8 +168,8 @@ def test_trains_with_tube_sampling_in_the_loop():
 
 def test_what_is_not_served_is_refused():
     with pytest.raises(ValueError, match=r"attention_type='joint_space_time'.*divided_space_time"):
-        ats_hf.apply(build(attention_type="joint_space_time"))
-    model = ats_hf.apply(build())
+        ats_hf.apply(build(attention_type="joint_space_time"), caps=None)
+    model = ats_hf.apply(build(), caps=None)
     with pytest.raises(ValueError, match="output_attentions=True"):
         model(pixel_values=clips(1), output_attentions=True)
 
@@ -181,7 +181,7 @@ def test_pictures_of_kept_tubes_are_patch_grids(tmp_path):
     from ats_vit.viz import kept_patch_masks, save_kept_tokens_grid
 
     model = build(peaky=True)
-    ats_hf.apply(model, layers=[1, 2], max_tokens=[8, 4])
+    ats_hf.apply(model, caps=(8, 4), start_layer=1)
     x = clips(2, seed=5)
     with torch.no_grad():
         model(pixel_values=x)
@@ -212,7 +212,7 @@ def test_learns_the_moving_digit_task_as_well_with_tube_sampling_in_the_loop():
         )
         model = T.TimesformerForVideoClassification(config)
         if sampled:
-            ats_hf.apply(model, layers=[1, 2, 3], max_tokens=[12, 8, 6])
+            ats_hf.apply(model, caps=(12, 8, 6), start_layer=1)
         accuracy[sampled] = fit_video_classifier(model, x, y, test_x, test_y, lr=5e-4)
         if sampled:
             kept = ats_hf.last_info(model).kept_per_layer

@@ -45,13 +45,13 @@ def sharpen(model: VisionTransformer, factor: float = 50.0) -> VisionTransformer
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("max_tokens", [NUM_PATCHES, 1000])
-def test_budget_that_drops_nothing_is_exact(family, max_tokens):
+@pytest.mark.parametrize("cap", [NUM_PATCHES, 1000])
+def test_budget_that_drops_nothing_is_exact(family, cap):
     model = make(family)
     x = images(3)
     with torch.no_grad():
         reference = model(x)
-        ats_timm.apply(model, layers=range(4), max_tokens=max_tokens)
+        ats_timm.apply(model, caps=cap)
         patched = model(x)
     torch.testing.assert_close(patched, reference, atol=1e-5, rtol=1e-5)
     info = ats_timm.last_info(model)
@@ -66,7 +66,7 @@ def test_sampling_block_outputs_equal_the_dense_rows(family):
     with torch.no_grad():
         tokens = model.norm_pre(model._pos_embed(model.patch_embed(images(4))))
         dense = model.blocks[0](tokens)
-        ats_timm.apply(model, layers=[0], max_tokens=6)
+        ats_timm.apply(model, caps=(6, 16, 16, 16))
         sampled = model.blocks[0](tokens)
     state = family_of(model).carrier.state  # white-box: one block ran, not a whole pass
     real = torch.ones_like(state.positions, dtype=torch.bool) if state.padding is None else state.padding.mask
@@ -80,7 +80,7 @@ def test_sampling_block_outputs_equal_the_dense_rows(family):
 def test_prefix_tokens_are_always_kept(family):
     model = sharpen(make(family))
     p = model.num_prefix_tokens
-    ats_timm.apply(model, layers=[1, 2], max_tokens=[6, 3])
+    ats_timm.apply(model, caps=(6, 3, 16), start_layer=1)
     with torch.no_grad():
         model(images(5))
     positions = family_of(model).last_state().positions  # original token positions still alive
@@ -98,7 +98,7 @@ def test_remove_restores_exact_behaviour_and_leaves_no_trace():
     keys = set(model.state_dict())
     with torch.no_grad():
         reference = model(x)
-        ats_timm.apply(model, layers=range(1, 4), max_tokens=4)
+        ats_timm.apply(model, caps=4, start_layer=1)
         dropped = model(x)
         ats_timm.remove(model)
         restored = model(x)
@@ -115,7 +115,7 @@ def test_patching_one_instance_leaves_others_untouched():
     x = images(2)
     with torch.no_grad():
         reference = b(x)
-        ats_timm.apply(a, layers=range(4), max_tokens=3)
+        ats_timm.apply(a, caps=3)
         a(x)
         assert torch.equal(b(x), reference)
     assert Block.forward is original, "the class is never patched"
@@ -126,18 +126,18 @@ def test_patching_one_instance_leaves_others_untouched():
 def test_applying_again_only_sets_numbers():
     """Patch once, then set numbers: the same sampling modules, reconfigured in place."""
     model = make("cls")
-    ats_timm.apply(model, layers=[1, 2], max_tokens=5)
+    ats_timm.apply(model, caps=(5, 5, 16), start_layer=1)
     modules = [block.ats for block in model.blocks]
     forwards = [vars(block)["forward"] for block in model.blocks]
-    ats_timm.apply(model, layers=[3], max_tokens=2, options=SamplingOptions("topk"))
+    ats_timm.apply(model, caps=2, start_layer=3, options=SamplingOptions("topk"))
     assert [block.ats for block in model.blocks] == modules
     assert [vars(block)["forward"] for block in model.blocks] == forwards
-    assert [m.max_tokens for m in modules] == [NUM_PATCHES, NUM_PATCHES, NUM_PATCHES, 2]
+    assert [m.cap for m in modules] == [NUM_PATCHES, NUM_PATCHES, NUM_PATCHES, 2]
     assert {m.sampler for m in modules} == {"topk"}
 
 
 def test_state_dict_round_trips_between_patched_and_plain_models():
-    patched = ats_timm.apply(make("cls", seed=1), layers=[2], max_tokens=5)
+    patched = ats_timm.apply(make("cls", seed=1), caps=(5, 16), start_layer=2)
     plain = make("cls", seed=2)
     plain.load_state_dict(patched.state_dict())
     ats_timm.remove(patched)
@@ -146,7 +146,7 @@ def test_state_dict_round_trips_between_patched_and_plain_models():
 
 
 def test_patched_eval_model_is_deterministic():
-    model = ats_timm.apply(sharpen(make("cls")), layers=[1, 2], max_tokens=5)
+    model = ats_timm.apply(sharpen(make("cls")), caps=(5, 5, 16), start_layer=1)
     x = images(6)
     with torch.no_grad():
         first, ids = model(x), ats_timm.last_info(model).token_ids
@@ -156,11 +156,11 @@ def test_patched_eval_model_is_deterministic():
 
 
 def test_static_shape_matches_dynamic():
-    dynamic = ats_timm.apply(sharpen(make("registers")), layers=[1, 2, 3], max_tokens=12)
+    dynamic = ats_timm.apply(sharpen(make("registers")), caps=12, start_layer=1)
     static = ats_timm.apply(
         sharpen(make("registers")),
-        layers=[1, 2, 3],
-        max_tokens=12,
+        caps=12,
+        start_layer=1,
         options=SamplingOptions(static_shape=True),
     )
     x = images(6)
@@ -172,7 +172,7 @@ def test_static_shape_matches_dynamic():
 
 
 def test_batch_equals_each_image_alone():
-    model = ats_timm.apply(sharpen(make("distilled")), layers=[1, 2], max_tokens=[7, 4])
+    model = ats_timm.apply(sharpen(make("distilled")), caps=(7, 4, 16), start_layer=1)
     x = images(5)
     with torch.no_grad():
         batch = model(x)
@@ -188,7 +188,7 @@ def test_gflops_follow_the_budget():
     x = images(2)
     costs = []
     for cap in (NUM_PATCHES, 8, 2):
-        ats_timm.apply(model, layers=range(1, 4), max_tokens=cap)
+        ats_timm.apply(model, caps=cap, start_layer=1)
         with torch.no_grad():
             model(x)
         costs.append(ats_timm.last_info(model).gflops)
@@ -198,7 +198,7 @@ def test_gflops_follow_the_budget():
 @pytest.mark.parametrize("sampler", ["topk", "random"])
 def test_fixed_count_peers_keep_exactly_the_cap(sampler):
     model = ats_timm.apply(
-        sharpen(make("distilled")), layers=[1, 2, 3], max_tokens=[9, 5, 5], options=SamplingOptions(sampler)
+        sharpen(make("distilled")), caps=(9, 5, 5), start_layer=1, options=SamplingOptions(sampler)
     )
     with torch.no_grad():
         model(images(3))
@@ -210,14 +210,14 @@ def test_fixed_count_peers_keep_exactly_the_cap(sampler):
 def test_training_with_drop_path_reaches_every_parameter():
     torch.manual_seed(0)
     model = VisionTransformer(**SMALL, drop_path_rate=0.2, attn_drop_rate=0.1, proj_drop_rate=0.1).train()
-    ats_timm.apply(model, layers=[1, 2, 3], max_tokens=5)
+    ats_timm.apply(model, caps=5, start_layer=1)
     model(images(4)).logsumexp(-1).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
 
 def test_deit_small_bf16_inference_mode():
     model = timm.create_model("deit_small_patch16_224", pretrained=False).to(torch.bfloat16).eval()
-    ats_timm.apply(model, layers=range(3, 12), max_tokens=108)
+    ats_timm.apply(model, caps=108, start_layer=3)
     with torch.inference_mode():
         logits = model(torch.randn(2, 3, 224, 224, dtype=torch.bfloat16))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
@@ -236,39 +236,78 @@ def test_deit_small_bf16_inference_mode():
 )
 def test_unsupported_models(make_model, error, match):
     with pytest.raises(error, match=match):
-        ats_timm.apply(make_model(), max_tokens=4)
+        ats_timm.apply(make_model(), caps=4)
 
 
 def test_unsupported_model_error_names_the_model():
     # parallel blocks (two attentions and two MLPs side by side) are not served
     model = timm.create_model("vit_small_patch16_18x2_224", pretrained=False, img_size=32, depth=1)
     with pytest.raises(TypeError, match="vit_small_patch16_18x2_224"):
-        ats_timm.apply(model, max_tokens=4)
+        ats_timm.apply(model, caps=4)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(layers=[4]), ValueError, r"block indices in \[0, 4\)"),
-        (dict(layers=[1, 1]), ValueError, "must not repeat"),
-        (dict(layers=3), TypeError, "iterable of block indices"),
-        (dict(max_tokens=0), ValueError, "max_tokens must be >= 1"),
-        (dict(max_tokens=[4, 4]), ValueError, "max_tokens has 2 entries but layers selects 4"),
-        (dict(max_tokens="8"), TypeError, "max_tokens must be an int or a sequence"),
-        (dict(max_tokens=[4, 4, 0, 4]), ValueError, r"max_tokens\[2\] must be >= 1"),
+        (dict(start_layer=4), ValueError, r"start_layer must be an int in \[0, 4\)"),
+        (dict(start_layer=-1), ValueError, r"start_layer must be an int in \[0, 4\)"),
+        (dict(caps=0), ValueError, "caps must be >= 1"),
+        (
+            dict(caps=[4, 4]),
+            ValueError,
+            r"caps must have one entry per layer from start_layer=0 on \(4 for depth 4\)",
+        ),
+        (dict(caps="8"), TypeError, "caps must be an int, a sequence of ints or None"),
+        (dict(caps=[4, 4, 0, 4]), ValueError, r"caps\[2\] must be >= 1"),
         (dict(options="uniform"), TypeError, "options must be an ats_vit.SamplingOptions"),
+        (dict(caps=4, max_tokens=4), TypeError, "give caps= .*, or 0.x's layers= and max_tokens=, not both"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
-        ats_timm.apply(make("cls"), **{"max_tokens": 4, **kwargs})
+        ats_timm.apply(make("cls"), **{"caps": 4, **kwargs})
+
+
+def test_caps_are_required_and_none_patches_without_dropping():
+    model = make("cls")
+    with pytest.raises(TypeError, match="apply\\(\\) needs caps="):
+        ats_timm.apply(model)
+    ats_timm.apply(model, caps=None)
+    assert family_of(model).caps() == (NUM_PATCHES,) * 4
+    with pytest.raises(TypeError, match="positional"):
+        ats_timm.apply(model, [1, 2], 4)  # 0.x's positional layers, max_tokens: refused, not misread
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "caps"),
+    [
+        (dict(layers=[1, 2], max_tokens=[6, 3]), (NUM_PATCHES, 6, 3, NUM_PATCHES)),
+        (dict(max_tokens=5), (5,) * 4),
+        (dict(layers=[3]), (NUM_PATCHES,) * 3 + (108,)),  # 0.x's default cap
+    ],
+)
+def test_0_x_arguments_still_work_and_warn_at_the_callers_line(kwargs, caps):
+    model = make("cls")
+    with pytest.warns(
+        DeprecationWarning, match=r"apply\(layers=, max_tokens=\) is deprecated .* use apply\(caps="
+    ) as seen:
+        ats_timm.apply(model, **kwargs)
+    assert seen[0].filename == __file__, "the warning points at the caller"
+    assert family_of(model).caps() == caps
+    for bad, match in (
+        (dict(layers=[4]), r"block indices in \[0, 4\)"),
+        (dict(layers=[1, 1]), "must not repeat"),
+        (dict(max_tokens=[4, 4], layers=[1]), "max_tokens has 2 entries but layers selects 1"),
+    ):
+        with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=match):
+            ats_timm.apply(model, **bad)
 
 
 def test_info_errors_and_attn_mask():
     model = make("cls")
     with pytest.raises(ValueError, match=r"not patched: call ats_vit\.timm\.apply"):
         ats_timm.last_info(model)
-    ats_timm.apply(model, max_tokens=4)
+    ats_timm.apply(model, caps=4)
     with pytest.raises(ValueError, match="no complete forward pass"):
         ats_timm.last_info(model)
     with pytest.raises(ValueError, match="attn_mask"):

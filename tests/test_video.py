@@ -61,7 +61,7 @@ def test_videomae_equals_the_original_when_nothing_is_dropped(attn):
     x = clips(3)
     with torch.no_grad():
         reference = model(pixel_values=x).logits
-        ats_hf.apply(model, max_tokens=32)
+        ats_hf.apply(model, caps=32)
         family = family_of(model)
         assert (family.num_patches, family.frames, family.input_shape) == (32, 4, (4, 3, 32, 32))
         assert (family.scoring, family.num_prefix_tokens) == ("received", 0)
@@ -74,7 +74,7 @@ def test_analytic_count_matches_pytorch_flop_counter():
     from helpers import measured_gflops
 
     model = build(peaky=True)
-    ats_hf.apply(model, layers=[1, 2], max_tokens=[16, 8])
+    ats_hf.apply(model, caps=(16, 8), start_layer=1)
     measured = measured_gflops(lambda: model(pixel_values=clips(1)))
     assert ats_hf.last_info(model).gflops.item() == pytest.approx(measured, rel=1e-6)
 
@@ -93,7 +93,7 @@ def trained():
     torch.manual_seed(0)
     config = T.VideoMAEConfig(**{**TINY, "hidden_size": 64, "num_hidden_layers": 4}, num_labels=4)
     model = T.VideoMAEForVideoClassification(config)
-    ats_hf.apply(model, layers=[1, 2, 3], max_tokens=[16, 12, 8])
+    ats_hf.apply(model, caps=(16, 12, 8), start_layer=1)
     accuracy = fit_video_classifier(model, x, y, test_x, test_y, lr=2e-3)
     return model, accuracy, test_x
 
@@ -102,11 +102,11 @@ def test_videomae_trains_with_ats_in_the_loop_and_samples_adaptively(trained):
     """It learns the direction (chance 25%) and each clip keeps its own number of space-time
     tokens, at a fraction of the dense GFLOPs."""
     model, accuracy, test_x = trained
-    ats_hf.apply(model, layers=[1, 2, 3], max_tokens=[16, 12, 8])
+    ats_hf.apply(model, caps=(16, 12, 8), start_layer=1)
     with torch.no_grad():
         model(pixel_values=test_x)
         sampled = ats_hf.last_info(model)
-        ats_hf.apply(model, layers=[], max_tokens=1)
+        ats_hf.apply(model, caps=None)
         model(pixel_values=test_x[:8])
         dense = ats_hf.last_info(model)
     assert accuracy >= 0.7, f"accuracy {accuracy:.2f} after 220 steps (chance 0.25)"
@@ -119,7 +119,7 @@ def test_space_time_sampling_is_per_clip(trained, dropped):
     """A padded batch of clips that keep different counts gives each clip what it gives alone
     (the mean-pooling readout skips padding and weighs merged tokens by their size)."""
     model, _, test_x = trained
-    ats_hf.apply(model, layers=[1, 2, 3], max_tokens=[16, 12, 8], options=SamplingOptions(dropped=dropped))
+    ats_hf.apply(model, caps=(16, 12, 8), start_layer=1, options=SamplingOptions(dropped=dropped))
     x = test_x[:6]
     with torch.no_grad():
         batch = model(pixel_values=x).logits

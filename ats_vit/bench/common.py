@@ -20,21 +20,9 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ats_vit.stats import binomial_ci95
 from ats_vit.timing import _sync
 
-__all__ = [
-    "binomial_ci95",
-    "checkpoint_batch",
-    "checkpoint_budget_arguments",
-    "json_arguments",
-    "machine",
-    "peak_memory",
-    "print_table",
-    "use_threads",
-    "variant_names",
-    "write_json",
-]
+__all__ = ["machine", "peak_memory", "print_table", "write_json"]
 
 
 class _LiveTensorBytes(TorchDispatchMode):

@@ -26,7 +26,7 @@ from ats_vit.evaluate import measure, time_budgets
 from ats_vit.stats import bootstrap_ci95, paired_bootstrap
 from ats_vit.timing import speedup
 
-__all__ = ["FRONTIER_COLUMNS", "FrontierConfig", "frontier"]
+__all__ = ["FrontierConfig", "frontier"]
 
 
 @dataclass

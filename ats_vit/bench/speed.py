@@ -17,7 +17,7 @@ from ats_vit.flops import TokenTrace, ViTCost, gflops
 from ats_vit.options import DROPPED, SAMPLERS, Rule, SamplingOptions
 from ats_vit.timing import speedup, time_round_robin
 
-__all__ = ["FAMILIES", "SPEED_COLUMNS", "SpeedConfig", "speed"]
+__all__ = ["SpeedConfig", "speed"]
 
 FAMILIES = ("timm", "ours", "seed")
 
@@ -26,13 +26,13 @@ FAMILIES = ("timm", "ours", "seed")
 class SpeedConfig:
     """A timm ViT dense and ATS-patched, ``ats_vit.ViT`` and vit-pytorch's (the seed) at the
     same sizes; ours and the seed share weights. Layers ``start_layer..depth-1`` keep at most
-    ``max_tokens`` patch tokens."""
+    ``cap`` patch tokens."""
 
     model: str = "deit_small_patch16_224"
     img_size: int | None = None  # None: the model's default
     pretrained: bool = False
     start_layer: int = 3
-    max_tokens: int = 108
+    cap: int = 108
     samplers: tuple[str, ...] = ("inverse_transform", "gumbel")
     dropped: tuple[str, ...] = ("discard",)  # each sampler with each (ToMe always merges)
     families: tuple[str, ...] = FAMILIES
@@ -50,7 +50,7 @@ class SpeedConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        for name in ("max_tokens", "repeats", "threads"):
+        for name in ("cap", "repeats", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.start_layer < 0 or self.min_seconds < 0:
@@ -147,7 +147,6 @@ def _variants(cfg: SpeedConfig, device: torch.device) -> tuple[list[_Variant], t
     cost = family_of(copy.deepcopy(dense_timm)).cost  # refuses (one line) what ats-vit cannot serve
     if not 0 <= cfg.start_layer < cost.depth:
         raise ValueError(f"start_layer must be in [0, {cost.depth}) for {cfg.model}, got {cfg.start_layer}")
-    layers = range(cfg.start_layer, cost.depth)
     variants: list[_Variant] = []
 
     def timm_cost(patched: nn.Module) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
@@ -160,11 +159,11 @@ def _variants(cfg: SpeedConfig, device: torch.device) -> tuple[list[_Variant], t
 
     if "timm" in cfg.families:
         # the baseline is timm's own model; a copy patched to sample nowhere counts its FLOPs
-        counter = ats_timm.apply(copy.deepcopy(dense_timm), layers=[], max_tokens=1).to(device).eval()
+        counter = ats_timm.apply(copy.deepcopy(dense_timm), caps=None).to(device).eval()
         variants.append(_Variant("timm", "dense", dense_timm, True, timm_cost(counter)))
         for name, rule in _rules(cfg):
             patched = ats_timm.apply(
-                copy.deepcopy(dense_timm), layers=layers, max_tokens=cfg.max_tokens, options=rule
+                copy.deepcopy(dense_timm), caps=cfg.cap, start_layer=cfg.start_layer, options=rule
             )
             variants.append(_Variant("timm", name, patched, False, timm_cost(patched)))
 
@@ -181,7 +180,7 @@ def _variants(cfg: SpeedConfig, device: torch.device) -> tuple[list[_Variant], t
         mlp_dim=int(cost.mlp_hidden),
     )
     dense_schedule = (n,) * cost.depth
-    schedule = (n,) * cfg.start_layer + (min(n, cfg.max_tokens),) * (cost.depth - cfg.start_layer)
+    schedule = (n,) * cfg.start_layer + (min(n, cfg.cap),) * (cost.depth - cfg.start_layer)
     weights = None
     if "seed" in cfg.families:
         try:

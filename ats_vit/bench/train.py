@@ -19,7 +19,7 @@ from ats_vit.data import load_split, take
 from ats_vit.evaluate import measure
 from ats_vit.timing import speedup, time_round_robin
 
-__all__ = ["TRAIN_SPEED_COLUMNS", "TrainSpeedConfig", "train_speed", "variant_names"]
+__all__ = ["TrainSpeedConfig", "train_speed"]
 
 
 @dataclass

@@ -12,7 +12,7 @@ import math
 
 from ats_vit.calibrate.search import Trial
 
-__all__ = ["SWITCH_Z", "choose", "each_best", "prefer"]
+__all__ = ["SWITCH_Z", "prefer"]
 
 # a member other than the first replaces it only when ahead by more than this many standard
 # errors of the paired difference on the calibration images (:func:`prefer`). Chosen on the

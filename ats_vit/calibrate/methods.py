@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ats_vit import _validate
 from ats_vit.budget import Budget
 
-__all__ = ["AUTO", "METHODS", "METHOD_CHOICES", "RECOMMENDED", "Method", "caps_for", "check_method"]
+__all__ = ["AUTO", "METHODS", "METHOD_CHOICES", "RECOMMENDED", "Method", "caps_for"]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from ats_vit.calibrate.search import Trial
 from ats_vit.families import Family
 from ats_vit.timing import speedup, time_round_robin
 
-__all__ = ["VERIFY_ATTEMPTS", "VERIFY_TOLERANCE", "measured_ratio", "next_aim", "verify"]
+__all__ = ["VERIFY_ATTEMPTS", "VERIFY_TOLERANCE", "measured_ratio"]
 
 # a latency budget whose timed ratio misses the target by more than this (relative) is searched
 # again, at most this many times, with the prediction corrected by the timing (5, not 3: on

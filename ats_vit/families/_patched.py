@@ -183,11 +183,55 @@ def patched_family(model: nn.Module) -> PatchedFamily | None:
     return found if isinstance(found, PatchedFamily) and found.model is model else None
 
 
-def chosen_caps(
+_UNSET: Any = object()
+
+
+def front_door_caps(
+    family: Family,
+    caps: int | Sequence[int] | None,
+    start_layer: int,
+    layers: Iterable[int] | None,
+    max_tokens: int | Sequence[int] | None,
+) -> tuple[int, ...]:
+    """One cap per layer from the front doors' arguments: ``caps`` from ``start_layer`` on (an
+    int for every such layer, or one per layer), the layers before it keeping all; or 0.x's
+    ``layers`` and ``max_tokens`` (deprecated)."""
+    depth, n = family.depth, family.num_patches
+    if layers is not _UNSET or max_tokens is not _UNSET:
+        if caps is not _UNSET:
+            raise TypeError("give caps= (and start_layer=), or 0.x's layers= and max_tokens=, not both")
+        # warn at the user's call: deprecated <- here <- apply <- ats_vit.timm/hf.apply <- user
+        _validate.deprecated("apply(layers=, max_tokens=)", "apply(caps=, start_layer=)", stacklevel=5)
+        chosen = None if layers is _UNSET else layers
+        return _chosen_caps(family, chosen, 108 if max_tokens is _UNSET or max_tokens is None else max_tokens)
+    if caps is _UNSET:
+        raise TypeError(
+            "apply() needs caps=: the most patch tokens each layer from start_layer on keeps (an int, "
+            "or one per layer), or caps=None to patch without dropping (0.x's default of 108 is gone)"
+        )
+    if not _validate.is_int(start_layer) or not 0 <= start_layer < depth:
+        raise ValueError(f"start_layer must be an int in [0, {depth}), got {start_layer!r}")
+    if caps is None:
+        return (n,) * depth
+    if _validate.is_int(caps):
+        later = [_validate.positive_int("caps", caps)] * (depth - start_layer)
+    elif isinstance(caps, Sequence) and not isinstance(caps, str):
+        later = [_validate.positive_int(f"caps[{i}]", c) for i, c in enumerate(caps)]
+        if len(later) != depth - start_layer:
+            raise ValueError(
+                f"caps must have one entry per layer from start_layer={start_layer} on "
+                f"({depth - start_layer} for depth {depth}), got {len(later)}: {tuple(caps)}"
+            )
+    else:
+        raise TypeError(f"caps must be an int, a sequence of ints or None, got {caps!r}")
+    return (n,) * start_layer + tuple(later)
+
+
+def _chosen_caps(
     family: Family, layers: Iterable[int] | None, max_tokens: int | Sequence[int]
 ) -> tuple[int, ...]:
-    """One cap per layer: ``max_tokens`` (an int, or one per chosen layer) in ``layers``
-    (default: all), ``num_patches`` (keep all) elsewhere."""
+    """0.x's caps: ``max_tokens`` (an int, or one per chosen layer) in ``layers`` (default:
+    all), ``num_patches`` (keep all) elsewhere."""
     depth = family.depth
     if layers is None:
         chosen = list(range(depth))
@@ -217,13 +261,16 @@ def chosen_caps(
 
 def apply(
     family: Family,
-    layers: Iterable[int] | None,
-    max_tokens: int | Sequence[int],
+    caps: Any,
+    start_layer: int,
     options: SamplingOptions | None,
+    layers: Any = _UNSET,
+    max_tokens: Any = _UNSET,
 ) -> None:
-    """The front doors' ``apply``: caps in the chosen layers and the options (default: the
-    paper's ATS), set in place on an already patched model."""
-    family.set_schedule(chosen_caps(family, layers, max_tokens), options or SamplingOptions())
+    """The front doors' ``apply``: the caps (:func:`front_door_caps`) and the options (default:
+    the paper's ATS), set in place on an already patched model."""
+    schedule = front_door_caps(family, caps, start_layer, layers, max_tokens)
+    family.set_schedule(schedule, options or SamplingOptions())
 
 
 def is_patched(model: nn.Module) -> bool:

@@ -126,7 +126,7 @@ class Family(ABC):
 
     def caps(self) -> tuple[int, ...]:
         """The token cap of every layer now."""
-        return tuple(ats.max_tokens for ats in self.sampling_layers())
+        return tuple(ats.cap for ats in self.sampling_layers())
 
     def options(self) -> SamplingOptions:
         """The sampling options of the last layer now: how the model runs (static shapes,

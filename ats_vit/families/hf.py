@@ -105,7 +105,7 @@ from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
 from ats_vit.tokens import TokenState
 
-__all__ = ["KINDS", "MODELS", "HFFamily", "backbone", "cost", "family"]
+__all__ = ["HFFamily", "family"]
 
 TensorFn = Callable[[Tensor], Tensor]
 

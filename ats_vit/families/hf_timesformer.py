@@ -41,7 +41,7 @@ from ats_vit.families.hf import HFFamily
 from ats_vit.sampling import Padding, TokenSelection, gather_tokens, tokenwise
 from ats_vit.tokens import TokenState
 
-__all__ = ["MODELS", "TimesformerFamily", "family", "to_tokens", "to_tubes"]
+__all__ = ["TimesformerFamily", "family"]
 
 
 def to_tubes(tokens: Tensor, frames: int) -> Tensor:

@@ -28,7 +28,7 @@ from ats_vit.families._patched import (
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
 
-__all__ = ["MODELS", "TimmFamily", "cost", "family", "model_name"]
+__all__ = ["TimmFamily", "family"]
 
 MODELS = (VisionTransformer, Eva, Beit)
 

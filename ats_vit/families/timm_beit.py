@@ -25,7 +25,7 @@ from ats_vit.families._patched import TimmStyleFamily, block_state, model_name, 
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
 
-__all__ = ["BeitFamily", "cost", "family", "pair_bias"]
+__all__ = ["BeitFamily", "family"]
 
 
 def check_supported(model: Any) -> Beit:

@@ -27,7 +27,7 @@ from ats_vit.families._patched import TimmStyleFamily, block_state, model_name, 
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
 
-__all__ = ["EvaFamily", "cost", "family"]
+__all__ = ["EvaFamily", "family"]
 
 POOLS = ("token", "avg", "")
 

@@ -9,7 +9,7 @@ from ats_vit.sampling import AdaptiveTokenSampling
 from ats_vit.tokens import TokenState
 from ats_vit.vit import ViT
 
-__all__ = ["MODELS", "ViTFamily", "family"]
+__all__ = ["ViTFamily", "family"]
 
 MODELS = (ViT,)
 
