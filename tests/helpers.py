@@ -191,3 +191,42 @@ def measured_gflops(fn: Callable[[], object]) -> float:
         for module, name in holders:
             setattr(module, name, originals[name])
     return (counter.get_total_flops() / 2 + sum(products)) / 1e9
+
+
+class FakeClock:
+    """A clock that each call of ``fn`` advances by its own duration: timings without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def call(self, seconds: float):
+        def fn():
+            self.now += seconds
+
+        return fn
+
+
+def timed_by_key(monkeypatch, module, seconds: Callable[[str], float]) -> FakeClock:
+    """Make ``module``'s ``time_round_robin`` time each function as taking ``seconds(name)``
+    on a fake clock (the functions still run): what a timing reports can then be checked
+    exactly, on any machine, busy or not."""
+    from ats_vit import timing
+
+    clock, real = FakeClock(), timing.time_round_robin
+
+    def fake(fns, *args, **kwargs):
+        def ticking(name, fn):
+            def run():
+                out = fn()
+                clock.now += seconds(name)
+                return out
+
+            return run
+
+        return real({k: ticking(k, f) for k, f in fns.items()}, *args, **{**kwargs, "clock": clock})
+
+    monkeypatch.setattr(module, "time_round_robin", fake)
+    return clock

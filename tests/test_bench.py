@@ -1,11 +1,10 @@
 import json
 import math
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import NUM_PATCHES, images, small_vit
+from helpers import NUM_PATCHES, FakeClock, images, small_vit, timed_by_key
 
 from ats_vit.bench import (
     FrontierConfig,
@@ -48,22 +47,6 @@ def test_peak_memory_counts_the_tensors_a_call_creates():
     assert peak_memory(fn) == 2 * 4_000_000 + 4
 
 
-class FakeClock:
-    """A clock that each call of ``fn`` advances by its own duration: timings without sleeping."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def call(self, seconds: float):
-        def fn():
-            self.now += seconds
-
-        return fn
-
-
 def test_time_round_robin_interleaves_and_keeps_every_round():
     calls = []
     timings = time_round_robin({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 1, 3)
@@ -94,22 +77,25 @@ def test_setup_runs_before_each_call_untimed():
 
 
 def test_time_budgets_times_the_forward_passes_not_the_configuring(monkeypatch):
+    """Each pass takes 1 ms (dense) or 0.5 ms (the budget) on a fake clock and each
+    configuring 50 ms: the timings hold the passes alone, in their order."""
     import ats_vit.evaluate as evaluate
 
     model = small_vit()
+    clock = timed_by_key(monkeypatch, evaluate, {"0": 1e-3, "1": 5e-4}.__getitem__)
     set_to = []
     real = evaluate.configure
 
     def slow_configure(family, budget):
         set_to.append(budget)
         real(family, budget)
-        time.sleep(0.05)
+        clock.now += 0.05
 
     monkeypatch.setattr(evaluate, "configure", slow_configure)
     budget = Budget.paper(0.5, 1, depth=4, num_patches=NUM_PATCHES)
     dense, sampled = evaluate.time_budgets(model, [None, budget], images(2), repeats=3)
     assert set_to == [None, budget] * 4, "set before the warm-up and each timed pass"
-    assert max(dense.samples + sampled.samples) < 0.05, "the 50 ms of configuring is not in the timings"
+    assert dense.samples == pytest.approx((1e-3,) * 3) and sampled.samples == pytest.approx((5e-4,) * 3)
 
 
 def test_short_calls_repeat_until_they_fill_min_seconds_and_the_bar_grows():
@@ -131,9 +117,19 @@ def test_timing_summaries():
         speedup(Timing((1.0,)), t)
 
 
-def test_speed_rows_compare_each_family_to_its_dense_model():
+def test_speed_rows_compare_each_family_to_its_dense_model(monkeypatch):
+    """On a fake clock a dense pass takes 4 ms and an ATS one 2 ms (the seed's 3 ms): every
+    ratio is then known exactly and names which timing each row was given."""
     pytest.importorskip("timm")
     pytest.importorskip("vit_pytorch")
+    import importlib
+
+    bench_speed = importlib.import_module("ats_vit.bench.speed")  # the package's `speed` is a function
+
+    def seconds(key: str) -> float:
+        return 4e-3 if key.endswith("/dense") else 3e-3 if key.startswith("seed/") else 2e-3
+
+    timed_by_key(monkeypatch, bench_speed, seconds)
     rows = speed(SpeedConfig(**TINY_SPEED))
     names = [(r["family"], r["variant"]) for r in rows]
     assert names == [
@@ -151,13 +147,18 @@ def test_speed_rows_compare_each_family_to_its_dense_model():
     assert dense["timm"]["gflops"] == pytest.approx(dense["ours"]["gflops"]) == dense["seed"]["gflops"]
     for r in rows:
         base = dense[r["family"]]
-        assert r["img_per_s"] > 0 and r["peak_mib"] > 0
-        assert r["speedup_q1"] <= r["speedup"] <= r["speedup_q3"]
+        assert r["peak_mib"] > 0
+        seconds_per_pass = seconds(f"{r['family']}/{r['variant']}")
+        assert r["img_per_s"] == pytest.approx(TINY_SPEED["batch_sizes"][0] / seconds_per_pass)
         if r["variant"] == "dense":
             assert r["speedup"] == 1.0 and r["kept"] == 16 and r["ideal"] == 1.0
         else:
+            expected = 4e-3 / seconds_per_pass
+            for key in ("speedup", "speedup_q1", "speedup_q3"):
+                assert r[key] == pytest.approx(expected), key
             assert r["gflops"] < base["gflops"] and 1 <= r["kept"] <= 8 and r["ideal"] > 1
-    assert next(r for r in rows if r["family"] == "seed" and r["variant"] != "dense")["vs_seed_ats"] == 1.0
+            assert r["efficiency"] == pytest.approx(expected / r["ideal"])
+            assert r["vs_seed_ats"] == pytest.approx(3e-3 / seconds_per_pass)
 
 
 def test_speed_without_the_seed_has_no_seed_ratio():
@@ -212,7 +213,14 @@ def tiny_splits(monkeypatch):
     return splits
 
 
-def test_frontier_calibrates_each_method_and_reports_the_test_split(tiny_checkpoint, tiny_splits):
+def test_frontier_calibrates_each_method_and_reports_the_test_split(
+    tiny_checkpoint, tiny_splits, monkeypatch
+):
+    """On a fake clock the dense pass takes 6 ms and the i-th budget (i + 1) ms, so each row's
+    speed-up says which timing it was given."""
+    import ats_vit.evaluate as evaluate
+
+    timed_by_key(monkeypatch, evaluate, lambda key: 6e-3 if key == "0" else 1e-3 * (int(key) + 1))
     cfg = FrontierConfig(
         (str(tiny_checkpoint),),
         data=("tiny",),  # the fixture's data: every image its own item
@@ -231,7 +239,9 @@ def test_frontier_calibrates_each_method_and_reports_the_test_split(tiny_checkpo
         # 80 independent items: the bootstrap interval is about the binomial one
         assert r["ci95"] == pytest.approx(binomial_ci95(r["accuracy"], 80), abs=0.03)
         assert Budget.from_dict(r["budget"]).method in (*AUTO, "topk")
-        assert r["speedup_q1"] <= r["speedup"] <= r["speedup_q3"]
+    for i, r in enumerate(rows[1:], start=1):
+        for key in ("speedup", "speedup_q1", "speedup_q3"):
+            assert r[key] == pytest.approx(6 / (i + 1)), (key, r["method"], r["target"])
     for r in rows[3:]:  # paired with auto at the same target, on the same images
         auto = next(a for a in rows if a["method"] == "auto" and a["target"] == r["target"])
         assert r["vs_auto_diff"] == pytest.approx(r["accuracy"] - auto["accuracy"])
@@ -279,14 +289,27 @@ def test_cli_bench_speed_prints_the_table_and_reports_bad_values(tmp_path, capsy
     assert "start_layer must be in [0, 12)" in capsys.readouterr().err
 
 
-def test_train_speed_times_dense_and_each_budget_in_one_run(tiny_checkpoint, tiny_splits, tmp_path):
+def test_train_speed_times_dense_and_each_budget_in_one_run(
+    tiny_checkpoint, tiny_splits, tmp_path, monkeypatch
+):
+    """A dense step takes 10 ms on a fake clock and a budgeted one 8 ms: 1.25x, and 100 and
+    125 steps per second."""
+    import importlib
+
+    bench_train = importlib.import_module("ats_vit.bench.train")
+
+    timed_by_key(monkeypatch, bench_train, {"dense": 10e-3, "fuse": 8e-3}.__getitem__)
     budget = Budget(1, (8, 4), dropped="fuse").save(tmp_path / "fuse.json")
     cfg = TrainSpeedConfig(str(tiny_checkpoint), (str(budget),), batch_size=16, warmup=1, repeats=2)
     cfg.min_seconds = 0.0
     rows = train_speed(cfg)
     assert [r["variant"] for r in rows] == ["dense", "fuse"]
     assert rows[0]["speedup"] == 1.0 and rows[0]["gflops_ratio"] == 1.0
-    assert 0 < rows[1]["gflops_ratio"] < 1 and rows[1]["steps_per_s"] > 0 and rows[1]["ideal"] > 1
+    assert rows[0]["steps_per_s"] == pytest.approx(100.0) and rows[1]["steps_per_s"] == pytest.approx(125.0)
+    assert rows[1]["speedup"] == pytest.approx(1.25) and rows[1]["efficiency"] == pytest.approx(
+        1.25 / rows[1]["ideal"]
+    )
+    assert 0 < rows[1]["gflops_ratio"] < 1 and rows[1]["ideal"] > 1
     with pytest.raises(ValueError, match="at least one budget file"):
         TrainSpeedConfig(str(tiny_checkpoint), ())
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import image_folder_tree, tiny_data, torchrun
+from helpers import image_folder_tree, timed_by_key, tiny_data, torchrun
 
 from ats_vit import family_of
 from ats_vit.budget import Budget
@@ -18,7 +18,13 @@ from ats_vit.timing import Timing
 BUDGET = Budget(1, (6, 3), temperature=2.0, dropped="fuse")
 
 
-def test_evaluate_budgets_rows_and_timing(tiny_checkpoint):
+def test_evaluate_budgets_rows_and_timing(tiny_checkpoint, monkeypatch):
+    """On a fake clock a dense pass takes 8 ms, the paper's budget 4 ms and the fused one
+    5 ms: each row's throughput and speed-up are then known exactly."""
+    import ats_vit.evaluate as evaluate
+
+    seconds = {"0": 8e-3, "1": 4e-3, "2": 5e-3}
+    timed_by_key(monkeypatch, evaluate, seconds.__getitem__)
     model, _ = load_model(tiny_checkpoint)
     budgets = [("dense", None), ("keep 0.25", Budget.paper(0.25, 1, 3, 16)), ("fuse", BUDGET)]
     rows = evaluate_budgets(model, tiny_data(48, seed=1), budgets, timing_repeats=3, timing_batch=16)
@@ -27,11 +33,12 @@ def test_evaluate_budgets_rows_and_timing(tiny_checkpoint):
     assert rows[0]["gflops"] > rows[1]["gflops"] and rows[0]["gflops_ratio"] == 1.0
     # the fused token comes on top of the cap
     assert rows[1]["kept_per_layer"][-1] <= 4 and rows[2]["kept_per_layer"][-1] <= 3 + 1
-    for r in rows:
+    for i, r in enumerate(rows):
         assert r["images"] == 48 and r["timing_images"] == 16
-        assert 0 < r["img_per_s_q1"] <= r["img_per_s"] <= r["img_per_s_q3"]
-        assert r["speedup_q1"] <= r["speedup"] <= r["speedup_q3"]
-    assert rows[0]["speedup"] == rows[0]["speedup_q1"] == 1.0, "dense against itself, round by round"
+        for key in ("img_per_s", "img_per_s_q1", "img_per_s_q3"):
+            assert r[key] == pytest.approx(16 / seconds[str(i)]), (r["label"], key)
+        for key in ("speedup", "speedup_q1", "speedup_q3"):
+            assert r[key] == pytest.approx(8e-3 / seconds[str(i)]), (r["label"], key)
     assert model.max_tokens_per_depth == (16, 16, 16), "the model is left dense"
     untimed = evaluate_budgets(model, tiny_data(8), budgets[:1], timing_repeats=0)
     assert math.isnan(untimed[0]["img_per_s"]) and untimed[0]["timing_images"] == 0
