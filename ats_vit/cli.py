@@ -260,12 +260,18 @@ def _cell(value: float, q1: float, q3: float, fmt: str, suffix: str = "") -> str
     return f"{value:{fmt}}{suffix} ({q1:{fmt}}-{q3:{fmt}})"
 
 
+def _vs_dense(row: dict[str, Any]) -> str:
+    """Accuracy minus dense's, in points, with the paired test's p."""
+    return f"{100 * row['vs_dense_diff']:+.2f} (p={row['vs_dense_p']:.2g})"
+
+
 def _print_eval(rows: list[dict[str, Any]]) -> None:
     cells = [
         (
             r["label"],
             (r["budget"] or {}).get("method") or ("dense" if r["budget"] is None else "custom"),
             f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.1f}",
+            "" if math.isnan(r["vs_dense_p"]) or r["budget"] is None else _vs_dense(r),
             f"{r['gflops']:.4f}",
             "" if math.isnan(r["gflops_ratio"]) else f"{r['gflops_ratio']:.0%}",
             f"{r['kept_per_layer'][-1]:.1f}",
@@ -278,6 +284,7 @@ def _print_eval(rows: list[dict[str, Any]]) -> None:
         "budget",
         "method",
         "accuracy",
+        "vs dense (p)",
         "GFLOPs",
         "vs dense",
         "kept (last)",

@@ -23,7 +23,7 @@ from ats_vit.data import collate_skipping
 from ats_vit.distributed import rank_world
 from ats_vit.families import family_of
 from ats_vit.flops import flops
-from ats_vit.stats import binomial_ci95, bootstrap_ci95
+from ats_vit.stats import binomial_ci95, bootstrap_ci95, paired_bootstrap
 from ats_vit.timing import Timing, speedup, time_round_robin
 
 __all__ = ["evaluate", "evaluate_budgets", "measure", "time_budgets"]
@@ -40,7 +40,6 @@ def _classifier(model: nn.Module) -> Any:
     return family
 
 
-@torch.inference_mode()
 def evaluate(
     model: nn.Module,
     data: Dataset,
@@ -60,6 +59,15 @@ def evaluate(
     agreed) under ``torchrun`` or when images were skipped. Images that a folder data set
     could not read (``image_folder(skip_bad=True)``) are counted in ``skipped`` and left out.
     """
+    return _evaluate(model, data, batch_size, workers, progress, items)[0]
+
+
+@torch.inference_mode()
+def _evaluate(
+    model: nn.Module, data: Dataset, batch_size: int, workers: int, progress: bool, items: Tensor | None
+) -> tuple[dict[str, Any], Tensor | None]:
+    """:func:`evaluate`, and which images were classified right (None when the images are
+    split across processes or some were skipped: then they do not line up with ``items``)."""
     size = len(data)  # type: ignore[arg-type]
     if items is not None and items.shape != (size,):
         raise ValueError(f"items must be ({size},), one per image, got {tuple(items.shape)}")
@@ -98,11 +106,13 @@ def evaluate(
     n = max(int(seen), 1)
     accuracy = int(correct) / n
     independent = n if items is None else int(items.unique().numel())
-    if items is not None and independent < n and world == 1 and not int(skipped):
-        ci95 = bootstrap_ci95(torch.cat(hits).cpu(), items)  # images share items: resample items
+    aligned = world == 1 and not int(skipped) and bool(hits)
+    correct_each = torch.cat(hits).cpu() if aligned else None
+    if items is not None and independent < n and correct_each is not None:
+        ci95 = bootstrap_ci95(correct_each, items)  # images share items: resample items
     else:
         ci95 = binomial_ci95(accuracy, max(independent, 1))
-    return dict(
+    result = dict(
         accuracy=accuracy,
         kept_per_layer=(kept.double() / n).tolist(),
         gflops=float(total_flops) / n / 1e9,
@@ -111,6 +121,7 @@ def evaluate(
         items=independent,
         ci95=ci95,
     )
+    return result, correct_each
 
 
 @torch.inference_mode()
@@ -188,8 +199,10 @@ def evaluate_budgets(
     throughput measured in one interleaved run over one batch of up to ``timing_batch`` images
     (the whole split when it is smaller: ``timing_images`` says how many were timed). Each
     row has the median images/s and speed-up over the first row (when it is dense) with their
-    interquartile ranges over the interleaved rounds. ``timing_repeats=0``, or several
-    processes: no timing (NaN). Every budget is checked against the model before any work."""
+    interquartile ranges over the interleaved rounds, and (when the first row is dense, in
+    one process) its accuracy minus dense's with the paired bootstrap's two-sided p over the
+    items (``vs_dense_diff``, ``vs_dense_p``). ``timing_repeats=0``, or several processes: no
+    timing (NaN). Every budget is checked against the model before any work."""
     family = _classifier(model)
     for _, budget in budgets:
         if budget is not None:
@@ -197,11 +210,19 @@ def evaluate_budgets(
     rank, world = rank_world()
     rows = []
     quiet = not progress or rank != 0
+    correct: list[Tensor | None] = []
     for label, budget in progress_bar(iterable=budgets, desc="budgets", unit="budget", disable=quiet):
         configure(family, budget)
-        result = evaluate(model, data, batch_size, workers=workers, items=items)
+        result, correct_each = _evaluate(model, data, batch_size, workers, False, items)
+        correct.append(correct_each)
         rows.append(dict(label=label, budget=None if budget is None else budget.to_dict(), **result))
     dense_first = bool(budgets) and budgets[0][1] is None
+    for row, correct_each in zip(rows, correct, strict=True):
+        row["vs_dense_diff"], row["vs_dense_p"] = math.nan, math.nan
+        dense_each = correct[0]
+        if dense_first and correct_each is not None and dense_each is not None:
+            pairs = torch.arange(len(correct_each)) if items is None else items
+            row["vs_dense_diff"], row["vs_dense_p"] = paired_bootstrap(correct_each, dense_each, pairs)
     images = None
     if timing_repeats > 0 and world == 1 and rows:
         images = _timing_images(data, timing_batch, next(model.parameters()).device)

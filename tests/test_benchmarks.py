@@ -37,7 +37,7 @@ def tiny_splits(monkeypatch):
 
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "summarize.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py"}
-    tested |= {"calibration_speed.py", "latency_model.py"}
+    tested |= {"calibration_speed.py", "latency_model.py", "demo.py", "latency_budgets.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
 
@@ -148,6 +148,40 @@ def test_latency_model(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, caps
         run_script("latency_model.py", *argv[:3], "--checkpoint-name", "other", monkeypatch=monkeypatch) == 2
     )
     assert "must be one of ['tiny']" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo(tmp_path, monkeypatch, capsys):
+    """The README's table: the demo once, its budgets timed again in a second process (about
+    a minute with one epoch; `pytest -m slow`)."""
+    pytest.importorskip("sklearn")
+    monkeypatch.setenv("ATS_VIT_CACHE", str(tmp_path / "cache"))
+    out, record = tmp_path / "demo", tmp_path / "demo.json"
+    argv = ["--out", str(out), "--epochs", "1", "--runs", "2", "--json", str(record)]
+    assert run_script("demo.py", *argv, monkeypatch=monkeypatch) == 0
+    rows = json.loads(record.read_text())["rows"]
+    assert [r["label"] for r in rows] == ["dense", "budget-0.5 @ 0.5", "budget-0.7 @ 0.7", "keep 0.5"]
+    second = json.loads((out / "eval-run2" / "eval.json").read_text())["rows"]
+    for row, again in zip(rows, second, strict=True):
+        assert row["speedup_runs"][1] == again["speedup"] and len(row["speedup_runs"]) == 2
+        assert "vs_dense_p" in row and row["accuracy"] == again["accuracy"]
+    assert run_script("demo.py", *argv, monkeypatch=monkeypatch) == 2  # the JSON exists
+
+
+def test_latency_budgets(tmp_path, monkeypatch, tiny_checkpoint):
+    """A latency budget calibrated, then timed by eval in separate processes, on the tiny model."""
+    from helpers import image_folder_tree
+
+    monkeypatch.setenv("ATS_VIT_CACHE", str(tmp_path / "cache"))
+    data = image_folder_tree(tmp_path / "data", size=16, mode="L", per_class=8)
+    record = tmp_path / "lat.json"
+    argv = [str(tiny_checkpoint), "--data", str(data), "--cases", "demo-0.8", "--runs", "2"]
+    argv += ["--timing-repeats", "2", "--calib-images", "16", "--json", str(record)]
+    assert run_script("latency_budgets.py", *argv, monkeypatch=monkeypatch) == 0
+    (row,) = json.loads(record.read_text())["rows"]
+    assert row["case"] == "demo-0.8" and row["asked"] == pytest.approx(1.25)
+    assert row["budget"]["cost"] == "latency" and len(row["speedup_runs"]) == 2
+    assert row["off_pct"] == pytest.approx(100 * (row["speedup"] * 0.8 - 1))
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,11 @@ def test_evaluate_budgets_rows_and_timing(tiny_checkpoint, monkeypatch):
             assert r[key] == pytest.approx(16 / seconds[str(i)]), (r["label"], key)
         for key in ("speedup", "speedup_q1", "speedup_q3"):
             assert r[key] == pytest.approx(8e-3 / seconds[str(i)]), (r["label"], key)
+    assert rows[0]["vs_dense_diff"] == 0.0 and rows[0]["vs_dense_p"] == 1.0
+    for r in rows[1:]:  # paired with dense on the same 48 images
+        dense_hits = evaluate.evaluate(model, tiny_data(48, seed=1))["accuracy"]
+        assert r["vs_dense_diff"] == pytest.approx(r["accuracy"] - dense_hits)
+        assert 0 < r["vs_dense_p"] <= 1
     assert model.max_tokens_per_depth == (16, 16, 16), "the model is left dense"
     untimed = evaluate_budgets(model, tiny_data(8), budgets[:1], timing_repeats=0)
     assert math.isnan(untimed[0]["img_per_s"]) and untimed[0]["timing_images"] == 0

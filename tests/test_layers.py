@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).parent.parent / "ats_vit"
 
 # lowest first; the package's __init__ (the public re-exports) sits on top of everything
 LAYERS = [
-    {"_validate", "_progress", "stats", "timing", "distributed", "glyphs"},
+    {"_validate", "_progress", "_io", "stats", "timing", "distributed", "glyphs"},
     {"options"},
     {"sampling"},
     {"flops"},

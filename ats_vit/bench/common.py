@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -20,6 +21,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ats_vit import __version__
+from ats_vit._io import write_text_atomic
 from ats_vit.timing import _sync
 
 __all__ = ["machine", "peak_memory", "print_table", "write_json"]
@@ -82,17 +85,39 @@ def peak_memory(fn: Callable[[], object], device: torch.device | None = None) ->
 
 
 def machine(device: torch.device | str = "cpu") -> dict[str, object]:
+    """Where a benchmark ran and with what code: what its numbers depend on."""
     device = torch.device(device)
     info = dict(
         torch=torch.__version__,
         python=platform.python_version(),
         cpu=platform.processor() or platform.machine(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
         threads=torch.get_num_threads(),
         device=str(device),
+        ats_vit=__version__,
+        commit=_commit(),
     )
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def _commit() -> str | None:
+    """The git commit of the ats-vit checkout that runs (``+dirty`` with local changes), or
+    None for an installed package."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    git = ["git", "-C", str(root)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        status = [*git, "status", "--porcelain", "--untracked-files=no", "--", "ats_vit"]
+        dirty = subprocess.run(status, capture_output=True, text=True, check=True)
+    except OSError:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> None:
@@ -201,9 +226,6 @@ def write_json(
 ) -> None:
     """Config, machine and rows, so every number can be reproduced."""
     if path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            json.dumps(dict(config=asdict(config), machine=machine(device), rows=list(rows)), indent=2)
-        )
+        record = dict(config=asdict(config), machine=machine(device), rows=list(rows))
+        write_text_atomic(path, json.dumps(record, indent=2) + "\n")
         print(f"wrote {path}")
