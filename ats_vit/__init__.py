@@ -8,7 +8,7 @@ from ats_vit.sampling import AdaptiveTokenSampling, TokenSelection
 from ats_vit.tokens import TokenState
 from ats_vit.vit import ViT, load_vit_pytorch_state_dict
 
-__version__ = "0.2.0"
+__version__ = "1.0.0"
 
 __all__ = [
     "AdaptiveTokenSampling",
