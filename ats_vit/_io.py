@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["write_atomic", "write_text_atomic"]
+__all__ = ["default_mode", "write_atomic", "write_text_atomic"]
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[Any]], object], binary: bool = False) -> Path:
@@ -19,6 +19,7 @@ def write_atomic(path: str | Path, write: Callable[[IO[Any]], object], binary: b
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, default_mode())  # mkstemp makes it private; the file is an ordinary output
     try:
         with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as file:
             write(file)
@@ -29,6 +30,13 @@ def write_atomic(path: str | Path, write: Callable[[IO[Any]], object], binary: b
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def default_mode() -> int:
+    """The permissions a file created here would get (0o666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

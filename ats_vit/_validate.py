@@ -128,6 +128,32 @@ def state_dict_mismatch(own: Mapping[str, Tensor], given: Mapping[str, Tensor], 
     return "; ".join(parts) if parts else None
 
 
+def finite_images(images: Tensor, what: str = "images") -> None:
+    """Refuse images holding NaN or infinity, naming how many (a model's output on them means
+    nothing, and every rule would sample from undefined scores)."""
+    bad = int((~torch.isfinite(images.flatten(1))).any(dim=1).sum())
+    if bad:
+        first = int((~torch.isfinite(images.flatten(1))).any(dim=1).nonzero()[0])
+        raise ValueError(
+            f"{bad} of the {len(images)} {what} hold NaN or infinite values (the first at index {first}); "
+            "fix or leave them out"
+        )
+
+
+def class_labels(labels: Tensor, num_classes: int, what: str = "labels") -> None:
+    """Refuse labels outside [0, num_classes), naming how many and the range found."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"{what} must be integer class indices, got dtype {labels.dtype}")
+    outside = (labels < 0) | (labels >= num_classes)
+    if bool(outside.any()):
+        raise ValueError(
+            f"{int(outside.sum())} of the {len(labels)} {what} lie outside [0, {num_classes}) (the model has "
+            f"{num_classes} classes; found {int(labels.min())}..{int(labels.max())}): are the data's "
+            "classes the model's? Without matching labels, calibrate for agreement with the dense model "
+            "(labels=None, --no-labels)"
+        )
+
+
 def deprecated(old: str, new: str, stacklevel: int = 3) -> None:
     """Warn that ``old`` (a 0.x name) is deprecated for ``new``; it keeps working in 1.x."""
     warnings.warn(

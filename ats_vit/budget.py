@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from ats_vit import _validate
+from ats_vit._io import write_text_atomic
 from ats_vit.families import Family, family_of
 from ats_vit.options import SamplingOptions
 
@@ -86,6 +88,20 @@ class Budget:
             raise BudgetError(
                 f"start_layer + len(caps) must equal depth: {self.start_layer} + {len(caps)} != {self.depth}"
             )
+        if self.method is not None and not isinstance(self.method, str):
+            raise BudgetError(f"method must be a string or None, got {self.method!r}")
+        target = self.target
+        if target is not None and (
+            isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target <= 1.0
+        ):
+            raise BudgetError(
+                f"target must be None or a fraction of the dense cost in (0, 1], got {target!r}"
+            )
+        if not isinstance(self.calibration, Mapping):
+            raise BudgetError(
+                f"calibration must be a mapping (what calibrate measured), got {self.calibration!r}"
+            )
+        object.__setattr__(self, "calibration", dict(self.calibration))
 
     @classmethod
     def paper(
@@ -139,6 +155,15 @@ class Budget:
             raise BudgetError(
                 f"{self._where()} covers {self.start_layer + len(self.caps)} layers "
                 f"(start_layer={self.start_layer}, {len(self.caps)} caps); the model has {depth}"
+            )
+        above = [self.start_layer + i for i, c in enumerate(self.caps) if c > num_patches]
+        if above:  # only a budget that records no num_patches gets here (check_sizes refuses others)
+            every = " (every layer: it drops nothing here)" if len(above) == len(self.caps) else ""
+            warnings.warn(
+                f"{self._where()} caps layers {above} above the model's {num_patches} patches: those layers "
+                f"keep all their tokens{every}",
+                UserWarning,
+                stacklevel=3,
             )
         return (num_patches,) * self.start_layer + tuple(min(c, num_patches) for c in self.caps)
 
@@ -200,15 +225,22 @@ class Budget:
         if unknown:
             raise BudgetError(f"{where} has unknown fields {unknown}")
         try:
-            return cls(**{k: v for k, v in raw.items() if k in known}, source=source)
+            budget = cls(**{k: v for k, v in raw.items() if k in known}, source=source)
         except (TypeError, ValueError) as exc:
             raise BudgetError(f"{where}: {exc}") from exc
+        unrecorded = [name for name in ("depth", "num_patches") if raw.get(name) is None]
+        if unrecorded and source is not None:
+            warnings.warn(
+                f"{where} records no {' and no '.join(unrecorded)}: it is checked against a model by its "
+                "length alone (budget files written by calibrate record both)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return budget
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        """Write the budget as JSON, atomically (a failed write leaves the old file)."""
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Budget:

@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import string
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ats_vit import __version__
+from ats_vit._io import write_text_atomic
 from ats_vit.bench.speed import FAMILIES
 from ats_vit.calibrate import METHOD_CHOICES, RECOMMENDED
 from ats_vit.families import SUPPORTED
@@ -85,6 +89,13 @@ def _renamed(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any)
     parser.add_argument(old, dest=dest, action=_Renamed, new=new, **kwargs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line (and where to read more), not the usage dump before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults (0 included), but not the noise of 'default: None' or of flags."""
 
@@ -99,7 +110,15 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _writable(paths: Sequence[str | Path], overwrite: bool) -> None:
-    """Refuse to replace existing files unless ``--overwrite`` was given."""
+    """Refuse, before any work, to replace existing files unless ``--overwrite`` was given, and
+    any output that is a folder (or lies in a path that is a file)."""
+    for p in map(Path, paths):
+        if p.is_dir():
+            raise ValueError(f"{p} is a folder; --out must name a file there, e.g. {p / p.name}.json")
+        if any(parent.is_file() for parent in p.parents):
+            raise ValueError(
+                f"cannot write {p}: {next(q for q in p.parents if q.is_file())} is a file, not a folder"
+            )
     existing = [str(p) for p in paths if Path(p).exists()]
     if existing and not overwrite:
         raise ValueError(
@@ -198,15 +217,23 @@ def _split(args: argparse.Namespace, source: Any, split: str) -> Any:
         skip_bad=args.skip_bad_images,
     )
     classes = getattr(data, "classes", None)
-    if classes is not None and family.num_classes and len(classes) != family.num_classes:
-        print(
-            f"warning: {args.data} has {len(classes)} classes and {source.name} scores "
-            f"{family.num_classes}; accuracy compares folder order (0..{len(classes) - 1}) with the "
-            "model's classes, which is meaningful only if they are the same classes. Otherwise "
-            "calibrate with --no-labels (agreement with the dense model) and read GFLOPs and speed only.",
-            file=sys.stderr,
+    no_labels = getattr(args, "no_labels", False)
+    if classes is not None and family.num_classes and len(classes) != family.num_classes and not no_labels:
+        _warn(
+            f"{args.data} has {len(classes)} classes and {source.name} scores {family.num_classes}; "
+            f"accuracy compares folder order (0..{len(classes) - 1}) with the model's classes, which is "
+            "meaningful only if they are the same classes. Otherwise pass --no-labels (agreement with the "
+            "dense model's top-1) and read GFLOPs and speed"
         )
     return data
+
+
+def _warn(message: str) -> None:
+    """A warning line on stderr, once: from the lead process only under torchrun."""
+    from ats_vit.distributed import is_lead
+
+    if is_lead():
+        print(f"warning: {message}", file=sys.stderr)
 
 
 # the paper's first sampling layer on DeiT-S (12 layers)
@@ -326,28 +353,48 @@ def _run_training(args: argparse.Namespace, cfg: Any) -> int:
     from ats_vit.distributed import finish, is_lead
     from ats_vit.train import RunExistsError, TrainingInterrupted, train
 
-    train_data = load_split(args.data, "train", cfg.model.image_size, channels=cfg.model.channels)
+    train_data = load_split(cfg.data or args.data, "train", cfg.model.image_size, channels=cfg.model.channels)
     if is_lead():
         _print_config(cfg)
     try:
         final = train(cfg, train_data, resume=args.resume, overwrite=args.overwrite)
     except RunExistsError as exc:
-        raise ValueError(f"{exc}: --resume continues it, --overwrite replaces it") from None
+        raise ValueError(
+            str(exc) if args.resume else f"{exc}: --resume continues it, --overwrite replaces it"
+        ) from None
     except TrainingInterrupted as exc:
         command = "finetune CHECKPOINT" if args.command == "finetune" else args.command
-        raise TrainingInterrupted(
-            f"{exc}; continue with `ats-vit {command} --out {cfg.out_dir} --resume`"
-        ) from None
+        advice = getattr(args, "resume_advice", None) or f"ats-vit {command} --out {cfg.out_dir} --resume"
+        raise TrainingInterrupted(f"{exc}; continue with `{advice}`") from None
     finish()
     if is_lead():
         print(f"checkpoint: {final}")
     return 0
 
 
-def _train_config(args: argparse.Namespace, model: Any, **extra: Any) -> Any:
-    from ats_vit.train import TrainConfig
+# which options set which field of a TrainConfig (a resume takes the run's own value of every
+# field whose options were not given)
+_TRAIN_OPTIONS = {
+    "model": ("budget", "keep", "start_layer", "arch", "img_size", "patch_size"),
+    "epochs": ("epochs",),
+    "batch_size": ("batch_size",),
+    "lr": ("lr",),
+    "seed": ("seed",),
+    "ckpt_every": ("ckpt_every",),
+    "amp": ("no_amp",),
+    "data": ("data",),
+    "warmup_steps": ("warmup_steps",),
+    "init_from": ("checkpoint",),
+}
 
-    return TrainConfig(
+
+def _train_config(args: argparse.Namespace, model: Any, **extra: Any) -> Any:
+    """The run's config from the options; with ``--resume``, the run's own config, with only
+    the options given on this command line in its place (the training refuses those that
+    contradict it)."""
+    from ats_vit.train import TrainConfig, saved_config
+
+    cfg = TrainConfig(
         model=replace(model, budget=_train_budget(args, model)),
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -356,8 +403,15 @@ def _train_config(args: argparse.Namespace, model: Any, **extra: Any) -> Any:
         ckpt_every=args.ckpt_every,
         amp=not args.no_amp,
         out_dir=args.out,
+        data=args.data,
         **extra,
     )
+    saved = saved_config(Path(args.out)) if args.resume else None
+    if saved is None:
+        return cfg
+    given: set[str] = getattr(args, "explicit", set())
+    kept = {f: getattr(cfg, f) for f, options in _TRAIN_OPTIONS.items() if given & set(options)}
+    return replace(saved, **kept, out_dir=args.out)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -394,9 +448,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from ats_vit.data import take
 
     targets = args.target
-    if len(targets) > 1 and "{target}" not in args.out:
-        raise ValueError(f"several targets need an --out with a {{target}} placeholder, got {args.out!r}")
-    paths = [args.out.format(target=f"{t:g}") for t in targets]
+    paths = _target_paths(args.out, targets)
     _writable(paths, args.overwrite)
     source = _load(args)
     model = source.model.to(_device(args.device))
@@ -415,16 +467,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     objective = search.objective
     where = f" at batch {search.timing_batch} on {search.latency.key['device']}" if search.latency else ""
     print(
-        f"calibrating {args.method} for {args.cost}{where} on {len(images)} calibration images ({objective})"
+        f"calibrating {args.method} for {args.cost}{where} on {len(images)} calibration images ({objective}; "
+        f"the search keeps {search.search.memory_gib:.2f} GiB of dense block inputs)"
     )
     timed = search.latency is not None
-    header = f"{'target':>6} {'GFLOPs':>7} {'time':>6} {'timed':>6} {objective:>9} budget"
-    print(header if timed else f"{'target':>6} {'GFLOPs':>7} {objective:>9} budget")
+    header = f"{'target':>6} {'GFLOPs':>7} {'time':>6} {'timed':>6} {objective + ' (vs dense)':>18} budget"
+    print(header if timed else f"{'target':>6} {'GFLOPs':>7} {objective + ' (vs dense)':>18} budget")
     for target, path in zip(targets, paths, strict=True):
         budget = search(target)
         budget.save(path)
         cal = budget.calibration
-        score = f"{100 * cal[objective]:>8.2f}%"
+        drop = 100 * (cal[f"dense_{objective}"] - cal[objective])
+        score = f"{100 * cal[objective]:>8.2f}% ({-drop:+.2f})"
         if timed:
             measured = cal.get("measured_latency_ratio")
             timing = "" if measured is None else f"{measured:.3f}"
@@ -463,6 +517,33 @@ def _dtype(name: str | None) -> Any:
     return None if name in (None, "float32") else torch.bfloat16
 
 
+class _Target(float):
+    """A target in a file name: as short as it is exact (0.5, 0.5000001), or as a format asks."""
+
+    def __format__(self, spec: str) -> str:
+        return float.__format__(self, spec or ".10g")
+
+
+def _target_paths(out: str, targets: Sequence[float]) -> list[str]:
+    """One output file per target from ``--out`` and its ``{target}`` placeholder; two targets
+    that would write one file, or another placeholder, are refused before any work."""
+    problem = f"--out may hold the placeholder {{target}} and no other braces, got {out!r}"
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(out) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"{problem} ({exc})") from None
+    if len(targets) > 1 and "target" not in fields:
+        raise ValueError(f"several targets need an --out with a {{target}} placeholder, got {out!r}")
+    try:
+        paths = [out.format(target=_Target(t)) for t in targets]
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"{problem} ({type(exc).__name__}: {exc})") from None
+    for i, path in enumerate(paths):
+        if path in paths[:i]:
+            raise ValueError(f"targets {targets[paths.index(path)]} and {targets[i]} would both write {path}")
+    return paths
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from ats_vit.data import source_items
     from ats_vit.distributed import finish, init_distributed, is_lead
@@ -471,7 +552,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _writable([out / "eval.json", out / "accuracy_vs_gflops.png"], args.overwrite)
-    device = init_distributed()
+    device = init_distributed() if args.device is None else _device(args.device)
     source = _load(args)
     model = source.model.to(device)
     budgets = _eval_budgets(args, source)
@@ -485,13 +566,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         workers=args.workers,
         timing_repeats=args.timing_repeats,
         timing_batch=args.timing_batch,
+        agreement=args.no_labels,
+        dtype=_dtype(args.dtype),
     )
     finish()
     if not is_lead():
         return 0
     trained = "" if source.config is None or source.config.budget is None else " (trained with a budget)"
     shared = "" if rows[0]["items"] == rows[0]["images"] else f" of {rows[0]['items']} independent items"
-    print(f"{source.name}{trained} on {rows[0]['images']} images{shared} (±: 95% interval over the items):")
+    scored = "; accuracy = agreement with the dense top-1 (--no-labels)" if args.no_labels else ""
+    interval = f"±: 95% interval over the items{scored}"
+    print(f"{source.name}{trained} on {rows[0]['images']} images{shared} ({interval}):")
     _print_eval(rows)
     if rows[0]["skipped"]:
         print(f"skipped {rows[0]['skipped']} unreadable images (--skip-bad-images)")
@@ -516,7 +601,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
     out.mkdir(parents=True, exist_ok=True)
     record = dict(model=source.name, data=args.data, rows=rows)
-    (out / "eval.json").write_text(json.dumps(record, indent=2))
+    write_text_atomic(out / "eval.json", json.dumps(record, indent=2) + "\n")
     from ats_vit.viz import plot_accuracy_vs_cost
 
     plot_accuracy_vs_cost(
@@ -533,6 +618,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from ats_vit.data import take
     from ats_vit.viz import save_kept_tokens_grid
 
+    if Path(args.out).suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {args.out!r}")
     _writable([args.out], args.overwrite)
     source = _load(args)
     family = source.family
@@ -557,7 +644,10 @@ def _run_bench(
     """Print the config and machine, run the benchmark, print its table and write its JSON."""
     from ats_vit.bench.common import machine, print_table, write_json
 
-    _writable([p for p in (args.json, getattr(args, "plot", None)) if p], args.overwrite)
+    outputs = [args.json] if args.json else []
+    if args.json and args.bench == "frontier":  # and its picture
+        outputs.append(str(Path(args.json).with_suffix(".png")))
+    _writable(outputs, args.overwrite)
     device = getattr(cfg, "device", "cpu")
     _print_config(cfg)
     print(f"machine: {json.dumps(machine(device))}", file=sys.stderr)
@@ -582,8 +672,7 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         dropped=tuple(args.dropped),
         families=tuple(args.families),
         batch_sizes=tuple(args.batch_sizes),
-        warmup=args.warmup,
-        repeats=args.repeats,
+        warmup=1,
         min_seconds=args.min_seconds,
         seed=args.seed,
         device=args.device,
@@ -617,8 +706,8 @@ def cmd_bench_frontier(args: argparse.Namespace) -> int:
         "difference with the recommended method at the same target and its paired-bootstrap p-value; "
         "speed-up: over dense, one interleaved run; settings were chosen on the calibration split"
     )
-    if args.plot:
-        print(f"wrote {plot_frontier(rows, args.plot)}")
+    if args.json:  # the picture beside the numbers
+        print(f"wrote {plot_frontier(rows, Path(args.json).with_suffix('.png'))}")
     return 0
 
 
@@ -629,7 +718,6 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
         checkpoint=args.checkpoint,
         budgets=tuple(args.budget),
         batch_size=args.batch_size,
-        repeats=args.repeats,
         min_seconds=args.min_seconds,
     )
     _run_bench(train_speed, cfg, TRAIN_SPEED_COLUMNS, args)
@@ -651,6 +739,10 @@ DEMO_OUTPUTS = (
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """train -> calibrate -> eval -> viz on the bundled demo task."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "run the demo in one process, not under torchrun (train and eval split across ranks)"
+        )
     from ats_vit.train import RUN_FILES
 
     out = Path(args.out)
@@ -708,8 +800,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for argv in steps:
         print(f"\n$ ats-vit {' '.join(argv)}", flush=True)
         step = parser.parse_args(argv)
+        step.explicit = _explicit(parser, step, argv)
+        step.resume_advice = f"ats-vit demo --out {out} --resume"  # the demo's steps, not train's alone
         step.fn(step)
     print(f"\noutputs in {out}/: final.safetensors, metrics.csv, {', '.join(DEMO_OUTPUTS)}")
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    """List or clear the latency tables cached on this machine."""
+    from ats_vit.latency import cache_dir, cached_tables, clear_cache
+
+    if args.action == "clear":
+        print(f"removed {clear_cache()} latency tables from {cache_dir()}")
+        return 0
+    tables = cached_tables()
+    print(f"{len(tables)} latency tables in {cache_dir()} (ATS_VIT_CACHE sets the folder)")
+    for t in tables:
+        if "error" in t:
+            print(f"  {t['path']}: unreadable ({t['error']})")
+            continue
+        busy = ", timed on a busy machine: not reused" if t["disturbed"] else ""
+        rules = ", ".join(t["rules"]) or "-"
+        print(
+            f"  {Path(t['path']).name}: {t['model']} at batch {t['batch_size']} on {t['device']} "
+            f"({t['dtype']}, {t['threads']} threads, torch {t['torch']}), rules {rules}{busy}"
+        )
     return 0
 
 
@@ -717,7 +833,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ats-vit",
         description="Adaptive Token Sampling for Vision Transformers: budgets in GFLOPs or time, "
         "without or with fine-tuning.",
@@ -847,6 +963,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=_count, default=0, help="data loading processes")
     ev.add_argument("--timing-repeats", type=_count, default=5, help="timed rounds per budget (0: no timing)")
     ev.add_argument("--timing-batch", type=_positive_int, default=64, help="images per timed pass")
+    ev.add_argument(
+        "--no-labels",
+        action="store_true",
+        help="score agreement with the dense model's top-1 instead of the labels (unlabelled folders)",
+    )
+    ev.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda under torchrun with GPUs, else cpu)")
+    ev.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), help="evaluate and time under bfloat16 autocast"
+    )
     ev.add_argument("--out", default="runs/eval", help="folder for eval.json and accuracy_vs_gflops.png")
     ev.add_argument("--overwrite", action="store_true", help="replace eval.json and the plot in OUT")
     ev.set_defaults(fn=cmd_eval)
@@ -868,6 +993,10 @@ def build_parser() -> argparse.ArgumentParser:
     _renamed(viz, "--output", "--out")
     viz.add_argument("--overwrite", action="store_true", help="replace an existing PNG")
     viz.set_defaults(fn=cmd_viz)
+
+    cache = command("cache", "list or clear the latency tables cached on this machine ($ATS_VIT_CACHE)")
+    cache.add_argument("action", choices=("list", "clear"), help="list the tables, or remove them all")
+    cache.set_defaults(fn=cmd_cache)
 
     bench = command(
         "bench", "benchmarks: speed vs the FLOP ideal; accuracy vs GFLOPs of every method; training speed"
@@ -899,8 +1028,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES), help="implementations")
     sp.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 16, 64], help="batch sizes")
-    sp.add_argument("--warmup", type=_count, default=1, help="untimed calls per variant")
-    sp.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds, at least")
     sp.add_argument(
         "--min-seconds", type=float, default=3.0, help="more rounds until each variant ran this long"
     )
@@ -946,7 +1073,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--timing-repeats", type=_count, default=7, help="interleaved timed rounds (0: no timing)"
     )
     fr.add_argument("--seed", type=int, default=0, help="which calibration images; random peers' draws")
-    fr.add_argument("--plot", default="runs/bench/frontier.png", help="accuracy-vs-GFLOPs PNG ('' for none)")
     outputs(fr)
     fr.set_defaults(fn=cmd_bench_frontier)
 
@@ -954,11 +1080,32 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("checkpoint", help="a checkpoint of `ats-vit train` on the demo data")
     tr.add_argument("--budget", nargs="+", required=True, metavar="FILE", help="budget files to train with")
     tr.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
-    tr.add_argument("--repeats", type=_positive_int, default=10, help="timed steps per variant, at least")
     tr.add_argument("--min-seconds", type=float, default=5.0, help="repeat until each variant ran this long")
     outputs(tr)
     tr.set_defaults(fn=cmd_bench_train)
     return parser
+
+
+def _explicit(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> set[str]:
+    """The destinations of the options given on the command line (not left at their defaults)."""
+    actions: list[argparse.Action] = []
+    current: argparse.ArgumentParser | None = parser
+    for name in (args.command, getattr(args, "bench", None)):
+        sub = next(
+            (a for a in (current._actions if current else []) if isinstance(a, argparse._SubParsersAction)),
+            None,
+        )
+        current = sub.choices.get(name) if sub is not None and name else None
+        if current is not None:
+            actions += current._actions
+    dests = {option: a.dest for a in actions for option in a.option_strings}
+    given = {dests[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in dests}
+    positional = {a.dest for a in actions if not a.option_strings and getattr(args, a.dest, None) is not None}
+    return given | positional
+
+
+# commands that split their work across torchrun's processes; the others run on rank 0 alone
+SPLIT_COMMANDS = ("train", "finetune", "eval")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -966,11 +1113,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ats_vit.data import BadImageError
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    args.explicit = _explicit(parser, args, argv)
     name = args.command if args.command != "bench" else f"bench {args.bench}"
+    from ats_vit.distributed import is_lead
+
+    if not is_lead():  # under torchrun: every rank runs, one speaks
+        warnings.simplefilter("ignore")
+        if args.command not in SPLIT_COMMANDS:
+            return 0  # what writes files runs on rank 0 alone (torchrun waits for it)
     try:
         return int(args.fn(args))
     except BadImageError as exc:

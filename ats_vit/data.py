@@ -9,6 +9,7 @@ a seed, so the data set is identical on every machine.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,21 +128,36 @@ class BadImageError(ValueError):
     """An image file that cannot be read; the message names the file."""
 
 
-def _reader(mode: str) -> Callable[[str], Any]:
+def _reader(mode: str, image_size: int | None = None) -> Callable[[str], Any]:
     """A loader giving PIL's image of a path in ``mode`` ("RGB" or "L"), or
-    :class:`BadImageError` naming the file."""
+    :class:`BadImageError` naming the file. The first image far from ``image_size`` (a side
+    below half of it or above four times it), which resizing changes beyond recognition, is
+    named in a warning (once per data set and process)."""
+    warned = False
 
     def read(path: str) -> Any:
+        nonlocal warned
         from PIL import Image, UnidentifiedImageError
 
         try:
             with open(path, "rb") as f:
-                return Image.open(f).convert(mode)
+                image = Image.open(f).convert(mode)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             raise BadImageError(
                 f"cannot read image {path!r} ({type(exc).__name__}: {exc}); fix or remove it, or "
                 "leave unreadable images out (skip_bad=True; they are counted)"
             ) from exc
+        if image_size is not None and not warned:
+            w, h = image.size
+            if min(w, h) < image_size / 2 or max(w, h) > 4 * image_size:
+                warned = True
+                warnings.warn(
+                    f"{path} is {w}x{h} pixels and is resized to the model's {image_size}: far from it, the "
+                    "image loses or invents most of its detail (said once per data set)",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return image
 
     return read
 
@@ -215,7 +231,7 @@ def image_folder(
     tf = transform or transforms.Compose([*resize, transforms.ToTensor(), *normalise])
     try:
         folder = datasets.ImageFolder(
-            str(root), transform=tf, loader=_reader("RGB" if channels == 3 else "L")
+            str(root), transform=tf, loader=_reader("RGB" if channels == 3 else "L", image_size)
         )
     except (FileNotFoundError, RuntimeError) as exc:
         raise ValueError(f"data folder {str(root)!r} holds no readable images: {exc}") from exc

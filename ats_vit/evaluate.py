@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ats_vit import _validate
 from ats_vit._progress import bar as progress_bar
 from ats_vit.budget import Budget, configure
 from ats_vit.data import collate_skipping
@@ -64,10 +65,19 @@ def evaluate(
 
 @torch.inference_mode()
 def _evaluate(
-    model: nn.Module, data: Dataset, batch_size: int, workers: int, progress: bool, items: Tensor | None
-) -> tuple[dict[str, Any], Tensor | None]:
-    """:func:`evaluate`, and which images were classified right (None when the images are
-    split across processes or some were skipped: then they do not line up with ``items``)."""
+    model: nn.Module,
+    data: Dataset,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    items: Tensor | None,
+    reference: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, Any], Tensor | None, Tensor]:
+    """:func:`evaluate`, which images were classified right (None when the images are split
+    across processes or some were skipped: then they do not line up with ``items``), and this
+    process's top-1 predictions in order. ``reference``: predictions to agree with instead of
+    the labels (this process's images, in order); ``dtype``: autocast to it."""
     size = len(data)  # type: ignore[arg-type]
     if items is not None and items.shape != (size,):
         raise ValueError(f"items must be ({size},), one per image, got {tuple(items.shape)}")
@@ -84,15 +94,25 @@ def _evaluate(
     kept = torch.zeros(family.depth, dtype=torch.long, device=device)
     total_flops = torch.zeros((), dtype=torch.float64, device=device)
     hits: list[Tensor] = []
+    predictions: list[Tensor] = []
+    autocast = torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
     bar = progress_bar(total=len(loader), desc="eval", unit="batch", disable=not progress or rank != 0)
     for images, labels, bad in loader:
         skipped += bad
         bar.update()
         if images is None:
             continue
+        _validate.finite_images(images, "images of this batch")
+        if reference is not None:  # agreement with the dense model's top-1, not the labels
+            labels = reference[int(seen) : int(seen) + len(images)]
+        elif family.num_classes:
+            _validate.class_labels(labels, family.num_classes, "labels of this batch")
         images, labels = images.to(device), labels.to(device)
-        logits, state = family.run(images)
-        hit = logits.argmax(-1) == labels
+        with autocast:
+            logits, state = family.run(images)
+        predicted = logits.argmax(-1)
+        predictions.append(predicted.cpu())
+        hit = predicted == labels
         hits.append(hit)
         correct += hit.sum()
         seen += len(labels)
@@ -103,7 +123,13 @@ def _evaluate(
     if world > 1:
         for t in sums:
             dist.all_reduce(t)
-    n = max(int(seen), 1)
+    if not int(seen):
+        raise ValueError(
+            f"no readable images to evaluate: all {int(skipped)} were unreadable and left out"
+            if int(skipped)
+            else "no images to evaluate: the data set is empty"
+        )
+    n = int(seen)
     accuracy = int(correct) / n
     independent = n if items is None else int(items.unique().numel())
     aligned = world == 1 and not int(skipped) and bool(hits)
@@ -121,7 +147,7 @@ def _evaluate(
         items=independent,
         ci95=ci95,
     )
-    return result, correct_each
+    return result, correct_each, torch.cat(predictions)
 
 
 @torch.inference_mode()
@@ -131,6 +157,7 @@ def measure(
     """Top-1 predictions (N,) and GFLOPs per image (N,) of ``model`` under ``budget`` (``None``:
     dense), in eval mode, batch by batch. The model is left configured with the budget."""
     family = _classifier(model)
+    _validate.finite_images(images)
     configure(family, budget)
     was_training = model.training
     model.eval()
@@ -150,6 +177,7 @@ def time_budgets(
     *,
     repeats: int = 5,
     warmup: int = 1,
+    dtype: torch.dtype | None = None,
 ) -> list[Timing]:
     """Seconds per forward pass over ``images`` under each budget: the budgets run interleaved
     round-robin (:func:`ats_vit.timing.time_round_robin`), so machine load hits them alike.
@@ -159,9 +187,12 @@ def time_budgets(
         if budget is not None:
             budget.check(family)
 
+    autocast = torch.autocast(images.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
     @torch.inference_mode()
     def run() -> None:
-        family.run(images)
+        with autocast:
+            family.run(images)
 
     def setting(budget: Budget | None) -> Any:
         # sets numbers on the sampling modules (nothing is rebuilt), ~0.1 ms of Python: untimed
@@ -193,6 +224,8 @@ def evaluate_budgets(
     timing_batch: int = 64,
     progress: bool = True,
     items: Tensor | None = None,
+    agreement: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> list[dict[str, Any]]:
     """One row per ``(label, budget)`` (``None``: dense): accuracy with its 95% interval over
     the independent ``items`` (as in :func:`evaluate`), kept tokens, GFLOPs, and
@@ -201,8 +234,11 @@ def evaluate_budgets(
     row has the median images/s and speed-up over the first row (when it is dense) with their
     interquartile ranges over the interleaved rounds, and (when the first row is dense, in
     one process) its accuracy minus dense's with the paired bootstrap's two-sided p over the
-    items (``vs_dense_diff``, ``vs_dense_p``). ``timing_repeats=0``, or several processes: no
-    timing (NaN). Every budget is checked against the model before any work."""
+    items (``vs_dense_diff``, ``vs_dense_p``). ``agreement``: score agreement with the dense
+    model's top-1 instead of the labels (unlabelled data; the first row must be dense, and
+    ``accuracy`` is then that agreement). ``dtype``: evaluate and time under autocast to it.
+    ``timing_repeats=0``, or several processes: no timing (NaN). Every budget is checked
+    against the model before any work."""
     family = _classifier(model)
     for _, budget in budgets:
         if budget is not None:
@@ -210,10 +246,22 @@ def evaluate_budgets(
     rank, world = rank_world()
     rows = []
     quiet = not progress or rank != 0
+    if agreement and (not budgets or budgets[0][1] is not None):
+        raise ValueError(
+            "agreement with the dense model needs the dense row first: budgets[0] = ('dense', None)"
+        )
     correct: list[Tensor | None] = []
+    reference: Tensor | None = None
     for label, budget in progress_bar(iterable=budgets, desc="budgets", unit="budget", disable=quiet):
         configure(family, budget)
-        result, correct_each = _evaluate(model, data, batch_size, workers, False, items)
+        result, correct_each, predicted = _evaluate(
+            model, data, batch_size, workers, False, items, reference, dtype
+        )
+        if agreement and reference is None:  # the dense row: its predictions are the reference
+            reference = predicted
+            result, correct_each, _ = _evaluate(
+                model, data, batch_size, workers, False, items, reference, dtype
+            )
         correct.append(correct_each)
         rows.append(dict(label=label, budget=None if budget is None else budget.to_dict(), **result))
     dense_first = bool(budgets) and budgets[0][1] is None
@@ -227,7 +275,9 @@ def evaluate_budgets(
     if timing_repeats > 0 and world == 1 and rows:
         images = _timing_images(data, timing_batch, next(model.parameters()).device)
     timings = (
-        [] if images is None else time_budgets(model, [b for _, b in budgets], images, repeats=timing_repeats)
+        []
+        if images is None
+        else time_budgets(model, [b for _, b in budgets], images, repeats=timing_repeats, dtype=dtype)
     )
     nan = math.nan
     for i, row in enumerate(rows):

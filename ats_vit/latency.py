@@ -23,15 +23,17 @@ that uses this model verifies the budget it chooses by timing it (:mod:`ats_vit.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +41,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+try:  # POSIX: the cache's lock files; elsewhere tables are built without one
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+from ats_vit._io import write_text_atomic
 from ats_vit._progress import bar as progress_bar
 from ats_vit.families import Family
 from ats_vit.flops import TokenTrace
 from ats_vit.options import Rule, SamplingOptions
 from ats_vit.sampling import PACK_MIN_PADDING, Padding
 
-__all__ = ["LatencyModel", "LatencyTable", "cache_dir"]
+__all__ = ["LatencyModel", "LatencyTable", "cache_dir", "cached_tables", "clear_cache"]
 
 FORMAT = "ats-vit-latency/1"
 # the source files whose code a table times (the blocks, the selection, the table itself):
@@ -66,6 +74,9 @@ CONTEXTS = ("plain", "sized", "padded")
 PADDED_SHARE = 0.2
 # each cell is timed for at least this long in all (short blocks get more rounds)
 MIN_CELL_SECONDS = 0.05
+# the 1-minute load average per CPU above which a CPU table counts as timed on a busy machine
+# (this process's own threads bring it near 1 on a small machine; another job doubles it)
+BUSY_LOAD = 1.5
 # the options that make each rule's block run at a known count on identical tokens
 RULE_OPTIONS = {
     Rule.SCORE: SamplingOptions(),
@@ -101,13 +112,45 @@ def cache_dir() -> Path:
     return Path(root) / "latency"
 
 
+def cached_tables() -> list[dict[str, Any]]:
+    """What the cache holds: per file, its path, what it was timed for (model, batch size,
+    device, dtype, threads, torch), the rules timed, whether the machine was busy, its size;
+    a file that is not a readable table is listed with its error."""
+    found = []
+    for path in sorted(cache_dir().glob("*.json")):
+        entry: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size}
+        try:
+            table = LatencyTable.from_dict(json.loads(path.read_text()), str(path))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+            entry["error"] = str(exc)
+        else:
+            key = table.key
+            entry.update(
+                {k: key.get(k) for k in ("model", "batch_size", "device", "dtype", "threads", "torch")},
+                rules=sorted(table.rules),
+                disturbed=table.disturbed,
+            )
+        found.append(entry)
+    return found
+
+
+def clear_cache() -> int:
+    """Remove every cached table (and its lock file); returns how many tables were removed."""
+    root = cache_dir()
+    tables = list(root.glob("*.json"))
+    for path in [*tables, *root.glob("*.lock")]:
+        path.unlink(missing_ok=True)
+    return len(tables)
+
+
 @dataclass
 class LatencyTable:
     """Measured seconds of one block at one batch size, by token count (prefix included).
 
-    widths: ascending token counts of the grid. dense[i]: a block on widths[i] tokens;
-    dense_in[context][i]: the same whose input carries sizes or padding. rules[rule][i][j]: a
-    sampling block with widths[i] tokens in and widths[j] out (j <= i; NaN above), on a plain
+    ``widths``: ascending token counts of the grid. ``dense[i]``: a block on ``widths[i]``
+    tokens; ``dense_in[context][i]``: the same whose input carries sizes or padding.
+    ``rules[rule][i][j]``: a sampling block with ``widths[i]`` tokens in and ``widths[j]`` out
+    (j <= i; NaN above), on a plain
     input. stem: seconds outside the blocks (embedding, norm, head). Cells
     are block times alone, scaled by ``scale`` to what the dense blocks take inside the model.
     """
@@ -122,9 +165,43 @@ class LatencyTable:
     # multipliers per layer kind ("dense" and each rule), fitted so that the table's sums match
     # whole forward passes timed under reference budgets (what a block alone cannot show)
     fit: dict[str, float] = field(default_factory=dict)
+    # the machine's load (1-minute average, over its CPUs) before and after each part was timed:
+    # a table timed while other work competed for the cores is not reused (:data:`BUSY_LOAD`)
+    load: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, **asdict(self)}
+
+    @property
+    def disturbed(self) -> bool:
+        """Whether any of its timings ran while the machine was busy with other work."""
+        return any(value > BUSY_LOAD for value in self.load)
+
+    @classmethod
+    def from_dict(cls, raw: Any, where: str) -> LatencyTable:
+        """A table read from JSON, every field checked (``where`` names the file in errors)."""
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise ValueError(f"{where}: not a latency table of format {FORMAT!r}")
+        fields_ = {k: v for k, v in raw.items() if k != "format"}
+        try:
+            table = cls(**fields_)
+        except TypeError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        n = len(table.widths) if isinstance(table.widths, list) else 0
+        rows = [table.dense, *table.dense_in.values()] if isinstance(table.dense_in, dict) else [table.dense]
+        grids = table.rules.values() if isinstance(table.rules, dict) else []
+        good = (
+            n >= 2
+            and isinstance(table.key, dict)
+            and all(isinstance(w, int) for w in table.widths)
+            and all(isinstance(row, list) and len(row) == n for row in rows)
+            and all(isinstance(g, list) and len(g) == n and all(len(r) == n for r in g) for g in grids)
+            and isinstance(table.fit, dict)
+            and isinstance(table.stem, (int, float))
+        )
+        if not good:
+            raise ValueError(f"{where}: a latency table of the wrong shape (widths, rows and grids disagree)")
+        return table
 
 
 def _device_name(device: torch.device) -> str:
@@ -198,9 +275,12 @@ class LatencyModel:
             points=points,
             code=code_digest(),
         )
-        self.table = self._load() or self._build_dense(points)
-        if not self.table.fit:
-            self._fit()
+        self._loads: list[float] = []  # the load seen around each timing since the last save
+        self._holding = False  # whether this process holds the table's lock now
+        with self._locked():  # one process builds a table; the others then read it
+            self.table = self._load() or self._build_dense(points)
+            if not self.table.fit:
+                self._fit()
 
     # ---------------------------------------------------------------- the table on disk
 
@@ -209,23 +289,54 @@ class LatencyModel:
         digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         return cache_dir() / f"{digest}.json"
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold the table's lock file (other processes building the same table wait); this
+        process may take it again while it holds it (fitting the table times rule cells)."""
+        if not self.cache or self._holding:
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a") as lock:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            self._holding = True
+            try:
+                yield
+            finally:
+                self._holding = False
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
+
     def _load(self) -> LatencyTable | None:
+        """The cached table, if there is one of this key, whole and timed on a quiet machine. A
+        file that is not a table is moved aside (named on stderr) and rebuilt."""
         if not self.cache or not self.path.is_file():
             return None
         try:
-            raw = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+            table = LatencyTable.from_dict(json.loads(self.path.read_text()), str(self.path))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+            aside = self.path.with_name(f"{self.path.stem}.bad-{int(time.time())}.json")
+            self.path.replace(aside)
+            detail = str(exc).removeprefix(f"{self.path}: ")
+            print(f"latency cache: {self.path}: {detail}; moved to {aside}, timing afresh", file=sys.stderr)
             return None
-        if raw.pop("format", None) != FORMAT or raw.get("key") != self.key:
+        if table.key != self.key:
             return None
-        return LatencyTable(**raw)
+        if table.disturbed:
+            print(
+                f"latency cache: {self.path} was timed while the machine was busy (load "
+                f"{max(table.load):.1f} per CPU); timing afresh",
+                file=sys.stderr,
+            )
+            return None
+        return table
 
     def _save(self) -> None:
-        if self.cache:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.table.to_dict()))
-            os.replace(tmp, self.path)
+        self.table.load += self._loads
+        self._loads = []
+        if self.cache:  # a temporary file of this process's own, then one rename
+            write_text_atomic(self.path, json.dumps(self.table.to_dict()))
 
     # ---------------------------------------------------------------- timing
 
@@ -256,7 +367,9 @@ class LatencyModel:
     def _time(
         self, calls: dict[Any, Callable[[], object]], configure: Callable[[Any], None]
     ) -> dict[Any, float]:
-        """Median seconds of each call, the calls interleaved round by round."""
+        """Median seconds of each call, the calls interleaved round by round (the machine's load
+        is noted before and after)."""
+        self._note_load()
         samples: dict[Any, list[float]] = {key: [] for key in calls}
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         total = len(calls) * (self.repeats + 1)
@@ -279,6 +392,7 @@ class LatencyModel:
                 samples[key].append(time.perf_counter() - start)
                 bar.update()
         bar.close()
+        self._note_load()
         return {key: statistics.median(s) for key, s in samples.items()}
 
     def _with_block(self, fn: Callable[[Any], dict[Any, float]]) -> dict[Any, float]:
@@ -451,8 +565,21 @@ class LatencyModel:
         return self.table.dense if context == "plain" else self.table.dense_in[context]
 
     def _grid(self, rule: Rule) -> list[list[float]]:
-        """The table's cells of ``rule`` (timed the first time they are needed)."""
-        return self.table.rules.get(rule.value) or self._build_rule(rule)
+        """The table's cells of ``rule``, timed the first time they are needed (under the lock,
+        after taking what other processes timed meanwhile)."""
+        if rule.value not in self.table.rules:
+            with self._locked():
+                stored = self._load()
+                if stored is not None:
+                    self.table.rules = {**stored.rules, **self.table.rules}
+                if rule.value not in self.table.rules:
+                    self._build_rule(rule)
+        return self.table.rules[rule.value]
+
+    def _note_load(self) -> None:
+        """Note the machine's load per CPU (CPU tables only: GPU timings do not share it)."""
+        if self.device.type == "cpu" and hasattr(os, "getloadavg"):
+            self._loads.append(round(os.getloadavg()[0] / (os.cpu_count() or 1), 2))
 
     def _rule_at(self, rule: Rule, width_in: float, width_out: float) -> float:
         grid = self._grid(rule)
@@ -516,7 +643,7 @@ def _width(counts: Tensor) -> float:
 def _monotone(values: Sequence[float]) -> list[float]:
     """Times by growing token count, each lowered to the least time after it (NaN: not timed,
     left alone). A block never runs faster on more tokens, so a cell above a later one is a
-    busy stretch of the machine caught in the median (a rev. 9 table held a padded block at
+    busy stretch of the machine caught in the median (one table held a padded block at
     3 tokens at 1155 µs between 396 and 528 µs; timed again: 580 µs)."""
     out = list(values)
     least = math.inf

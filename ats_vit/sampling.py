@@ -48,7 +48,7 @@ __all__ = [
 # Token-wise layers skip padding (pack the real rows, compute, scatter back) only when at least
 # this fraction of the grid is padding: the gather/scatter copies cost ~1.5% of a DeiT-S block
 # on CPU, so packing a grid that is nearly full loses more than the padded GEMM rows it saves
-# (benchmarks/profile_sampling.py).
+# (0.2's benchmarks/profile_sampling.py, in git).
 PACK_MIN_PADDING = 1 / 32
 # the seed's epsilon inside log(scores) for Gumbel draws
 GUMBEL_EPS = 1e-6

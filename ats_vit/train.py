@@ -22,8 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from ats_vit import _validate
+from ats_vit._io import write_atomic, write_text_atomic
 from ats_vit._progress import bar as progress_bar
 from ats_vit.checkpoint import (
     CheckpointError,
@@ -59,6 +61,21 @@ class TrainConfig:
     out_dir: str = "runs/demo"
     init_from: str | None = None
     jitter: bool = True
+    data: str | None = None  # what the training images are ("demo", a folder): recorded, for resuming
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> TrainConfig:
+        """A config as :func:`train` saved it (``config.json``); errors name ``source``."""
+        try:
+            fields_ = dict(raw)
+            model = ModelConfig(**fields_.pop("model"))
+            return cls(model=model, **fields_)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ValueError(f"{source} is not a training config of this ats-vit: {exc}") from None
+
+
+# what a resumed run may change; every other setting is the run's own
+MAY_CHANGE_ON_RESUME = ("ckpt_every", "out_dir")
 
 
 # ---------------------------------------------------------------- loops
@@ -129,7 +146,8 @@ RUN_FILES = ("config.json", "metrics.csv", "last.safetensors", "final.safetensor
 
 
 class RunExistsError(ValueError):
-    """The output folder already holds a run that would be written over."""
+    """The output folder already holds a run that would be written over, or holds no run to
+    resume, or a run configured otherwise than the resume asks."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -162,15 +180,69 @@ def prepare_run_dir(
         shutil.rmtree(out / "tensorboard", ignore_errors=True)
 
 
+def saved_config(out: Path) -> TrainConfig | None:
+    """The config a run in ``out`` was started with (its ``config.json``), or None."""
+    path = out / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not readable JSON ({exc}); resume needs the run's own config") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} does not hold a training config")
+    return TrainConfig.from_dict(raw, str(path))
+
+
+def check_resumable(cfg: TrainConfig) -> None:
+    """Raise :class:`RunExistsError` unless ``cfg.out_dir`` holds a run to resume (its
+    ``last.safetensors``) that was configured as ``cfg`` (but for :data:`MAY_CHANGE_ON_RESUME`):
+    a resume continues the run, it never starts a new one or changes its recipe."""
+    out = Path(cfg.out_dir)
+    last = out / "last.safetensors"
+    if not last.is_file():
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        what = f"it holds {', '.join(held)} but" if held else "it holds"
+        raise RunExistsError(
+            f"nothing to resume in {out}: {what} no last.safetensors; start afresh with --overwrite (or "
+            "without --resume in a new folder)"
+        )
+    saved = saved_config(out)
+    if saved is None:
+        return
+    mine, theirs = asdict(cfg), asdict(saved)
+    differ = [k for k in mine if k not in MAY_CHANGE_ON_RESUME and mine[k] != theirs.get(k)]
+    if differ:
+        shown = ", ".join(f"{k}={theirs.get(k)!r} (asked {mine[k]!r})" for k in differ)
+        raise RunExistsError(
+            f"the run in {out} was configured with {shown}; a resume keeps the run's own settings "
+            f"(only {', '.join(MAY_CHANGE_ON_RESUME)} may change): leave those options out, or "
+            "start afresh with --overwrite"
+        )
+
+
+def _check_labels(data: Dataset, num_classes: int) -> None:
+    """Refuse training labels the model's head cannot score (before the run writes anything)."""
+    labels = None
+    if isinstance(data, TensorDataset) and len(data.tensors) > 1:
+        labels = data.tensors[1]
+    elif isinstance(getattr(data, "targets", None), list):
+        labels = torch.tensor(data.targets)  # type: ignore[attr-defined]
+    elif isinstance(getattr(getattr(data, "folder", None), "targets", None), list):
+        labels = torch.tensor(data.folder.targets)  # type: ignore[attr-defined]
+    if labels is not None and len(labels):
+        _validate.class_labels(labels, num_classes, "training labels")
+
+
 def _drop_metrics_after(path: Path, step: int) -> None:
     """Forget the logged rows past ``step`` (logged after the checkpoint a run resumes from)."""
     if not path.exists():
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(kept)
+    # a row cut short by an interrupted write has too few fields: drop it too
+    kept = rows[:1] + [r for r in rows[1:] if len(r) == len(rows[0]) and r[0].isdigit() and int(r[0]) <= step]
+    write_atomic(path, lambda f: csv.writer(f).writerows(kept))
 
 
 def train(
@@ -191,6 +263,11 @@ def train(
     rank, world = rank_world()
     out = Path(cfg.out_dir)
     last = out / "last.safetensors"
+    # every refusal before anything is written or removed
+    prepare_run_dir(out, resume=resume, overwrite=overwrite, init_from=cfg.init_from, remove=False)
+    if resume:
+        check_resumable(cfg)
+    _check_labels(train_data, cfg.model.num_classes)
     prepare_run_dir(out, resume=resume, overwrite=overwrite, init_from=cfg.init_from, remove=rank == 0)
     if world > 1:
         dist.barrier()
@@ -206,9 +283,7 @@ def train(
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({_size(train_data)})")
     total = per_epoch * cfg.epochs
     log_path = out / "metrics.csv"
-    if resume and not last.exists() and rank == 0:
-        print(f"resume: no checkpoint at {last}; starting from scratch", file=sys.stderr)
-    if resume and last.exists():
+    if resume:
         saved_cfg, state, other, _ = load_checkpoint(last)
         if saved_cfg != cfg.model:
             raise CheckpointError(f"{last} was trained with {saved_cfg}, not {cfg.model}")
@@ -224,12 +299,12 @@ def train(
     use_amp = cfg.amp and device.type == "cuda"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        write_text_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
     bar = progress_bar(
         total=total, initial=step, disable=not progress or rank != 0, desc="train", unit="step"
     )
     board = _tensorboard(out) if rank == 0 else None
-    saved_at = step if resume and last.exists() else None
+    saved_at = step if resume else None
 
     def checkpoint(path: Path) -> None:
         extra = {

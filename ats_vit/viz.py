@@ -11,6 +11,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from ats_vit._io import write_atomic
 from ats_vit.flops import TokenTrace
 from ats_vit.stats import binomial_ci95
 
@@ -29,12 +30,12 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | Path, dpi: int) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The figure as a PNG at ``path``, written whole or not at all."""
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
-    return path
+    try:
+        return write_atomic(path, lambda file: fig.savefig(file, dpi=dpi, format="png"), binary=True)
+    finally:
+        _pyplot().close(fig)
 
 
 def kept_patch_masks(trace: TokenTrace, grid: tuple[int, int]) -> dict[int, Tensor]:
@@ -54,9 +55,10 @@ def kept_patch_masks(trace: TokenTrace, grid: tuple[int, int]) -> dict[int, Tens
 def save_kept_tokens_grid(
     images: Tensor, trace: TokenTrace, patch_size: int, path: str | Path, title: str = ""
 ) -> Path:
-    """A PNG grid: one row per image, the input and then each sampling layer's patches (kept
-    ones outlined in green, dropped ones dimmed and tinted), under ``title`` (say which model
-    and budget). images: (b, c, H, W)."""
+    """A PNG grid: one row per image, the input and then the patches of each layer that
+    sampled (kept ones outlined in green, the others dimmed and tinted: dropped, or, under a
+    merging rule, merged into a kept token), under ``title`` (say which model and budget) and
+    a key that says which layers sampled. images: (b, c, H, W)."""
     plt = _pyplot()
     b, c, h, w = images.shape
     masks = kept_patch_masks(trace, (h // patch_size, w // patch_size))
@@ -95,8 +97,13 @@ def save_kept_tokens_grid(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    if title:
-        fig.suptitle(title, fontsize=8, wrap=True)
+    merging = any(rule is not None and rule.merges for rule in trace.rules)
+    others = "dimmed: dropped, or merged into a kept token" if merging else "dimmed: dropped"
+    sampled = ", ".join(str(layer) for layer in masks)
+    quiet = sum(rule is None for rule in trace.rules[min(masks) :])
+    note = f"; {quiet} later layers kept all they got" if quiet else ""
+    key = f"outlined: kept; {others}. Layers that sampled: {sampled}{note}."
+    fig.suptitle(f"{title}\n{key}" if title else key, fontsize=8, wrap=True)
     return _save(fig, path, dpi=110)
 
 
@@ -128,7 +135,7 @@ def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path, titl
         ("gflops_ratio" if use_ratio else "gflops", "GFLOPs / dense" if use_ratio else "GFLOPs per image")
     ]
     if timed:
-        panels.append(("speedup", "measured speed-up over dense (median of interleaved rounds)"))
+        panels.append(("speedup", "speed-up over dense (median, IQR of timed rounds)"))
     markers = "osD^v<>phX*"
     for ax, (key, label) in zip(axes[0], panels, strict=True):
         for i, r in enumerate(rows):
@@ -137,10 +144,16 @@ def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path, titl
                 continue
             method = (r.get("budget") or {}).get("method") or ("dense" if r.get("budget") is None else "")
             name = f"{r['label']} ({method})" if method and method != r["label"] else r["label"]
+            # the speed-up's interquartile range over the timed rounds, where eval measured it
+            low, high = r.get(f"{key}_q1", math.nan), r.get(f"{key}_q3", math.nan)
+            xerr = (
+                None if math.isnan(low) or math.isnan(high) else [[max(x - low, 0.0)], [max(high - x, 0.0)]]
+            )
             ax.errorbar(
                 [x],
                 [ys[i]],
                 yerr=[errs[i]],
+                xerr=xerr,
                 marker=markers[i % len(markers)],
                 capsize=3,
                 linestyle="",

@@ -1,4 +1,4 @@
-"""Train the checkpoints that `ats-vit bench frontier` is reported on (benchmarks/README.md).
+"""Train the checkpoints that `ats-vit bench frontier` is reported on (docs/results.md).
 
 All dense (ATS is applied afterwards, without fine-tuning), each reproducible from its seed:
 
@@ -18,7 +18,8 @@ All dense (ATS is applied afterwards, without fine-tuning), each reproducible fr
   (its validation split), never on the reported ``glyphs196``;
 - ``demo-s1``, ``gap-s1``, ``map-s1``: the small recipes from seed 1, held out too: how much
   better on the calibration images another member must be before `auto` leaves its first
-  (``calibrate.SWITCH_Z``) is chosen on them (``benchmarks/switch_rule.py``).
+  (``calibrate.SWITCH_Z``) was chosen on them (0.2's ``switch_rule.py``, in git;
+  ``results/switch_rule.json``).
 
     python benchmarks/frontier_checkpoints.py runs/frontier                    # all of them
     python benchmarks/frontier_checkpoints.py runs/frontier --only gap map     # about 3 min each, 2 CPU cores
@@ -62,7 +63,7 @@ RECIPES = {
     ),
     "glyphs196": ("glyphs", TrainConfig(model=GLYPHS, epochs=3, batch_size=32, lr=1e-3, warmup_steps=100)),
     # the same recipe from another seed: the checkpoint `auto`'s members are chosen on, so that
-    # the reported glyphs196 numbers are not the ones the choice was made on (issue 19)
+    # the reported glyphs196 numbers are not the ones the choice was made on
     "glyphs196-s1": (
         "glyphs",
         TrainConfig(model=GLYPHS, epochs=3, batch_size=32, lr=1e-3, warmup_steps=100, seed=1),

@@ -91,13 +91,14 @@ def run(cfg: Config) -> list[dict[str, Any]]:
             if source is not None:
                 images = max(cfg.deit_images, batch)
                 data = ["--data", str(_random_folder(work / name, images))]
-                # random images have no classes: calibrate for agreement with the dense model
-                model.append("--no-labels")
             budget = work / f"{name}.json"
+            # random images have no classes: calibrate for agreement with the dense model
+            labels = ["--no-labels"] if source is not None else []
             _ats_vit(
                 "calibrate",
                 *model,
                 *data,
+                *labels,
                 "--target",
                 str(target),
                 "--cost",

@@ -268,7 +268,7 @@ def test_cli_bench_frontier_writes_table_json_and_plot(tiny_checkpoint, tiny_spl
     pytest.importorskip("matplotlib")
     argv = ["bench", "frontier", str(tiny_checkpoint), "--data", "tiny", "--methods", "paper", "random"]
     argv += ["--targets", "0.7", "--timing-repeats", "1", "--timing-batch", "8"]
-    argv += ["--json", str(tmp_path / "frontier.json"), "--plot", str(tmp_path / "frontier.png")]
+    argv += ["--json", str(tmp_path / "frontier.json")]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "paper" in out and "random" in out and "±" in out
@@ -280,7 +280,7 @@ def test_cli_bench_frontier_writes_table_json_and_plot(tiny_checkpoint, tiny_spl
 def test_cli_bench_speed_prints_the_table_and_reports_bad_values(tmp_path, capsys):
     pytest.importorskip("timm")
     command = "bench speed --model vit_tiny_patch16_224 --img-size 64 --start-layer 1 --cap 8 "
-    command += "--batch-sizes 1 --repeats 1 --warmup 0 --min-seconds 0 --families ours"
+    command += "--batch-sizes 1 --min-seconds 0 --families ours"
     argv = command.split()
     assert main([*argv, "--json", str(tmp_path / "speed.json")]) == 0
     assert "efficiency" in capsys.readouterr().out

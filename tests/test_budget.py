@@ -231,3 +231,64 @@ def test_budget_files_of_0_2_still_load_and_hybrid_ones_are_refused_by_name(tmp_
     path.write_text(json.dumps({**BUDGET_0_2, "early_layers": 3, "early_sampler": "tome"}))
     with pytest.raises(BudgetError, match=r"budget-0.5.json' is a hybrid budget \(early_layers=3\)"):
         Budget.load(path)
+
+
+def test_a_failed_save_keeps_the_old_budget_file(tmp_path, monkeypatch):
+    """A full disk (simulated: the flush to disk fails) or Ctrl-C mid-write used to leave the
+    budget JSON at 0 bytes."""
+    import errno
+
+    import ats_vit._io as io
+
+    path = Budget(1, (12, 8, 4), depth=4, num_patches=16).save(tmp_path / "b.json")
+    before = path.read_bytes()
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for failure in (full, lambda _fd: (_ for _ in ()).throw(KeyboardInterrupt)):
+        with monkeypatch.context() as m:
+            m.setattr(io.os, "fsync", failure)
+            with pytest.raises((OSError, KeyboardInterrupt)):
+                Budget(1, (6, 3, 2), depth=4, num_patches=16).save(path)
+        assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["b.json"]
+    from ats_vit._io import default_mode
+
+    assert path.stat().st_mode & 0o777 == default_mode(), "an ordinary file, not a private temporary one"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("calibration", "x", "calibration must be a mapping"),
+        ("calibration", [1, 2], "calibration must be a mapping"),
+        ("target", 1.5, r"target must be None or a fraction of the dense cost in \(0, 1\]"),
+        ("target", "half", "target must be None or a fraction"),
+        ("method", 3, "method must be a string or None"),
+        ("depth", "8", "depth must be an int"),
+        ("caps", "18", "caps must be a non-empty sequence of ints"),
+        ("temperature", None, "temperature must be a float"),
+    ],
+)
+def test_every_field_of_a_budget_file_is_checked_naming_the_file(tmp_path, field, value, match):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({**BUDGET_0_2, field: value}))
+    with pytest.raises(BudgetError, match=f"budget file '.*bad.json': .*{match}"):
+        Budget.load(path)
+
+
+def test_a_budget_file_without_its_model_sizes_loads_with_a_warning(tmp_path):
+    path = tmp_path / "hand.json"
+    path.write_text(json.dumps({**BUDGET_0_2, "depth": None, "num_patches": None}))
+    with pytest.warns(UserWarning, match=r"hand.json' records no depth and no num_patches"):
+        Budget.load(path)
+
+
+def test_caps_above_the_models_patches_are_not_clamped_silently():
+    """A budget that records no patch count, applied to a model with fewer patches than its
+    caps, drops nothing there: say so instead of reporting a cut that is not made."""
+    model = small_vit()
+    with pytest.warns(
+        UserWarning, match=r"caps layers \[1, 2, 3\] above the model's 16 patches.*drops nothing"
+    ):
+        Budget(1, (30, 20, 18)).apply(model)

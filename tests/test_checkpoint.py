@@ -46,3 +46,56 @@ def test_checkpoints_hold_no_pickled_code_and_round_trip(tmp_path, tiny_checkpoi
     assert cfg_again == cfg
     pairs = zip(model.state_dict().values(), again.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
+
+
+def test_a_config_claiming_a_huge_model_is_refused_before_it_is_built(tmp_path, monkeypatch):
+    """A 372-byte file whose metadata says dim 2048 / mlp 8192 made load_model allocate the
+    model first: the config's shapes are now checked on the meta device."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import ats_vit.checkpoint as checkpoint
+    from ats_vit.models import ModelConfig
+
+    path = tmp_path / "small.safetensors"
+    cfg = {**ModelConfig().__dict__, "dim": 2048, "mlp_dim": 8192, "heads": 16, "dim_head": 128}
+    save_file(
+        {"model.cls_token": torch.zeros(1, 1, 2)},
+        str(path),
+        metadata={"format": "ats-vit/1", "model_config": json.dumps(cfg)},
+    )
+    built = []
+    real = checkpoint.build_model
+    monkeypatch.setattr(checkpoint, "build_model", lambda c: built.append(torch.empty(0).device) or real(c))
+    with pytest.raises(
+        CheckpointError, match=r"small.safetensors' does not fit its model config: .*missing keys"
+    ):
+        load_model(path)
+    assert built == [torch.device("meta")], "only the meta-device skeleton was built"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("dim", "big", "field 'dim' must be int"),
+        ("depth", -3, "field 'depth' must be >= 0"),
+        ("arch", 7, "field 'arch' must be str"),
+    ],
+)
+def test_bad_types_in_a_checkpoints_config_name_the_file_and_field(tmp_path, field, value, match):
+    import json
+
+    from safetensors.torch import save_file
+
+    from ats_vit.models import ModelConfig
+
+    path = tmp_path / "odd.safetensors"
+    cfg = {**ModelConfig().__dict__, field: value}
+    save_file(
+        {"model.x": torch.zeros(1)},
+        str(path),
+        metadata={"format": "ats-vit/1", "model_config": json.dumps(cfg)},
+    )
+    with pytest.raises(CheckpointError, match=f"odd.safetensors'.*{match}"):
+        load_model(path)

@@ -298,7 +298,8 @@ def test_budgets_are_checked_against_the_model_before_any_work(tmp_path, tiny_ch
     wide = Budget(1, (8, 8), depth=3, num_patches=64).save(tmp_path / "wide.json")
     for path, message in ((deep, "with depth=12; ats_vit.ViT has depth=3"), (wide, "num_patches=64")):
         for command in (["eval"], ["viz"], ["finetune"]):
-            argv = [*command, str(tiny_checkpoint), "--budget", str(path), "--out", str(tmp_path / "x")]
+            out = tmp_path / ("x.png" if command == ["viz"] else "x")
+            argv = [*command, str(tiny_checkpoint), "--budget", str(path), "--out", str(out)]
             assert main(argv) == 2, command
             err = capsys.readouterr().err
             assert str(path.name) in err and message in err, (command, err)
@@ -441,7 +442,7 @@ def test_cli_loads_a_hugging_face_tower_as_a_tower(tmp_path, capsys):
     budget = tmp_path / "tower.json"
     argv = ["calibrate", "--hf", str(tmp_path / "tower"), "--data", data, "--target", "0.6"]
     assert main([*argv, "--calib-images", "16", "--out", str(budget)]) == 0
-    assert "(fidelity)" in capsys.readouterr().out
+    assert "(fidelity;" in capsys.readouterr().out
     calibration = json.loads(budget.read_text())["calibration"]
     assert 0.5 < calibration["fidelity"] <= 1.0 and calibration["dense_fidelity"] == 1.0
     video = dict(HF_TINY, num_frames=4, tubelet_size=2)
@@ -499,3 +500,162 @@ def test_0_x_option_names_still_work_warn_and_are_hidden_from_help(
         main([argv[0], "--help"])
     shown = capsys.readouterr().out
     assert new in shown and f"{old} " not in shown
+
+
+def test_a_resume_takes_the_runs_own_settings_and_ends_as_the_uninterrupted_run(
+    tmp_path, monkeypatch, capsys
+):
+    """0.x resumed `train --epochs 3` at "step 100 of 780" (the default 10 epochs) and ended
+    elsewhere: a resume takes the run's config; only the options given may differ, and those
+    that contradict it are refused."""
+    pytest.importorskip("torchvision")
+    from helpers import image_folder_tree, weights
+
+    import ats_vit.train as train_module
+
+    data = str(image_folder_tree(tmp_path / "data", size=16))
+    argv = ["train", "--data", data, "--img-size", "16", "--patch-size", "8", "--epochs", "3"]
+    argv += ["--batch-size", "2", "--ckpt-every", "2"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    real = train_module._lr_at
+
+    def interrupt(step, total, cfg):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(step, total, cfg)
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "_lr_at", interrupt)
+        assert main([*argv, "--out", str(tmp_path / "cut")]) == 130
+    assert f"continue with `ats-vit train --out {tmp_path / 'cut'} --resume`" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "cut"), "--epochs", "10", "--resume"]) == 2
+    assert "configured with epochs=3 (asked 10)" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert "at step 4 of 12" in capsys.readouterr().err
+    a, b = weights(tmp_path / "whole" / "final.safetensors"), weights(tmp_path / "cut" / "final.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run ends as the uninterrupted one"
+
+
+def test_ctrl_c_in_the_demo_advises_resuming_the_demo(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sklearn")
+    import ats_vit.train as train_module
+
+    def interrupt(step, total, cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_lr_at", interrupt)
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 130
+    assert f"continue with `ats-vit demo --out {tmp_path / 'demo'} --resume`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("out", "targets", "message"),
+    [
+        ("b-{target}.json", ["0.5000001", "0.5"], None),  # distinct files, not one written twice
+        ("b.json", ["0.5", "0.5"], "several targets need an --out with a {target} placeholder"),
+        ("b-{target:.1f}.json", ["0.51", "0.54"], "would both write"),
+        ("b-{foo}.json", ["0.5"], r"--out may hold the placeholder {target} and no other braces.*KeyError"),
+        ("b-{0}.json", ["0.5"], r"--out may hold the placeholder {target} and no other braces.*IndexError"),
+    ],
+)
+def test_budget_file_names_are_checked_before_any_work(
+    tiny_checkpoint, tmp_path, capsys, out, targets, message
+):
+    from ats_vit.cli import _target_paths
+
+    if message is None:
+        paths = _target_paths(str(tmp_path / out), [float(t) for t in targets])
+        assert len(set(paths)) == 2 and paths[0].endswith("b-0.5000001.json")
+        return
+    argv = ["calibrate", str(tiny_checkpoint), "--target", *targets, "--out", str(tmp_path / out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message.replace("{target}", r"\{target\}"), err), err
+    assert "Traceback" not in err and not list(tmp_path.glob("b*"))
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tiny_checkpoint, tmp_path, capsys):
+    a_file = tmp_path / "final.safetensors"
+    a_file.write_bytes(b"x")
+    assert main(["eval", str(tiny_checkpoint), "--out", str(a_file)]) == 2
+    assert f"{a_file} is a file, not a folder" in capsys.readouterr().err
+    a_folder = tmp_path / "folder"
+    a_folder.mkdir()
+    assert (
+        main(["calibrate", str(tiny_checkpoint), "--target", "0.6", "--out", str(a_folder), "--overwrite"])
+        == 2
+    )
+    assert f"{a_folder} is a folder; --out must name a file" in capsys.readouterr().err
+    assert main(["viz", str(tiny_checkpoint), "--out", str(tmp_path / "kept")]) == 2
+    assert "--out must name a .png file" in capsys.readouterr().err
+
+
+def test_a_bad_argument_is_one_line_not_a_usage_dump(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["calibrate", "x.safetensors", "--target", "2"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "ats-vit calibrate: error: argument --target: expected a fraction of the dense cost in (0, 1], "
+        "got 2.0 (see ats-vit calibrate --help)"
+    ]
+
+
+def test_cache_lists_and_clears_the_latency_tables(tmp_path, monkeypatch, capsys):
+    from helpers import small_vit
+
+    from ats_vit import family_of
+    from ats_vit.latency import LatencyModel
+
+    monkeypatch.setenv("ATS_VIT_CACHE", str(tmp_path))
+    LatencyModel(family_of(small_vit().eval()), 4, repeats=1, min_seconds=0.0, progress=False)
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "1 latency tables in" in out and "ViT at batch 4 on" in out
+    (tmp_path / "latency" / "junk.json").write_text('{"junk": 1}')
+    assert main(["cache", "list"]) == 0
+    assert "junk.json: unreadable (" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0
+    assert "removed 2 latency tables" in capsys.readouterr().out
+    assert not list((tmp_path / "latency").glob("*.json"))
+
+
+def test_eval_scores_agreement_with_dense_on_unlabelled_folders(tmp_path, capsys):
+    """A folder whose classes are not the model's: --no-labels reports agreement with the dense
+    model (1.0 for dense itself) instead of 0% accuracy, and says so."""
+    pytest.importorskip("torchvision")
+    from helpers import image_folder_tree
+
+    data = str(image_folder_tree(tmp_path / "data", splits=("val",), size=20, mode="L"))
+    from ats_vit.checkpoint import save_checkpoint
+    from ats_vit.models import ModelConfig, build_model
+
+    cfg = ModelConfig(
+        image_size=16, patch_size=4, num_classes=5, channels=1, dim=16, depth=3, heads=2, dim_head=8
+    )
+    save_checkpoint(tmp_path / "m.safetensors", build_model(cfg), cfg)
+    argv = ["eval", str(tmp_path / "m.safetensors"), "--data", data, "--keep", "0.5", "--start-layer", "1"]
+    assert main([*argv, "--no-labels", "--timing-repeats", "0", "--out", str(tmp_path / "e")]) == 0
+    captured = capsys.readouterr()
+    assert "agreement with the dense top-1 (--no-labels)" in captured.out
+    assert "warning" not in captured.err, "no advice to pass --no-labels when it was passed"
+    rows = json.loads((tmp_path / "e" / "eval.json").read_text())["rows"]
+    assert rows[0]["accuracy"] == 1.0 and 0.0 <= rows[1]["accuracy"] <= 1.0
+
+
+@pytest.mark.distributed
+def test_calibrate_under_torchrun_runs_and_writes_once(tiny_checkpoint, tmp_path):
+    """Two ranks used to calibrate independently and both write the file: now rank 0 works and
+    writes, the other returns at once, and the warnings print once."""
+    script = tmp_path / "run.py"
+    script.write_text("import sys\nfrom ats_vit.cli import main\nsys.exit(main())\n")
+    pytest.importorskip("torchvision")
+    from helpers import image_folder_tree, torchrun
+
+    data = str(image_folder_tree(tmp_path / "data", size=16, mode="L"))
+    out = tmp_path / "b.json"
+    argv = ["calibrate", str(tiny_checkpoint), "--data", data, "--target", "0.7", "--out", str(out)]
+    result = torchrun(script, 29561, *argv)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["target"] == 0.7
+    assert result.stdout.count("calibrating auto") == 1 and result.stdout.count("wrote") == 1

@@ -130,3 +130,20 @@ def test_source_items_count_the_demos_copies_once():
     labels = test.tensors[1]
     assert all(torch.equal(labels[items == i], labels[items == i][:1].expand(3)) for i in range(5))
     assert torch.equal(source_items("glyphs", "test", 7), torch.arange(7))
+
+
+def test_an_image_far_from_the_models_size_is_named_once(tmp_path):
+    """1x1 and 4096x4096 images were resized without a word."""
+    pytest.importorskip("torchvision")
+    from PIL import Image
+
+    from ats_vit.data import image_folder
+
+    folder = tmp_path / "val" / "a"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(folder / "tiny.png")
+    Image.new("RGB", (4, 4)).save(folder / "tiny2.png")
+    data = image_folder(tmp_path / "val", 32)
+    with pytest.warns(UserWarning, match=r"tiny.png is 4x4 pixels and is resized to the model's 32") as seen:
+        data[0], data[1]
+    assert len([w for w in seen if "resized" in str(w.message)]) == 1, "once per data set"

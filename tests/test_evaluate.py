@@ -55,7 +55,7 @@ def test_throughput_on_a_split_smaller_than_the_timing_batch_counts_what_ran(tin
 
     seen = []
 
-    def fake_time(model, budgets, images, *, repeats, warmup=1):
+    def fake_time(model, budgets, images, *, repeats, warmup=1, dtype=None):
         seen.append(len(images))
         return [Timing((0.5, 0.5, 0.5)), Timing((0.25, 0.25, 0.25))]
 
@@ -163,3 +163,29 @@ def test_the_interval_counts_independent_items_not_images():
     assert grouped["ci95"] > 1.4 * alone["ci95"]
     with pytest.raises(ValueError, match="items"):
         evaluate(model, copies, items=torch.arange(20))
+
+
+def test_evaluating_only_unreadable_images_is_a_clear_error(tmp_path, tiny_checkpoint):
+    """All images unreadable with --skip-bad-images divided by zero."""
+    from helpers import image_folder_tree
+
+    root = image_folder_tree(tmp_path / "data", splits=("val",), size=16, mode="L")
+    for png in root.rglob("*.png"):
+        png.write_bytes(b"not an image")
+    model, _ = load_model(tiny_checkpoint)
+    data = image_folder(root / "val", 16, channels=1, skip_bad=True)
+    with pytest.raises(ValueError, match="no readable images to evaluate: all 8 were unreadable"):
+        evaluate_budgets(model, data, [("dense", None)], timing_repeats=0)
+
+
+def test_images_with_nan_are_refused_where_they_enter_evaluation(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint)
+    images, labels = tiny_data(8).tensors
+    images = images.clone()
+    images[4, 0, 1, 1] = float("nan")
+    from torch.utils.data import TensorDataset
+
+    with pytest.raises(
+        ValueError, match=r"1 of the 8 images of this batch hold NaN or infinite values .*index 4"
+    ):
+        evaluate(model, TensorDataset(images, labels))

@@ -21,6 +21,8 @@ from ats_vit.options import Rule, SamplingOptions
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ATS_VIT_CACHE", str(tmp_path / "cache"))
+    # a quiet machine, whatever else runs beside the tests: tables are reused unless a test says
+    monkeypatch.setattr(latency.os, "getloadavg", lambda: (0.5, 0.5, 0.5), raising=False)
     return tmp_path / "cache"
 
 
@@ -323,3 +325,65 @@ def test_a_busy_moment_in_one_cell_never_makes_fewer_tokens_cost_more(monkeypatc
     for j in range(len(widths)):
         column = [grid[i][j] for i in range(j + 1, len(widths))]
         assert column == sorted(column)
+
+
+def test_two_processes_building_one_table_build_it_once(tmp_path):
+    """Every process wrote the same `<digest>.tmp`, so two writers crashed each other and readers
+    saw half a file: now one builds under a lock and the other reads what it built."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "build.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from helpers import small_vit\n"
+        "from ats_vit import family_of\n"
+        "from ats_vit.latency import LatencyModel\n"
+        "built = []\n"
+        "real = LatencyModel._build_dense\n"
+        "LatencyModel._build_dense = lambda self, points: built.append(1) or real(self, points)\n"
+        "LatencyModel(family_of(small_vit().eval()), 4, repeats=1, min_seconds=0.02, progress=False)\n"
+        "print('built' if built else 'read')\n"
+    )
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    runs = [
+        subprocess.Popen(
+            [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err for _, err in outputs]
+    assert sorted(out.strip() for out, _ in outputs) == ["built", "read"]
+    assert not list((tmp_path / "cache" / "latency").glob("*.tmp")), "no temporary file is left behind"
+
+
+@pytest.mark.parametrize("content", ['{"junk": 1}', '{"format": "ats-vit-latency/1", "dense": []}', "{half"])
+def test_a_broken_cache_file_is_named_moved_aside_and_rebuilt(content, capsys):
+    model = small_vit().eval()
+    first = quick(model)
+    first.path.write_text(content)
+    again = quick(model)
+    err = capsys.readouterr().err
+    assert f"latency cache: {first.path}" in err and "moved to" in err and "timing afresh" in err
+    assert again.table.widths == first.table.widths and list(first.path.parent.glob("*.bad-*.json"))
+
+
+def test_a_table_timed_on_a_busy_machine_is_not_reused(monkeypatch, capsys):
+    model = small_vit().eval()
+    with monkeypatch.context() as m:
+        m.setattr(latency.os, "getloadavg", lambda: (8.0, 8.0, 8.0), raising=False)  # 4 per CPU on 2 CPUs
+        m.setattr(latency.os, "cpu_count", lambda: 2)
+        busy = quick(model)
+    assert busy.table.disturbed and max(busy.table.load) == 4.0
+    built = []
+    real = LatencyModel._build_dense
+    monkeypatch.setattr(
+        LatencyModel, "_build_dense", lambda self, points: built.append(1) or real(self, points)
+    )
+    quick(model)
+    assert built, "timed afresh"
+    assert "was timed while the machine was busy (load 4.0 per CPU); timing afresh" in capsys.readouterr().err
+    quick(model)
+    assert len(built) == 1, "the quiet table is reused"

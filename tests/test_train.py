@@ -61,17 +61,82 @@ def test_resume_after_a_kill_gives_the_same_final_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+def test_resume_refuses_a_run_of_another_config(tmp_path):
+    from ats_vit.train import RunExistsError
+
     train(tiny_cfg(tmp_path), tiny_data(), progress=False)
     other = tiny_cfg(tmp_path)
     other.model = ModelConfig(**{**TINY.__dict__, "dim": 24})
+    with pytest.raises(RunExistsError, match=r"was configured with model=.*'dim': 16.*\(asked .*'dim': 24"):
+        train(other, tiny_data(), resume=True, progress=False)
+    (tmp_path / "config.json").unlink()  # without the run's config, the checkpoint still says so
     with pytest.raises(CheckpointError, match="was trained with"):
         train(other, tiny_data(), resume=True, progress=False)
 
 
-def test_resume_without_a_checkpoint_says_so(tmp_path, capsys):
-    train(tiny_cfg(tmp_path / "fresh"), tiny_data(), resume=True, progress=False)
-    assert "no checkpoint at" in capsys.readouterr().err
+def test_resume_with_nothing_to_resume_refuses_and_names_what_is_there(tmp_path):
+    """A finished run without its last.safetensors: 0.x started afresh and replaced the final
+    checkpoint, the config and half the metrics. Nothing may change."""
+    from ats_vit.train import RunExistsError
+
+    train(tiny_cfg(tmp_path), tiny_data(), progress=False)
+    (tmp_path / "last.safetensors").unlink()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(
+        RunExistsError, match=r"nothing to resume in .*: it holds config.json, metrics.csv, final.safetensors"
+    ):
+        train(tiny_cfg(tmp_path), tiny_data(), resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    with pytest.raises(RunExistsError, match=r"nothing to resume in .*: it holds no last.safetensors"):
+        train(tiny_cfg(tmp_path / "empty"), tiny_data(), resume=True, progress=False)
+
+
+def test_a_resume_keeps_the_runs_own_settings(tmp_path):
+    from ats_vit.train import RunExistsError
+
+    with pytest.raises(Crash):
+        train(tiny_cfg(tmp_path), CrashingData(tiny_data(), limit=16 * 7 + 5), progress=False)
+    longer = tiny_cfg(tmp_path)
+    longer.epochs = 3
+    with pytest.raises(RunExistsError, match=r"configured with epochs=2 \(asked 3\)"):
+        train(longer, tiny_data(), resume=True, progress=False)
+    sparser = tiny_cfg(tmp_path)
+    sparser.ckpt_every = 6  # how often checkpoints are written may change
+    train(sparser, tiny_data(), resume=True, progress=False)
+
+
+def test_training_labels_the_head_cannot_score_are_refused_before_anything_is_written(tmp_path):
+    images, labels = tiny_data().tensors
+    labels = labels.clone()
+    labels[5] = TINY.num_classes  # one class too many, as a folder with an extra sub-folder
+    with pytest.raises(ValueError, match=r"1 of the 96 training labels lie outside \[0, 3\)"):
+        train(tiny_cfg(tmp_path / "run"), TensorDataset(images, labels), progress=False)
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_an_interrupted_rewrite_of_the_metrics_leaves_them_whole(tmp_path, monkeypatch):
+    import csv
+
+    from ats_vit.train import _drop_metrics_after
+
+    log = tmp_path / "metrics.csv"
+    text = "step,epoch,lr,loss,time\n20,0,1,2,3\n40,0,1,2,3\n6"  # the last row cut short
+    log.write_text(text)
+
+    class Interrupted:
+        def __init__(self, *_):
+            pass
+
+        def writerows(self, rows):
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(csv, "writer", Interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            _drop_metrics_after(log, 40)
+    assert log.read_text() == text and [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+    _drop_metrics_after(log, 40)
+    assert [r["step"] for r in csv_rows(log)] == ["20", "40"], "the row cut short is dropped"
 
 
 @pytest.mark.distributed

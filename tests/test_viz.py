@@ -65,7 +65,7 @@ def test_accuracy_plot_has_error_bars_a_sane_range_and_a_speed_panel(tmp_path, m
     plot_accuracy_vs_cost(rows, tmp_path / "plot.png", title="run/final.safetensors")
     (fig,) = saved
     gflops_ax, speed_ax = fig.axes
-    assert speed_ax.get_xlabel().startswith("measured speed-up")
+    assert speed_ax.get_xlabel().startswith("speed-up over dense")
     low, high = gflops_ax.get_ylim()
     assert high - low >= 4.0, "a 0.5-point spread does not fill the whole axis"
     legend = [t.get_text() for t in gflops_ax.get_legend().get_texts()]
@@ -74,3 +74,40 @@ def test_accuracy_plot_has_error_bars_a_sane_range_and_a_speed_panel(tmp_path, m
     _, (lower, upper), _ = gflops_ax.containers[1].lines
     width = upper.get_ydata()[0] - lower.get_ydata()[0]
     assert width == pytest.approx(2 * 196 * (0.965 * 0.035 / 1000) ** 0.5, rel=1e-3)
+
+
+def test_the_speed_panel_shows_each_speed_ups_spread_over_rounds(tmp_path, monkeypatch):
+    """eval prints the interquartile range of each speed-up; the picture showed none."""
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    rows = [
+        dict(label="dense", budget=None, gflops_ratio=1.0, accuracy=0.97, images=1000, speedup=1.0),
+        dict(label="b", budget=None, gflops_ratio=0.5, accuracy=0.96, images=1000, speedup=1.5),
+    ]
+    rows[1].update(speedup_q1=1.4, speedup_q3=1.7)
+    plot_accuracy_vs_cost(rows, tmp_path / "plot.png")
+    _, speed_ax = saved[0].axes
+    bar = speed_ax.containers[1]
+    assert bar.has_xerr and not speed_ax.containers[0].has_xerr, "only where a spread was measured"
+    left, right = bar.lines[2][0].get_segments()[0][:, 0]
+    assert (left, right) == pytest.approx((1.4, 1.7))
+
+
+def test_the_grid_says_which_layers_sampled_and_what_dimmed_means(tmp_path, monkeypatch):
+    """The paper's budget listed five capped layers over one column, and merged strokes looked
+    discarded: the key names the layers that sampled and what a dimmed patch is."""
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    for rule, dimmed in (({}, "dimmed: dropped."), ({"sampler": "tome"}, "or merged into a kept token")):
+        model = small_vit((16, 8, 8, 8), peaked=8.0, **rule).eval()
+        images = torch.rand(2, 3, 32, 32)
+        with torch.no_grad():
+            trace = model.forward_tokens(images)[1].trace
+        save_kept_tokens_grid(images, trace, 8, tmp_path / "grid.png", title="model, budget")
+        text = saved[-1]._suptitle.get_text()
+        assert text.startswith("model, budget\n") and dimmed in text
+    assert "Layers that sampled: 1" in text

@@ -21,6 +21,7 @@ family (:mod:`ats_vit.families`), and each trial only sets numbers on its sampli
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
@@ -45,6 +46,10 @@ from ats_vit.calibrate.methods import (
 from ats_vit.calibrate.search import BudgetSearch, Trial
 from ats_vit.calibrate.verify import VERIFY_ATTEMPTS, VERIFY_TOLERANCE, measured_ratio, verify
 from ats_vit.latency import LatencyModel
+
+# a budget that costs more than this (a fraction: 0.02 is 2 points) of accuracy, agreement or
+# fidelity on the calibration images, against dense, is returned with a warning
+COSTLY_DROP = 0.02
 
 __all__ = [
     "AUTO",
@@ -96,6 +101,7 @@ class Calibration:
         probe: bool = True,
         verify: bool = True,
         progress: bool = True,
+        memory_limit: float = 8.0,
     ) -> None:
         self.method = check_method(method)
         if timing_batch is not None:
@@ -110,6 +116,7 @@ class Calibration:
             tolerance=tolerance,
             steps=steps,
             probe=probe,
+            memory_limit=memory_limit,
         )
         self.model, self.family, self.cost = model, self.search.family, cost
         self.verify, self.dtype, self.progress = verify, dtype, progress
@@ -214,7 +221,33 @@ class Calibration:
             self.model.train(was_training)
         chosen = replace(best.budget, target=float(target), calibration=self._record(best, method, measured))
         configure(self.family, chosen)
+        self._warn_if_costly(chosen, target)
         return chosen
+
+    def _warn_if_costly(self, budget: Budget, target: float) -> None:
+        """Say so when a latency budget meets its time only by ruining the accuracy (a GFLOPs
+        target names its cut itself), or its timing missed the target: such a budget is
+        returned, but not silently."""
+        cal, search = budget.calibration, self.search
+        drop = cal[f"dense_{search.objective}"] - cal[search.objective]
+        if self.cost == "latency" and not search.features and drop > COSTLY_DROP:
+            advice = "a larger timing_batch, ats_vit.compile, or a milder target"
+            warnings.warn(
+                f"the budget for {target:g} of the dense {self.cost} costs {100 * drop:.1f} points of "
+                f"{search.objective} on the calibration images ({100 * cal[search.objective]:.1f}% against "
+                f"{100 * cal[f'dense_{search.objective}']:.1f}% dense); try {advice}",
+                UserWarning,
+                stacklevel=3,
+            )
+        measured = cal.get("measured_latency_ratio")
+        if measured is not None and abs(measured / target - 1) > VERIFY_TOLERANCE:
+            warnings.warn(
+                f"the latency budget for {target:g} of dense time timed at {measured:.3f} "
+                f"({100 * (measured / target - 1):+.0f}%) after {len(self.timings)} attempts: this device's "
+                "timings did not let the search land closer",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _record(self, best: Trial, method: str, measured: float | None) -> dict[str, Any]:
         search = self.search
@@ -228,6 +261,7 @@ class Calibration:
             "trials": len(search.trials),
             "passes": round(search.passes, 1),
             "searched": method,
+            "memory_gib": round(search.memory_gib, 3),
         }
         if self.latency is not None:
             record.update(

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ats_vit import _validate
-from ats_vit.budget import COST_KINDS, Budget, configure
+from ats_vit.budget import COST_KINDS, Budget, BudgetError, configure
 from ats_vit.calibrate.methods import METHODS
 from ats_vit.families import family_of
 from ats_vit.flops import gflops
@@ -86,6 +86,7 @@ class BudgetSearch:
         tolerance: float = 0.005,
         steps: int = 10,
         probe: bool = True,
+        memory_limit: float = 8.0,
     ) -> None:
         _validate.choice("cost", cost, COST_KINDS)
         if not isinstance(images, Tensor) or images.dim() not in (4, 5) or len(images) == 0:
@@ -97,6 +98,7 @@ class BudgetSearch:
             raise ValueError(
                 f"labels must be a (N,) tensor matching images, got {getattr(labels, 'shape', labels)}"
             )
+        _validate.finite_images(images, "calibration images")
         self.model, self.cost, self.latency = model, cost, latency
         self.family = family_of(model)
         self.depth, self.num_patches = self.family.depth, self.family.num_patches
@@ -104,6 +106,18 @@ class BudgetSearch:
         if not layers or any(not _validate.is_int(i) or not 0 <= i < self.depth for i in layers):
             raise ValueError(f"start_layers must hold layer indices in [0, {self.depth}), got {layers}")
         self.layers, self.tolerance, self.steps = layers, tolerance, steps
+        # each start layer's dense input is kept for every image, so trials start there
+        cost_ = self.family.cost
+        element = next(model.parameters()).element_size()
+        tokens = (self.num_patches + cost_.num_prefix_tokens) * cost_.frames
+        self.memory_gib = len(images) * len(layers) * tokens * cost_.dim * element / 2**30
+        if self.memory_gib > memory_limit:
+            raise BudgetError(
+                f"calibration keeps the dense input of every start layer for every image: "
+                f"{self.memory_gib:.1f} GiB here ({len(images)} images x {len(layers)} start layers x "
+                f"{tokens} tokens x {cost_.dim} channels), above memory_limit={memory_limit:g} GiB; give "
+                "fewer images, fewer start_layers, or a higher memory_limit"
+            )
         self.features = self.family.num_classes == 0
         if self.features and labels is not None:
             raise ValueError(
@@ -111,6 +125,8 @@ class BudgetSearch:
                 "(it is then calibrated for the cosine similarity of its features to the dense ones)"
             )
         self.objective = "fidelity" if self.features else "agreement" if labels is None else "accuracy"
+        if labels is not None:
+            _validate.class_labels(labels, self.family.num_classes, "calibration labels")
         self.images = len(images)
         self.trials: dict[TrialKey, Trial] = {}
         self.passes = 0.0
@@ -135,7 +151,11 @@ class BudgetSearch:
         try:
             with torch.inference_mode():
                 configure(self.family, None)
-                self.dense = [self.family.capture(batch) for batch in self.batches]
+                self.dense: list[tuple[Tensor, Tensor, dict[int, Tensor]]] = []
+                for batch in self.batches:
+                    logits, flops, inputs = self.family.capture(batch)
+                    kept = {i: inputs[i] for i in layers}  # only the start layers' inputs are needed
+                    self.dense.append((logits, flops, kept))
         finally:
             model.train(was_training)
         dense_pred = torch.cat([logits.argmax(dim=-1) for logits, _, _ in self.dense])
