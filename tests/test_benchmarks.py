@@ -36,7 +36,7 @@ def tiny_splits(monkeypatch):
 
 
 def test_every_script_has_a_smoke_test():
-    tested = {"speed.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py"}
+    tested = {"speed.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py", "tables.py"}
     tested |= {"calibration_speed.py", "latency_model.py", "demo.py", "latency_budgets.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 

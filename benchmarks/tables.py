@@ -1,0 +1,550 @@
+"""Every results table in README.md and docs/, generated from benchmarks/results/*.json.
+
+A table lives between two markers in a Markdown file:
+
+    <!-- generated: demo -->
+    ...
+    <!-- end generated -->
+
+`python benchmarks/tables.py` rewrites every such block from the JSON (and the CLI reference
+from the argparse parser); `--check` rewrites nothing and exits 1, naming the blocks, when a
+committed block differs from what the JSON gives (tests/test_tables.py runs the check, so a
+number typed by hand, or a JSON changed without its tables, fails the suite).
+
+Speed cells of several runs (separate processes) show the median and the run-to-run range;
+a single run shows the median and its interquartile range over interleaved rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end generated -->)", re.S)
+
+# results measured before 1.0 and not re-measured since (no commit in their JSON)
+PROVENANCE = {
+    "frontier.json": "fac8910 (0.2 code, 2026-11-28)",
+    "frontier_glyphs196.json": "fac8910 (0.2 code, 2026-11-28)",
+    "frontier_glyphs196_s1.json": "58b97fc (0.2 code, 2026-11-28)",
+    "speed_h100_float32.json": "71e789f (0.2 code, 2026-11-27)",
+    "speed_h100_bfloat16.json": "71e789f (0.2 code, 2026-11-27)",
+    "speed_h100_compiled.json": "df564f2 (0.2 code, 2026-11-27)",
+    "speed_cpu_compiled_A.json": "65ed10e (0.2 code, 2026-11-27)",
+    "speed_cpu_compiled_B.json": "65ed10e (0.2 code, 2026-11-27)",
+    "gpu_check_h100.log": "71e789f (0.2 code, 2026-11-27)",
+}
+# methods 1.0 removed: their rows stay in older JSON, the tables leave them out
+REMOVED_METHODS = ("hybrid", "ats", "ats-merge", "tome-early")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((RESULTS / name).read_text())
+
+
+def runs(pattern: str) -> list[dict[str, Any]]:
+    """Every JSON matching ``pattern``, in name order (one per run)."""
+    found = sorted(RESULTS.glob(pattern))
+    if not found:
+        raise FileNotFoundError(f"no benchmarks/results/{pattern}")
+    return [json.loads(p.read_text()) for p in found]
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def spread(values: Sequence[float], fmt: str = ".2f", suffix: str = "×", speedup: bool = False) -> str:
+    """The median of several runs and their range; for a speed-up whose range reaches 1,
+    "not faster" (the runs do not tell it from dense)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "–"
+    mid = statistics.median(values)
+    if len(values) == 1:
+        return f"{mid:{fmt}}{suffix}"
+    text = f"{mid:{fmt}}{suffix} ({min(values):{fmt}}–{max(values):{fmt}})"
+    if speedup and min(values) <= 1.0 and max(values) != 1.0:
+        text += " not faster"
+    return text
+
+
+def quartiles(row: dict[str, Any], key: str = "speedup") -> str:
+    """One run's median and interquartile range over its rounds."""
+    mid, q1, q3 = row.get(key, math.nan), row.get(f"{key}_q1", math.nan), row.get(f"{key}_q3", math.nan)
+    if mid is None or math.isnan(mid):
+        return "–"
+    if q1 is None or math.isnan(q1):
+        return f"{mid:.2f}×"
+    return f"{mid:.2f}× ({q1:.2f}–{q3:.2f})"
+
+
+def where(record: dict[str, Any], name: str) -> str:
+    """One line on what machine and code a result comes from."""
+    machine = record.get("machine", {})
+    if isinstance(machine, str):
+        machine = {"cpu": machine}
+    device = machine.get("gpu") or (
+        f"CPU ({machine.get('cpu_capability', 'x86_64')}, {machine.get('threads', '?')} threads)"
+    )
+    code = machine.get("commit") or PROVENANCE.get(name, "unknown code")
+    return f"`benchmarks/results/{name}`: {device}, torch {machine.get('torch', '?')}, ats-vit {code}."
+
+
+# ---------------------------------------------------------------- the tables
+
+
+def demo() -> str:
+    """The README's table: the demo's budgets, accuracy on its test split, cost, speed."""
+    record = load("demo.json")
+    rows = record["rows"]
+    dense = rows[0]
+    body = []
+    for r in rows:
+        budget = r["budget"]
+        if budget is None:
+            what = "dense"
+        elif r["label"].startswith("keep"):
+            what = f"the paper's ATS (cap {budget['caps'][0]} of 36 from layer {budget['start_layer']})"
+        else:
+            what = f"calibrated for {budget['target']:.0%} of the GFLOPs"
+        vs = "" if budget is None else f"{100 * r['vs_dense_diff']:+.2f} (p = {r['vs_dense_p']:.2g})"
+        body.append(
+            [
+                what,
+                "" if budget is None else f"`{budget['method']}`",
+                f"{100 * r['accuracy']:.2f} ± {100 * r['ci95']:.1f}",
+                vs,
+                f"{r['gflops_ratio']:.0%}",
+                f"{r['kept_per_layer'][-1]:.1f}",
+                "1.00×" if budget is None else spread(r["speedup_runs"], speedup=True),
+            ]
+        )
+    header = [
+        "budget",
+        "method",
+        "accuracy % (95%)",
+        "vs dense, points (paired p)",
+        "GFLOPs",
+        "tokens left (of 36)",
+        f"speed-up, batch 64 ({len(dense['speedup_runs'])} runs)",
+    ]
+    cfg = record["config"]
+    note = (
+        f"`python benchmarks/demo.py --runs {cfg['runs']}` (`ats-vit demo --seed {cfg['seed']}`, then its "
+        f"budgets timed again in separate processes): test split of {dense['images']} images of "
+        f"{dense['items']} held-out digits (the ± and the paired test count digits); speed-up: median of "
+        f"the runs' medians (range). " + where(record, "demo.json")
+    )
+    return table(header, body) + "\n\n" + note
+
+
+def _frontier(name: str, checkpoint: str) -> str:
+    record = load(name)
+    rows = [r for r in record["rows"] if r["checkpoint"] == checkpoint and r["method"] not in REMOVED_METHODS]
+    dense = next(r for r in rows if r["method"] == "dense")
+    targets = sorted({r["target"] for r in rows if r["method"] != "dense"})
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    cell: dict[tuple[str, float], dict[str, Any]] = {(r["method"], r["target"]): r for r in rows}
+    body = []
+    for method in methods:
+        line = [f"`{method}`" + (" (recommended)" if method == "auto" else "")]
+        for t in targets:
+            r = cell.get((method, t))
+            if r is None:
+                line.append("")
+                continue
+            text = f"{r['accuracy_pct']:.2f}"
+            if r.get("vs_auto_p") is not None and not math.isnan(r["vs_auto_p"]) and r["vs_auto_p"] < 0.05:
+                text += " ▲" if r["vs_auto_diff"] > 0 else " ▼"
+            if abs(r["gflops_ratio"] - t) > 0.02:
+                text += f" @{r['gflops_ratio']:.2f}"
+            line.append(text)
+        body.append(line)
+    auto = [cell.get(("auto", t)) for t in targets]
+    if all(auto):
+        body.append(["`auto` chose", *(str(r["chosen"]) for r in auto if r)])
+        if any(not math.isnan(r.get("speedup", math.nan)) for r in auto if r):
+            body.append(["`auto` speed-up, batch 64 (IQR)", *(quartiles(r) for r in auto if r)])
+    header = ["method", *(f"{t:g}" for t in targets)]
+    note = (
+        f"{checkpoint}: dense {dense['accuracy_pct']:.2f}% ± {dense['ci95_pct']:.1f} on "
+        f"{dense['test_images']} test images of {dense['test_items']} independent items. "
+        "▲/▼: better/worse than `auto` at that target (paired bootstrap over the items, p < 0.05, "
+        "not corrected for the number of comparisons); "
+        "@x: the cost a method landed at when it could not reach the target. " + where(record, name)
+    )
+    return table(header, body) + "\n\n" + note
+
+
+def frontier_summary() -> str:
+    """Per checkpoint: how often `auto` is significantly below or above a peer, and where below."""
+    body = []
+    for name in ("frontier.json", "frontier_glyphs196.json"):
+        record = load(name)
+        rows = [r for r in record["rows"] if r["method"] not in ("dense", "auto", *REMOVED_METHODS)]
+        for checkpoint in dict.fromkeys(r["checkpoint"] for r in rows):
+            mine = [r for r in rows if r["checkpoint"] == checkpoint]
+            tested = [r for r in mine if not math.isnan(r["vs_auto_p"])]
+            below = [r for r in tested if r["vs_auto_p"] < 0.05 and r["vs_auto_diff"] > 0]
+            above = [r for r in tested if r["vs_auto_p"] < 0.05 and r["vs_auto_diff"] < 0]
+            where_below = "; ".join(
+                f"`{r['method']}` at {r['target']:g} ({100 * r['vs_auto_diff']:+.2f})" for r in below
+            )
+            body.append([checkpoint, str(len(tested)), str(len(above)), str(len(below)), where_below or "–"])
+    header = [
+        "checkpoint",
+        "comparisons",
+        "`auto` above a peer",
+        "`auto` below a peer",
+        "below: peer, target (points)",
+    ]
+    note = (
+        "Paired bootstrap over the test items, p < 0.05 each, **not corrected** for the number of "
+        "comparisons (at that level about 1 in 20 comparisons of equal methods reads as a difference)."
+    )
+    return table(header, body) + "\n\n" + note
+
+
+def _speed_summary(records: list[dict[str, Any]], name: str) -> str:
+    """Efficiency (measured speed-up / FLOP ideal) per batch, family and rule, over runs."""
+    by: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        for r in record["rows"]:
+            by.setdefault((r["batch"], r["family"], r["variant"]), []).append(r)
+    variants = list(dict.fromkeys((f, v) for (_, f, v) in by if v != "dense" and "static" not in v))
+    batches = sorted({b for b, _, _ in by})
+    body = []
+    for family, variant in variants:
+        first = by[(batches[0], family, variant)][0]
+        line = [family, variant.removeprefix("ATS "), f"{first['kept']:.0f}", f"{first['ideal']:.2f}×"]
+        line += [spread([r["efficiency"] for r in by[(b, family, variant)]], suffix="") for b in batches]
+        body.append(line)
+    header = ["model", "rule", "tokens kept", "FLOP ideal", *(f"efficiency, batch {b}" for b in batches)]
+    cfg = records[0]["config"]
+    note = (
+        f"`ats-vit bench speed` ×{len(records)} ({cfg['model']}, random weights, layers from "
+        f"{cfg['start_layer']} on capped at {cfg.get('cap', cfg.get('max_tokens'))} patch tokens, "
+        f"{cfg['dtype']}): efficiency = "
+        "speed-up over the same model's dense pass / the FLOP-ideal speed-up, median of the runs "
+        "(range). " + where(records[0], name)
+    )
+    return table(header, body) + "\n\n" + note
+
+
+def _speed_full(records: list[dict[str, Any]], name: str) -> str:
+    by: dict[tuple[int, str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        for r in record["rows"]:
+            by.setdefault((r["batch"], r["family"], r["variant"]), []).append(r)
+    body = []
+    for (batch, family, variant), rs in by.items():
+        first = rs[0]
+        seed = [r.get("vs_seed_ats", math.nan) for r in rs]
+        body.append(
+            [
+                str(batch),
+                family,
+                variant,
+                f"{first['gflops']:.3f}",
+                f"{first['kept']:.1f}",
+                spread([r["img_per_s"] for r in rs], ".1f", ""),
+                spread([r["speedup"] for r in rs], speedup=True),
+                f"{first['ideal']:.2f}",
+                spread([r["efficiency"] for r in rs], suffix=""),
+                spread(seed, suffix=""),
+            ]
+        )
+    header = [
+        "batch",
+        "model",
+        "variant",
+        "GFLOPs",
+        "kept",
+        "img/s",
+        "speed-up",
+        "ideal",
+        "efficiency",
+        "vs seed ATS",
+    ]
+    note = f"Median of {len(records)} runs (range). " + where(records[0], name)
+    return table(header, body) + "\n\n" + note
+
+
+def speed_cpu() -> str:
+    return _speed_summary(runs("speed_cpu_run*.json"), "speed_cpu_run*.json")
+
+
+def speed_cpu_full() -> str:
+    return _speed_full(runs("speed_cpu_run*.json"), "speed_cpu_run*.json")
+
+
+def speed_h100() -> str:
+    parts = []
+    for name in ("speed_h100_float32.json", "speed_h100_bfloat16.json", "speed_h100_compiled.json"):
+        record = load(name)
+        body = [
+            [
+                str(r["batch"]),
+                r["family"],
+                r["variant"],
+                f"{r['speedup']:.2f}×",
+                f"{r['ideal']:.2f}",
+                f"{r['efficiency']:.2f}",
+            ]
+            for r in record["rows"]
+            if r["variant"] != "dense"
+        ]
+        title = f"**{record['config']['dtype']}{', compiled' if record['config']['compile'] else ''}**"
+        parts.append(
+            title + "\n\n" + table(["batch", "model", "variant", "speed-up", "ideal", "efficiency"], body)
+        )
+        parts.append("One run. " + where(record, name))
+    return "\n\n".join(parts)
+
+
+def speed_cpu_compiled() -> str:
+    records = [load("speed_cpu_compiled_A.json"), load("speed_cpu_compiled_B.json")]
+    rows = [
+        [r for r in rec["rows"] if "compiled" in r["variant"] and r["variant"] != "dense compiled"]
+        for rec in records
+    ]
+    body = []
+    for i, r in enumerate(rows[0]):
+        both = [rows[0][i], rows[1][i]]
+        body.append(
+            [
+                str(r["batch"]),
+                r["family"],
+                r["variant"],
+                spread([x["efficiency"] for x in both], suffix=""),
+                spread([x["vs_eager"] for x in both]),
+            ]
+        )
+    note = "Two runs (range). " + where(records[0], "speed_cpu_compiled_A.json")
+    return table(["batch", "model", "variant", "efficiency", "vs eager"], body) + "\n\n" + note
+
+
+def train_speed() -> str:
+    records = runs("train_speed_demo_run*.json")
+    names = [r["variant"] for r in records[0]["rows"]]
+    body = []
+    for i, name in enumerate(names):
+        rs = [rec["rows"][i] for rec in records]
+        body.append(
+            [
+                name,
+                f"{rs[0]['gflops_ratio']:.0%}",
+                spread([r["steps_per_s"] for r in rs], ".1f", ""),
+                spread([r["speedup"] for r in rs], speedup=True),
+                f"{rs[0]['ideal']:.2f}×",
+                spread([r["efficiency"] for r in rs], suffix=""),
+            ]
+        )
+    cfg = records[0]["config"]
+    note = (
+        f"`ats-vit bench train` ×{len(records)} on the demo checkpoint, batch {cfg['batch_size']}, "
+        "budgets at 40% of the GFLOPs; median of the runs (range). "
+        + where(records[0], "train_speed_demo_run*.json")
+    )
+    return (
+        table(["budget", "GFLOPs", "steps/s", "speed-up", "FLOP ideal", "efficiency"], body) + "\n\n" + note
+    )
+
+
+def calibration_speed() -> str:
+    record = load("calibration_speed_demo.json")
+    body = [
+        [
+            f"{r['target']:g}",
+            "yes" if r["probe"] == "True" else "no",
+            str(r["trials"]),
+            f"{r['passes']:.0f}",
+            f"{r['seconds']:.1f}",
+            f"{r['speedup']:.2f}×",
+            "yes" if r["same"] == "True" else "**no**",
+        ]
+        for r in record["rows"]
+    ]
+    note = (
+        f"`benchmarks/calibration_speed.py` on the demo checkpoint (`{record['config']['method']}`, "
+        f"{record['config']['runs']} interleaved runs: medians). "
+        + where(record, "calibration_speed_demo.json")
+    )
+    header = ["target", "probe", "trials", "forward passes", "seconds", "vs no probe", "same budget"]
+    return table(header, body) + "\n\n" + note
+
+
+def latency_model() -> str:
+    record = load("latency_model_demo.json")
+    body = [
+        [
+            r["budget"],
+            f"{r['predicted']:.3f}",
+            f"{r['measured']:.3f}",
+            ", ".join(f"{m:.3f}" for m in r["measured_runs"]),
+            f"{r['error_pct']:+.1f}%",
+        ]
+        for r in record["rows"]
+    ]
+    errors = sorted(abs(r["error_pct"]) for r in record["rows"])
+    note = (
+        f"Predicted and timed time ratios to dense at batch {record['config']['batch_size']} "
+        f"(`benchmarks/latency_model.py`, {record['config']['runs']} timing runs: median). Absolute error: "
+        f"median {statistics.median(errors):.1f}%, largest {errors[-1]:.1f}%. "
+        + where(record, "latency_model_demo.json")
+    )
+    return table(["budget", "predicted", "timed (median)", "runs", "error"], body) + "\n\n" + note
+
+
+def latency_budgets() -> str:
+    record = load("latency_budgets.json")
+    body = [
+        [
+            r["case"],
+            str(r["timing_batch"]),
+            f"{r['asked']:.2f}×",
+            f"`{r['method']}`",
+            f"{r['gflops_ratio']:.0%}",
+            f"{r['calibration_speedup']:.2f}×",
+            spread(r["speedup_runs"], speedup=True),
+            f"{r['off_pct']:+.1f}%",
+        ]
+        for r in record["rows"]
+    ]
+    header = ["case", "batch", "asked", "method", "GFLOPs", "calibration's timing", "eval runs", "off"]
+    note = (
+        "`benchmarks/latency_budgets.py`: `ats-vit calibrate --cost latency`, then `ats-vit eval` of the "
+        f"budget in {record['config']['runs']} separate processes (median, range; off: median against "
+        "the asked speed-up). " + where(record, "latency_budgets.json")
+    )
+    return table(header, body) + "\n\n" + note
+
+
+def gpu_check() -> str:
+    lines = (RESULTS / "gpu_check_h100.log").read_text().splitlines()
+    pattern = re.compile(
+        r"^(\w+) (.+?)\s+same tokens (\d+)/(\d+)\s+max \|logit diff\| (\S+)\s+bf16 finite (\w+)"
+    )
+    body = []
+    for line in lines:
+        m = pattern.match(line)
+        if m:
+            model, rule, same, total, diff, finite = m.groups()
+            body.append(
+                [model, rule.strip(), f"{same}/{total}", diff, "yes" if finite == "True" else "**no**"]
+            )
+    header = ["model", "rule", "same tokens as CPU", "max logit difference", "bfloat16 finite"]
+    note = (
+        "`python benchmarks/gpu_check.py` on an H100: `benchmarks/results/gpu_check_h100.log`, "
+        f"ats-vit {PROVENANCE['gpu_check_h100.log']}."
+    )
+    return table(header, body) + "\n\n" + note
+
+
+def cli() -> str:
+    """`ats-vit --help` and every command's, as the parser prints them."""
+    sys.path.insert(0, str(ROOT))
+    import os
+
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal; the same width everywhere
+    from ats_vit.cli import build_parser
+
+    parser = build_parser()
+    parts = ["```text\n" + parser.format_help().rstrip() + "\n```"]
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    for name, command in sub.choices.items():
+        nested = [a for a in command._actions if hasattr(a, "choices") and isinstance(a.choices, dict)]
+        parts.append(f"### `ats-vit {name}`\n\n```text\n" + command.format_help().rstrip() + "\n```")
+        for kinds in nested:
+            for kind, bench in kinds.choices.items():
+                parts.append(
+                    f"### `ats-vit {name} {kind}`\n\n```text\n" + bench.format_help().rstrip() + "\n```"
+                )
+    return "\n\n".join(parts)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "demo": demo,
+    "frontier-demo": lambda: _frontier("frontier.json", "demo"),
+    "frontier-gap": lambda: _frontier("frontier.json", "gap"),
+    "frontier-map": lambda: _frontier("frontier.json", "map"),
+    "frontier-glyphs196": lambda: _frontier("frontier_glyphs196.json", "glyphs196"),
+    "frontier-summary": frontier_summary,
+    "speed-cpu": speed_cpu,
+    "speed-cpu-full": speed_cpu_full,
+    "speed-cpu-compiled": speed_cpu_compiled,
+    "speed-h100": speed_h100,
+    "train-speed": train_speed,
+    "calibration-speed": calibration_speed,
+    "latency-model": latency_model,
+    "latency-budgets": latency_budgets,
+    "gpu-check": gpu_check,
+    "cli": cli,
+}
+
+
+# ---------------------------------------------------------------- rewriting the files
+
+
+def documents() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def render(text: str, cache: dict[str, str]) -> str:
+    """``text`` with every generated block rewritten (an unknown name is an error)."""
+
+    def replace(match: re.Match[str]) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise KeyError(f"unknown generated block {name!r}; known: {', '.join(TABLES)}")
+        if name not in cache:
+            cache[name] = TABLES[name]().rstrip() + "\n"
+        return match.group(1) + cache[name] + match.group(4)
+
+    return BLOCK.sub(replace, text)
+
+
+def stale() -> list[str]:
+    """The files whose generated blocks differ from what the JSON gives."""
+    cache: dict[str, str] = {}
+    return [str(p.relative_to(ROOT)) for p in documents() if render(p.read_text(), cache) != p.read_text()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
+    args = p.parse_args(argv)
+    if args.check:
+        changed = stale()
+        if changed:
+            print(f"out of date: {', '.join(changed)}; run python benchmarks/tables.py", file=sys.stderr)
+            return 1
+        print("every generated table matches its JSON")
+        return 0
+    cache: dict[str, str] = {}
+    for path in documents():
+        text = path.read_text()
+        new = render(text, cache)
+        if new != text:
+            path.write_text(new)
+            print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

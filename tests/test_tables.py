@@ -1,0 +1,66 @@
+"""Every results table in README.md and docs/ is what benchmarks/tables.py makes of the JSON in
+benchmarks/results/, and every result file there is published (or is named as the evidence of a
+choice)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tables():
+    spec = importlib.util.spec_from_file_location("tables", ROOT / "benchmarks" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_tables_match_their_json(tables):
+    assert tables.stale() == [], "run `python benchmarks/tables.py` and commit what it writes"
+
+
+def test_a_number_typed_by_hand_is_caught(tables):
+    readme = (ROOT / "README.md").read_text()
+    match = tables.BLOCK.search(readme)
+    assert match and match["name"] == "demo"
+    edited = readme.replace(match["body"], match["body"].replace("95.", "96.", 1))
+    assert edited != readme
+    assert tables.render(edited, {}) == readme, "rendering restores what the JSON says"
+
+
+def test_every_table_is_published_and_every_block_is_known(tables):
+    used = set()
+    for page in tables.documents():
+        used |= {m["name"] for m in tables.BLOCK.finditer(page.read_text())}
+    assert used == set(tables.TABLES), (
+        f"unused: {set(tables.TABLES) - used}; unknown: {used - set(tables.TABLES)}"
+    )
+    with pytest.raises(KeyError, match="unknown generated block 'nope'"):
+        tables.render("<!-- generated: nope -->\n<!-- end generated -->", {})
+
+
+def test_every_result_file_is_read_by_a_table_or_named_as_evidence(tables):
+    source = (ROOT / "benchmarks" / "tables.py").read_text() + (ROOT / "benchmarks" / "README.md").read_text()
+    for path in (ROOT / "benchmarks" / "results").iterdir():
+        pattern_used = any(path.match(glob) for glob in ("speed_cpu_run*.json", "train_speed_demo_run*.json"))
+        assert path.name in source or pattern_used, f"{path.name}: neither published nor named as evidence"
+
+
+def test_speed_cells_show_the_median_and_the_range_of_the_runs(tables):
+    assert tables.spread([1.2, 1.5, 1.3]) == "1.30× (1.20–1.50)"
+    assert tables.spread([1.25]) == "1.25×"
+    assert tables.spread([float("nan")]) == "–"
+
+
+def test_the_demo_table_carries_every_run_of_the_json(tables):
+    rows = json.loads((ROOT / "benchmarks" / "results" / "demo.json").read_text())["rows"]
+    text = tables.demo()
+    for row in rows[1:]:
+        assert tables.spread(row["speedup_runs"]) in text
+        assert f"{100 * row['accuracy']:.2f}" in text
