@@ -334,6 +334,7 @@ def test_train_speed_gives_budgets_with_the_same_stem_their_own_rows(tiny_checkp
 def test_benchmarks_leave_the_thread_count_alone_unless_it_changes(monkeypatch):
     """Setting torch's thread count, even to the count in use, slows its fused CPU attention;
     so speed() sets it only when asked for another count."""
+    pytest.importorskip("timm")
     from ats_vit.bench.common import use_threads
 
     calls = []

@@ -171,6 +171,7 @@ def test_demo(tmp_path, monkeypatch, capsys):
 def test_latency_budgets(tmp_path, monkeypatch):
     """A latency budget calibrated, then timed by eval in separate processes, on an untrained
     model of the demo's sizes (the tiny one is too small for any rule to save time)."""
+    pytest.importorskip("torchvision")  # image folders
     from helpers import image_folder_tree
 
     from ats_vit.checkpoint import save_checkpoint

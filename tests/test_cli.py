@@ -208,6 +208,7 @@ def test_cli_evaluates_and_calibrates_a_timm_model_from_a_weights_file(tmp_path,
 
 def test_cli_evaluates_a_hugging_face_model_from_a_directory(tmp_path, capsys):
     pytest.importorskip("transformers")
+    pytest.importorskip("torchvision")  # image folders
     from helpers import HF_TINY, image_folder_tree
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
@@ -425,6 +426,7 @@ def test_cli_loads_a_hugging_face_tower_as_a_tower(tmp_path, capsys):
     what it kept, calibrate keeps its features close to the dense ones, eval refuses (no
     accuracy without a classifier), and a video model is refused with a hint."""
     pytest.importorskip("transformers")
+    pytest.importorskip("torchvision")  # image folders
     from helpers import HF_TINY, image_folder_tree
     from transformers import BitImageProcessor, Dinov2Config, Dinov2Model, VideoMAEConfig, VideoMAEModel
 

@@ -167,6 +167,7 @@ def test_the_interval_counts_independent_items_not_images():
 
 def test_evaluating_only_unreadable_images_is_a_clear_error(tmp_path, tiny_checkpoint):
     """All images unreadable with --skip-bad-images divided by zero."""
+    pytest.importorskip("torchvision")  # image folders
     from helpers import image_folder_tree
 
     root = image_folder_tree(tmp_path / "data", splits=("val",), size=16, mode="L")
