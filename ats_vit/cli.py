@@ -172,7 +172,8 @@ def _add_data(parser: argparse.ArgumentParser, split: str) -> None:
     parser.add_argument(
         "--data",
         default="demo",
-        help=f"'demo' (its {split} split) or an ImageFolder root ({folder}<class>/...)",
+        help=f"'demo' or 'glyphs' (its {split} split; NAME@SEED: another draw of it) or an ImageFolder "
+        f"root ({folder}<class>/...)",
     )
     parser.add_argument(
         "--skip-bad-images", action="store_true", help="leave unreadable images out (counted)"
@@ -197,14 +198,20 @@ def _load(args: argparse.Namespace) -> Any:
     return checkpoint_source(args.checkpoint)
 
 
+# the bundled data sets' image side (one channel): 48 x 48 digits, 56 x 56 glyphs
+BUNDLED_SIDE = {"demo": 48, "glyphs": 56}
+
+
 def _split(args: argparse.Namespace, source: Any, split: str) -> Any:
     """One split of --data for the loaded model (its own preprocessing for pretrained ones)."""
-    from ats_vit.data import load_split
+    from ats_vit.data import bundled, load_split
 
     family = source.family
-    if args.data == "demo" and (family.channels, family.image_size) != (1, (48, 48)):
+    known = bundled(args.data)
+    name, side = (None, None) if known is None else (known[0], BUNDLED_SIDE[known[0]])
+    if side is not None and (family.channels, family.image_size) != (1, (side, side)):
         raise ValueError(
-            f"the demo data (1 x 48 x 48 digits) does not fit {source.name} "
+            f"the {name} data (1 x {side} x {side} images) does not fit {source.name} "
             f"({family.channels} x {family.image_size[0]} x {family.image_size[1]}); give --data ROOT, an "
             "ImageFolder with val/<class>/... (and train/<class>/... for calibration)"
         )
@@ -415,11 +422,14 @@ def _train_config(args: argparse.Namespace, model: Any, **extra: Any) -> Any:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ats_vit.data import load_split
+    from ats_vit.data import bundled, load_split
     from ats_vit.models import ModelConfig
 
-    if args.data == "demo":
+    known = bundled(args.data)
+    if known is not None and known[0] == "demo":
         model = ModelConfig(arch=args.arch)
+    elif known is not None:  # glyphs: 4 x 4 patches of 56 x 56, DeiT's 196 tokens
+        model = ModelConfig(arch=args.arch, image_size=BUNDLED_SIDE["glyphs"], patch_size=4)
     else:
         # an ImageFolder: RGB at the requested size, one class per sub-folder
         classes = getattr(load_split(args.data, "train", args.img_size), "classes", [])
@@ -686,7 +696,15 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_frontier(args: argparse.Namespace) -> int:
-    from ats_vit.bench.frontier import FRONTIER_COLUMNS, FrontierConfig, frontier
+    from ats_vit.bench.common import print_table
+    from ats_vit.bench.frontier import (
+        FRONTIER_COLUMNS,
+        POOLED_COLUMNS,
+        FrontierConfig,
+        frontier,
+        pool_seeds,
+        recipe_of,
+    )
     from ats_vit.viz import plot_frontier
 
     cfg = FrontierConfig(
@@ -698,14 +716,24 @@ def cmd_bench_frontier(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         timing_batch=args.timing_batch,
         timing_repeats=args.timing_repeats,
+        timing_processes=args.timing_processes,
         seed=args.seed,
     )
     rows = _run_bench(frontier, cfg, FRONTIER_COLUMNS, args)
     print(
         "±: 95% interval, bootstrap over the test split's independent items; vs auto: accuracy "
-        "difference with the recommended method at the same target and its paired-bootstrap p-value; "
-        "speed-up: over dense, one interleaved run; settings were chosen on the calibration split"
+        "difference with the recommended method at the same target, the exact paired test's p and its "
+        "Benjamini-Hochberg adjustment over the table (▲/▼: adjusted p < 0.05); speed-up: over dense, "
+        "median over separate processes (range; 'not faster' when it reaches 1.0); settings were "
+        "chosen on the calibration split"
     )
+    if len({recipe_of(r["checkpoint"]) for r in rows}) < len({r["checkpoint"] for r in rows}):
+        print("\nseeds of one recipe (NAME, NAME-s1, ...) pooled:")
+        print_table(pool_seeds(rows), POOLED_COLUMNS)
+        print(
+            "± seeds: standard deviation across seeds; ± items: mean 95% interval within a checkpoint; "
+            "vs auto: exact paired test over seeds x test items, Benjamini-Hochberg adjusted"
+        )
     if args.json:  # the picture beside the numbers
         print(f"wrote {plot_frontier(rows, Path(args.json).with_suffix('.png'))}")
     return 0
@@ -865,7 +893,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(fn=cmd_demo)
 
     def training_options(p: argparse.ArgumentParser, epochs: int, lr: float, out: str) -> None:
-        p.add_argument("--data", default="demo", help="'demo' or an ImageFolder root with train/<class>/...")
+        p.add_argument(
+            "--data",
+            default="demo",
+            help="'demo', 'glyphs' (NAME@SEED: another draw) or an ImageFolder root with train/<class>/...",
+        )
         p.add_argument("--out", default=out, help="output folder (checkpoints, metrics.csv, config.json)")
         p.add_argument("--epochs", type=_positive_int, default=epochs, help="training epochs")
         p.add_argument("--budget", metavar="FILE", help="train with this budget active (`ats-vit calibrate`)")
@@ -1049,7 +1081,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         nargs="+",
         default=["demo"],
-        help="'demo', 'glyphs' or an ImageFolder root; one, or one per checkpoint",
+        help="'demo', 'glyphs' (NAME@SEED: another draw) or an ImageFolder root; one, or one per checkpoint",
     )
     fr.add_argument(
         "--methods",
@@ -1071,6 +1103,12 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("--timing-batch", type=_positive_int, default=64, help="test images per timed pass")
     fr.add_argument(
         "--timing-repeats", type=_count, default=7, help="interleaved timed rounds (0: no timing)"
+    )
+    fr.add_argument(
+        "--timing-processes",
+        type=_count,
+        default=5,
+        help="separate processes that each time every budget (0: time in this process)",
     )
     fr.add_argument("--seed", type=int, default=0, help="which calibration images; random peers' draws")
     outputs(fr)

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ats_vit import _validate
 
-__all__ = ["BadImageError", "DemoConfig", "cluttered_digits", "image_folder", "load_split", "take"]
+__all__ = ["BadImageError", "DemoConfig", "bundled", "cluttered_digits", "image_folder", "load_split", "take"]
 
 
 @dataclass(frozen=True)
@@ -240,6 +240,27 @@ def image_folder(
 
 # what each split is for: training, choosing settings (calibration), reporting
 SPLITS = ("train", "calib", "test")
+# the data sets ats-vit generates; "NAME@SEED" draws all of a data set's splits from another seed
+BUNDLED = ("demo", "glyphs")
+
+
+def bundled(spec: str) -> tuple[str, int] | None:
+    """``(name, seed)`` of a bundled data set's spec (``"demo"``, ``"glyphs@3"``), or None for
+    a folder. Each seed is its own draw of every split. ``glyphs@SEED`` renders new images
+    for every split, so checkpoints of different seeds share no image. ``demo@SEED`` draws
+    another partition of the same 1,797 handwritten digits into train/calibration/test and
+    places them anew: a seed's test digits were another seed's training digits, so demo seeds
+    repeat the weights' and the split's randomness but not the digits themselves."""
+    name, at, seed = spec.partition("@")
+    if name not in BUNDLED:
+        return None
+    if not at:
+        return name, 0
+    if not seed.isdigit():
+        raise ValueError(
+            f"data {spec!r}: after '@' comes the data seed, a non-negative integer (e.g. {name}@3)"
+        )
+    return name, int(seed)
 
 
 def load_split(
@@ -254,23 +275,29 @@ def load_split(
     """One split of the data named by ``spec``.
 
     ``spec="demo"``: the bundled cluttered digits (``calib`` is their validation split).
-    ``spec="glyphs"``: the 196-token benchmark task (:mod:`ats_vit.glyphs`). A folder root:
-    ``train`` is ``ROOT/train`` with training augmentation, ``calib`` the same images without
-    it (settings are chosen on training images, never on the reported ones), ``test`` is
-    ``ROOT/val``. ``transform`` replaces the evaluation preprocessing of a folder
+    ``spec="glyphs"``: the 196-token benchmark task (:mod:`ats_vit.glyphs`). ``"demo@SEED"``,
+    ``"glyphs@SEED"``: the same task drawn from another seed (``@0`` is the plain name). A
+    folder root: ``train`` is ``ROOT/train`` with training augmentation, ``calib`` the same
+    images without it (settings are chosen on training images, never on the reported ones),
+    ``test`` is ``ROOT/val``. ``transform`` replaces the evaluation preprocessing of a folder
     (for pretrained models, their own); only the folders a split needs must exist.
     """
     _validate.choice("split", split, SPLITS)
-    if spec == "demo":
-        splits = cluttered_digits()
+    known = bundled(spec)
+    if known is not None and known[0] == "demo":
+        splits = cluttered_digits(DemoConfig(seed=known[1]))
         return {"train": splits.train, "calib": splits.val, "test": splits.test}[split]
-    if spec == "glyphs":
-        from ats_vit.glyphs import glyph_split
+    if known is not None:
+        from ats_vit.glyphs import GlyphConfig, glyph_split
 
-        return glyph_split({"train": "train", "calib": "val", "test": "test"}[split])
+        which = {"train": "train", "calib": "val", "test": "test"}[split]
+        return glyph_split(which, GlyphConfig(seed=known[1]))
     root = Path(spec)
     if not root.is_dir():
-        raise ValueError(f"data folder {spec!r} does not exist or is not a directory")
+        raise ValueError(
+            f"data folder {spec!r} does not exist or is not a directory (the bundled data sets: "
+            f"{', '.join(BUNDLED)}, or NAME@SEED)"
+        )
     folder = root / ("val" if split == "test" else "train")
     if not folder.is_dir():
         raise ValueError(
@@ -288,7 +315,8 @@ def source_items(spec: str, split: str, count: int) -> Tensor:
     paired tests that count items, not images: the demo places each held-out digit
     ``test_copies`` times (image i shows digit i mod the split's digits); every glyph image and
     every folder image is its own item."""
-    if spec != "demo" or split == "train":
+    known = bundled(spec)
+    if known is None or known[0] != "demo" or split == "train":
         return torch.arange(count)
     cfg = DemoConfig()
     total = len(_load_digits()[1])

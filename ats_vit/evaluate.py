@@ -24,7 +24,7 @@ from ats_vit.data import collate_skipping
 from ats_vit.distributed import rank_world
 from ats_vit.families import family_of
 from ats_vit.flops import flops
-from ats_vit.stats import binomial_ci95, bootstrap_ci95, paired_bootstrap
+from ats_vit.stats import binomial_ci95, bootstrap_ci95, paired_test
 from ats_vit.timing import Timing, speedup, time_round_robin
 
 __all__ = ["evaluate", "evaluate_budgets", "measure", "time_budgets"]
@@ -178,10 +178,12 @@ def time_budgets(
     repeats: int = 5,
     warmup: int = 1,
     dtype: torch.dtype | None = None,
+    shuffle: int | None = None,
 ) -> list[Timing]:
     """Seconds per forward pass over ``images`` under each budget: the budgets run interleaved
-    round-robin (:func:`ats_vit.timing.time_round_robin`), so machine load hits them alike.
-    Setting the model to a budget before each pass is not timed."""
+    round-robin (:func:`ats_vit.timing.time_round_robin`), so machine load hits them alike;
+    ``shuffle``: in an order drawn from this seed each round. Setting the model to a budget
+    before each pass is not timed."""
     family = family_of(model)
     for budget in budgets:
         if budget is not None:
@@ -200,7 +202,7 @@ def time_budgets(
 
     fns = {str(i): run for i in range(len(budgets))}
     setup = {str(i): setting(b) for i, b in enumerate(budgets)}
-    times = time_round_robin(fns, warmup, repeats, images.device, setup=setup)
+    times = time_round_robin(fns, warmup, repeats, images.device, setup=setup, shuffle=shuffle)
     return [times[str(i)] for i in range(len(budgets))]
 
 
@@ -233,7 +235,7 @@ def evaluate_budgets(
     (the whole split when it is smaller: ``timing_images`` says how many were timed). Each
     row has the median images/s and speed-up over the first row (when it is dense) with their
     interquartile ranges over the interleaved rounds, and (when the first row is dense, in
-    one process) its accuracy minus dense's with the paired bootstrap's two-sided p over the
+    one process) its accuracy minus dense's with the exact paired test's two-sided p over the
     items (``vs_dense_diff``, ``vs_dense_p``). ``agreement``: score agreement with the dense
     model's top-1 instead of the labels (unlabelled data; the first row must be dense, and
     ``accuracy`` is then that agreement). ``dtype``: evaluate and time under autocast to it.
@@ -270,7 +272,7 @@ def evaluate_budgets(
         dense_each = correct[0]
         if dense_first and correct_each is not None and dense_each is not None:
             pairs = torch.arange(len(correct_each)) if items is None else items
-            row["vs_dense_diff"], row["vs_dense_p"] = paired_bootstrap(correct_each, dense_each, pairs)
+            row["vs_dense_diff"], row["vs_dense_p"] = paired_test(correct_each, dense_each, pairs)
     images = None
     if timing_repeats > 0 and world == 1 and rows:
         images = _timing_images(data, timing_batch, next(model.parameters()).device)

@@ -86,6 +86,7 @@ def time_round_robin(
     min_seconds: float = 0.0,
     clock: Callable[[], float] = time.perf_counter,
     setup: Mapping[str, Callable[[], object]] | None = None,
+    shuffle: int | None = None,
 ) -> dict[str, Timing]:
     """Seconds per call of each function, the calls interleaved across functions round by
     round. Rounds go on past ``repeats`` until every function has run ``min_seconds`` in
@@ -93,7 +94,9 @@ def time_round_robin(
     ``progress`` (a bar counting calls, ``warmup + repeats`` per function) is advanced and
     grown by extra rounds. ``setup[name]``, when given, runs before each call of ``name``,
     untimed (e.g. setting a shared model to what that call times). ``clock`` is the timer
-    (a fake one in tests)."""
+    (a fake one in tests). ``shuffle``: each round runs the functions in an order drawn from
+    this seed (None: as listed), so no function always follows the same one (a cache, a
+    clock boost or an allocator state left by its neighbour)."""
     device = device or torch.device("cpu")
     setup = setup or {}
     for name, fn in fns.items():
@@ -104,12 +107,17 @@ def time_round_robin(
             if progress is not None:
                 progress.update()
     samples: dict[str, list[float]] = {name: [] for name in fns}
+    order = None if shuffle is None else torch.Generator().manual_seed(shuffle)
     rounds = 0
     while rounds < repeats or min(map(sum, samples.values())) < min_seconds:
         rounds += 1
         if rounds > repeats and progress is not None and progress.total is not None:
             progress.total += len(fns)
-        for name, fn in fns.items():
+        names = list(fns)
+        if order is not None:
+            names = [names[i] for i in torch.randperm(len(names), generator=order).tolist()]
+        for name in names:
+            fn = fns[name]
             if name in setup:
                 setup[name]()
             _sync(device)

@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -15,10 +16,14 @@ from ats_vit.bench import (
     speed,
     train_speed,
 )
+from ats_vit.bench.frontier import pack_hits, pool_seeds, unpack_hits
 from ats_vit.budget import Budget
 from ats_vit.calibrate import AUTO
+from ats_vit.checkpoint import load_model
 from ats_vit.cli import main
-from ats_vit.stats import binomial_ci95
+from ats_vit.data import take
+from ats_vit.evaluate import measure
+from ats_vit.stats import adjust_bh, binomial_ci95, paired_test
 from ats_vit.timing import Timing, speedup, time_round_robin
 
 TINY_SPEED = dict(
@@ -56,6 +61,26 @@ def test_time_round_robin_interleaves_and_keeps_every_round():
     timings = time_round_robin({"slow": clock.call(0.01), "fast": clock.call(0.002)}, 0, 2, clock=clock)
     assert timings["slow"].samples == pytest.approx((0.01, 0.01))
     assert speedup(timings["slow"], timings["fast"]).median == pytest.approx(5.0)
+
+
+def test_shuffled_rounds_vary_the_order_reproducibly_and_time_each_function_as_its_own():
+    """With ``shuffle``, no function always follows the same neighbour; the same seed gives the
+    same orders, and each function's samples are still its own calls."""
+
+    def orders(seed):
+        calls = []
+        fns = {name: (lambda name=name: calls.append(name)) for name in "abcd"}
+        time_round_robin(fns, 0, 12, shuffle=seed)
+        return [tuple(calls[i : i + 4]) for i in range(0, len(calls), 4)]
+
+    rounds = orders(7)
+    assert all(sorted(r) == list("abcd") for r in rounds), "every function once per round"
+    assert len(set(rounds)) > 1 and rounds == orders(7)
+    clock = FakeClock()
+    fns = {"slow": clock.call(0.01), "fast": clock.call(0.002)}
+    timings = time_round_robin(fns, 1, 4, clock=clock, shuffle=3)
+    assert timings["slow"].samples == pytest.approx((0.01,) * 4)
+    assert timings["fast"].samples == pytest.approx((0.002,) * 4)
 
 
 def test_setup_runs_before_each_call_untimed():
@@ -228,6 +253,7 @@ def test_frontier_calibrates_each_method_and_reports_the_test_split(
         targets=(0.6, 0.85),
         timing_batch=8,
         timing_repeats=2,
+        timing_processes=0,  # in this process, on the fake clock
     )
     rows = frontier(cfg)
     assert rows[0]["method"] == "dense" and rows[0]["gflops_ratio"] == 1.0 and rows[0]["speedup"] == 1.0
@@ -240,12 +266,107 @@ def test_frontier_calibrates_each_method_and_reports_the_test_split(
         assert r["ci95"] == pytest.approx(binomial_ci95(r["accuracy"], 80), abs=0.03)
         assert Budget.from_dict(r["budget"]).method in (*AUTO, "topk")
     for i, r in enumerate(rows[1:], start=1):
-        for key in ("speedup", "speedup_q1", "speedup_q3"):
+        for key in ("speedup", "speedup_low", "speedup_high"):
             assert r[key] == pytest.approx(6 / (i + 1)), (key, r["method"], r["target"])
+        assert r["speedup_text"] == f"{6 / (i + 1):.2f}x ({6 / (i + 1):.2f}-{6 / (i + 1):.2f})"
+        assert torch.equal(unpack_hits(r["hits"], 80), measured_hits(tiny_checkpoint, r, tiny_splits))
     for r in rows[3:]:  # paired with auto at the same target, on the same images
         auto = next(a for a in rows if a["method"] == "auto" and a["target"] == r["target"])
         assert r["vs_auto_diff"] == pytest.approx(r["accuracy"] - auto["accuracy"])
-        assert 0 < r["vs_auto_p"] <= 1
+        assert 0 < r["vs_auto_p"] <= r["vs_auto_p_adj"] <= 1
+    tested = [r["vs_auto_p"] for r in rows if not math.isnan(r["vs_auto_p"])]
+    assert [r["vs_auto_p_adj"] for r in rows if not math.isnan(r["vs_auto_p"])] == adjust_bh(tested)
+
+
+def measured_hits(checkpoint, row, splits):
+    """Which test images ``row``'s budget gets right, measured again."""
+    model, _ = load_model(str(checkpoint))
+    model.eval()
+    x, y = take(splits["test"])
+    budget = None if row["budget"] is None else Budget.from_dict(row["budget"])
+    return measure(model, x, budget, batch_size=256)[0] == y
+
+
+def test_hits_pack_and_unpack_exactly():
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 7, 8, 9, 1000):
+        hits = torch.rand(n, generator=gen) < 0.5
+        assert torch.equal(unpack_hits(pack_hits(hits), n), hits)
+    assert len(pack_hits(torch.ones(1000, dtype=torch.bool))) == 168  # 125 bytes in base64
+    with pytest.raises(ValueError, match="hits hold 8 images, not 9"):
+        unpack_hits(pack_hits(torch.ones(3, dtype=torch.bool)), 9)
+
+
+def _seed_rows(checkpoint, auto_hits, topk_hits, speedups=(1.5, 1.4, 1.6)):
+    """Rows of one checkpoint as `frontier` writes them: dense, auto and topk at 0.5."""
+    n = len(auto_hits)
+    rows = []
+    for method, hits in (
+        ("dense", torch.ones(n, dtype=torch.bool)),
+        ("auto", auto_hits),
+        ("topk", topk_hits),
+    ):
+        up = 1.0 if method == "dense" else speedups[1]
+        rows.append(
+            dict(
+                checkpoint=checkpoint,
+                data="tiny",
+                method=method,
+                target=1.0 if method == "dense" else 0.5,
+                gflops_ratio=1.0 if method == "dense" else 0.5,
+                accuracy=hits.double().mean().item(),
+                ci95=0.01,
+                test_images=n,
+                hits=pack_hits(hits),
+                speedup=up,
+                speedup_low=1.0 if method == "dense" else speedups[0],
+                speedup_high=1.0 if method == "dense" else speedups[2],
+            )
+        )
+    return rows
+
+
+def test_pool_seeds_averages_over_seeds_and_tests_over_seeds_times_items():
+    """Three seeds of one recipe: the mean and spread over seeds, and the paired test over all
+    (seed, item) pairs, which finds a difference no single seed's 40 items can."""
+    gen = torch.Generator().manual_seed(0)
+    rows, mine, theirs = [], [], []
+    for seed, name in enumerate(("glyphs", "glyphs-s1", "glyphs-s2")):
+        auto = torch.rand(40, generator=gen) < 0.8
+        topk = auto.clone()
+        topk[torch.nonzero(auto).flatten()[:4]] = False  # topk loses 4 images on every seed
+        rows += _seed_rows(name, auto, topk, speedups=(1.3 + 0.1 * seed, 1.4, 1.5 + 0.1 * seed))
+        mine.append(topk)
+        theirs.append(auto)
+    rows += _seed_rows("other", torch.ones(40, dtype=torch.bool), torch.ones(40, dtype=torch.bool))
+    pooled = {(r["recipe"], r["method"]): r for r in pool_seeds(rows)}
+    topk = pooled["glyphs", "topk"]
+    accs = [t.double().mean().item() for t in mine]
+    assert topk["seeds"] == 3 and topk["checkpoints"] == ["glyphs", "glyphs-s1", "glyphs-s2"]
+    assert topk["accuracy"] == pytest.approx(sum(accs) / 3)
+    assert topk["seed_sd"] == pytest.approx(torch.tensor(accs, dtype=torch.float64).std().item())
+    diff, p = paired_test(torch.cat(mine), torch.cat(theirs), torch.arange(120))
+    assert (topk["vs_auto_diff"], topk["vs_auto_p"]) == (pytest.approx(diff), pytest.approx(p))
+    assert diff == pytest.approx(-0.1) and p < 0.05
+    assert all(paired_test(m, t, torch.arange(40))[1] > 0.05 for m, t in zip(mine, theirs, strict=True))
+    assert (topk["speedup"], topk["speedup_low"], topk["speedup_high"]) == (1.4, 1.3, pytest.approx(1.7))
+    assert topk["speedup_text"] == "1.40x (1.30-1.70)"
+    assert pooled["other", "topk"]["seeds"] == 1 and math.isnan(pooled["other", "topk"]["seed_sd"])
+    assert (
+        math.isnan(pooled["glyphs", "auto"]["vs_auto_p"]) and pooled["glyphs", "auto"]["vs_recommended"] == ""
+    )
+    tested = [r for r in pooled.values() if not math.isnan(r["vs_auto_p"])]
+    assert [r["vs_auto_p_adj"] for r in tested] == adjust_bh([r["vs_auto_p"] for r in tested])
+    assert "▼" in topk["vs_recommended"]
+    old = [{k: v for k, v in r.items() if k != "hits"} for r in rows]
+    with pytest.raises(ValueError, match="hold no per-image hits"):
+        pool_seeds(old)
+
+
+def test_a_speed_up_whose_range_reaches_one_is_not_faster():
+    rows = _seed_rows("a", torch.ones(4, dtype=torch.bool), torch.ones(4, dtype=torch.bool), (0.98, 1.2, 1.3))
+    assert pool_seeds(rows)[1]["speedup_text"] == "not faster (0.98-1.30)"
+    assert pool_seeds(rows)[0]["speedup_text"] == "1.00x (1.00-1.00)", "dense is the reference"
 
 
 def test_frontier_config_errors(tiny_checkpoint):
@@ -267,14 +388,33 @@ def test_binomial_interval():
 def test_cli_bench_frontier_writes_table_json_and_plot(tiny_checkpoint, tiny_splits, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     argv = ["bench", "frontier", str(tiny_checkpoint), "--data", "tiny", "--methods", "paper", "random"]
-    argv += ["--targets", "0.7", "--timing-repeats", "1", "--timing-batch", "8"]
+    argv += ["--targets", "0.7", "--timing-repeats", "1", "--timing-batch", "8", "--timing-processes", "2"]
     argv += ["--json", str(tmp_path / "frontier.json")]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "paper" in out and "random" in out and "±" in out
+    assert "paper" in out and "random" in out and "±" in out and "pooled" not in out
     record = json.loads((tmp_path / "frontier.json").read_text())
-    assert record["config"]["targets"] == [0.7] and len(record["rows"]) == 3
+    assert record["config"]["targets"] == [0.7] and record["config"]["timing_processes"] == 2
+    assert len(record["rows"]) == 3
+    for row in record["rows"]:  # each timed in two fresh processes: their medians and range
+        assert len(row["speedup_runs"]) == 2 and all(x > 0 for x in row["speedup_runs"])
+        assert row["speedup_low"] == min(row["speedup_runs"]) and row["speedup_high"] == max(
+            row["speedup_runs"]
+        )
+    assert record["rows"][0]["speedup_runs"] == [1.0, 1.0]
     assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_cli_bench_frontier_pools_the_seeds_of_a_recipe(tiny_checkpoint, tiny_splits, tmp_path, capsys):
+    """Two checkpoints named NAME and NAME-s1: one pooled row per method and target."""
+    seeded = tmp_path / f"{tiny_checkpoint.parent.name}-s1"
+    shutil.copytree(tiny_checkpoint.parent, seeded)
+    checkpoints = [str(tiny_checkpoint), str(seeded / tiny_checkpoint.name)]
+    argv = ["bench", "frontier", *checkpoints, "--data", "tiny", "--methods", "auto", "topk"]
+    argv += ["--targets", "0.6", "--timing-repeats", "0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "seeds of one recipe (NAME, NAME-s1, ...) pooled:" in out and "± seeds" in out
 
 
 def test_cli_bench_speed_prints_the_table_and_reports_bad_values(tmp_path, capsys):

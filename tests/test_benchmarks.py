@@ -1,6 +1,7 @@
 """Every script in benchmarks/ runs on tiny sizes (a smoke test: no timing is asserted)."""
 
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def tiny_splits(monkeypatch):
 
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py", "tables.py"}
-    tested |= {"calibration_speed.py", "latency_model.py", "demo.py", "latency_budgets.py"}
+    tested |= {"calibration_speed.py", "latency_model.py", "demo.py", "latency_budgets.py", "imagenet.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
 
@@ -68,6 +69,8 @@ def test_frontier(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits):
         "0.7",
         "--data",
         "tiny",  # the fixture's data in place of the demo's: every image its own item
+        "--timing-processes",
+        "1",
         "--json",
         str(tmp_path / "f.json"),
     ]
@@ -76,11 +79,15 @@ def test_frontier(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits):
     assert len(json.loads((tmp_path / "f.json").read_text())["rows"]) == 2
 
 
-def test_frontier_checkpoints(tmp_path, monkeypatch):
+def test_frontier_checkpoints(tmp_path, monkeypatch, capsys):
     pytest.importorskip("sklearn")
-    argv = [str(tmp_path), "--only", "p6", "--epochs", "1", "--train-images", "64"]
+    argv = [str(tmp_path), "--only", "p6", "--epochs", "1", "--train-images", "64", "--seeds", "0", "2"]
     assert run_script("frontier_checkpoints.py", *argv, monkeypatch=monkeypatch) == 0
-    assert (tmp_path / "p6" / "final.safetensors").exists()
+    for name, seed in (("p6", 0), ("p6-s2", 2)):
+        assert (tmp_path / name / "final.safetensors").exists()
+        assert json.loads((tmp_path / name / "config.json").read_text())["seed"] == seed
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.endswith("--data demo@0 demo@2") and "p6-s2/final.safetensors" in printed
 
 
 def test_gpu_check_on_the_cpu(monkeypatch, capsys):
@@ -205,3 +212,100 @@ def test_scripts_refuse_to_write_over_an_existing_json(tmp_path, monkeypatch, ca
     assert run_script(script, *argv, "--json", str(existing), monkeypatch=monkeypatch) == 2
     assert existing.read_text() == "an earlier run"
     assert "already exists: pass --overwrite" in capsys.readouterr().err
+
+
+def _fake_imagenet_weights(root, path):
+    """deit_tiny at 64 px with random features and a 2-class head fitted to the fake ImageNet's
+    training images (least squares on the pooled features): dense classifies val/ perfectly, so
+    the run's accuracies mean something."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ats_vit.data import load_split, take
+    from ats_vit.sources import timm_source
+
+    torch.manual_seed(0)
+    source = timm_source("deit_tiny_patch16_224", img_size=64)
+    model = source.model
+    model.reset_classifier(2)
+    x, y = take(load_split(str(root), "calib", 64, transform=source.transform))
+    with torch.no_grad():
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        design = torch.cat([features, torch.ones(len(x), 1)], 1)
+        solution = torch.linalg.lstsq(design, torch.nn.functional.one_hot(y, 2).float()).solution
+        model.head.weight.copy_(solution[:-1].T)
+        model.head.bias.copy_(solution[-1])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def test_imagenet_reproduction_runs_end_to_end_on_a_fake_imagenet(tmp_path, monkeypatch, capsys):
+    """`benchmarks/imagenet.py` on an ImageFolder with train/ and val/ (12 images each): every
+    row is calibrated on train/, measured on val/, timed, written as JSON and printed as the
+    table; ``--random-weights`` is the untrained path, ``--weights`` a local file."""
+    pytest.importorskip("timm")
+    from helpers import image_folder_tree
+
+    from ats_vit.budget import Budget
+
+    root = image_folder_tree(tmp_path / "imagenet", per_class=6, size=48)
+    weights = _fake_imagenet_weights(root, tmp_path / "deit_tiny_fake.safetensors")
+    out = tmp_path / "imagenet.json"
+    argv = ["--data", str(root), "--model", "deit_tiny_patch16_224", "--img-size", "64"]
+    argv += ["--calib-images", "8", "--batch-size", "8", "--workers", "0", "--timing-batch", "2"]
+    argv += ["--timing-repeats", "2", "--targets", "0.6", "--time-targets", "0.85", "0.05"]
+    assert (
+        run_script(
+            "imagenet.py", *argv, "--weights", str(weights), "--json", str(out), monkeypatch=monkeypatch
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "| row | GFLOPs (ratio) | top-1 % |" in printed and f"wrote {out}" in printed
+    record = json.loads(out.read_text())
+    rows = {r["label"]: r for r in record["rows"]}
+    assert list(rows) == [
+        "dense",
+        "tome r=8",
+        "tome r=13",
+        "paper",
+        "official 0.6",
+        "auto 0.6",
+        "auto time 0.85",
+    ]
+    assert [r["label"] for r in record["left_out"]] == ["auto time 0.05"], "no model runs in 5% of its time"
+    assert "target must be in" in record["left_out"][0]["reason"]
+    assert rows["dense"]["accuracy"] == 1.0 and rows["dense"]["images"] == rows["dense"]["items"] == 12
+    assert record["weights"] == str(weights) and record["config"]["model"] == "deit_tiny_patch16_224"
+    assert rows["tome r=8"]["budget"] == Budget.tome(8, 12, 16).to_dict()
+    assert rows["paper"]["budget"] == Budget.paper(0.55, 3, 12, 16).to_dict()
+    for label in ("official 0.6", "auto 0.6"):
+        assert rows[label]["gflops_ratio"] == pytest.approx(0.6, abs=0.03), label
+    assert rows["official 0.6"]["budget"]["method"] == "official"
+    assert rows["auto time 0.85"]["budget"]["calibration"]["cost"] == "latency"
+    for row in rows.values():
+        assert row["speedup"] > 0
+        assert row["label"] == "dense" or 0 <= row["vs_dense_p"] <= 1
+        assert row["published"] is None, "no published number for deit_tiny at 64 px"
+    # under torchrun: rank 0 calibrates, both ranks evaluate half of val/ each, no time rows
+    from helpers import torchrun
+
+    ddp_out = tmp_path / "imagenet_ddp.json"
+    torchrun(SCRIPTS / "imagenet.py", 29577, *argv, "--weights", str(weights), "--json", str(ddp_out))
+    ddp = {r["label"]: r for r in json.loads(ddp_out.read_text())["rows"]}
+    assert list(ddp) == ["dense", "tome r=8", "tome r=13", "paper", "official 0.6", "auto 0.6"]
+    assert ddp["dense"]["images"] == 12 and ddp["dense"]["accuracy"] == 1.0
+    assert all(math.isnan(r["speedup"]) for r in ddp.values()), "no timing across processes"
+    for label in ("tome r=8", "paper"):
+        assert (
+            ddp[label]["accuracy"] == rows[label]["accuracy"]
+            and ddp[label]["budget"] == rows[label]["budget"]
+        )
+    # the untrained path, and a run that would write over the first one
+    assert (
+        run_script("imagenet.py", *argv, "--random-weights", "--json", str(out), monkeypatch=monkeypatch) == 2
+    )
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    bad = ["--data", str(tmp_path), "--json", str(tmp_path / "x.json")]
+    assert run_script("imagenet.py", *bad, monkeypatch=monkeypatch) == 2
+    assert "must hold train/<class>/... and val/<class>/..." in capsys.readouterr().err

@@ -197,6 +197,8 @@ def test_cli_evaluates_and_calibrates_a_timm_model_from_a_weights_file(tmp_path,
     assert "agreement" in capsys.readouterr().out
     assert main(["eval", *source, "--data", "demo"]) == 2
     assert "does not fit vit_tiny_patch16_224" in capsys.readouterr().err
+    assert main(["eval", *source, "--data", "glyphs@1"]) == 2
+    assert "the glyphs data (1 x 56 x 56 images) does not fit" in capsys.readouterr().err
     # another architecture's weights: counts and a few names, on one short line
     other = timm.create_model("vit_small_patch16_224", img_size=64, num_classes=2)
     save_file(other.state_dict(), str(tmp_path / "other.safetensors"))

@@ -132,6 +132,24 @@ def test_source_items_count_the_demos_copies_once():
     assert torch.equal(source_items("glyphs", "test", 7), torch.arange(7))
 
 
+def test_bundled_data_seeds_draw_other_splits():
+    from ats_vit.data import bundled, load_split, source_items
+
+    assert bundled("demo") == ("demo", 0) and bundled("glyphs@12") == ("glyphs", 12)
+    assert bundled("some/folder") is None and bundled("demonstration") is None
+    plain, zero, other = (load_split(spec, "test", 48).tensors for spec in ("demo", "demo@0", "demo@2"))
+    assert torch.equal(plain[0], zero[0]), "@0 is the plain name"
+    assert plain[0].shape == other[0].shape and not torch.equal(plain[0], other[0])
+    items = source_items("demo@2", "test", len(other[1]))
+    labels = other[1]
+    assert all(torch.equal(labels[items == i], labels[items == i][:1].expand(3)) for i in range(20))
+    for bad in ("demo@", "demo@-1", "glyphs@x"):
+        with pytest.raises(ValueError, match="after '@' comes the data seed"):
+            load_split(bad, "test", 48)
+    with pytest.raises(ValueError, match="the bundled data sets: demo, glyphs, or NAME@SEED"):
+        load_split("no-such-folder", "test", 48)
+
+
 def test_an_image_far_from_the_models_size_is_named_once(tmp_path):
     """1x1 and 4096x4096 images were resized without a word."""
     pytest.importorskip("torchvision")

@@ -13,7 +13,7 @@ from ats_vit.checkpoint import load_model
 from ats_vit.cli import main
 from ats_vit.data import load_split, source_items, take
 from ats_vit.evaluate import measure
-from ats_vit.stats import paired_bootstrap
+from ats_vit.stats import paired_test
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_demo_meets_its_targets(demo):
     dense_hits = measure(model, images, None)[0] == labels
     for row, name in ((half, "budget-0.5.json"), (most, "budget-0.7.json")):
         hits = measure(model, images, Budget.load(demo / name))[0] == labels
-        diff, p = paired_bootstrap(hits, dense_hits, items)
+        diff, p = paired_test(hits, dense_hits, items)
         assert diff == pytest.approx(row["accuracy"] - dense["accuracy"])
         assert diff >= -0.010 and (diff >= 0 or p >= 0.05), (name, diff, p)
     for name in ("final.safetensors", "metrics.csv", "accuracy_vs_gflops.png", "kept_tokens.png"):

@@ -4,7 +4,7 @@ training speed (:mod:`~ats_vit.bench.train`). Every speed number is a ratio meas
 run; nothing here is asserted as a timing in tests."""
 
 from ats_vit.bench.common import peak_memory
-from ats_vit.bench.frontier import FrontierConfig, frontier
+from ats_vit.bench.frontier import FrontierConfig, frontier, pool_seeds
 from ats_vit.bench.speed import SpeedConfig, speed
 from ats_vit.bench.train import TrainSpeedConfig, train_speed
 
@@ -14,6 +14,7 @@ __all__ = [
     "TrainSpeedConfig",
     "frontier",
     "peak_memory",
+    "pool_seeds",
     "speed",
     "train_speed",
 ]
