@@ -50,6 +50,11 @@ REMOVED_METHODS = ("hybrid", "ats", "ats-merge", "tome-early")
 # ---------------------------------------------------------------- helpers
 
 
+def recipe_of(checkpoint: str) -> str:
+    """A checkpoint's recipe: its name without the seed suffix (``demo-s3`` -> ``demo``)."""
+    return re.sub(r"-s\d+$", "", checkpoint)
+
+
 def load(name: str) -> dict[str, Any]:
     return json.loads((RESULTS / name).read_text())
 
@@ -187,6 +192,67 @@ def _frontier(name: str, checkpoint: str) -> str:
         "▲/▼: better/worse than `auto` at that target (paired bootstrap over the items, p < 0.05, "
         "not corrected for the number of comparisons); "
         "@x: the cost a method landed at when it could not reach the target. " + where(record, name)
+    )
+    return table(header, body) + "\n\n" + note
+
+
+def frontier_seeds(name: str, recipe: str) -> str:
+    """One recipe's frontier pooled over its seeds: the mean over seeds ± their standard
+    deviation, ▲/▼ where the paired test over seeds x test items against `auto` is significant
+    after Benjamini-Hochberg over this table's comparisons; the sanity checks a trained DeiT
+    passes (ToMe and top-k at least as accurate as random dropping at every target)."""
+    from ats_vit.bench.frontier import pool_seeds
+
+    record = load(name)
+    pooled = pool_seeds([r for r in record["rows"] if recipe_of(r["checkpoint"]) == recipe])
+    dense = next(r for r in pooled if r["method"] == "dense")
+    rows = [r for r in pooled if r["method"] != "dense"]
+    targets = sorted({r["target"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(r["method"], r["target"]): r for r in rows}
+    body = []
+    for method in methods:
+        line = [f"`{method}`" + (" (recommended)" if method == "auto" else "")]
+        for t in targets:
+            r = cell.get((method, t))
+            if r is None:
+                line.append("")
+                continue
+            text = f"{r['accuracy_pct']:.2f} ± {r['seed_sd_pct']:.2f}"
+            adjusted = r.get("vs_auto_p_adj", math.nan)
+            if not math.isnan(adjusted) and adjusted < 0.05:
+                text += " ▲" if r["vs_auto_diff"] > 0 else " ▼"
+            if abs(r["gflops_ratio"] - t) > 0.02:
+                text += f" @{r['gflops_ratio']:.2f}"
+            line.append(text)
+        body.append(line)
+    if all(("auto", t) in cell for t in targets):
+        body.append(["`auto` speed-up, batch 64", *(cell["auto", t]["speedup_text"] for t in targets)])
+    tested = [r for r in rows if not math.isnan(r.get("vs_auto_p_adj", math.nan))]
+    below = [r for r in tested if r["vs_auto_p_adj"] < 0.05 and r["vs_auto_diff"] > 0]
+    above = [r for r in tested if r["vs_auto_p_adj"] < 0.05 and r["vs_auto_diff"] < 0]
+    sanity = []
+    for peer in ("tome", "topk"):
+        worse = [
+            t
+            for t in targets
+            if (peer, t) in cell
+            and ("random", t) in cell
+            and cell[peer, t]["accuracy"] < cell["random", t]["accuracy"]
+        ]
+        sanity.append(f"`{peer}` below `random` at " + (", ".join(f"{t:g}" for t in worse) or "no target"))
+    intervals = [r["ci95_pct"] for r in rows]
+    header = ["method", *(f"{t:g}" for t in targets)]
+    note = (
+        f"{recipe}: {dense['seeds']} seeds ({', '.join(dense['checkpoints'])}), each trained on its own data "
+        f"draw; dense {dense['accuracy_pct']:.2f}% ± {dense['seed_sd_pct']:.2f} across seeds. Cells: mean "
+        f"over seeds ± their standard deviation; the 95% interval within one checkpoint (test items) is "
+        f"{min(intervals):.1f}–{max(intervals):.1f} points. ▲/▼: better/worse than `auto` at that target by "
+        f"the exact paired test over seeds × test items, Benjamini-Hochberg adjusted over this table's "
+        f"{len(tested)} comparisons (p < 0.05): `auto` above a peer {len(above)} times, below {len(below)}"
+        + (" (" + "; ".join(f"`{r['method']}` at {r['target']:g}" for r in below) + ")" if below else "")
+        + f". Speed-up: median over seeds of each seed's median over {record['config']['timing_processes']} "
+        f"separate processes (lowest–highest seed). Sanity: {'; '.join(sanity)}. " + where(record, name)
     )
     return table(header, body) + "\n\n" + note
 
@@ -485,6 +551,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "frontier-map": lambda: _frontier("frontier.json", "map"),
     "frontier-glyphs196": lambda: _frontier("frontier_glyphs196.json", "glyphs196"),
     "frontier-summary": frontier_summary,
+    "frontier-seeds-demo": lambda: frontier_seeds("frontier_demo_seeds.json", "demo"),
+    "frontier-seeds-gap": lambda: frontier_seeds("frontier_gap_seeds.json", "gap"),
     "speed-cpu": speed_cpu,
     "speed-cpu-full": speed_cpu_full,
     "speed-cpu-compiled": speed_cpu_compiled,

@@ -241,8 +241,9 @@ def pool_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     seed); ``ci95``: the mean within-checkpoint interval (the test items' share of the noise);
     ``vs_auto_diff`` / ``vs_auto_p``: the exact paired test against `auto` over every (seed,
     test item) of the seeds that have both, and ``vs_auto_p_adj`` its Benjamini-Hochberg
-    adjustment over all pooled comparisons; ``speedup``: the median over seeds, with the
-    lowest and highest run of any seed. Rows need ``hits`` (written since ats-vit 1.1).
+    adjustment over all pooled comparisons; ``speedup``: the median over seeds of each seed's
+    speed-up (itself the median over its timing processes), with the lowest and highest seed
+    ("not faster" when that range reaches 1.0). Rows need ``hits`` (written since ats-vit 1.1).
     """
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for row in rows:
@@ -252,8 +253,8 @@ def pool_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         acc = [r["accuracy"] for r in members]
         timed = [r for r in members if not math.isnan(r.get("speedup", math.nan))]
         median = statistics.median(r["speedup"] for r in timed) if timed else math.nan
-        low = min((r["speedup_low"] for r in timed), default=math.nan)
-        high = max((r["speedup_high"] for r in timed), default=math.nan)
+        low = min((r["speedup"] for r in timed), default=math.nan)
+        high = max((r["speedup"] for r in timed), default=math.nan)
         seed_sd = statistics.stdev(acc) if len(acc) > 1 else math.nan
         ci95 = statistics.fmean(r["ci95"] for r in members)
         out: dict[str, Any] = dict(
