@@ -152,8 +152,8 @@ def demo() -> str:
     note = (
         f"`python benchmarks/demo.py --runs {cfg['runs']}` (`ats-vit demo --seed {cfg['seed']}`, then its "
         f"budgets timed again in separate processes): test split of {dense['images']} images of "
-        f"{dense['items']} held-out digits (the ± and the paired test count digits); speed-up: median of "
-        f"the runs' medians (range). " + where(record, "demo.json")
+        f"{dense['items']} held-out digits (the ± and the exact paired test count digits); speed-up: "
+        f"median of the runs' medians (range). " + where(record, "demo.json")
     )
     return table(header, body) + "\n\n" + note
 
