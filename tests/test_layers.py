@@ -29,7 +29,7 @@ LAYERS = [
     {"video"},
     {"checkpoint"},
     {"evaluate", "train", "viz", "sources"},
-    {"bench.common"},
+    {"bench.common", "bench._timer"},
     {"bench.speed", "bench.frontier", "bench.train"},
     {"bench"},
     {"cli"},
