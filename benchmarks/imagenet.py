@@ -172,7 +172,8 @@ def table(record: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    device = init_distributed() if args.device is None else torch.device(args.device)
+    joined = init_distributed()  # always: under torchrun --device must not split the ranks apart
+    device = joined if args.device is None else torch.device(args.device)
     source = timm_source(
         args.model,
         pretrained=not (args.random_weights or args.weights),
