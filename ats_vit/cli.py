@@ -198,8 +198,12 @@ def _load(args: argparse.Namespace) -> Any:
     return checkpoint_source(args.checkpoint)
 
 
-# the bundled data sets' image side (one channel): 48 x 48 digits, 56 x 56 glyphs
-BUNDLED_SIDE = {"demo": 48, "glyphs": 56}
+def _bundled_side(name: str) -> int:
+    """The image side of a bundled data set (one channel): the demo's or the glyphs' canvas."""
+    from ats_vit.data import DemoConfig
+    from ats_vit.glyphs import GlyphConfig
+
+    return {"demo": DemoConfig.canvas, "glyphs": GlyphConfig.canvas}[name]
 
 
 def _split(args: argparse.Namespace, source: Any, split: str) -> Any:
@@ -208,7 +212,7 @@ def _split(args: argparse.Namespace, source: Any, split: str) -> Any:
 
     family = source.family
     known = bundled(args.data)
-    name, side = (None, None) if known is None else (known[0], BUNDLED_SIDE[known[0]])
+    name, side = (None, None) if known is None else (known[0], _bundled_side(known[0]))
     if side is not None and (family.channels, family.image_size) != (1, (side, side)):
         raise ValueError(
             f"the {name} data (1 x {side} x {side} images) does not fit {source.name} "
@@ -429,7 +433,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if known is not None and known[0] == "demo":
         model = ModelConfig(arch=args.arch)
     elif known is not None:  # glyphs: 4 x 4 patches of 56 x 56, DeiT's 196 tokens
-        model = ModelConfig(arch=args.arch, image_size=BUNDLED_SIDE["glyphs"], patch_size=4)
+        model = ModelConfig(arch=args.arch, image_size=_bundled_side("glyphs"), patch_size=4)
     else:
         # an ImageFolder: RGB at the requested size, one class per sub-folder
         classes = getattr(load_split(args.data, "train", args.img_size), "classes", [])

@@ -102,12 +102,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def budgets_for(
-    args: argparse.Namespace, model: torch.nn.Module, calib: Any
-) -> list[tuple[str, Budget | None]]:
-    """The rows' budgets, calibrated on this process (rank 0 under torchrun)."""
+Rows = list[tuple[str, Budget | None]]
+LeftOut = list[dict[str, str]]
+
+
+def budgets_for(args: argparse.Namespace, model: torch.nn.Module, calib: Any) -> tuple[Rows, LeftOut]:
+    """The rows' budgets, calibrated on this process (rank 0 under torchrun), and the targets
+    that could not be calibrated, with the reason (written to the JSON)."""
     depth, patches = len(model.blocks), model.patch_embed.num_patches
-    rows: list[tuple[str, Budget | None]] = [
+    rows: Rows = [
         ("dense", None),
         ("tome r=8", Budget.tome(8, depth, patches)),
         ("tome r=13", Budget.tome(13, depth, patches)),
@@ -121,30 +124,27 @@ def budgets_for(
             model, images, labels, cost="latency", timing_batch=args.timing_batch, batch_size=args.batch_size
         )
         wanted += [(f"auto time {t:g}", timed, t, "auto") for t in args.time_targets]
+    left_out: LeftOut = []
     for label, calibration, target, method in wanted:
         try:
             rows.append((label, calibration(target, method)))
         except BudgetError as exc:  # e.g. a time the model cannot reach at this batch: said, not fatal
             print(f"{label}: left out ({exc})", file=sys.stderr)
-            UNREACHABLE.append(dict(label=label, reason=str(exc)))
-    return rows
+            left_out.append(dict(label=label, reason=str(exc)))
+    return rows, left_out
 
 
-# rows a target could not be calibrated for (written to the JSON with the reason)
-UNREACHABLE: list[dict[str, str]] = []
-
-
-def shared_budgets(
-    args: argparse.Namespace, model: torch.nn.Module, calib: Any
-) -> list[tuple[str, Budget | None]]:
+def shared_budgets(args: argparse.Namespace, model: torch.nn.Module, calib: Any) -> tuple[Rows, LeftOut]:
     """Rank 0 calibrates and every process gets its budgets (one process: calibrate here)."""
     if rank_world()[1] == 1:
         return budgets_for(args, model, calib)
     box: list[Any] = [None]
     if rank_world()[0] == 0:
-        box[0] = [(label, None if b is None else b.to_dict()) for label, b in budgets_for(args, model, calib)]
+        rows, left_out = budgets_for(args, model, calib)
+        box[0] = ([(label, None if b is None else b.to_dict()) for label, b in rows], left_out)
     dist.broadcast_object_list(box, src=0)
-    return [(label, None if b is None else Budget.from_dict(b)) for label, b in box[0]]
+    rows_raw, left_out = box[0]
+    return [(label, None if b is None else Budget.from_dict(b)) for label, b in rows_raw], left_out
 
 
 def table(record: dict[str, Any]) -> str:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         load_split(args.data, "calib", size, transform=source.transform), args.calib_images, args.seed
     )
     calib = (calib[0].to(device), calib[1].to(device))
-    budgets = shared_budgets(args, model, calib)
+    budgets, left_out = shared_budgets(args, model, calib)
     test = load_split(args.data, "test", size, transform=source.transform)
     if args.val_images is not None and args.val_images < len(test):
         test = torch.utils.data.Subset(test, range(args.val_images))
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         machine=machine(device),
         weights="random (a test run)" if args.random_weights else args.weights or "timm pretrained",
         rows=rows,
-        left_out=UNREACHABLE,
+        left_out=left_out,
     )
     print(table(record))
     write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")

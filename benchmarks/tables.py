@@ -33,26 +33,21 @@ BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- 
 
 # results measured before 1.0 and not re-measured since (no commit in their JSON)
 PROVENANCE = {
-    "frontier.json": "fac8910 (0.2 code, 2026-11-28)",
-    "frontier_glyphs196.json": "fac8910 (0.2 code, 2026-11-28)",
-    "frontier_glyphs196_s1.json": "58b97fc (0.2 code, 2026-11-28)",
-    "speed_h100_float32.json": "71e789f (0.2 code, 2026-11-27)",
-    "speed_h100_bfloat16.json": "71e789f (0.2 code, 2026-11-27)",
-    "speed_h100_compiled.json": "df564f2 (0.2 code, 2026-11-27)",
-    "speed_cpu_compiled_A.json": "65ed10e (0.2 code, 2026-11-27)",
-    "speed_cpu_compiled_B.json": "65ed10e (0.2 code, 2026-11-27)",
-    "gpu_check_h100.log": "71e789f (0.2 code, 2026-11-27)",
+    "frontier.json": "0.2 (fac8910)",
+    "frontier_glyphs196.json": "0.2 (fac8910)",
+    "frontier_glyphs196_s1.json": "0.2 (58b97fc)",
+    "speed_h100_float32.json": "0.2 (71e789f)",
+    "speed_h100_bfloat16.json": "0.2 (71e789f)",
+    "speed_h100_compiled.json": "0.2 (df564f2)",
+    "speed_cpu_compiled_A.json": "0.2 (65ed10e)",
+    "speed_cpu_compiled_B.json": "0.2 (65ed10e)",
+    "gpu_check_h100.log": "0.2 (71e789f)",
 }
 # methods 1.0 removed: their rows stay in older JSON, the tables leave them out
 REMOVED_METHODS = ("hybrid", "ats", "ats-merge", "tome-early")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def recipe_of(checkpoint: str) -> str:
-    """A checkpoint's recipe: its name without the seed suffix (``demo-s3`` -> ``demo``)."""
-    return re.sub(r"-s\d+$", "", checkpoint)
 
 
 def load(name: str) -> dict[str, Any]:
@@ -158,28 +153,40 @@ def demo() -> str:
     return table(header, body) + "\n\n" + note
 
 
-def _frontier(name: str, checkpoint: str) -> str:
-    record = load(name)
-    rows = [r for r in record["rows"] if r["checkpoint"] == checkpoint and r["method"] not in REMOVED_METHODS]
-    dense = next(r for r in rows if r["method"] == "dense")
-    targets = sorted({r["target"] for r in rows if r["method"] != "dense"})
-    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
-    cell: dict[tuple[str, float], dict[str, Any]] = {(r["method"], r["target"]): r for r in rows}
+def _method_grid(
+    rows: list[dict[str, Any]], accuracy: Callable[[dict[str, Any]], str], p_key: str
+) -> tuple[list[float], dict[tuple[str, float], dict[str, Any]], list[list[str]]]:
+    """(targets, (method, target) -> row, table body) of a frontier: a line per method, a
+    column per target; a cell is ``accuracy(row)``, then ▲/▼ when ``row[p_key]`` < 0.05 (better
+    or worse than `auto`), then @x when the method landed away from the target."""
+    targets = sorted({r["target"] for r in rows})
+    cell = {(r["method"], r["target"]): r for r in rows}
     body = []
-    for method in methods:
+    for method in dict.fromkeys(r["method"] for r in rows):
         line = [f"`{method}`" + (" (recommended)" if method == "auto" else "")]
         for t in targets:
             r = cell.get((method, t))
             if r is None:
                 line.append("")
                 continue
-            text = f"{r['accuracy_pct']:.2f}"
-            if r.get("vs_auto_p") is not None and not math.isnan(r["vs_auto_p"]) and r["vs_auto_p"] < 0.05:
+            text = accuracy(r)
+            p = r.get(p_key)
+            if p is not None and not math.isnan(p) and p < 0.05:
                 text += " ▲" if r["vs_auto_diff"] > 0 else " ▼"
             if abs(r["gflops_ratio"] - t) > 0.02:
                 text += f" @{r['gflops_ratio']:.2f}"
             line.append(text)
         body.append(line)
+    return targets, cell, body
+
+
+def _frontier(name: str, checkpoint: str) -> str:
+    record = load(name)
+    rows = [r for r in record["rows"] if r["checkpoint"] == checkpoint and r["method"] not in REMOVED_METHODS]
+    dense = next(r for r in rows if r["method"] == "dense")
+    targets, cell, body = _method_grid(
+        [r for r in rows if r["method"] != "dense"], lambda r: f"{r['accuracy_pct']:.2f}", "vs_auto_p"
+    )
     auto = [cell.get(("auto", t)) for t in targets]
     if all(auto):
         body.append(["`auto` chose", *(str(r["chosen"]) for r in auto if r)])
@@ -201,31 +208,15 @@ def frontier_seeds(name: str, recipe: str) -> str:
     deviation, ▲/▼ where the paired test over seeds x test items against `auto` is significant
     after Benjamini-Hochberg over this table's comparisons; the sanity checks a trained DeiT
     passes (ToMe and top-k at least as accurate as random dropping at every target)."""
-    from ats_vit.bench.frontier import pool_seeds
+    from ats_vit.bench.frontier import pool_seeds, recipe_of
 
     record = load(name)
     pooled = pool_seeds([r for r in record["rows"] if recipe_of(r["checkpoint"]) == recipe])
     dense = next(r for r in pooled if r["method"] == "dense")
     rows = [r for r in pooled if r["method"] != "dense"]
-    targets = sorted({r["target"] for r in rows})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    cell = {(r["method"], r["target"]): r for r in rows}
-    body = []
-    for method in methods:
-        line = [f"`{method}`" + (" (recommended)" if method == "auto" else "")]
-        for t in targets:
-            r = cell.get((method, t))
-            if r is None:
-                line.append("")
-                continue
-            text = f"{r['accuracy_pct']:.2f} ± {r['seed_sd_pct']:.2f}"
-            adjusted = r.get("vs_auto_p_adj", math.nan)
-            if not math.isnan(adjusted) and adjusted < 0.05:
-                text += " ▲" if r["vs_auto_diff"] > 0 else " ▼"
-            if abs(r["gflops_ratio"] - t) > 0.02:
-                text += f" @{r['gflops_ratio']:.2f}"
-            line.append(text)
-        body.append(line)
+    targets, cell, body = _method_grid(
+        rows, lambda r: f"{r['accuracy_pct']:.2f} ± {r['seed_sd_pct']:.2f}", "vs_auto_p_adj"
+    )
     if all(("auto", t) in cell for t in targets):
         body.append(["`auto` speed-up, batch 64", *(cell["auto", t]["speedup_text"] for t in targets)])
     tested = [r for r in rows if not math.isnan(r.get("vs_auto_p_adj", math.nan))]
