@@ -27,7 +27,7 @@ from ats_vit.flops import flops
 from ats_vit.stats import binomial_ci95, bootstrap_ci95, paired_test
 from ats_vit.timing import Timing, speedup, time_round_robin
 
-__all__ = ["evaluate", "evaluate_budgets", "measure", "time_budgets"]
+__all__ = ["attention_entropy", "evaluate", "evaluate_budgets", "measure", "time_budgets"]
 
 
 def _classifier(model: nn.Module) -> Any:
@@ -168,6 +168,66 @@ def measure(
         costs.append(cost)
     model.train(was_training)
     return torch.cat(preds), torch.cat(costs)
+
+
+class _Scored(Exception):
+    """Stops a probe pass once the layer it reads has scored its tokens."""
+
+
+@torch.inference_mode()
+def attention_entropy(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> list[float]:
+    """Per layer, how spread the attention is that ATS scores tokens by, in a dense pass: the
+    entropy of the CLS query's attention over the patch tokens (a model without a class token:
+    of the attention each patch receives), per head, divided by log(patches) (0: all on one
+    patch, 1: uniform), mean over heads and images.
+
+    Sampling by significance only pays where this falls below 1: a checkpoint whose scores are
+    near uniform gives ATS nothing to choose by, however many tokens it keeps. Each layer is
+    read from its dense input (the model's own pass up to it); the model's schedule is kept.
+    """
+    family = family_of(model)
+    _validate.finite_images(images)
+    caps, layer_options = family.caps(), family.layer_options()
+    was_training = model.training
+    model.eval()
+    p, n, depth = family.num_prefix_tokens, family.num_patches, family.depth
+    if n < 2:
+        raise ValueError(f"attention entropy needs at least 2 patch tokens, the model has {n}")
+    sums = torch.zeros(depth, dtype=torch.float64)
+    read_images = [0] * depth
+
+    def read(layer: int) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            scores = args[0][..., p:].double()  # (b, h, n) over the patch tokens
+            share = scores / scores.sum(-1, keepdim=True).clamp_min(1e-300)
+            entropy = -(share * share.clamp_min(1e-300).log()).sum(-1) / math.log(n)  # (b, h)
+            sums[layer] += entropy.mean(-1).sum().cpu()
+            read_images[layer] += len(entropy)
+            raise _Scored
+
+        return hook
+
+    try:
+        configure(family, None)
+        paper = family.options()
+        for batch in images.split(batch_size):
+            _, _, inputs = family.capture(batch)
+            for layer in range(depth):
+                # only this layer samples (one token fewer than it has): it scores, then stops
+                family.set_schedule([n - 1 if i == layer else n for i in range(depth)], paper)
+                handle = family.sampling_layers()[layer].register_forward_pre_hook(read(layer))
+                try:
+                    family.run(batch, start=layer, hidden=inputs[layer])
+                except _Scored:
+                    pass
+                finally:
+                    handle.remove()
+    finally:
+        family.set_schedule(caps, list(layer_options))
+        model.train(was_training)
+    if read_images != [len(images)] * depth:
+        raise RuntimeError(f"{family.name} scored {read_images} of {len(images)} images per layer")
+    return (sums / len(images)).tolist()
 
 
 def time_budgets(

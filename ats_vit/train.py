@@ -35,6 +35,7 @@ from ats_vit.checkpoint import (
     save_checkpoint,
 )
 from ats_vit.distributed import init_distributed, rank_world
+from ats_vit.evaluate import evaluate
 from ats_vit.families import family_of
 from ats_vit.models import ModelConfig, build_model
 
@@ -142,7 +143,7 @@ def _initial_weights(cfg: TrainConfig) -> dict[str, Tensor]:
 
 
 # the files a run writes in its folder (and a TensorBoard folder)
-RUN_FILES = ("config.json", "metrics.csv", "last.safetensors", "final.safetensors")
+RUN_FILES = ("config.json", "metrics.csv", "epochs.csv", "last.safetensors", "final.safetensors")
 
 
 class RunExistsError(ValueError):
@@ -245,6 +246,38 @@ def _drop_metrics_after(path: Path, step: int) -> None:
     write_atomic(path, lambda f: csv.writer(f).writerows(kept))
 
 
+def _log_epoch(
+    path: Path,
+    step: int,
+    epoch: int,
+    loss_sum: Tensor,
+    steps: int,
+    model: nn.Module,
+    val_data: Dataset | None,
+) -> tuple[float, float | None]:
+    """One row of ``epochs.csv`` (rank 0 writes it): the epoch's mean training loss over all
+    ranks and, with ``val_data``, the accuracy on it (every rank scores its share). The curves
+    that show whether a run has converged; nothing is chosen by them."""
+    _, world = rank_world()
+    total = loss_sum.clone()
+    if world > 1:
+        dist.all_reduce(total)
+    mean_loss = float(total) / (max(1, steps) * world)
+    accuracy = None
+    if val_data is not None:
+        accuracy = float(evaluate(model, val_data)["accuracy"])
+        model.train()
+    if rank_world()[0] == 0:
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "epoch", "train_loss", "val_accuracy", "time"])
+            shown = "" if accuracy is None else f"{accuracy:.5f}"
+            writer.writerow([step, epoch, f"{mean_loss:.5f}", shown, f"{time.time():.1f}"])
+    return mean_loss, accuracy
+
+
 def train(
     cfg: TrainConfig,
     train_data: Dataset,
@@ -252,9 +285,14 @@ def train(
     progress: bool = True,
     *,
     overwrite: bool = False,
+    val_data: Dataset | None = None,
 ) -> Path:
     """Train (or, with ``cfg.init_from``, fine-tune) a ViT with ``cfg.model.budget`` active;
     return the final checkpoint's path (``out_dir/final.safetensors``).
+
+    Every epoch ends with a row of ``epochs.csv``: its mean training loss and, with
+    ``val_data``, the accuracy on those images, so a run's convergence can be read from its
+    curves (nothing uses the scores).
 
     An ``out_dir`` that holds a run is refused unless ``resume`` (continue from its
     ``last.safetensors``) or ``overwrite`` (remove its files and start afresh). Ctrl-C raises
@@ -278,6 +316,8 @@ def train(
     family_of(model).set_options(jitter=cfg.jitter)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
+    # the summed loss of the current epoch's steps, on the device: read once an epoch
+    epoch_loss = torch.zeros((), dtype=torch.float64, device=device)
     per_epoch = steps_per_epoch(train_data, cfg)
     if per_epoch == 0:
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set ({_size(train_data)})")
@@ -291,9 +331,12 @@ def train(
         load_optimizer_tensors(opt, other)
         step = int(other["train.step"])
         torch.set_rng_state(other["train.rng"])
+        if "train.epoch_loss" in other:  # the losses of the epoch's steps before the checkpoint
+            epoch_loss = other["train.epoch_loss"].to(device)
         if rank == 0:
             print(f"resume: {last} at step {step} of {total}", file=sys.stderr)
             _drop_metrics_after(log_path, step)
+            _drop_metrics_after(out / "epochs.csv", step)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     # bf16 autocast pays off on GPUs; CPUs without native bf16 (like AVX2 ones) only slow down
     use_amp = cfg.amp and device.type == "cuda"
@@ -311,6 +354,7 @@ def train(
             **optimizer_tensors(opt),
             "train.step": torch.tensor(step),
             "train.rng": torch.get_rng_state(),
+            "train.epoch_loss": epoch_loss.cpu(),
         }
         if rank == 0:
             save_checkpoint(path, model, cfg.model, extra)
@@ -330,6 +374,7 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                epoch_loss += loss.detach().double()
                 step += 1
                 bar.update(1)
                 if rank == 0 and (step % 20 == 0 or step == total):
@@ -344,6 +389,13 @@ def train(
                     if board is not None:
                         board.add_scalar("train/loss", value, step)
                         board.add_scalar("train/lr", lr, step)
+                if step % per_epoch == 0:
+                    mean, accuracy = _log_epoch(
+                        out / "epochs.csv", step, epoch, epoch_loss, per_epoch, model, val_data
+                    )
+                    epoch_loss.zero_()
+                    shown = {} if accuracy is None else {"val": f"{accuracy:.4f}"}
+                    bar.set_postfix(loss=f"{mean:.3f}", **shown, epoch=epoch, refresh=False)
                 if step % cfg.ckpt_every == 0 or step == total:
                     checkpoint(last)
                     saved_at = step

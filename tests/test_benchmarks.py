@@ -81,13 +81,24 @@ def test_frontier(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits):
 
 def test_frontier_checkpoints(tmp_path, monkeypatch, capsys):
     pytest.importorskip("sklearn")
-    argv = [str(tmp_path), "--only", "p6", "--epochs", "1", "--train-images", "64", "--seeds", "0", "2"]
-    assert run_script("frontier_checkpoints.py", *argv, monkeypatch=monkeypatch) == 0
+    out, report = tmp_path / "runs", tmp_path / "checkpoints.json"
+    argv = [str(out), "--only", "p6", "--epochs", "2", "--train-images", "64", "--seeds", "0", "2"]
+    assert run_script("frontier_checkpoints.py", *argv, "--json", str(report), monkeypatch=monkeypatch) == 0
     for name, seed in (("p6", 0), ("p6-s2", 2)):
-        assert (tmp_path / name / "final.safetensors").exists()
-        assert json.loads((tmp_path / name / "config.json").read_text())["seed"] == seed
+        assert (out / name / "final.safetensors").exists()
+        assert json.loads((out / name / "config.json").read_text())["seed"] == seed
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed.endswith("--data demo@0 demo@2") and "p6-s2/final.safetensors" in printed
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["checkpoint"], r["seed"], r["data"]) for r in rows] == [("p6", 0, "demo@0"), ("p6-s2", 2, "demo@2")]
+    for row in rows:  # two epochs of 64 images at batch 64: a loss and a validation score each
+        assert len(row["loss_per_epoch"]) == len(row["val_accuracy_per_epoch"]) == 2 and row["steps"] == 2
+        assert len(row["attention_entropy"]) == 6 and all(0 < e <= 1 for e in row["attention_entropy"])
+    # the report of finished runs again: refused over the JSON, given with --resume --overwrite
+    assert run_script("frontier_checkpoints.py", *argv, "--json", str(report), monkeypatch=monkeypatch) == 2
+    argv += ["--resume", "--overwrite", "--json", str(report)]
+    assert run_script("frontier_checkpoints.py", *argv, monkeypatch=monkeypatch) == 0
+    assert json.loads(report.read_text())["rows"] == rows
 
 
 def test_gpu_check_on_the_cpu(monkeypatch, capsys):

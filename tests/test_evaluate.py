@@ -190,3 +190,64 @@ def test_images_with_nan_are_refused_where_they_enter_evaluation(tiny_checkpoint
         ValueError, match=r"1 of the 8 images of this batch hold NaN or infinite values .*index 4"
     ):
         evaluate(model, TensorDataset(images, labels))
+
+
+@pytest.mark.parametrize("arch", ["timm", "timm-gap"])
+def test_attention_entropy_equals_timms_own_attention_maps(arch):
+    """The reference reads timm's unfused attention matrices: the CLS row over the patches
+    (a CLS model), the attention each patch receives averaged over the queries (a GAP model)."""
+    from ats_vit.evaluate import attention_entropy
+    from ats_vit.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        arch=arch,
+        image_size=16,
+        patch_size=4,
+        num_classes=3,
+        channels=1,
+        dim=16,
+        depth=3,
+        heads=2,
+        dim_head=8,
+        mlp_dim=32,
+    )
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # sharper than at initialisation, so the layers differ
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(60.0)
+    images = tiny_data(10).tensors[0]
+    family = family_of(model)
+    family.set_schedule([10, 16, 12])
+    before = (family.caps(), family.layer_options())
+    got = attention_entropy(model, images, batch_size=4)
+    assert (family.caps(), family.layer_options()) == before  # the model's schedule is kept
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    plain = VisionTransformer(
+        img_size=16,
+        patch_size=4,
+        in_chans=1,
+        num_classes=3,
+        embed_dim=16,
+        depth=3,
+        num_heads=2,
+        mlp_ratio=2.0,
+        class_token=arch == "timm",
+        global_pool="token" if arch == "timm" else "avg",
+    ).eval()
+    plain.load_state_dict(model.state_dict())
+    maps = []
+    for block in plain.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(lambda _m, _i, out: maps.append(out))
+    with torch.no_grad():
+        plain(images)
+    expected = []
+    for attn in maps:  # (b, h, n, n)
+        rows = attn[:, :, 0, 1:] if arch == "timm" else attn.mean(2)
+        share = rows.double() / rows.double().sum(-1, keepdim=True)
+        expected.append(float((-(share * share.log()).sum(-1) / math.log(16)).mean()))
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert all(0 < e < 0.97 for e in expected) and len({round(e, 3) for e in expected}) == 3

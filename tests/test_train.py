@@ -83,7 +83,7 @@ def test_resume_with_nothing_to_resume_refuses_and_names_what_is_there(tmp_path)
     (tmp_path / "last.safetensors").unlink()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     with pytest.raises(
-        RunExistsError, match=r"nothing to resume in .*: it holds config.json, metrics.csv, final.safetensors"
+        RunExistsError, match=r"nothing to resume in .*: it holds config.json, metrics.csv, epochs.csv, final.safetensors"
     ):
         train(tiny_cfg(tmp_path), tiny_data(), resume=True, progress=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
@@ -297,7 +297,7 @@ def test_a_run_folder_is_never_written_over(tmp_path):
     old = weights(train(tiny_cfg(tmp_path), tiny_data(), progress=False))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     with pytest.raises(
-        RunExistsError, match=r"already holds a run \(config.json, metrics.csv, last.safetensors"
+        RunExistsError, match=r"already holds a run \(config.json, metrics.csv, epochs.csv, last.safetensors"
     ):
         train(tiny_cfg(tmp_path), tiny_data(), progress=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
@@ -306,6 +306,7 @@ def test_a_run_folder_is_never_written_over(tmp_path):
     train(again, tiny_data(), progress=False, overwrite=True)
     rows = list(csv_rows(tmp_path / "metrics.csv"))
     assert [r["step"] for r in rows] == ["12"], "the old run's metrics are gone, not appended to"
+    assert [r["step"] for r in csv_rows(tmp_path / "epochs.csv")] == ["6", "12"]
     new = weights(tmp_path / "final.safetensors")
     assert not all(torch.equal(old[k], new[k]) for k in old), "a new run, from another seed"
 
@@ -348,3 +349,34 @@ def test_resuming_forgets_metrics_logged_after_the_checkpoint(tmp_path):
     log.write_text("step,epoch,lr,loss,time\n20,0,1,2,3\n40,0,1,2,3\n60,1,1,2,3\n")
     _drop_metrics_after(log, 40)
     assert [r["step"] for r in csv_rows(log)] == ["20", "40"]
+
+
+def test_every_epoch_logs_its_mean_loss_and_validation_without_changing_the_training(tmp_path):
+    data, val = tiny_data(), tiny_data(48, seed=1)
+    plain = train(tiny_cfg(tmp_path / "plain"), data, progress=False)
+    logged = train(tiny_cfg(tmp_path / "logged"), data, progress=False, val_data=val)
+    a, b = weights(plain), weights(logged)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # scoring draws nothing from the run's RNG
+    rows = list(csv_rows(tmp_path / "logged" / "epochs.csv"))
+    assert [(r["step"], r["epoch"]) for r in rows] == [("6", "0"), ("12", "1")]
+    model, _ = load_model(logged)
+    assert float(rows[-1]["val_accuracy"]) == pytest.approx(evaluate(model, val)["accuracy"], abs=1e-5)
+    without = list(csv_rows(tmp_path / "plain" / "epochs.csv"))
+    assert [r["val_accuracy"] for r in without] == ["", ""]
+    assert [r["train_loss"] for r in without] == [r["train_loss"] for r in rows]
+    logged_losses = [float(r["loss"]) for r in csv_rows(tmp_path / "plain" / "metrics.csv")]
+    assert float(rows[0]["train_loss"]) > float(rows[1]["train_loss"]) > 0 and logged_losses
+    # killed after the first epoch's row, before its next checkpoint: resumed, the same rows
+    killed = tmp_path / "killed"
+    with pytest.raises(Crash):
+        train(tiny_cfg(killed), CrashingData(data, limit=16 * 7 + 5), progress=False, val_data=val)
+    train(tiny_cfg(killed), data, resume=True, progress=False, val_data=val)
+    again = list(csv_rows(killed / "epochs.csv"))
+    keys = ("step", "train_loss", "val_accuracy")
+    assert [[r[k] for k in keys] for r in again] == [[r[k] for k in keys] for r in rows]
+    # killed inside an epoch after a checkpoint (step 4 of 6): its loss sum comes back with it
+    inside = tmp_path / "inside"
+    with pytest.raises(Crash):
+        train(tiny_cfg(inside), CrashingData(data, limit=16 * 5 + 3), progress=False)
+    train(tiny_cfg(inside), data, resume=True, progress=False)
+    assert [r["train_loss"] for r in csv_rows(inside / "epochs.csv")] == [r["train_loss"] for r in without]
