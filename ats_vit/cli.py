@@ -459,14 +459,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from ats_vit.calibrate import Calibration
-    from ats_vit.data import take
+    from ats_vit.data import calibration_items, take
 
     targets = args.target
     paths = _target_paths(args.out, targets)
     _writable(paths, args.overwrite)
     source = _load(args)
     model = source.model.to(_device(args.device))
-    images, labels = take(_split(args, source, "calib"), args.calib_images, args.seed)
+    calib = _split(args, source, "calib")
+    images, labels = take(calib, args.calib_images, args.seed)
     search = Calibration(
         model,
         images,
@@ -477,6 +478,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         dtype=_dtype(args.dtype),
         start_layers=args.start_layers,
         batch_size=args.batch_size,
+        items=calibration_items(args.data, "calib", len(calib), args.calib_images, args.seed),
     )
     objective = search.objective
     where = f" at batch {search.timing_batch} on {search.latency.key['device']}" if search.latency else ""
@@ -566,7 +568,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     _writable([out / "eval.json", out / "accuracy_vs_gflops.png"], args.overwrite)
-    device = init_distributed() if args.device is None else _device(args.device)
+    joined = init_distributed()  # always: under torchrun, --device must not split the ranks apart
+    device = joined if args.device is None else _device(args.device)
     source = _load(args)
     model = source.model.to(device)
     budgets = _eval_budgets(args, source)

@@ -22,7 +22,16 @@ from torch.utils.data import Dataset, TensorDataset
 
 from ats_vit import _validate
 
-__all__ = ["BadImageError", "DemoConfig", "bundled", "cluttered_digits", "image_folder", "load_split", "take"]
+__all__ = [
+    "BadImageError",
+    "DemoConfig",
+    "bundled",
+    "calibration_items",
+    "cluttered_digits",
+    "image_folder",
+    "load_split",
+    "take",
+]
 
 
 @dataclass(frozen=True)
@@ -328,16 +337,27 @@ def source_items(spec: str, split: str, count: int) -> Tensor:
     return torch.arange(count) % digits
 
 
+def take_index(size: int, count: int | None = None, seed: int = 0) -> Tensor:
+    """Which of ``size`` images :func:`take` takes: ``count`` drawn without replacement by
+    ``seed``, or all in order when ``count`` is None or at least ``size``."""
+    if count is None or count >= size:
+        return torch.arange(size)
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed))[
+        : _validate.positive_int("count", count)
+    ]
+
+
+def calibration_items(spec: str, split: str, size: int, count: int | None = None, seed: int = 0) -> Tensor:
+    """The independent source item of each image that ``take(split, count, seed)`` takes from
+    a split of ``size`` images of ``spec`` (:func:`source_items`): what `auto`'s switch rule
+    counts (the demo's calibration split places each digit several times)."""
+    return source_items(spec, split, size)[take_index(size, count, seed)]
+
+
 def take(data: Any, count: int | None = None, seed: int = 0) -> tuple[Tensor, Tensor]:
     """(images, labels) of ``count`` items drawn without replacement by ``seed`` (all, in
     order, when ``count`` is None or at least the data set's size), stacked into tensors."""
-    n = len(data)
-    if count is None or count >= n:
-        index = torch.arange(n)
-    else:
-        index = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[
-            : _validate.positive_int("count", count)
-        ]
+    index = take_index(len(data), count, seed)
     if isinstance(data, TensorDataset):
         images, labels = data.tensors[:2]
         return images[index], labels[index]

@@ -108,6 +108,13 @@ def report(run: Path, recipe: str, seed: int) -> dict:
     calib = load_split(data_spec, "calib", cfg.model.image_size, channels=cfg.model.channels)
     images, _ = take(calib, ENTROPY_IMAGES, seed=0)
     logged, epochs = _csv(run / "metrics.csv"), _csv(run / "epochs.csv")
+    if epochs:
+        loss = [float(r["train_loss"]) for r in epochs]
+    else:  # a run from before epochs.csv: the mean of its loss logged every 20 steps, per epoch
+        by_epoch: dict[int, list[float]] = {}
+        for r in logged:
+            by_epoch.setdefault(int(r["epoch"]), []).append(float(r["loss"]))
+        loss = [sum(v) / len(v) for _, v in sorted(by_epoch.items())]
     steps = [int(r["step"]) for r in logged]
     times = [float(r["time"]) for r in logged]
     # the run's pace between its first and last logged steps, over all its steps
@@ -123,8 +130,9 @@ def report(run: Path, recipe: str, seed: int) -> dict:
         epochs=cfg.epochs,
         steps=steps[-1] if steps else 0,
         train_minutes=minutes,
-        loss_per_epoch=[float(r["train_loss"]) for r in epochs],
-        val_accuracy_per_epoch=[float(r["val_accuracy"]) for r in epochs],
+        loss_per_epoch=loss,
+        val_accuracy_per_epoch=[float(r["val_accuracy"]) for r in epochs if r["val_accuracy"]],
+        loss_sampled=not epochs,
         attention_entropy=attention_entropy(model, images),
         entropy_images=len(images),
     )

@@ -203,6 +203,65 @@ def _frontier(name: str, checkpoint: str) -> str:
     return table(header, body) + "\n\n" + note
 
 
+def _last_epochs(rows: list[dict[str, Any]], key: str, fmt: str, scale: float = 1.0, epochs: int = 3) -> str:
+    """The mean over seeds of each of the last ``epochs`` values of a per-epoch curve."""
+    per_epoch = zip(*(r[key][-epochs:] for r in rows), strict=True)
+    return " → ".join(f"{statistics.fmean(v) * scale:{fmt}}" for v in per_epoch)
+
+
+def checkpoints(*names: str) -> str:
+    """Per recipe, mean over its seeds: whether training converged (the last epochs' validation
+    accuracy and loss) and how concentrated the attention ATS scores by is, layer by layer."""
+    records = {name: load(name) for name in names}
+    recipes: dict[str, list[dict[str, Any]]] = {}
+    for record in records.values():
+        for row in record["rows"]:
+            recipes.setdefault(row["recipe"], []).append(row)
+    body, entropy_lines = [], []
+    for recipe, rows in recipes.items():
+        model = rows[0]["model"]
+        tokens = (model["image_size"] // model["patch_size"]) ** 2
+        minutes = [r["train_minutes"] for r in rows if r["train_minutes"] is not None]
+        validated = all(r["val_accuracy_per_epoch"] for r in rows)
+        val_last = [r["val_accuracy_per_epoch"][-1] * 100 for r in rows] if validated else []
+        seed_sd = statistics.stdev(val_last) if len(val_last) > 1 else 0.0
+        sampled = any(r.get("loss_sampled") for r in rows)
+        body.append(
+            [
+                recipe,
+                ", ".join(str(r["seed"]) for r in rows),
+                f"{model['arch']}, {tokens} tokens, depth {model['depth']}, dim {model['dim']}",
+                f"{rows[0]['epochs']} ({rows[0]['steps']} steps), {statistics.median(minutes):.0f} min",
+                _last_epochs(rows, "loss_per_epoch", ".3f") + (" (sampled)" if sampled else ""),
+                _last_epochs(rows, "val_accuracy_per_epoch", ".2f", 100.0) if validated else "not logged",
+                f"{statistics.fmean(val_last):.2f} ± {seed_sd:.2f}" if validated else "–",
+            ]
+        )
+        entropy = [statistics.fmean(v) for v in zip(*(r["attention_entropy"] for r in rows), strict=True)]
+        scored = "CLS query's attention" if model["arch"] in ("ats_vit", "timm") else "attention received"
+        entropy_lines.append(f"{recipe} ({scored}): " + " ".join(f"{e:.2f}" for e in entropy))
+    header = [
+        "recipe",
+        "seeds",
+        "model",
+        "epochs, time / seed",
+        "loss, last 3 epochs",
+        "validation %, last 3 epochs",
+        "validation %, end (± seeds)",
+    ]
+    note = (
+        "Mean over seeds; loss: the epoch's mean training loss (label smoothing 0.1; *sampled*: "
+        "runs from before `epochs.csv`, the mean of the loss logged every 20 steps); "
+        "validation: the calibration split after each epoch (scored for these curves only). "
+        f"Attention entropy per layer, first to last (mean over heads, {rows[0]['entropy_images']} "
+        "calibration images and the seeds; 1 = uniform over the patches, 0 = all on one): "
+        + "; ".join(entropy_lines)
+        + ". "
+        + " ".join(where(record, name) for name, record in records.items())
+    )
+    return table(header, body) + "\n\n" + note
+
+
 def frontier_seeds(name: str, recipe: str) -> str:
     """One recipe's frontier pooled over its seeds: the mean over seeds ± their standard
     deviation, ▲/▼ where the paired test over seeds x test items against `auto` is significant
@@ -542,6 +601,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "frontier-map": lambda: _frontier("frontier.json", "map"),
     "frontier-glyphs196": lambda: _frontier("frontier_glyphs196.json", "glyphs196"),
     "frontier-summary": frontier_summary,
+    "checkpoints": checkpoints,
     "frontier-seeds-demo": lambda: frontier_seeds("frontier_demo_seeds.json", "demo"),
     "frontier-seeds-gap": lambda: frontier_seeds("frontier_gap_seeds.json", "gap"),
     "speed-cpu": speed_cpu,

@@ -39,6 +39,7 @@ def tiny_splits(monkeypatch):
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py", "tables.py"}
     tested |= {"calibration_speed.py", "latency_model.py", "demo.py", "latency_budgets.py", "imagenet.py"}
+    tested |= {"auto_rule.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
 
@@ -90,7 +91,10 @@ def test_frontier_checkpoints(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed.endswith("--data demo@0 demo@2") and "p6-s2/final.safetensors" in printed
     rows = json.loads(report.read_text())["rows"]
-    assert [(r["checkpoint"], r["seed"], r["data"]) for r in rows] == [("p6", 0, "demo@0"), ("p6-s2", 2, "demo@2")]
+    assert [(r["checkpoint"], r["seed"], r["data"]) for r in rows] == [
+        ("p6", 0, "demo@0"),
+        ("p6-s2", 2, "demo@2"),
+    ]
     for row in rows:  # two epochs of 64 images at batch 64: a loss and a validation score each
         assert len(row["loss_per_epoch"]) == len(row["val_accuracy_per_epoch"]) == 2 and row["steps"] == 2
         assert len(row["attention_entropy"]) == 6 and all(0 < e <= 1 for e in row["attention_entropy"])
@@ -99,6 +103,33 @@ def test_frontier_checkpoints(tmp_path, monkeypatch, capsys):
     argv += ["--resume", "--overwrite", "--json", str(report)]
     assert run_script("frontier_checkpoints.py", *argv, monkeypatch=monkeypatch) == 0
     assert json.loads(report.read_text())["rows"] == rows
+
+
+def test_auto_rule(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
+    argv = [str(tiny_checkpoint), "--data", "tiny", "--targets", "0.7", "--json", str(tmp_path / "a.json")]
+    assert run_script("auto_rule.py", *argv, monkeypatch=monkeypatch) == 0
+    record = json.loads((tmp_path / "a.json").read_text())
+    lists, zs = record["config"]["member_lists"], record["config"]["zs"]
+    assert len(record["summary"]) == len(lists) * len(zs) and record["pick"] in record["summary"]
+    for row in record["rows"]:  # the pick is one of its list's members, scored on the test split
+        assert row["chosen"] in row["members"].split("+") and 0 <= row["accuracy_pct"] <= 100
+    assert "the rule keeps: members" in capsys.readouterr().out
+
+
+def test_auto_rule_picks_by_mean_then_the_earlier_list_then_the_larger_z():
+    import runpy
+
+    rule = runpy.run_path(str(SCRIPTS / "auto_rule.py"))
+    first, second = ("+".join(m) for m in rule["MEMBER_LISTS"][:2])
+    summary = [
+        dict(members=second, z=0.0, mean_pct=90.00),
+        dict(members=first, z=0.5, mean_pct=89.97),  # a tie (within 0.05): the earlier list
+        dict(members=first, z=2.0, mean_pct=89.96),  # ... and of its ties the larger z
+        dict(members=first, z=1.0, mean_pct=89.0),
+    ]
+    assert rule["pick"](summary) == summary[2]
+    summary[0]["mean_pct"] = 90.2  # clearly ahead: the other list
+    assert rule["pick"](summary) == summary[0]
 
 
 def test_gpu_check_on_the_cpu(monkeypatch, capsys):

@@ -213,3 +213,46 @@ def test_a_latency_target_bought_with_the_accuracy_is_returned_with_a_warning(mo
     if drop > 0.02:
         assert "points of agreement on the calibration images" in messages
     assert "timed at 0.900 (+157%)" in messages and "did not let the search land closer" in messages
+
+
+def test_the_switch_rule_counts_independent_items_not_images():
+    """Three images of each of 40 items: the gain of a member that wins whole items is worth
+    as many standard errors as its items say, not 1.7 times more (its images agree)."""
+    from ats_vit.calibrate.choice import _ahead
+
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.rand(40, generator=gen) < 0.5).float()
+    better = base.clone()
+    better[torch.nonzero(base == 0)[:6, 0]] = 1.0  # wins 6 of 40 items outright
+    items = torch.arange(120) % 40
+    first, ahead = _scored("ats-fuse", base[items].tolist()), _scored("paper", better[items].tolist())
+    per_image, per_item = _ahead(ahead, first), _ahead(ahead, first, items)
+    # the textbook: per-image standard error of 120 differences; per item, of the 40 item means
+    diff = (better - base)[items].double()
+    assert per_image == pytest.approx(diff.mean() / (diff.std() / math.sqrt(120)))
+    item_means = (better - base).double()
+    assert per_item == pytest.approx(item_means.mean() / (item_means.std() / math.sqrt(40)))
+    assert per_image == pytest.approx(per_item * math.sqrt(119 / 39), rel=1e-6)
+    z = (per_item + per_image) / 2
+    assert prefer([first, ahead], z=z) is ahead and prefer([first, ahead], z=z, items=items) is first
+    assert _ahead(ahead, first, torch.arange(120)) == pytest.approx(per_image)  # each its own item
+
+
+def test_calibration_items_follow_the_images_into_the_search():
+    from ats_vit.data import calibration_items, load_split, take
+
+    x = images(48, 1)
+    items = torch.arange(48) % 16
+    search = Calibration(peaky_vit(), x, progress=False, items=items)
+    stride = 48 // search.search.probe  # the probe is a strided quarter, or all the images
+    order = torch.cat([torch.arange(48)[i::stride] for i in range(stride)])
+    assert torch.equal(search.search.items, items[order])
+    with pytest.raises(ValueError, match=r"items must be a \(N,\) tensor matching images"):
+        Calibration(peaky_vit(), x, progress=False, items=items[:5])
+    # the demo's calibration split places each digit several times; take() draws 320 of it
+    calib = load_split("demo@2", "calib", 48)
+    got = calibration_items("demo@2", "calib", len(calib), 320, seed=4)
+    _, labels = take(calib, 320, seed=4)
+    assert len(got) == 320 and got.unique().numel() < 320
+    for item in got.unique()[:20]:  # images of one item show one digit
+        assert labels[got == item].unique().numel() == 1

@@ -663,3 +663,23 @@ def test_calibrate_under_torchrun_runs_and_writes_once(tiny_checkpoint, tmp_path
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["target"] == 0.7
     assert result.stdout.count("calibrating auto") == 1 and result.stdout.count("wrote") == 1
+
+
+@pytest.mark.distributed
+def test_eval_with_a_device_under_torchrun_joins_the_group(tiny_checkpoint, tmp_path):
+    """--device used to keep the ranks out of the process group: each evaluated (and timed)
+    every image alone. Joined, they share the images, and time nothing (timing is one
+    process's)."""
+    script = tmp_path / "run.py"
+    script.write_text("import sys\nfrom ats_vit.cli import main\nsys.exit(main())\n")
+    pytest.importorskip("torchvision")
+    from helpers import image_folder_tree, torchrun
+
+    data = str(image_folder_tree(tmp_path / "data", size=16, mode="L"))
+    out = tmp_path / "e"
+    argv = ["eval", str(tiny_checkpoint), "--data", data, "--device", "cpu", "--timing-repeats", "1"]
+    result = torchrun(script, 29563, *argv, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert rows[0]["images"] == 8 and result.stdout.count(" on 8 images") == 1
+    assert not rows[0]["timing_images"], "the ranks formed one group (which times nothing)"

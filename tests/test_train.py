@@ -83,7 +83,8 @@ def test_resume_with_nothing_to_resume_refuses_and_names_what_is_there(tmp_path)
     (tmp_path / "last.safetensors").unlink()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     with pytest.raises(
-        RunExistsError, match=r"nothing to resume in .*: it holds config.json, metrics.csv, epochs.csv, final.safetensors"
+        RunExistsError,
+        match=r"nothing to resume in .*: it holds config.json, metrics.csv, epochs.csv, final.safetensors",
     ):
         train(tiny_cfg(tmp_path), tiny_data(), resume=True, progress=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

@@ -38,7 +38,7 @@ from ats_vit._progress import bar as progress_bar
 from ats_vit.budget import Budget, BudgetError
 from ats_vit.calibrate import METHOD_CHOICES, RECOMMENDED, Calibration
 from ats_vit.checkpoint import load_model
-from ats_vit.data import load_split, source_items, take
+from ats_vit.data import calibration_items, load_split, source_items, take
 from ats_vit.evaluate import measure, time_budgets
 from ats_vit.stats import adjust_bh, bootstrap_ci95, paired_test
 from ats_vit.timing import speedup
@@ -128,9 +128,9 @@ def frontier(cfg: FrontierConfig) -> list[dict[str, Any]]:
         model, model_cfg = load_model(checkpoint)
         model.eval()
         size, channels = model_cfg.image_size, model_cfg.channels
-        calib_x, calib_y = take(
-            load_split(data, "calib", size, channels=channels), cfg.calib_images, cfg.seed
-        )
+        calib = load_split(data, "calib", size, channels=channels)
+        calib_x, calib_y = take(calib, cfg.calib_images, cfg.seed)
+        calib_items = calibration_items(data, "calib", len(calib), cfg.calib_images, cfg.seed)  # type: ignore[arg-type]
         test_x, test_y = take(load_split(data, "test", size, channels=channels))
         items = source_items(data, "test", len(test_y))
         dense_pred, dense_cost = measure(model, test_x, None, batch_size=cfg.batch_size)
@@ -139,7 +139,9 @@ def frontier(cfg: FrontierConfig) -> list[dict[str, Any]]:
         mine = [
             _row(name, data, "dense", 1.0, None, dense_gflops, dense_gflops, correct["dense", 1.0], items)
         ]
-        search = Calibration(model, calib_x, calib_y, batch_size=cfg.batch_size, progress=False)
+        search = Calibration(
+            model, calib_x, calib_y, batch_size=cfg.batch_size, progress=False, items=calib_items
+        )
         budgets: list[Budget | None] = [None]
         for method in cfg.methods:
             for target in cfg.targets:

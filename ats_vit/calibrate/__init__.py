@@ -81,6 +81,9 @@ class Calibration:
     and aim again when it misses (:mod:`~ats_vit.calibrate.verify`). Trials are remembered, so
     calibrating for several targets (as ``ats-vit bench frontier`` does) repeats no work;
     ``passes`` counts the work done, in forward passes over all calibration images.
+    ``items`` (N,): the independent source item of each calibration image
+    (:func:`ats_vit.data.calibration_items`; None: each image its own), so that `auto`'s
+    switch rule counts independent evidence.
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class Calibration:
         verify: bool = True,
         progress: bool = True,
         memory_limit: float = 8.0,
+        items: Tensor | None = None,
     ) -> None:
         self.method = check_method(method)
         if timing_batch is not None:
@@ -117,6 +121,7 @@ class Calibration:
             steps=steps,
             probe=probe,
             memory_limit=memory_limit,
+            items=items,
         )
         self.model, self.family, self.cost = model, self.search.family, cost
         self.verify, self.dtype, self.progress = verify, dtype, progress
@@ -173,7 +178,7 @@ class Calibration:
         if not near:
             best = min(found, key=lambda t: abs(t.cost - target))
             return self.search.trial(*best.key) if best.estimated else best
-        return choose(near, methods, self.images, timed=self.latency is not None)
+        return choose(near, methods, self.images, timed=self.latency is not None, items=self.search.items)
 
     def measured_ratio(self, budget: Budget, rounds: int = 21) -> float:
         """The time of a forward pass under ``budget`` as a fraction of the dense one, timed
@@ -291,7 +296,8 @@ def calibrate(
     ``timing_batch``, ``dtype``, ``start_layers`` (where selection may start; default all),
     ``batch_size``, ``tolerance`` and ``steps`` (of the bisection of each knob), ``probe``
     (stop GFLOPs trials that are clearly far from the target on a quarter of the images; the
-    same budgets, faster), ``verify`` (time a latency budget and correct), ``progress``.
+    same budgets, faster), ``verify`` (time a latency budget and correct), ``progress``,
+    ``items`` (each image's independent source item, for `auto`'s switch rule).
     Raises :class:`~ats_vit.budget.BudgetError` naming the reachable range when ``target`` is
     out of it.
     """

@@ -70,7 +70,9 @@ class BudgetSearch:
     classifier (a feature tower) is scored by how close its pooled features stay to the dense
     ones (mean cosine similarity); a classifier by accuracy against ``labels``, or without
     them by agreement with the dense model's top-1. ``passes`` counts the work done, in
-    forward passes over all calibration images.
+    forward passes over all calibration images. ``items`` (N,): the independent source item
+    of each image (:func:`ats_vit.data.source_items`; None: each image is its own), so that
+    comparisons of two trials count items, not images.
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class BudgetSearch:
         steps: int = 10,
         probe: bool = True,
         memory_limit: float = 8.0,
+        items: Tensor | None = None,
     ) -> None:
         _validate.choice("cost", cost, COST_KINDS)
         if not isinstance(images, Tensor) or images.dim() not in (4, 5) or len(images) == 0:
@@ -97,6 +100,10 @@ class BudgetSearch:
         if labels is not None and (not isinstance(labels, Tensor) or labels.shape != images.shape[:1]):
             raise ValueError(
                 f"labels must be a (N,) tensor matching images, got {getattr(labels, 'shape', labels)}"
+            )
+        if items is not None and (not isinstance(items, Tensor) or items.shape != images.shape[:1]):
+            raise ValueError(
+                f"items must be a (N,) tensor matching images, got {getattr(items, 'shape', items)}"
             )
         _validate.finite_images(images, "calibration images")
         self.model, self.cost, self.latency = model, cost, latency
@@ -140,6 +147,8 @@ class BudgetSearch:
         stride = 4 if probe and cost == "gflops" and len(images) >= 4 * MIN_PROBE else 1
         order = torch.cat([order[i::stride] for i in range(stride)])
         self.ordered = images[order]
+        # the independent item each image (in trial order) comes from: None, each its own
+        self.items = None if items is None else items.to(device)[order]
         labels = None if labels is None else labels.to(device)[order]
         self.probe = len(order[::stride]) if stride > 1 else len(images)
         first = self.ordered[: self.probe].split(batch_size)

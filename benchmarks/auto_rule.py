@@ -1,0 +1,202 @@
+"""How `auto` chooses: its members and its switch threshold, chosen on held-out checkpoints.
+
+`auto` calibrates each of its members (`ats_vit.calibrate.AUTO`) to the target and keeps the
+first one unless another is ahead on the calibration images by more than ``z`` standard
+errors of the paired difference, counted over independent items (`ats_vit.calibrate.prefer`,
+``SWITCH_Z``). This script calibrates every candidate member once per target (calibration
+split, with its items), measures each one's pick on the test split, and replays `auto` for
+every candidate member list and ``z``: the mean test accuracy over all points, and how often
+the pick is significantly below the best member there (exact paired test over test items).
+
+The rule, fixed before the run: run it on the held-out seeds only (`frontier_checkpoints.py
+--held-out`: data and weights of seeds 100 and 101, in no reported table) and keep the member
+list and ``z`` with the highest mean test accuracy over all points; of equal means (within
+0.05 points), the earlier member list in ``MEMBER_LISTS`` (the current one first), then the
+larger ``z``.
+
+    python benchmarks/frontier_checkpoints.py runs/held --only demo gap --held-out
+    python benchmarks/auto_rule.py runs/held/{demo,gap}-s{100,101}/final.safetensors \\
+        --data demo@100 demo@101 demo@100 demo@101 --json auto_rule.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ats_vit._io import write_text_atomic
+from ats_vit._progress import bar as progress_bar
+from ats_vit.bench.common import json_arguments, machine, print_table
+from ats_vit.calibrate import AUTO, SWITCH_Z, Calibration, Trial, prefer
+from ats_vit.checkpoint import load_model
+from ats_vit.data import calibration_items, load_split, source_items, take
+from ats_vit.evaluate import measure
+from ats_vit.stats import paired_test
+
+# the member lists replayed, the current one first; every member is calibrated once
+MEMBER_LISTS: tuple[tuple[str, ...], ...] = (
+    AUTO,
+    ("ats-fuse", "tome"),
+    ("tome", "ats-fuse"),
+    (*AUTO, "evit"),
+    ("tome", "ats-fuse", "evit"),
+)
+TIE = 0.05  # points: means closer than this are equal
+
+
+@dataclass
+class Config:
+    checkpoints: tuple[str, ...]
+    data: tuple[str, ...] = ("demo",)
+    calib_images: int = 320
+    targets: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    zs: tuple[float, ...] = (0.0, 0.5, 1.0, 1.645, 2.0, math.inf)
+    seed: int = 0
+
+    def data_of(self, index: int) -> str:
+        return self.data[0] if len(self.data) == 1 else self.data[index]
+
+
+@dataclass
+class Point:
+    checkpoint: str
+    target: float
+    trials: dict[str, Trial]  # each candidate member's best budget near the target
+    hits: dict[str, torch.Tensor]  # its test images classified right
+    items: torch.Tensor  # the test images' independent items
+    calib_items: torch.Tensor  # the calibration images' items, in the search's order
+
+
+def measure_points(cfg: Config, index: int) -> list[Point]:
+    checkpoint, data = cfg.checkpoints[index], cfg.data_of(index)
+    name = Path(checkpoint).parent.name or checkpoint
+    model, model_cfg = load_model(checkpoint)
+    model.eval()
+    size, channels = model_cfg.image_size, model_cfg.channels
+    calib = load_split(data, "calib", size, channels=channels)
+    calib_x, calib_y = take(calib, cfg.calib_images, cfg.seed)
+    items = calibration_items(data, "calib", len(calib), cfg.calib_images, cfg.seed)  # type: ignore[arg-type]
+    test_x, test_y = take(load_split(data, "test", size, channels=channels))
+    search = Calibration(model, calib_x, calib_y, progress=False, items=items)
+    candidates = tuple(dict.fromkeys(m for members in MEMBER_LISTS for m in members))
+    points = []
+    for target in progress_bar(iterable=cfg.targets, desc=name, unit="target"):
+        trials, hits = {}, {}
+        for method in candidates:
+            found = search.candidates(target, method)
+            if not found:
+                continue
+            torch.manual_seed(cfg.seed)
+            trials[method] = found[0]
+            hits[method] = measure(model, test_x, found[0].budget)[0] == test_y
+        points.append(
+            Point(name, target, trials, hits, source_items(data, "test", len(test_y)), search.search.items)
+        )
+    return points
+
+
+def replay(points: list[Point], zs: tuple[float, ...]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per member list, z and point: `auto`'s pick and its test accuracy; then the summary."""
+    rows = []
+    for members in MEMBER_LISTS:
+        for z in zs:
+            for point in points:
+                listed = [point.trials[m] for m in members if m in point.trials]
+                if not listed:
+                    continue
+                chosen = str(prefer(listed, z, point.calib_items).budget.method)
+                present = [m for m in members if m in point.hits]
+                best = max(present, key=lambda m: (point.hits[m].float().mean().item(), m == chosen))
+                diff, p = paired_test(point.hits[best], point.hits[chosen], point.items)
+                rows.append(
+                    dict(
+                        members="+".join(members),
+                        z=z,
+                        checkpoint=point.checkpoint,
+                        target=point.target,
+                        chosen=chosen,
+                        accuracy_pct=100 * point.hits[chosen].float().mean().item(),
+                        best_member=best,
+                        below_best_pct=100 * diff,
+                        p=p if best != chosen else 1.0,
+                    )
+                )
+    summary = []
+    for members in MEMBER_LISTS:
+        for z in zs:
+            mine = [r for r in rows if r["members"] == "+".join(members) and r["z"] == z]
+            summary.append(
+                dict(
+                    members="+".join(members),
+                    z=z,
+                    mean_pct=statistics.fmean(r["accuracy_pct"] for r in mine),
+                    below_best=sum(r["p"] < 0.05 for r in mine),
+                    switches=sum(r["chosen"] != members[0] for r in mine),
+                    points=len(mine),
+                )
+            )
+    return rows, summary
+
+
+def pick(summary: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rule of the module docstring: the highest mean; within TIE of it, the earliest
+    member list, then the larger z."""
+    top = max(s["mean_pct"] for s in summary)
+    equal = [s for s in summary if s["mean_pct"] >= top - TIE]
+    order = ["+".join(m) for m in MEMBER_LISTS]
+    return min(equal, key=lambda s: (order.index(s["members"]), -s["z"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "checkpoints", nargs="+", help="held-out checkpoints (frontier_checkpoints.py --held-out)"
+    )
+    parser.add_argument("--data", nargs="+", default=["demo"], help="one data spec, or one per checkpoint")
+    parser.add_argument("--calib-images", type=int, default=Config.calib_images)
+    parser.add_argument("--targets", type=float, nargs="+", default=list(Config.targets))
+    args = json_arguments(parser, "config, machine, rows, summary and the pick")()
+    if len(args.data) not in (1, len(args.checkpoints)):
+        parser.error(
+            f"--data takes one spec or one per checkpoint ({len(args.checkpoints)}), got {len(args.data)}"
+        )
+    cfg = Config(tuple(args.checkpoints), tuple(args.data), args.calib_images, tuple(args.targets))
+    points = [p for i in range(len(cfg.checkpoints)) for p in measure_points(cfg, i)]
+    rows, summary = replay(points, cfg.zs)
+    chosen = pick(summary)
+    print_table(
+        summary,
+        (
+            ("members", "members", "<32"),
+            ("z", "z", ".3g"),
+            ("mean_pct", "mean test %", ".3f"),
+            ("below_best", "below best (p<0.05)", "d"),
+            ("switches", "left the first", "d"),
+            ("points", "points", "d"),
+        ),
+    )
+    print(
+        f"the rule keeps: members {chosen['members']}, z = {chosen['z']:g} "
+        f"(now: {'+'.join(AUTO)}, z = {SWITCH_Z:g})"
+    )
+    if args.json:
+        record = dict(
+            config={**asdict(cfg), "member_lists": ["+".join(m) for m in MEMBER_LISTS]},
+            machine=machine("cpu"),
+            rows=rows,
+            summary=summary,
+            pick=chosen,
+        )
+        write_text_atomic(args.json, json.dumps(record, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
