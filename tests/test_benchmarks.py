@@ -1,5 +1,6 @@
 """Every script in benchmarks/ runs on tiny sizes (a smoke test: no timing is asserted)."""
 
+import csv
 import json
 import math
 import runpy
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).parent.parent / "benchmarks"
 TINY_TIMM = ["--model", "vit_tiny_patch16_224"]
@@ -103,6 +105,17 @@ def test_frontier_checkpoints(tmp_path, monkeypatch, capsys):
     argv += ["--resume", "--overwrite", "--json", str(report)]
     assert run_script("frontier_checkpoints.py", *argv, monkeypatch=monkeypatch) == 0
     assert json.loads(report.read_text())["rows"] == rows
+    # --resume also starts the runs OUT does not hold yet (and keeps the finished ones)
+    from helpers import weights
+
+    before = weights(out / "p6" / "final.safetensors")
+    argv = [str(out), "--only", "p6", "--epochs", "2", "--train-images", "64", "--seeds", "0", "3"]
+    assert run_script("frontier_checkpoints.py", *argv, "--resume", monkeypatch=monkeypatch) == 0
+    assert (out / "p6-s3" / "final.safetensors").exists()
+    after = weights(out / "p6" / "final.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with open(out / "p6" / "epochs.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]
 
 
 def test_auto_rule(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
