@@ -262,15 +262,58 @@ def checkpoints(*names: str) -> str:
     return table(header, body) + "\n\n" + note
 
 
-def frontier_seeds(name: str, recipe: str) -> str:
-    """One recipe's frontier pooled over its seeds: the mean over seeds ± their standard
-    deviation, ▲/▼ where the paired test over seeds x test items against `auto` is significant
-    after Benjamini-Hochberg over this table's comparisons; the sanity checks a trained DeiT
-    passes (ToMe and top-k at least as accurate as random dropping at every target)."""
+def auto_rule(name: str) -> str:
+    """`benchmarks/auto_rule.py`'s replay of `auto` on held-out checkpoints: per member list and
+    switch threshold, the mean test accuracy over every (checkpoint, target)."""
+    record = load(name)
+    body = [
+        [
+            " + ".join(f"`{m}`" for m in s["members"].split("+")),
+            f"{s['z']:g}",
+            f"{s['mean_pct']:.3f}",
+            str(s["below_best"]),
+            f"{s['switches']} of {s['points']}",
+        ]
+        for s in record["summary"]
+    ]
+    pick = record["pick"]
+    checkpoints = ", ".join(Path(c).parent.name for c in record["config"]["checkpoints"])
+    note = (
+        f"Held-out checkpoints {checkpoints} ({record['config']['calib_images']} calibration images, "
+        f"targets {', '.join(f'{t:g}' for t in record['config']['targets'])}): mean test accuracy of "
+        "`auto`'s pick over all points; *below best*: points where the pick is below the best member "
+        "of its list by the exact paired test (p < 0.05); *left the first*: how often it switched. "
+        f"The rule's pick on these checkpoints: {pick['members'].replace('+', ' + ')}, z = {pick['z']:g}. "
+        + where(record, name)
+    )
+    return (
+        table(
+            [
+                "members (first kept unless another is ahead)",
+                "z",
+                "mean test %",
+                "below best",
+                "left the first",
+            ],
+            body,
+        )
+        + "\n\n"
+        + note
+    )
+
+
+def frontier_seeds(recipe: str, *names: str) -> str:
+    """One recipe's frontier pooled over its seeds (from one run, or one run per seed): the
+    mean over seeds ± their standard deviation, ▲/▼ where the paired test over seeds x test
+    items against `auto` is significant after Benjamini-Hochberg over this table's
+    comparisons; the sanity checks a trained DeiT passes (ToMe and top-k at least as accurate
+    as random dropping at every target)."""
     from ats_vit.bench.frontier import pool_seeds, recipe_of
 
-    record = load(name)
-    pooled = pool_seeds([r for r in record["rows"] if recipe_of(r["checkpoint"]) == recipe])
+    records = {name: load(name) for name in names}
+    record = next(iter(records.values()))
+    rows = [r for rec in records.values() for r in rec["rows"] if recipe_of(r["checkpoint"]) == recipe]
+    pooled = pool_seeds(rows)
     dense = next(r for r in pooled if r["method"] == "dense")
     rows = [r for r in pooled if r["method"] != "dense"]
     targets, cell, body = _method_grid(
@@ -302,7 +345,8 @@ def frontier_seeds(name: str, recipe: str) -> str:
         f"{len(tested)} comparisons (p < 0.05): `auto` above a peer {len(above)} times, below {len(below)}"
         + (" (" + "; ".join(f"`{r['method']}` at {r['target']:g}" for r in below) + ")" if below else "")
         + f". Speed-up: median over seeds of each seed's median over {record['config']['timing_processes']} "
-        f"separate processes (lowest–highest seed). Sanity: {'; '.join(sanity)}. " + where(record, name)
+        f"separate processes (lowest–highest seed). Sanity: {'; '.join(sanity)}. "
+        + " ".join(where(rec, name) for name, rec in records.items())
     )
     return table(header, body) + "\n\n" + note
 
@@ -601,10 +645,13 @@ TABLES: dict[str, Callable[[], str]] = {
     "frontier-map": lambda: _frontier("frontier.json", "map"),
     "frontier-glyphs196": lambda: _frontier("frontier_glyphs196.json", "glyphs196"),
     "frontier-summary": frontier_summary,
+    "auto-rule": lambda: auto_rule("auto_rule_demo_gap.json"),
     "checkpoints": lambda: checkpoints("checkpoints_glyphs196.json", "checkpoints_demo_gap.json"),
-    "frontier-seeds-demo": lambda: frontier_seeds("frontier_demo_seeds.json", "demo"),
-    "frontier-seeds-gap": lambda: frontier_seeds("frontier_gap_seeds.json", "gap"),
-    "frontier-seeds-glyphs196": lambda: frontier_seeds("frontier_glyphs196_seeds.json", "glyphs196"),
+    "frontier-seeds-demo": lambda: frontier_seeds("demo", "frontier_demo_seeds.json"),
+    "frontier-seeds-gap": lambda: frontier_seeds("gap", "frontier_gap_seeds.json"),
+    "frontier-seeds-glyphs196": lambda: frontier_seeds(
+        "glyphs196", *(f"frontier_glyphs196_seeds_{s}.json" for s in (1, 2, 3))
+    ),
     "speed-cpu": speed_cpu,
     "speed-cpu-full": speed_cpu_full,
     "speed-cpu-compiled": speed_cpu_compiled,
