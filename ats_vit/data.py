@@ -347,10 +347,16 @@ def take_index(size: int, count: int | None = None, seed: int = 0) -> Tensor:
     ]
 
 
-def calibration_items(spec: str, split: str, size: int, count: int | None = None, seed: int = 0) -> Tensor:
+def calibration_items(
+    spec: str, split: str, size: int, count: int | None = None, seed: int = 0
+) -> Tensor | None:
     """The independent source item of each image that ``take(split, count, seed)`` takes from
     a split of ``size`` images of ``spec`` (:func:`source_items`): what `auto`'s switch rule
-    counts (the demo's calibration split places each digit several times)."""
+    counts (the demo's calibration split places each digit several times). None where every
+    image is its own item (glyphs, folders: also when unreadable images were skipped)."""
+    known = bundled(spec)
+    if known is None or known[0] != "demo":
+        return None
     return source_items(spec, split, size)[take_index(size, count, seed)]
 
 

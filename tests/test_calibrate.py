@@ -253,6 +253,7 @@ def test_calibration_items_follow_the_images_into_the_search():
     calib = load_split("demo@2", "calib", 48)
     got = calibration_items("demo@2", "calib", len(calib), 320, seed=4)
     _, labels = take(calib, 320, seed=4)
-    assert len(got) == 320 and got.unique().numel() < 320
+    assert got is not None and len(got) == 320 and got.unique().numel() < 320
+    assert calibration_items("glyphs@2", "calib", 4000, 320) is None  # every glyph its own item
     for item in got.unique()[:20]:  # images of one item show one digit
         assert labels[got == item].unique().numel() == 1
