@@ -258,7 +258,7 @@ def _log_epoch(
     """One row of ``epochs.csv`` (rank 0 writes it): the epoch's mean training loss over all
     ranks and, with ``val_data``, the accuracy on it (every rank scores its share). The curves
     that show whether a run has converged; nothing is chosen by them."""
-    _, world = rank_world()
+    rank, world = rank_world()
     total = loss_sum.clone()
     if world > 1:
         dist.all_reduce(total)
@@ -267,7 +267,7 @@ def _log_epoch(
     if val_data is not None:
         accuracy = float(evaluate(model, val_data)["accuracy"])
         model.train()
-    if rank_world()[0] == 0:
+    if rank == 0:
         new = not path.exists()
         with open(path, "a", newline="") as f:
             writer = csv.writer(f)

@@ -27,17 +27,14 @@ import json
 import math
 import statistics
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ats_vit._io import write_text_atomic
 from ats_vit._progress import bar as progress_bar
-from ats_vit.bench.common import json_arguments, machine, print_table
+from ats_vit.bench.common import checkpoint_splits, json_arguments, machine, print_table
 from ats_vit.calibrate import AUTO, SWITCH_Z, Calibration, Trial, prefer
-from ats_vit.checkpoint import load_model
-from ats_vit.data import calibration_items, load_split, source_items, take
 from ats_vit.evaluate import measure
 from ats_vit.stats import paired_test
 
@@ -76,19 +73,12 @@ class Point:
 
 
 def measure_points(cfg: Config, index: int) -> list[Point]:
-    checkpoint, data = cfg.checkpoints[index], cfg.data_of(index)
-    name = Path(checkpoint).parent.name or checkpoint
-    model, model_cfg = load_model(checkpoint)
-    model.eval()
-    size, channels = model_cfg.image_size, model_cfg.channels
-    calib = load_split(data, "calib", size, channels=channels)
-    calib_x, calib_y = take(calib, cfg.calib_images, cfg.seed)
-    items = calibration_items(data, "calib", len(calib), cfg.calib_images, cfg.seed)  # type: ignore[arg-type]
-    test_x, test_y = take(load_split(data, "test", size, channels=channels))
-    search = Calibration(model, calib_x, calib_y, progress=False, items=items)
+    loaded = checkpoint_splits(cfg.checkpoints[index], cfg.data_of(index), cfg.calib_images, cfg.seed)
+    model, test_x, test_y = loaded.model, loaded.test_x, loaded.test_y
+    search = Calibration(model, loaded.calib_x, loaded.calib_y, progress=False, items=loaded.calib_items)
     candidates = tuple(dict.fromkeys(m for members in MEMBER_LISTS for m in members))
     points = []
-    for target in progress_bar(iterable=cfg.targets, desc=name, unit="target"):
+    for target in progress_bar(iterable=cfg.targets, desc=loaded.name, unit="target"):
         trials, hits = {}, {}
         for method in candidates:
             found = search.candidates(target, method)
@@ -97,9 +87,7 @@ def measure_points(cfg: Config, index: int) -> list[Point]:
             torch.manual_seed(cfg.seed)
             trials[method] = found[0]
             hits[method] = measure(model, test_x, found[0].budget)[0] == test_y
-        points.append(
-            Point(name, target, trials, hits, source_items(data, "test", len(test_y)), search.search.items)
-        )
+        points.append(Point(loaded.name, target, trials, hits, loaded.test_items, search.search.items))
     return points
 
 

@@ -233,7 +233,7 @@ def tiny_splits(monkeypatch):
     def load(spec, split, size, **kw):
         return splits[split]
 
-    for name in ("ats_vit.data", "ats_vit.bench.frontier", "ats_vit.bench.train"):
+    for name in ("ats_vit.data", "ats_vit.bench.train"):
         monkeypatch.setattr(importlib.import_module(name), "load_split", load)
     return splits
 

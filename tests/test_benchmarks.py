@@ -31,7 +31,7 @@ def tiny_splits(monkeypatch):
     from helpers import tiny_data
 
     splits = {"train": tiny_data(96), "calib": tiny_data(64, seed=1), "test": tiny_data(80, seed=2)}
-    for name in ("ats_vit.data", "ats_vit.bench.frontier", "ats_vit.bench.train"):
+    for name in ("ats_vit.data", "ats_vit.bench.train"):
         monkeypatch.setattr(
             importlib.import_module(name), "load_split", lambda spec, split, *a, **k: splits[split]
         )

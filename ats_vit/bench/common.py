@@ -12,7 +12,7 @@ import platform
 import subprocess
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,45 @@ def checkpoint_batch(
     model, cfg = load_model(checkpoint)
     images = datasets.take(datasets.load_split(data, split, cfg.image_size, channels=cfg.channels), count)[0]
     return model.eval(), cfg, images
+
+
+@dataclass
+class CheckpointSplits:
+    """A checkpoint's model (in eval mode), a draw of its data's calibration split and the whole
+    test split, each with the independent item every image comes from (None: each its own)."""
+
+    name: str  # the checkpoint's folder name (seeds of a recipe are told apart by it)
+    model: torch.nn.Module
+    calib_x: Tensor
+    calib_y: Tensor
+    calib_items: Tensor | None
+    test_x: Tensor
+    test_y: Tensor
+    test_items: Tensor
+
+
+def checkpoint_splits(checkpoint: str, data: str, calib_images: int | None, seed: int) -> CheckpointSplits:
+    """What a benchmark that calibrates on one split and reports on another loads per
+    checkpoint: ``calib_images`` calibration images drawn by ``seed`` (all when None)."""
+    from ats_vit import data as datasets  # looked up when called (tests put tiny data in its place)
+    from ats_vit.checkpoint import load_model
+
+    model, cfg = load_model(checkpoint)
+    size, channels = cfg.image_size, cfg.channels
+    calib = datasets.load_split(data, "calib", size, channels=channels)
+    calib_x, calib_y = datasets.take(calib, calib_images, seed)
+    calib_items = datasets.calibration_items(data, "calib", len(calib), calib_images, seed)  # type: ignore[arg-type]
+    test_x, test_y = datasets.take(datasets.load_split(data, "test", size, channels=channels))
+    return CheckpointSplits(
+        Path(checkpoint).parent.name or str(checkpoint),
+        model.eval(),
+        calib_x,
+        calib_y,
+        calib_items,
+        test_x,
+        test_y,
+        datasets.source_items(data, "test", len(test_y)),
+    )
 
 
 def use_threads(threads: int) -> None:

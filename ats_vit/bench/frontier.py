@@ -35,10 +35,10 @@ from typing import Any
 import torch
 
 from ats_vit._progress import bar as progress_bar
+from ats_vit.bench.common import checkpoint_splits
 from ats_vit.budget import Budget, BudgetError
 from ats_vit.calibrate import METHOD_CHOICES, RECOMMENDED, Calibration
-from ats_vit.checkpoint import load_model
-from ats_vit.data import calibration_items, load_split, source_items, take
+from ats_vit.data import source_items
 from ats_vit.evaluate import measure, time_budgets
 from ats_vit.stats import adjust_bh, bootstrap_ci95, paired_test
 from ats_vit.timing import speedup
@@ -124,15 +124,14 @@ def frontier(cfg: FrontierConfig) -> list[dict[str, Any]]:
     )
     for index, checkpoint in enumerate(cfg.checkpoints):
         data = cfg.data_of(index)
-        name = Path(checkpoint).parent.name or str(checkpoint)
-        model, model_cfg = load_model(checkpoint)
-        model.eval()
-        size, channels = model_cfg.image_size, model_cfg.channels
-        calib = load_split(data, "calib", size, channels=channels)
-        calib_x, calib_y = take(calib, cfg.calib_images, cfg.seed)
-        calib_items = calibration_items(data, "calib", len(calib), cfg.calib_images, cfg.seed)  # type: ignore[arg-type]
-        test_x, test_y = take(load_split(data, "test", size, channels=channels))
-        items = source_items(data, "test", len(test_y))
+        loaded = checkpoint_splits(checkpoint, data, cfg.calib_images, cfg.seed)
+        name, model, test_x, test_y, items = (
+            loaded.name,
+            loaded.model,
+            loaded.test_x,
+            loaded.test_y,
+            loaded.test_items,
+        )
         dense_pred, dense_cost = measure(model, test_x, None, batch_size=cfg.batch_size)
         dense_gflops = dense_cost.double().mean().item()
         correct = {("dense", 1.0): dense_pred == test_y}
@@ -140,7 +139,12 @@ def frontier(cfg: FrontierConfig) -> list[dict[str, Any]]:
             _row(name, data, "dense", 1.0, None, dense_gflops, dense_gflops, correct["dense", 1.0], items)
         ]
         search = Calibration(
-            model, calib_x, calib_y, batch_size=cfg.batch_size, progress=False, items=calib_items
+            model,
+            loaded.calib_x,
+            loaded.calib_y,
+            batch_size=cfg.batch_size,
+            progress=False,
+            items=loaded.calib_items,
         )
         budgets: list[Budget | None] = [None]
         for method in cfg.methods:
