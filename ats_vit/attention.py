@@ -303,14 +303,14 @@ def sampled_self_attention(
     def rotate(t: Tensor, where: Tensor | None) -> Tensor:
         return t if rope is None or where is None else rope(t, where)
 
-    bias = key_bias(padding, size)
+    bias = key_bias(padding, size if ats is None or ats.proportional else None)
     all_proj = _projections(parts.qkv_weight, parts.qkv_bias)
     if ats is None or not ats.needed(x.shape[1]) or ats.late:
         q, k, v = _project(x, all_proj, padding, heads)
         q, k = rotate(q_norm(q), positions), rotate(k_norm(k), positions)
         selection, out_padding, queries, q_positions = None, padding, x, positions
         if ats is not None and ats.late and ats.needed(x.shape[1]):
-            # ToMe: every token attends; the merge that follows is planned from the keys
+            # ToMe, PiToMe: every token attends; the merge that follows is planned from the keys
             selection = ats(None, v, padding, k=k, size=size)
     elif ats.scoring == "received" and ats.uses_attention_scores:
         q_raw, k, v = _project(x, all_proj, padding, heads)

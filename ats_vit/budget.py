@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -141,6 +142,21 @@ class Budget:
             tokens -= max(0, min(rate, (tokens - num_prefix_tokens) // 2))
             caps.append(tokens - num_prefix_tokens)
         return cls(0, tuple(caps), sampler="tome", depth=depth, num_patches=num_patches, method="tome")
+
+    @classmethod
+    def pitome(cls, ratio: float, depth: int, num_patches: int) -> Budget:
+        """PiToMe's schedule as caps: every layer keeps ``ratio`` of its patch tokens, merging
+        ``floor(T - T * ratio)`` of its ``T`` (at most half), as its authors' ``pitome_vision``
+        counts them (``ratio`` 0.9 to 0.95 are their DeiT settings)."""
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+            raise TypeError(f"ratio must be a float, got {type(ratio).__name__} ({ratio!r})")
+        if not 0.5 <= ratio <= 1.0:
+            raise ValueError(f"ratio must be in [0.5, 1] (PiToMe merges at most half), got {ratio}")
+        tokens, caps = num_patches, []
+        for _ in range(depth):
+            tokens -= min(math.floor(tokens - tokens * ratio), tokens // 2)
+            caps.append(tokens)
+        return cls(0, tuple(caps), sampler="pitome", depth=depth, num_patches=num_patches, method="pitome")
 
     def options(self, runtime: SamplingOptions | None = None) -> SamplingOptions:
         """This budget's rule on ``runtime``'s static shape and jitter (how the model runs)."""

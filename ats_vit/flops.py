@@ -145,9 +145,8 @@ def _divided_flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     n_in, n_out = _in_out(cost, trace)
     device = n_in.device
     discards = _layers(trace, device, lambda r, _: not r.merges)
-    scored = _layers(trace, device, lambda r, rec: r is not Rule.TOME and not rec)
+    scored = _layers(trace, device, lambda r, rec: not r.late and not rec)
     merges = _layers(trace, device, lambda r, _: r.merges)
-    tome = _layers(trace, device, lambda r, _: r is Rule.TOME)
 
     tubes = n_in - p
     time = tubes * t * (3 * d * a + 2 * t * a + a * d + d * d)
@@ -155,15 +154,25 @@ def _divided_flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     space = t * ((2 * n_in + queries) * d * a + 2 * queries * n_in * a + queries * a * d)
     # the class token's query is the same in every frame (once), its logits are per frame; the
     # score of a tube, Σ_h A·||V|| of its frame means, once (the frame means are element-wise)
-    significance = _layers(trace, device, lambda r, rec: r not in (Rule.TOME, Rule.FIXED) and not rec)
+    significance = _layers(trace, device, lambda r, rec: not r.late and r is not Rule.FIXED and not rec)
     scoring = torch.where(scored, d * a + t * n_in * a, 0.0) + torch.where(
         significance, tubes * cost.heads, 0.0
     )
     merging = torch.where(merges, n_in * t * d, 0.0)
-    similarity = torch.where(tome, torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0)
+    similarity = _similarity(trace, n_in, p, head_dim)
     mlp = (p + (n_out - p) * t) * 2 * d * hidden
     blocks = (time + space + scoring + merging + similarity + mlp).sum(dim=1)
     return blocks + trace.num_patches * t * cost.patch_dim * d + d * cost.num_classes
+
+
+def _similarity(trace: TokenTrace, n_in: Tensor, p: int, head_dim: float) -> Tensor:
+    """(b, depth) the key comparisons of the merging rules: ToMe's bipartite split over every
+    token, prefix included (|A| x |B| dot products); PiToMe's energy over every pair of its
+    candidates (its matches read that matrix, no new products)."""
+    tome = _layers(trace, n_in.device, lambda r, _: r is Rule.TOME)
+    pitome = _layers(trace, n_in.device, lambda r, _: r is Rule.PITOME)
+    halves = torch.where(tome, torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0)
+    return halves + torch.where(pitome, (n_in - p) ** 2 * head_dim, 0.0)
 
 
 def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
@@ -177,12 +186,12 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     head_dim = a / cost.heads
     n_in, n_out = _in_out(cost, trace)
     device = n_in.device
-    early = _layers(trace, device, lambda r, _: r is not Rule.TOME)  # only the kept tokens get outputs
-    received = _layers(trace, device, lambda r, rec: r is not Rule.TOME and rec)
-    cls_row = _layers(trace, device, lambda r, rec: r is not Rule.TOME and not rec)
+    early = _layers(trace, device, lambda r, _: not r.late)  # only the kept tokens get outputs
+    received = _layers(trace, device, lambda r, rec: not r.late and rec)
+    cls_row = _layers(trace, device, lambda r, rec: not r.late and not rec)
     fuse = _layers(trace, device, lambda r, rec: r is Rule.FUSE and not rec)
     fuse_received = _layers(trace, device, lambda r, rec: r is Rule.FUSE and rec)
-    tome = _layers(trace, device, lambda r, _: r is Rule.TOME)
+    late = _layers(trace, device, lambda r, _: r.late)
     queries = torch.where(early, n_out, n_in)
     candidates = n_in - p
     # k, v of all tokens; q of those that get outputs (of all, when all of them score)
@@ -191,15 +200,14 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     # computed by top-k or random picks, which keep a fixed count)
     scoring = torch.where(cls_row, d * a + n_in * a, 0.0)
     scoring = scoring + torch.where(received, n_in * n_in * a, 0.0)
-    significance = _layers(trace, device, lambda r, _: r not in (Rule.TOME, Rule.FIXED))
+    significance = _layers(trace, device, lambda r, _: not r.late and r is not Rule.FIXED)
     scoring = scoring + torch.where(significance, candidates * cost.heads, 0.0)
     # fusing averages the residual stream and the normalised input (received: the queries,
-    # already projected) into the kept slots; ToMe averages the residual stream
+    # already projected) into the kept slots; ToMe and PiToMe average the residual stream
     merging = torch.where(fuse, 2 * n_in * d, 0.0)
     merging = merging + torch.where(fuse_received, n_in * (d + a), 0.0)
-    merging = merging + torch.where(tome, n_in * d, 0.0)
-    # ToMe's bipartite split runs over every token, prefix included
-    similarity = torch.where(tome, torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0)
+    merging = merging + torch.where(late, n_in * d, 0.0)
+    similarity = _similarity(trace, n_in, p, head_dim)
     attention = 2 * queries * n_in * a
     rest = queries * a * d + 2 * n_out * d * hidden  # output projection and MLP
     blocks = (qkv + scoring + merging + similarity + attention + rest).sum(dim=1)

@@ -82,13 +82,14 @@ RULE_OPTIONS = {
     Rule.SCORE: SamplingOptions(),
     Rule.FUSE: SamplingOptions(dropped="fuse"),
     Rule.TOME: SamplingOptions(sampler="tome"),
+    Rule.PITOME: SamplingOptions(sampler="pitome"),
     Rule.OFFICIAL: SamplingOptions(sampler="official"),
     Rule.FIXED: SamplingOptions(sampler="topk"),
 }
 # the rules whole passes are timed with to fit the table to the model in place; the others
 # take the multiplier of their nearest kin
 REFERENCE_RULES = (Rule.SCORE, Rule.FUSE, Rule.TOME, Rule.OFFICIAL)
-KIN = {Rule.FIXED.value: "dense"}
+KIN = {Rule.FIXED.value: "dense", Rule.PITOME.value: Rule.TOME.value}
 
 
 def code_digest(root: Path | None = None) -> str:

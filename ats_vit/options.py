@@ -18,16 +18,16 @@ from ats_vit import _validate
 
 __all__ = ["DROPPED", "SAMPLERS", "Dropped", "Rule", "Sampler", "SamplingOptions"]
 
-Sampler = Literal["inverse_transform", "official", "gumbel", "topk", "random", "tome"]
-# "topk", "random" and "tome" keep a fixed count per image: the peers ATS is compared to;
-# "official" is the authors' released selection
-SAMPLERS: tuple[str, ...] = ("inverse_transform", "official", "gumbel", "topk", "random", "tome")
+Sampler = Literal["inverse_transform", "official", "gumbel", "topk", "random", "tome", "pitome"]
+# "topk", "random", "tome" and "pitome" keep a fixed count per image: the peers ATS is compared
+# to; "official" is the authors' released selection
+SAMPLERS: tuple[str, ...] = ("inverse_transform", "official", "gumbel", "topk", "random", "tome", "pitome")
 Dropped = Literal["discard", "fuse", "merge"]
 DROPPED: tuple[str, ...] = ("discard", "fuse", "merge")
-# the sampler that merges what it drops: "merge" is its only (and default) choice of `dropped`,
-# and no other sampler's (1.0 removed merging into the nearest kept token, which measured no
-# better than fusing: CHANGELOG.md)
-MERGING_SAMPLERS = ("tome",)
+# the samplers that merge what they drop: "merge" is their only (and default) choice of
+# `dropped`, and no other sampler's (1.0 removed merging into the nearest kept token, which
+# measured no better than fusing: CHANGELOG.md)
+MERGING_SAMPLERS = ("tome", "pitome")
 
 
 @dataclass(frozen=True)
@@ -38,12 +38,15 @@ class SamplingOptions:
         eval), ``"official"`` (the authors' released code: head-summed scores sorted, the
         nearest CDF entry to evenly spaced values, at least 8 tokens), ``"gumbel"`` (the seed's
         draws), or a fixed-count peer: ``"topk"`` (EViT's CLS attention), ``"random"``,
-        ``"tome"`` (ToMe: attention for all tokens, then the closest pairs merge).
+        ``"tome"`` (ToMe: attention for all tokens, then the closest pairs merge), ``"pitome"``
+        (PiToMe: as ToMe, but tokens in dense, redundant regions merge first and the distinct
+        ones are protected; no proportional attention, as in its authors' code).
     temperature: scores reshaped as ``S^(1/temperature)`` before the ATS samplers draw (the
         cost knob of a budget); 1 is the paper's op.
     dropped: ``"discard"`` (the paper) or ``"fuse"`` (EViT-style: one token, the
-        significance-weighted mean of the dropped ones); ``"merge"`` is ToMe's, and only its.
-        ``None`` means the sampler's own: ``"merge"`` for ToMe, else ``"discard"``.
+        significance-weighted mean of the dropped ones); ``"merge"`` is ToMe's and PiToMe's,
+        and only theirs. ``None`` means the sampler's own: ``"merge"`` for those, else
+        ``"discard"``.
     static_shape: pad each sampling layer's output to its cap instead of the batch's largest
         count: no host sync (whole-graph compile, export), some padded compute.
     jitter: in training, draw the inverse-transform points inside their strata (at eval they
@@ -71,8 +74,8 @@ class SamplingOptions:
             )
         if dropped == "merge" and self.sampler not in MERGING_SAMPLERS:
             raise ValueError(
-                f"dropped='merge' belongs to sampler='tome'; with sampler={self.sampler!r} dropped must "
-                "be 'discard' or 'fuse' (merging into the nearest kept token was removed in 1.0)"
+                f"dropped='merge' belongs to sampler='tome' or 'pitome'; with sampler={self.sampler!r} "
+                "dropped must be 'discard' or 'fuse' (merging into the nearest kept token was removed in 1.0)"
             )
         object.__setattr__(self, "dropped", dropped)
         object.__setattr__(self, "temperature", _validate.positive_float("temperature", self.temperature))
@@ -98,8 +101,9 @@ class Rule(str, Enum):
     significance scores, dropped tokens discarded; ``OFFICIAL`` the authors' selection (its own
     scores and de-duplication); ``FIXED`` top-k or random picks of a fixed count, discarded;
     ``FUSE`` any scored selection whose dropped tokens fuse into one token; ``TOME`` ToMe
-    (attention for every token, then merging). ``SCORE`` and ``OFFICIAL`` count the same
-    FLOPs; ``FIXED`` computes no significance scores.
+    (attention for every token, then merging); ``PITOME`` PiToMe (as ToMe, plus every pair of
+    tokens compared for their energy). ``SCORE`` and ``OFFICIAL`` count the same FLOPs;
+    ``FIXED`` computes no significance scores.
     """
 
     SCORE = "score"
@@ -107,12 +111,15 @@ class Rule(str, Enum):
     FIXED = "fixed"
     FUSE = "fuse"
     TOME = "tome"
+    PITOME = "pitome"
 
     @classmethod
     def of(cls, options: SamplingOptions) -> Rule:
         """The rule that ``options`` run."""
         if options.sampler == "tome":
             return cls.TOME
+        if options.sampler == "pitome":
+            return cls.PITOME
         if options.dropped == "fuse":
             return cls.FUSE
         if options.sampler == "official":
@@ -123,5 +130,11 @@ class Rule(str, Enum):
 
     @property
     def merges(self) -> bool:
-        """Whether its output tokens carry sizes (later attention adds ``log(size)``)."""
-        return self in (Rule.FUSE, Rule.TOME)
+        """Whether its output tokens carry sizes (a later merge weights by them; later attention
+        adds ``log(size)`` unless the rule is PiToMe, which its authors run without)."""
+        return self in (Rule.FUSE, Rule.TOME, Rule.PITOME)
+
+    @property
+    def late(self) -> bool:
+        """Whether it selects after attention over every token (the merging rules)."""
+        return self in (Rule.TOME, Rule.PITOME)

@@ -10,8 +10,9 @@ Beyond the paper's op, two things a budget can turn (both exact no-ops at their 
 inverse transform keeps more distinct tokens as the scores flatten), and ``dropped`` says what
 happens to the tokens a layer does not keep: ``"discard"`` (the paper) or ``"fuse"`` them into
 one token (EViT-style). The ``"tome"`` sampler is ToMe's bipartite matching in the same
-framework, for comparisons. Fusing and merging make tokens stand for several patches; their
-``size`` then biases attention (proportional attention), see :mod:`ats_vit.attention`.
+framework, for comparisons, and ``"pitome"`` PiToMe's energy-protected merging. Fusing and
+merging make tokens stand for several patches; their ``size`` then biases attention
+(proportional attention; not PiToMe's), see :mod:`ats_vit.attention`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ats_vit import _validate
-from ats_vit.options import Rule, SamplingOptions
+from ats_vit.options import MERGING_SAMPLERS, Rule, SamplingOptions
 
 __all__ = [
     "AdaptiveTokenSampling",
@@ -37,6 +38,7 @@ __all__ = [
     "inverse_transform_sample",
     "keep_mask",
     "merge_plan",
+    "pitome_plan",
     "random_select",
     "select_tokens",
     "sharpen",
@@ -50,6 +52,9 @@ __all__ = [
 # on CPU, so packing a grid that is nearly full loses more than the padded GEMM rows it saves
 # (0.2's benchmarks/profile_sampling.py, in git).
 PACK_MIN_PADDING = 1 / 32
+# PiToMe's margin in layer i of L is PITOME_MARGIN * (1 - i / L), and its first ceil(L / 2)
+# layers match by bipartite halves of the energy order (its authors' patch/timm.py, deit.py)
+PITOME_MARGIN = 0.75
 # the seed's epsilon inside log(scores) for Gumbel draws
 GUMBEL_EPS = 1e-6
 # the authors' ATS never keeps fewer than this many tokens (their n_tokens clamp)
@@ -330,6 +335,67 @@ def tome_plan(
     if valid is None and not torch.compiler.is_exporting():
         return _tome_plan_unpadded(metric, keep_count, num_prefix, size)
     return _tome_plan_general(metric, keep_count, valid, num_prefix, size, static)
+
+
+def pitome_margin(layer: int, depth: int) -> float:
+    """PiToMe's margin in block ``layer`` of ``depth``: tokens more similar than it to many
+    others have high energy (they sit in redundant regions) and merge first."""
+    return PITOME_MARGIN - PITOME_MARGIN * (layer / depth)
+
+
+def pitome_plan(
+    metric: Tensor, keep_count: int, num_prefix: int, size: Tensor | None, *, margin: float, bipartite: bool
+) -> TokenSelection:
+    """PiToMe's merge (Tran et al., NeurIPS 2024; the authors' ``algo/pitome/merge.py``).
+
+    metric: (b, n, d) every token's key averaged over heads, prefix tokens first (they never
+    merge). Each candidate's energy is ``mean_j elu(cos(i, j) - margin)`` over all candidates;
+    ``r = n - p - keep_count`` of them merge (at most half). ``bipartite`` (the first half of
+    the layers): the candidates in energy order alternate into A and B, each A token's match
+    is its most similar B token, and the ``r`` A tokens with the closest matches merge into
+    theirs (ToMe's matching on energy-ordered halves). Otherwise the ``2r`` highest-energy
+    candidates alternate into A and B and every A token merges into its most similar B token;
+    the others are protected. Every slot is the size-weighted mean of its tokens; the output
+    is in position order (prefix tokens, then each surviving token where it was). Needs an
+    unpadded grid (every image merges ``r``: no host sync)."""
+    b, n, _ = metric.shape
+    p, t = num_prefix, n - num_prefix
+    merges = min(max(t - keep_count, 0), t // 2)
+    unit = _unit(_float(metric[:, p:]))
+    sim = unit @ unit.transpose(-1, -2)  # (b, t, t)
+    energy = torch.nn.functional.elu(sim - margin).mean(dim=-1)
+    order = _descending(energy)  # (b, t)
+    if bipartite:
+        a, half_b = order[:, ::2], order[:, 1::2]
+    else:
+        a, half_b = order[:, : 2 * merges : 2], order[:, 1 : 2 * merges : 2]
+    pair = sim.gather(1, a[..., None].expand(-1, -1, t)).gather(2, half_b[:, None].expand(-1, a.shape[1], -1))
+    best, match = pair.max(dim=-1)  # (b, |A|)
+    if bipartite:  # the r A tokens with the closest matches
+        edges = _descending(best)[:, :merges]
+        src, into = a.gather(1, edges), half_b.gather(1, match.gather(1, edges))
+    else:
+        src, into = a, half_b.gather(1, match)
+    merged = torch.zeros(b, t, dtype=torch.bool, device=metric.device).scatter_(1, src, True)
+    slot = p + (~merged).long().cumsum(dim=-1) - 1  # (b, t) each surviving candidate's slot
+    target = torch.zeros_like(slot).scatter_(1, src, into)  # merged candidates: their B token
+    dest = _after_prefix(torch.where(merged, slot.gather(1, target), slot), p)
+    # the surviving candidates' positions, each at its slot (merged ones into a spare column)
+    at = torch.where(merged, t - merges, slot - p)
+    positions = torch.arange(p, n, device=metric.device).expand(b, t)
+    index = _after_prefix(slot.new_zeros(b, t - merges + 1).scatter_(1, at, positions)[:, :-1], p)
+    patches = torch.ones(b, n, device=metric.device) if size is None else _float(size)
+    total = patches.new_zeros(b, n - merges).scatter_add_(1, dest, patches)
+    weight = patches / total.gather(1, dest)
+    return TokenSelection(index, None, Merge(dest, weight, whole=True), total, Rule.PITOME, late=True)
+
+
+def _descending(values: Tensor) -> Tensor:
+    """(b, k) positions sorted by value, largest first: ties by position (a stable sort), or,
+    in ONNX exports (no stable sort there), in top-k's order."""
+    if torch.compiler.is_exporting():
+        return values.topk(values.shape[-1], dim=-1).indices
+    return torch.sort(values, dim=-1, descending=True, stable=True).indices
 
 
 def _tome_plan_general(
@@ -640,6 +706,9 @@ class AdaptiveTokenSampling(nn.Module):
         # set by a budget for the layers it leaves whole (before its start layer): then no rule
         # samples, not even the authors' ATS, whose cap only bounds what it keeps
         self.keeps_all = False
+        # (block index, depth) of the model this layer sits in, for rules that change with
+        # depth (PiToMe's margin and matching); set by the model or family that places it
+        self.layer: tuple[int, int] | None = None
         self.configure(cap, options)
 
     @property
@@ -681,15 +750,21 @@ class AdaptiveTokenSampling(nn.Module):
 
     @property
     def uses_attention_scores(self) -> bool:
-        """Whether the rule needs attention scores (the CLS row or received attention); ToMe
-        compares keys instead."""
-        return self.options.sampler != "tome"
+        """Whether the rule needs attention scores (the CLS row or received attention); the
+        merging rules compare keys instead."""
+        return not self.late
 
     @property
     def late(self) -> bool:
-        """Whether the selection follows attention over every token (ToMe) instead of choosing
-        which tokens get queries."""
-        return self.options.sampler == "tome"
+        """Whether the selection follows attention over every token (ToMe, PiToMe) instead of
+        choosing which tokens get queries."""
+        return self.options.sampler in MERGING_SAMPLERS
+
+    @property
+    def proportional(self) -> bool:
+        """Whether attention adds ``log(size)`` for tokens that stand for several patches: every
+        rule but PiToMe, whose authors merge by size without it."""
+        return self.options.sampler != "pitome"
 
     def needed(self, num_tokens: int) -> bool:
         """Whether a layer with ``num_tokens`` tokens (prefix included) samples at all. The
@@ -720,13 +795,15 @@ class AdaptiveTokenSampling(nn.Module):
         b, _, n, _ = v.shape
         if not self.needed(n):
             return TokenSelection(torch.arange(n, device=v.device).expand(b, n), padding, size=size)
-        if k is None and o.sampler == "tome":
-            raise ValueError("sampler='tome' needs the keys k to compare tokens")
+        if k is None and self.late:
+            raise ValueError(f"sampler={o.sampler!r} needs the keys k to compare tokens")
         valid = None if padding is None else padding.mask[:, p:]
         if o.sampler == "tome":
             metric = head_sum(_required(k))  # (b, n, d): ToMe compares head-averaged keys
             mask = None if padding is None else padding.mask
             return tome_plan(metric, cap, mask, p, size, o.static_shape)
+        if o.sampler == "pitome":
+            return self._pitome(_required(k), padding, size)
         if o.sampler in ("topk", "random") and valid is None and o.dropped == "discard":
             return self._fixed_count(cls_attn, v, size)
         scores = None
@@ -776,6 +853,27 @@ class AdaptiveTokenSampling(nn.Module):
                 selection if size is None else selection._replace(size=gather_tokens(size, selection.index))
             )
         return self._fused(selection, keep, dropped, _required(scores), size)
+
+    def _pitome(self, k: Tensor, padding: Padding | None, size: Tensor | None) -> TokenSelection:
+        if padding is not None:
+            raise ValueError(
+                "sampler='pitome' merges the same count in every image and takes no padded token grid "
+                "(an earlier layer kept an adaptive count); use it in every sampling layer, or use 'tome'"
+            )
+        if self.layer is None:
+            raise ValueError(
+                "sampler='pitome' needs the layer's place in the model (its margin changes with depth): "
+                "set AdaptiveTokenSampling.layer = (index, depth), as ats_vit's models and patches do"
+            )
+        index, depth = self.layer
+        return pitome_plan(
+            head_sum(k),
+            self.cap,
+            self.num_prefix_tokens,
+            size,
+            margin=pitome_margin(index, depth),
+            bipartite=index < -(-depth // 2),
+        )
 
     def _fixed_count(self, cls_attn: Tensor | None, v: Tensor, size: Tensor | None) -> TokenSelection:
         """Top-k or random picks on an unpadded grid: every image keeps exactly the cap, so the

@@ -92,7 +92,7 @@ class ViT(nn.Module):
     ``max_tokens_per_depth[i]`` caps the patch tokens (CLS excluded) that layer ``i`` keeps;
     a layer samples only when it has more than that. ``sampler`` is ``"inverse_transform"``
     (the paper's; deterministic at eval) or ``"gumbel"`` (the seed's); ``"topk"``,
-    ``"random"`` and ``"tome"`` are fixed-count peers for comparisons. ``options``
+    ``"random"``, ``"tome"`` and ``"pitome"`` are fixed-count peers for comparisons. ``options``
     (:class:`~ats_vit.options.SamplingOptions`) sets everything else a layer can do
     (temperature, fusing or merging what it drops, static shapes); give ``sampler`` or
     ``options``, not both. :mod:`ats_vit.budget` changes the caps and options in place.
@@ -166,8 +166,9 @@ class ViT(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for ats, cap in zip(self.sampling_layers(), schedule, strict=True):
+        for i, (ats, cap) in enumerate(zip(self.sampling_layers(), schedule, strict=True)):
             ats.reference_tokens = self.num_patches + 1  # the full grid and CLS
+            ats.layer = (i, depth)
             ats.keeps_all = cap >= self.num_patches  # as a budget's whole layers, for every rule
         # the token state of the last forward pass (see ats_vit.families.last_info)
         self.last_state: TokenState | None = None

@@ -15,8 +15,14 @@ from helpers import small_vit
 from ats_vit import SamplingOptions
 
 SCHEDULE = (16, 8, 6, 6)
-RULES = [dict(), dict(dropped="fuse", temperature=2.0), dict(sampler="official"), dict(sampler="tome")]
-IDS = ["paper", "fuse", "official", "tome"]
+RULES = [
+    dict(),
+    dict(dropped="fuse", temperature=2.0),
+    dict(sampler="official"),
+    dict(sampler="tome"),
+    dict(sampler="pitome"),
+]
+IDS = ["paper", "fuse", "official", "tome", "pitome"]
 
 
 def peaky_vit(**options):

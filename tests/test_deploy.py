@@ -9,8 +9,15 @@ from helpers import images, small_vit
 import ats_vit
 from ats_vit import SamplingOptions
 
-RULES = [dict(), dict(dropped="fuse"), dict(sampler="topk"), dict(sampler="tome"), dict(sampler="official")]
-IDS = ["paper", "fuse", "topk", "tome", "official"]
+RULES = [
+    dict(),
+    dict(dropped="fuse"),
+    dict(sampler="topk"),
+    dict(sampler="tome"),
+    dict(sampler="pitome"),
+    dict(sampler="official"),
+]
+IDS = ["paper", "fuse", "topk", "tome", "pitome", "official"]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=IDS)

@@ -1,9 +1,15 @@
-"""The peers are the real peers: ToMe and the authors' ATS, each checked against a reference
-written here from the published algorithm (not imported from their packages).
+"""The peers are the real peers: ToMe, PiToMe and the authors' ATS, each checked against a
+reference written here from the published algorithm (not imported from their packages).
 
 - ToMe (Bolya et al., ICLR 2023; facebookresearch/ToMe ``tome/merge.py``, ``tome/patch/timm.py``):
   attention for every token with proportional attention, residual, then bipartite soft
   matching on the head-averaged keys, size-weighted merging, ToMe's token order, the MLP.
+- PiToMe (Tran et al., NeurIPS 2024; hchautran/PiToMe ``algo/pitome/merge.py`` ``pitome_vision``,
+  ``pitome``, ``pitome_bsm``, ``merge_wavg``; ``algo/pitome/patch/timm.py``): attention for every
+  token *without* proportional attention (their block never passes the sizes on), residual,
+  energy of the head-averaged keys with margin ``0.75 - 0.75 i / L``, bipartite matching over
+  the energy order in the first ``ceil(L / 2)`` layers, energy-protected merging after,
+  size-weighted merging, the MLP.
 - ATS as the authors released it (adaptivetokensampling/ATS,
   ``libs/models/transformers/ats_block.py``): scores sorted ascending, min-max normalised CDF,
   ``n_ref - 1`` values from the first non-zero CDF entry to 1, nearest entries, unique picks.
@@ -17,7 +23,7 @@ import torch.nn.functional as F
 
 from ats_vit import SamplingOptions
 from ats_vit.budget import Budget, tome_rates
-from ats_vit.sampling import official_select
+from ats_vit.sampling import Padding, official_select
 
 # ---------------------------------------------------------------- ToMe, as published
 
@@ -221,6 +227,159 @@ def test_tome_schedules_follow_parse_r():
     assert tome_rates([4, 2], 3) == [4, 2, 0]
     budget = Budget.tome(100, depth=3, num_patches=16)  # each layer merges at most half
     assert budget.caps == (8, 4, 2) and budget.sampler == "tome"
+
+
+# ---------------------------------------------------------------- PiToMe, as released
+
+
+def reference_pitome_vision(metric, ratio, margin, use_bsm_pitome):
+    """PiToMe's ``pitome_vision`` (class token on): returns its ``merge(x, mode)``."""
+    metric = metric[:, 1:, :]
+    _, t, _ = metric.shape
+    r = math.floor(t - t * ratio)
+    metric = F.normalize(metric, p=2, dim=-1)
+    sim = metric @ metric.transpose(-1, -2)
+    energy = F.elu(sim - margin, alpha=1.0).mean(dim=-1)
+    indices = torch.argsort(energy, descending=True)
+    if use_bsm_pitome:
+        return _reference_pitome_bsm(indices, sim, r)
+    return _reference_pitome(indices, sim, r)
+
+
+def _reference_pitome(indices, scores, r):
+    b, t, _ = scores.shape
+    merge_idx, protected_idx = indices[..., : 2 * r], indices[..., 2 * r :]
+    a_idx, b_idx = merge_idx[..., ::2], merge_idx[..., 1::2]
+    scores = scores.gather(dim=-1, index=b_idx.unsqueeze(-2).expand(b, t, r))
+    scores = scores.gather(dim=-2, index=a_idx.unsqueeze(-1).expand(b, r, r))
+    _, dst_idx = scores.max(dim=-1)
+
+    def merge(x, mode="mean"):
+        x_cls, x = x[:, :1], x[:, 1:]
+        n, _, c = x.shape
+        batch_idx = torch.arange(n).unsqueeze_(1)
+        protected = x[batch_idx, protected_idx, :]
+        src, dst = x[batch_idx, a_idx, :], x[batch_idx, b_idx, :]
+        dst = dst.scatter_reduce(-2, dst_idx.unsqueeze(2).expand(n, r, c), src, reduce=mode)
+        return torch.cat([x_cls, protected, dst], dim=1)
+
+    return merge
+
+
+def _reference_pitome_bsm(indices, scores, r):
+    b, t, _ = scores.shape
+    a_idx, b_idx = indices[..., ::2], indices[..., 1::2]
+    batch_idx = torch.arange(b).unsqueeze_(1)
+    scores = scores.gather(dim=-1, index=b_idx.unsqueeze(-2).expand(b, t, b_idx.shape[-1]))
+    scores = scores.gather(dim=-2, index=a_idx.unsqueeze(-1).expand(b, a_idx.shape[-1], b_idx.shape[-1]))
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+
+    def merge(x, mode="mean"):
+        x_cls, x = x[:, :1], x[:, 1:]
+        src, dst = x[batch_idx, a_idx, :], x[batch_idx, b_idx, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce=mode)
+        return torch.cat([x_cls, unm, dst], dim=1)
+
+    return merge
+
+
+def reference_pitome_forward(model, x, ratio):
+    """A timm ViT's forward with PiToMe's patched blocks (``PiToMeBlock``, ``PiToMeAttention``,
+    ``merge_wavg``) as its authors' ``apply_patch`` sets them: margins ``0.75 - 0.75 i / L``,
+    the first ``ceil(L / 2)`` blocks matching by energy-ordered halves."""
+    x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    depth = len(model.blocks)
+    size = None
+    for i, block in enumerate(model.blocks):
+        attn = block.attn
+        h = block.norm1(x)
+        b, n, c = h.shape
+        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = (((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        x = x + block.ls1(attn.proj(out))
+        margin, use_bsm = 0.75 - 0.75 * (i / depth), i < math.ceil(depth * 0.5)
+        merge = reference_pitome_vision(k.mean(1), ratio, margin, use_bsm)
+        size = torch.ones_like(x[..., 0, None]) if size is None else size
+        x = merge(x * size, mode="sum")
+        size = merge(size, mode="sum")
+        x = x / size
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+    return model.forward_head(model.norm(x))
+
+
+@pytest.mark.parametrize("ratio", [0.9, 0.95])
+def test_pitome_gives_the_logits_of_the_released_code(ratio):
+    timm = pytest.importorskip("timm")
+    import ats_vit.timm as ats_timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = reference_pitome_forward(model, x, ratio)
+        budget = Budget.pitome(ratio, depth=12, num_patches=196)
+        budget.apply(model)
+        ours = model(x)
+        info = ats_timm.last_info(model)
+    tokens, expected = 196, []
+    for _ in range(12):
+        tokens -= math.floor(tokens - tokens * ratio)
+        expected.append(tokens)
+    assert info.kept_per_layer[0].tolist() == expected == list(budget.caps)
+    assert (ours - reference).abs().max().item() <= 1e-5, f"max |diff| {(ours - reference).abs().max():.2e}"
+
+
+def test_pitome_protects_distinct_tokens_and_keeps_position_order():
+    """Outside the bipartite layers, the tokens of lowest energy (least like the others) are
+    never merged; the output keeps the survivors in position order, sizes add up."""
+    from ats_vit.sampling import pitome_plan
+
+    torch.manual_seed(0)
+    base = torch.randn(1, 1, 8)
+    # tokens 1-6: near copies of one key (high energy); 7-10: distinct keys (low energy)
+    crowd = base + 0.01 * torch.randn(2, 6, 8)
+    metric = torch.cat((torch.randn(2, 1, 8), crowd, 10 * torch.eye(8)[None, :4].expand(2, -1, -1)), dim=1)
+    sel = pitome_plan(metric, keep_count=7, num_prefix=1, size=None, margin=0.5, bipartite=False)
+    assert sel.late and sel.padding is None and sel.index.shape == (2, 8)
+    for i in range(2):
+        index = sel.index[i].tolist()
+        assert index[0] == 0 and index == sorted(index)
+        assert {7, 8, 9, 10} <= set(index)  # protected: never merged away
+    assert sel.size.sum(dim=1).tolist() == [11.0, 11.0]
+    dest = sel.merge.dest
+    assert (dest[:, 7:] == torch.tensor([4, 5, 6, 7])).all()  # each protected token alone in its slot
+
+
+def test_pitome_runs_without_proportional_attention():
+    """Its authors' block never passes token sizes to attention: after a merge, the keys of
+    merged tokens get no ``log(size)`` (ToMe's do)."""
+    from ats_vit import AdaptiveTokenSampling
+
+    ats = AdaptiveTokenSampling(4, SamplingOptions(sampler="pitome"))
+    assert not ats.proportional and ats.late and not ats.uses_attention_scores
+    assert AdaptiveTokenSampling(4, SamplingOptions(sampler="tome")).proportional
+    with pytest.raises(ValueError, match="layer's place"):
+        ats(None, torch.randn(1, 2, 9, 4), k=torch.randn(1, 2, 9, 4))
+    ats.layer = (0, 2)
+    padding = Padding(torch.ones(1, 9, dtype=torch.bool), None)
+    with pytest.raises(ValueError, match="padded"):
+        ats(None, torch.randn(1, 2, 9, 4), padding, k=torch.randn(1, 2, 9, 4))
+
+
+def test_pitome_schedules_follow_the_released_ratio():
+    assert Budget.pitome(0.9, depth=3, num_patches=196).caps == (177, 160, 144)
+    assert Budget.pitome(1.0, depth=2, num_patches=10).caps == (10, 10)
+    with pytest.raises(ValueError, match="ratio"):
+        Budget.pitome(0.4, depth=2, num_patches=10)
+    with pytest.raises(TypeError, match="ratio"):
+        Budget.pitome("0.9", depth=2, num_patches=10)
 
 
 # ---------------------------------------------------------------- ATS, as the authors released it

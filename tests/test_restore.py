@@ -21,7 +21,9 @@ def test_with_nothing_dropped_restore_is_the_dense_features():
         torch.testing.assert_close(ats_vit.restore(model, features), features)
 
 
-@pytest.mark.parametrize("rule", [dict(), dict(dropped="fuse"), dict(sampler="tome"), dict(sampler="topk")])
+@pytest.mark.parametrize(
+    "rule", [dict(), dict(dropped="fuse"), dict(sampler="tome"), dict(sampler="pitome"), dict(sampler="topk")]
+)
 def test_every_patch_gets_its_tokens_features_or_its_last_state(rule):
     model = ours(**rule)
     x = images(4, 2)
@@ -35,7 +37,7 @@ def test_every_patch_gets_its_tokens_features_or_its_last_state(rule):
     for i in range(4):
         for patch in alive[i].nonzero().squeeze(1).tolist():
             torch.testing.assert_close(full[i, patch], features[i, state.slot_of[i, patch]])
-    if rule.get("sampler") == "tome":
+    if rule.get("sampler") in ("tome", "pitome"):
         assert alive.all(), "merging drops nothing: every patch lives in some token"
         sizes = torch.zeros(4, features.shape[1]).scatter_add_(1, state.slot_of, torch.ones(4, 17))
         torch.testing.assert_close(sizes[:, 1:], state.size[:, 1:])

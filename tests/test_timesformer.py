@@ -28,6 +28,7 @@ RULES = [
     SamplingOptions(sampler="official"),
     SamplingOptions(dropped="fuse"),
     SamplingOptions(sampler="tome"),
+    SamplingOptions(sampler="pitome"),
 ]
 
 
@@ -108,7 +109,9 @@ def test_last_layer_sampling_keeps_the_dense_output_of_each_kept_tube():
         )
 
 
-@pytest.mark.parametrize("options", [RULES[0], RULES[3], RULES[4]], ids=["ats", "fuse", "tome"])
+@pytest.mark.parametrize(
+    "options", [RULES[0], RULES[3], RULES[4], RULES[5]], ids=["ats", "fuse", "tome", "pitome"]
+)
 def test_analytic_count_matches_pytorch_flop_counter(options):
     from helpers import measured_gflops
 

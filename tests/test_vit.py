@@ -97,9 +97,10 @@ RULES = [
     dict(sampler="topk"),
     dict(sampler="topk", dropped="fuse"),
     dict(sampler="tome"),
+    dict(sampler="pitome"),
     dict(sampler="official"),
 ]
-RULE_IDS = ["paper", "hot", "cold-fuse", "topk", "evit", "tome", "official"]
+RULE_IDS = ["paper", "hot", "cold-fuse", "topk", "evit", "tome", "pitome", "official"]
 
 
 @pytest.mark.parametrize("static_shape", [False, True])

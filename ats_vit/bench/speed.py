@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from ats_vit._progress import bar as progress_bar
 from ats_vit.bench.common import peak_memory, use_threads
 from ats_vit.flops import TokenTrace, ViTCost, gflops
-from ats_vit.options import DROPPED, SAMPLERS, Rule, SamplingOptions
+from ats_vit.options import DROPPED, MERGING_SAMPLERS, SAMPLERS, Rule, SamplingOptions
 from ats_vit.timing import speedup, time_round_robin
 
 __all__ = ["SpeedConfig", "speed"]
@@ -97,9 +97,10 @@ def _rules(cfg: SpeedConfig) -> list[tuple[str, SamplingOptions]]:
     """(name, sampling options) of every ATS variant to time."""
     rules = []
     for sampler in cfg.samplers:
-        for dropped in ("merge",) if sampler == "tome" else cfg.dropped:
+        merging = sampler in MERGING_SAMPLERS
+        for dropped in ("merge",) if merging else cfg.dropped:
             for static in (False, True) if cfg.static else (False,):
-                suffix = "" if dropped == "discard" or sampler == "tome" else f" {dropped}"
+                suffix = "" if dropped == "discard" or merging else f" {dropped}"
                 name = f"ATS {sampler}{suffix}" + (" static" if static else "")
                 rules.append((name, SamplingOptions(sampler, dropped=dropped, static_shape=static)))  # type: ignore[arg-type]
     return rules

@@ -8,8 +8,9 @@
 - ``"ats-fuse"``: the paper's inverse-transform sampling with the temperature knob, the dropped
   tokens of each image fused into one; the cap decays geometrically from the start layer and
   the temperature sets how much of it is used.
-- ``"topk"``, ``"evit"`` (top-k with fusion, EViT), ``"random"``, ``"tome"`` (ToMe): the peers,
-  each keeping a fixed count that decays geometrically from the start layer.
+- ``"topk"``, ``"evit"`` (top-k with fusion, EViT), ``"random"``, ``"tome"`` (ToMe),
+  ``"pitome"`` (PiToMe): the peers, each keeping a fixed count that decays geometrically from
+  the start layer.
 - ``"auto"`` (recommended): the members of :data:`AUTO`, one of them kept by
   :func:`ats_vit.calibrate.choice.prefer`.
 """
@@ -79,6 +80,7 @@ METHODS: dict[str, Method] = {
     "evit": Method("topk", "fuse"),
     "random": Method("random"),
     "tome": Method("tome", "merge"),
+    "pitome": Method("pitome", "merge"),
 }
 # what method="auto" searches (the first is kept unless another is ahead: choice.prefer): the
 # ATS variants and ToMe-style merging. Chosen on a checkpoint that is not reported (glyphs196-s1,

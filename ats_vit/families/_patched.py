@@ -93,6 +93,7 @@ class PatchedFamily(Family):
                 self.num_patches, num_prefix_tokens=self.num_prefix_tokens, scoring=self.scoring
             )
             block.ats.reference_tokens = self.num_patches + self.num_prefix_tokens
+            block.ats.layer = (i, len(self.blocks))
             block.ats.train(block.training)
             block._ats_carrier = self.carrier
             block._ats_index = i

@@ -130,7 +130,7 @@ def _layer_forward(
     frame_pad = _frame_padding(padding, frames)
     w_q, w_kv = inner.qkv.weight.split((c, 2 * c))
     b_q, b_kv = (None, None) if inner.qkv.bias is None else inner.qkv.bias.split((c, 2 * c))
-    bias = key_bias(padding, size)
+    bias = key_bias(padding, size if self.ats.proportional else None)
     frame_bias = None if bias is None else bias.repeat_interleave(frames, dim=0)
     selection: TokenSelection | None = None
     if self.ats.needed(m):
