@@ -17,7 +17,8 @@ only is evidence, not a choice: ``auto`` changes only on the full set.
 
     python benchmarks/frontier_checkpoints.py runs/held --only demo gap glyphs196 --held-out
     python benchmarks/auto_rule.py runs/held/{demo,gap,glyphs196}-s{100,101}/final.safetensors \\
-        --data demo@100 demo@101 demo@100 demo@101 glyphs@100 glyphs@101 --json auto_rule.json
+        --data demo@100 demo@101 demo@100 demo@101 glyphs@100 glyphs@101 \\
+        --calib-images 320 320 320 320 1000 1000 --json auto_rule.json
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ MEMBER_LISTS: tuple[tuple[str, ...], ...] = (
     ("tome", "ats-fuse"),
     ("ats-fuse", "official", "paper", "tome", "evit"),
     ("tome", "ats-fuse", "evit"),
+    # added with PiToMe (before any run on glyphs196's selection seeds)
+    ("ats-fuse", "official", "paper", "tome", "pitome"),
+    ("pitome", "ats-fuse"),
 )
 TIE = 0.05  # points: means closer than this are equal
 
@@ -53,13 +57,16 @@ TIE = 0.05  # points: means closer than this are equal
 class Config:
     checkpoints: tuple[str, ...]
     data: tuple[str, ...] = ("demo",)
-    calib_images: int = 320
+    calib_images: tuple[int, ...] = (320,)
     targets: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     zs: tuple[float, ...] = (0.0, 0.5, 1.0, 1.645, 2.0, math.inf)
     seed: int = 0
 
     def data_of(self, index: int) -> str:
         return self.data[0] if len(self.data) == 1 else self.data[index]
+
+    def calib_images_of(self, index: int) -> int:
+        return self.calib_images[0] if len(self.calib_images) == 1 else self.calib_images[index]
 
 
 @dataclass
@@ -73,7 +80,8 @@ class Point:
 
 
 def measure_points(cfg: Config, index: int) -> list[Point]:
-    loaded = checkpoint_splits(cfg.checkpoints[index], cfg.data_of(index), cfg.calib_images, cfg.seed)
+    images = cfg.calib_images_of(index)
+    loaded = checkpoint_splits(cfg.checkpoints[index], cfg.data_of(index), images, cfg.seed)
     model, test_x, test_y = loaded.model, loaded.test_x, loaded.test_y
     search = Calibration(model, loaded.calib_x, loaded.calib_y, progress=False, items=loaded.calib_items)
     candidates = tuple(dict.fromkeys(m for members in MEMBER_LISTS for m in members))
@@ -149,14 +157,22 @@ def main() -> None:
         "checkpoints", nargs="+", help="held-out checkpoints (frontier_checkpoints.py --held-out)"
     )
     parser.add_argument("--data", nargs="+", default=["demo"], help="one data spec, or one per checkpoint")
-    parser.add_argument("--calib-images", type=int, default=Config.calib_images)
+    parser.add_argument(
+        "--calib-images",
+        type=int,
+        nargs="+",
+        default=list(Config.calib_images),
+        help="one count, or one per checkpoint (the frontier's: 320 for demo and gap, 1000 for glyphs196)",
+    )
     parser.add_argument("--targets", type=float, nargs="+", default=list(Config.targets))
     args = json_arguments(parser, "config, machine, rows, summary and the pick")()
-    if len(args.data) not in (1, len(args.checkpoints)):
-        parser.error(
-            f"--data takes one spec or one per checkpoint ({len(args.checkpoints)}), got {len(args.data)}"
-        )
-    cfg = Config(tuple(args.checkpoints), tuple(args.data), args.calib_images, tuple(args.targets))
+    for name in ("data", "calib_images"):
+        if len(getattr(args, name)) not in (1, len(args.checkpoints)):
+            parser.error(
+                f"--{name.replace('_', '-')} takes one value or one per checkpoint "
+                f"({len(args.checkpoints)}), got {len(getattr(args, name))}"
+            )
+    cfg = Config(tuple(args.checkpoints), tuple(args.data), tuple(args.calib_images), tuple(args.targets))
     points = [p for i in range(len(cfg.checkpoints)) for p in measure_points(cfg, i)]
     rows, summary = replay(points, cfg.zs)
     chosen = pick(summary)

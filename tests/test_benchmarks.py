@@ -129,6 +129,18 @@ def test_auto_rule(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
     assert "the rule keeps: members" in capsys.readouterr().out
 
 
+def test_auto_rule_takes_one_calibration_count_or_one_per_checkpoint(monkeypatch, capsys):
+    argv = ["a.safetensors", "b.safetensors", "--calib-images", "1", "2", "3"]
+    assert run_script("auto_rule.py", *argv, monkeypatch=monkeypatch) == 2
+    assert "--calib-images takes one value or one per checkpoint (2), got 3" in capsys.readouterr().err
+    import runpy
+
+    config = runpy.run_path(str(SCRIPTS / "auto_rule.py"))["Config"]
+    cfg = config(("a", "b"), calib_images=(320, 1000))
+    assert (cfg.calib_images_of(0), cfg.calib_images_of(1)) == (320, 1000)
+    assert config(("a", "b")).calib_images_of(1) == 320
+
+
 def test_auto_rule_picks_by_mean_then_the_earlier_list_then_the_larger_z():
     import runpy
 
