@@ -168,9 +168,10 @@ def _divided_flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
 def _similarity(trace: TokenTrace, n_in: Tensor, p: int, head_dim: float) -> Tensor:
     """(b, depth) the key comparisons of the merging rules: ToMe's bipartite split over every
     token, prefix included (|A| x |B| dot products); PiToMe's energy over every pair of its
-    candidates (its matches read that matrix, no new products)."""
+    candidates (its matches read that matrix, no new products), and as many for spreading
+    dropped tokens over kept ones (``dropped="soft"``)."""
     tome = _layers(trace, n_in.device, lambda r, _: r is Rule.TOME)
-    pitome = _layers(trace, n_in.device, lambda r, _: r is Rule.PITOME)
+    pitome = _layers(trace, n_in.device, lambda r, _: r in (Rule.PITOME, Rule.SOFT))
     halves = torch.where(tome, torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0)
     return halves + torch.where(pitome, (n_in - p) ** 2 * head_dim, 0.0)
 
@@ -191,6 +192,8 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     cls_row = _layers(trace, device, lambda r, rec: not r.late and not rec)
     fuse = _layers(trace, device, lambda r, rec: r is Rule.FUSE and not rec)
     fuse_received = _layers(trace, device, lambda r, rec: r is Rule.FUSE and rec)
+    soft = _layers(trace, device, lambda r, rec: r is Rule.SOFT and not rec)
+    soft_received = _layers(trace, device, lambda r, rec: r is Rule.SOFT and rec)
     late = _layers(trace, device, lambda r, _: r.late)
     queries = torch.where(early, n_out, n_in)
     candidates = n_in - p
@@ -207,6 +210,10 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     merging = torch.where(fuse, 2 * n_in * d, 0.0)
     merging = merging + torch.where(fuse_received, n_in * (d + a), 0.0)
     merging = merging + torch.where(late, n_in * d, 0.0)
+    # spreading the dropped tokens over the kept ones: a (out x in) mixing matrix applied to the
+    # same two as fusing
+    merging = merging + torch.where(soft, 2 * n_out * n_in * d, 0.0)
+    merging = merging + torch.where(soft_received, n_out * n_in * (d + a), 0.0)
     similarity = _similarity(trace, n_in, p, head_dim)
     attention = 2 * queries * n_in * a
     rest = queries * a * d + 2 * n_out * d * hidden  # output projection and MLP

@@ -81,6 +81,7 @@ BUSY_LOAD = 1.5
 RULE_OPTIONS = {
     Rule.SCORE: SamplingOptions(),
     Rule.FUSE: SamplingOptions(dropped="fuse"),
+    Rule.SOFT: SamplingOptions(dropped="soft"),
     Rule.TOME: SamplingOptions(sampler="tome"),
     Rule.PITOME: SamplingOptions(sampler="pitome"),
     Rule.OFFICIAL: SamplingOptions(sampler="official"),
@@ -89,7 +90,7 @@ RULE_OPTIONS = {
 # the rules whole passes are timed with to fit the table to the model in place; the others
 # take the multiplier of their nearest kin
 REFERENCE_RULES = (Rule.SCORE, Rule.FUSE, Rule.TOME, Rule.OFFICIAL)
-KIN = {Rule.FIXED.value: "dense", Rule.PITOME.value: Rule.TOME.value}
+KIN = {Rule.FIXED.value: "dense", Rule.PITOME.value: Rule.TOME.value, Rule.SOFT.value: Rule.FUSE.value}
 
 
 def code_digest(root: Path | None = None) -> str:

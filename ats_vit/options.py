@@ -22,8 +22,8 @@ Sampler = Literal["inverse_transform", "official", "gumbel", "topk", "random", "
 # "topk", "random", "tome" and "pitome" keep a fixed count per image: the peers ATS is compared
 # to; "official" is the authors' released selection
 SAMPLERS: tuple[str, ...] = ("inverse_transform", "official", "gumbel", "topk", "random", "tome", "pitome")
-Dropped = Literal["discard", "fuse", "merge"]
-DROPPED: tuple[str, ...] = ("discard", "fuse", "merge")
+Dropped = Literal["discard", "fuse", "soft", "merge"]
+DROPPED: tuple[str, ...] = ("discard", "fuse", "soft", "merge")
 # the samplers that merge what they drop: "merge" is their only (and default) choice of
 # `dropped`, and no other sampler's (1.0 removed merging into the nearest kept token, which
 # measured no better than fusing: CHANGELOG.md)
@@ -44,7 +44,10 @@ class SamplingOptions:
     temperature: scores reshaped as ``S^(1/temperature)`` before the ATS samplers draw (the
         cost knob of a budget); 1 is the paper's op.
     dropped: ``"discard"`` (the paper) or ``"fuse"`` (EViT-style: one token, the
-        significance-weighted mean of the dropped ones); ``"merge"`` is ToMe's and PiToMe's,
+        significance-weighted mean of the dropped ones), ``"soft"`` (each dropped token spread
+        over the kept ones by the softmax of its key's cosine similarity to theirs, at
+        :data:`~ats_vit.sampling.SOFT_TEMPERATURE`: many-to-many, size-weighted); ``"merge"`` is
+        ToMe's and PiToMe's,
         and only theirs. ``None`` means the sampler's own: ``"merge"`` for those, else
         ``"discard"``.
     static_shape: pad each sampling layer's output to its cap instead of the batch's largest
@@ -75,7 +78,8 @@ class SamplingOptions:
         if dropped == "merge" and self.sampler not in MERGING_SAMPLERS:
             raise ValueError(
                 f"dropped='merge' belongs to sampler='tome' or 'pitome'; with sampler={self.sampler!r} "
-                "dropped must be 'discard' or 'fuse' (merging into the nearest kept token was removed in 1.0)"
+                "dropped must be 'discard', 'fuse' or 'soft' (merging into the nearest kept token was "
+                "removed in 1.0)"
             )
         object.__setattr__(self, "dropped", dropped)
         object.__setattr__(self, "temperature", _validate.positive_float("temperature", self.temperature))
@@ -100,7 +104,8 @@ class Rule(str, Enum):
     ``SCORE`` the paper's sampling (or the seed's Gumbel draws) of an adaptive count from the
     significance scores, dropped tokens discarded; ``OFFICIAL`` the authors' selection (its own
     scores and de-duplication); ``FIXED`` top-k or random picks of a fixed count, discarded;
-    ``FUSE`` any scored selection whose dropped tokens fuse into one token; ``TOME`` ToMe
+    ``FUSE`` any scored selection whose dropped tokens fuse into one token; ``SOFT`` one whose
+    dropped tokens are spread over the kept ones (keys compared, a mixing matrix); ``TOME`` ToMe
     (attention for every token, then merging); ``PITOME`` PiToMe (as ToMe, plus every pair of
     tokens compared for their energy). ``SCORE`` and ``OFFICIAL`` count the same FLOPs;
     ``FIXED`` computes no significance scores.
@@ -110,6 +115,7 @@ class Rule(str, Enum):
     OFFICIAL = "official"
     FIXED = "fixed"
     FUSE = "fuse"
+    SOFT = "soft"
     TOME = "tome"
     PITOME = "pitome"
 
@@ -122,6 +128,8 @@ class Rule(str, Enum):
             return cls.PITOME
         if options.dropped == "fuse":
             return cls.FUSE
+        if options.dropped == "soft":
+            return cls.SOFT
         if options.sampler == "official":
             return cls.OFFICIAL
         if options.sampler in ("topk", "random"):
@@ -132,7 +140,7 @@ class Rule(str, Enum):
     def merges(self) -> bool:
         """Whether its output tokens carry sizes (a later merge weights by them; later attention
         adds ``log(size)`` unless the rule is PiToMe, which its authors run without)."""
-        return self in (Rule.FUSE, Rule.TOME, Rule.PITOME)
+        return self in (Rule.FUSE, Rule.SOFT, Rule.TOME, Rule.PITOME)
 
     @property
     def late(self) -> bool:

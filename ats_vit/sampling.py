@@ -43,6 +43,7 @@ __all__ = [
     "select_tokens",
     "sharpen",
     "significance_scores",
+    "soft_plan",
     "tokenwise",
     "topk_select",
 ]
@@ -55,6 +56,10 @@ PACK_MIN_PADDING = 1 / 32
 # PiToMe's margin in layer i of L is PITOME_MARGIN * (1 - i / L), and its first ceil(L / 2)
 # layers match by bipartite halves of the energy order (its authors' patch/timm.py, deit.py)
 PITOME_MARGIN = 0.75
+# dropped="soft": a dropped token's share of each kept token is the softmax of their keys'
+# cosine similarity over this temperature (fixed before any measurement: 0.1 puts nearly all
+# of a token into kept tokens within ~0.2 of its best match's similarity)
+SOFT_TEMPERATURE = 0.1
 # the seed's epsilon inside log(scores) for Gumbel draws
 GUMBEL_EPS = 1e-6
 # the authors' ATS never keeps fewer than this many tokens (their n_tokens clamp)
@@ -92,12 +97,18 @@ class Merge(NamedTuple):
     whole: every input token joins a slot (no ``dest == m``: no padding, nothing discarded),
         so :func:`select_tokens` needs no spare row for the tokens that join none (ToMe's
         plan without padding).
+    mix: (b, m, n) the weight of every input token in every slot (rows sum to 1; padded slots
+        0), for many-to-many rules (``dropped="soft"``) where a token is shared by several
+        slots; :func:`select_tokens` is then one batched matmul, and ``dest`` names the slot
+        holding the largest share of each token (where :meth:`~ats_vit.tokens.TokenState.restore`
+        puts its patch).
     """
 
     dest: Tensor
     weight: Tensor
     fused: Tensor | None = None
     whole: bool = False
+    mix: Tensor | None = None
 
 
 class TokenSelection(NamedTuple):
@@ -390,6 +401,47 @@ def pitome_plan(
     return TokenSelection(index, None, Merge(dest, weight, whole=True), total, Rule.PITOME, late=True)
 
 
+def soft_plan(
+    selection: TokenSelection,
+    keep: Tensor,
+    dropped: Tensor,
+    metric: Tensor,
+    size: Tensor | None,
+    num_prefix: int,
+) -> TokenSelection:
+    """``selection`` (the kept tokens, compacted) with the dropped tokens spread over the kept
+    ones (``dropped="soft"``): each dropped candidate's shares are the softmax over the kept
+    candidates of their keys' cosine similarity / :data:`SOFT_TEMPERATURE`; each slot is the
+    size-weighted mean of its kept token and the shares it receives, and stands for as many
+    patches (its ``size``: proportional attention follows).
+
+    keep, dropped: (b, t) bool over the candidates (padding is neither); metric: (b, n, d) the
+    keys summed over heads, prefix first; size: (b, n) or None (one patch each)."""
+    p, (b, m) = num_prefix, selection.index.shape
+    n, t = metric.shape[1], keep.shape[1]
+    unit = _unit(_float(metric[:, p:]))
+    logits = (unit @ unit.transpose(-1, -2)) / SOFT_TEMPERATURE  # (b, t, t)
+    share = logits.masked_fill(~keep[:, None, :], float("-inf")).softmax(dim=-1)  # over kept ones
+    # source x destination: a kept token only into itself, a dropped one by its shares, padding nowhere
+    to = torch.where(dropped[..., None], share, torch.diag_embed(keep.to(share.dtype)))
+    patches = torch.ones(b, n, device=metric.device) if size is None else _float(size)
+    mass = to * patches[:, p:, None]
+    rows = mass.transpose(1, 2).gather(1, (selection.index[:, p:] - p)[..., None].expand(-1, -1, t))
+    if selection.padding is not None:  # a padded slot's index repeats a real token: zero its row
+        rows = rows * selection.padding.mask[:, p:, None]
+    size_c = rows.sum(dim=-1)  # (b, m - p)
+    mix = rows.new_zeros(b, m, n)
+    mix[:, :p, :p] = torch.eye(p, device=metric.device)
+    mix[:, p:, p:] = rows / size_c.clamp_min(torch.finfo(rows.dtype).tiny)[..., None]
+    # where each token's patches go for restore(): its own slot, or its largest share's
+    slot = p + keep.long().cumsum(dim=-1) - 1
+    primary = torch.where(dropped, slot.gather(1, share.argmax(dim=-1)), slot)
+    dest = _after_prefix(torch.where(keep | dropped, primary, m), p)
+    size_out = torch.cat((patches[:, :p], size_c), dim=1)
+    merge = Merge(dest, torch.ones_like(patches), mix=mix)
+    return selection._replace(merge=merge, size=size_out)
+
+
 def _descending(values: Tensor) -> Tensor:
     """(b, k) positions sorted by value, largest first: ties by position (a stable sort), or,
     in ONNX exports (no stable sort there), in top-k's order."""
@@ -572,9 +624,12 @@ def select_tokens(x: Tensor, selection: TokenSelection) -> Tensor:
     when the selection merges, each slot the weighted mean of the rows sent to it."""
     if selection.merge is None:
         return gather_tokens(x, selection.index)
-    dest, weight, fused, whole = selection.merge
+    dest, weight, fused, whole, mix = selection.merge
     b, m = selection.index.shape
     n = x.shape[1]
+    if mix is not None:
+        mix = mix if mix.dtype == x.dtype else mix.to(x.dtype)
+        return torch.bmm(mix, x.reshape(b, n, -1)).view(b, m, *x.shape[2:])
     if whole:  # every token joins a slot: one index_add_ of the weighted rows, no spare row
         share = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         rows = x.reshape(b * n, -1) * share.view(b * n, 1)
@@ -795,8 +850,10 @@ class AdaptiveTokenSampling(nn.Module):
         b, _, n, _ = v.shape
         if not self.needed(n):
             return TokenSelection(torch.arange(n, device=v.device).expand(b, n), padding, size=size)
-        if k is None and self.late:
-            raise ValueError(f"sampler={o.sampler!r} needs the keys k to compare tokens")
+        if k is None and (self.late or o.dropped == "soft"):
+            raise ValueError(
+                f"sampler={o.sampler!r}, dropped={o.dropped!r} needs the keys k to compare tokens"
+            )
         valid = None if padding is None else padding.mask[:, p:]
         if o.sampler == "tome":
             metric = head_sum(_required(k))  # (b, n, d): ToMe compares head-averaged keys
@@ -852,6 +909,8 @@ class AdaptiveTokenSampling(nn.Module):
             return (
                 selection if size is None else selection._replace(size=gather_tokens(size, selection.index))
             )
+        if o.dropped == "soft":
+            return soft_plan(selection, keep, dropped, head_sum(_required(k)), size, p)
         return self._fused(selection, keep, dropped, _required(scores), size)
 
     def _pitome(self, k: Tensor, padding: Padding | None, size: Tensor | None) -> TokenSelection:

@@ -46,9 +46,11 @@ MEMBER_LISTS: tuple[tuple[str, ...], ...] = (
     ("tome", "ats-fuse"),
     ("ats-fuse", "official", "paper", "tome", "evit"),
     ("tome", "ats-fuse", "evit"),
-    # added with PiToMe (before any run on glyphs196's selection seeds)
+    # added with PiToMe and ats-soft (before any run on glyphs196's selection seeds)
     ("ats-fuse", "official", "paper", "tome", "pitome"),
     ("pitome", "ats-fuse"),
+    ("ats-soft", "official", "paper", "tome"),
+    ("ats-soft", "tome"),
 )
 TIE = 0.05  # points: means closer than this are equal
 

@@ -21,8 +21,9 @@ RULES = [
     dict(sampler="official"),
     dict(sampler="tome"),
     dict(sampler="pitome"),
+    dict(dropped="soft"),
 ]
-IDS = ["paper", "fuse", "official", "tome", "pitome"]
+IDS = ["paper", "fuse", "official", "tome", "pitome", "soft"]
 
 
 def peaky_vit(**options):

@@ -16,8 +16,9 @@ RULES = [
     dict(sampler="tome"),
     dict(sampler="pitome"),
     dict(sampler="official"),
+    dict(dropped="soft"),
 ]
-IDS = ["paper", "fuse", "topk", "tome", "pitome", "official"]
+IDS = ["paper", "fuse", "topk", "tome", "pitome", "official", "soft"]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=IDS)

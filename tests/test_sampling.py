@@ -391,3 +391,38 @@ def test_the_0_x_name_of_the_cap_still_works_and_warns():
         assert ats.max_tokens == 6
     with pytest.raises(TypeError, match="AdaptiveTokenSampling needs cap"):
         AdaptiveTokenSampling()
+
+
+def test_soft_spreads_each_dropped_token_over_the_kept_ones_by_key_similarity():
+    """dropped="soft": a dropped token whose key equals a kept token's goes (almost) wholly into
+    it; every slot is a weighted mean (rows of the mixing matrix sum to 1), sizes add up to the
+    patches, prefix tokens stay alone, and padding joins nothing."""
+    from ats_vit.sampling import compact, select_tokens, soft_plan
+
+    torch.manual_seed(0)
+    b, p, t, d = 2, 1, 6, 8
+    keys = torch.randn(b, p + t, d)
+    keys[:, 1 + 4] = keys[:, 1 + 1] * 3.0  # candidate 4 (dropped) points where candidate 1 (kept) does
+    keep = torch.tensor([[True, True, False, True, False, False]] * 2)
+    valid = torch.tensor([[True] * 6, [True] * 5 + [False]])
+    dropped = valid & ~keep
+    selection = compact(keep, num_prefix=p)
+    sel = soft_plan(selection, keep, dropped, keys, None, p)
+    mix = sel.merge.mix
+    assert mix.shape == (b, 4, p + t)
+    torch.testing.assert_close(mix.sum(-1), torch.ones(b, 4))
+    assert (mix[:, 0, 0] == 1).all() and (mix[:, 0, 1:] == 0).all() and (mix[:, 1:, 0] == 0).all()
+    assert (mix[1, :, p + 5] == 0).all(), "padding joins no slot"
+    torch.testing.assert_close(sel.size.sum(-1), valid.sum(-1).float() + p)
+    share_of_4 = mix[:, :, p + 4] * sel.size  # patches of candidate 4 in each slot
+    assert (share_of_4[:, 2] > 0.99).all(), "candidate 4 goes into candidate 1's slot (slot 2)"
+    assert (sel.merge.dest[:, p + 4] == 2).all() and (sel.merge.dest[1, p + 5] == 4)
+    x = torch.randn(b, p + t, 5)
+    torch.testing.assert_close(select_tokens(x, sel), torch.einsum("bmn,bnc->bmc", mix, x))
+
+
+def test_soft_needs_the_keys():
+    ats = AdaptiveTokenSampling(3, SamplingOptions(dropped="soft"))
+    v = torch.randn(1, 2, 9, 4)
+    with pytest.raises(ValueError, match="needs the keys k"):
+        ats(torch.rand(1, 2, 9).softmax(-1), v)

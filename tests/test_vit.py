@@ -99,8 +99,9 @@ RULES = [
     dict(sampler="tome"),
     dict(sampler="pitome"),
     dict(sampler="official"),
+    dict(temperature=0.5, dropped="soft"),
 ]
-RULE_IDS = ["paper", "hot", "cold-fuse", "topk", "evit", "tome", "pitome", "official"]
+RULE_IDS = ["paper", "hot", "cold-fuse", "topk", "evit", "tome", "pitome", "official", "cold-soft"]
 
 
 @pytest.mark.parametrize("static_shape", [False, True])

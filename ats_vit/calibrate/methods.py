@@ -8,6 +8,8 @@
 - ``"ats-fuse"``: the paper's inverse-transform sampling with the temperature knob, the dropped
   tokens of each image fused into one; the cap decays geometrically from the start layer and
   the temperature sets how much of it is used.
+- ``"ats-soft"``: as ``"ats-fuse"``, but each dropped token is spread over the kept ones by
+  key similarity (many-to-many, :func:`ats_vit.sampling.soft_plan`) instead of fused into one.
 - ``"topk"``, ``"evit"`` (top-k with fusion, EViT), ``"random"``, ``"tome"`` (ToMe),
   ``"pitome"`` (PiToMe): the peers, each keeping a fixed count that decays geometrically from
   the start layer.
@@ -76,6 +78,7 @@ METHODS: dict[str, Method] = {
     "paper": Method("inverse_transform", knob="keep"),
     "official": Method("official", knob="keep"),
     "ats-fuse": Method("inverse_transform", "fuse", "temperature", (0.5, 0.7, 0.85, 0.95)),
+    "ats-soft": Method("inverse_transform", "soft", "temperature", (0.5, 0.7, 0.85, 0.95)),
     "topk": Method("topk"),
     "evit": Method("topk", "fuse"),
     "random": Method("random"),

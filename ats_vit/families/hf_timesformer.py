@@ -134,6 +134,10 @@ def _layer_forward(
     frame_bias = None if bias is None else bias.repeat_interleave(frames, dim=0)
     selection: TokenSelection | None = None
     if self.ats.needed(m):
+        if self.ats.options.dropped == "soft":
+            raise ValueError(
+                "dropped='soft' is not supported on TimeSformer (tubes of frames): use 'fuse' or 'tome'"
+            )
         kv = tokenwise(partial(linear, weight=w_kv, bias=b_kv), normed, frame_pad)
         k, v = rearrange(kv, "b n (t h d) -> t b h n d", t=2, h=heads).unbind(0)
 
