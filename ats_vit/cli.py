@@ -479,12 +479,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         start_layers=args.start_layers,
         batch_size=args.batch_size,
         items=calibration_items(args.data, "calib", len(calib), args.calib_images, args.seed),
+        holdout=args.holdout,
     )
     objective = search.objective
     where = f" at batch {search.timing_batch} on {search.latency.key['device']}" if search.latency else ""
+    held = "" if search.check is None else f", {search.check.images} of them held out of the search"
     print(
-        f"calibrating {args.method} for {args.cost}{where} on {len(images)} calibration images ({objective}; "
-        f"the search keeps {search.search.memory_gib:.2f} GiB of dense block inputs)"
+        f"calibrating {args.method} for {args.cost}{where} on {len(images)} calibration images{held} "
+        f"({objective}; the search keeps {search.search.memory_gib:.2f} GiB of dense block inputs)"
     )
     timed = search.latency is not None
     header = f"{'target':>6} {'GFLOPs':>7} {'time':>6} {'timed':>6} {objective + ' (vs dense)':>18} budget"
@@ -502,6 +504,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             print(f"{target:>6.2f} {costs} {score} {_describe(budget)}")
         else:
             print(f"{target:>6.2f} {cal['gflops_ratio']:>7.3f} {score} {_describe(budget)}")
+        if "holdout_images" in cal:
+            held_score = cal[f"holdout_{objective}"]
+            held_drop = 100 * (cal[f"holdout_dense_{objective}"] - held_score)
+            print(
+                f"{'':>6} held out ({cal['holdout_images']} images): {100 * held_score:.2f}% "
+                f"({-held_drop:+.2f} vs dense; the search's images: {-drop:+.2f})"
+            )
         print(f"{'':>6} wrote {path}  ({cal['passes']:.0f} forward passes' worth of work so far)")
     print(f"dense {objective} on these images: {100 * search.dense_score:.2f}%")
     if timed:
@@ -980,6 +989,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--batch-size", type=_positive_int, default=256, help="images per forward pass")
     cal.add_argument("--seed", type=int, default=0, help="which calibration images")
+    cal.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="fraction of the calibration images kept from the search, to check each chosen budget on "
+        "(default 0: all are searched)",
+    )
     cal.add_argument("--out", default="budget.json", help="budget file; with several targets use {target}")
     cal.add_argument("--overwrite", action="store_true", help="replace existing budget files")
     cal.set_defaults(fn=cmd_calibrate)

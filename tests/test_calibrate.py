@@ -257,3 +257,32 @@ def test_calibration_items_follow_the_images_into_the_search():
     assert calibration_items("glyphs@2", "calib", 4000, 320) is None  # every glyph its own item
     for item in got.unique()[:20]:  # images of one item show one digit
         assert labels[got == item].unique().numel() == 1
+
+
+def test_holdout_keeps_whole_items_from_the_search_and_scores_the_chosen_budget_on_them():
+    """The search never sees the held-out images (whole items); the record's held-out numbers
+    are the chosen budget's and the dense model's scores on exactly those images."""
+    from ats_vit.calibrate import _holdout_mask
+
+    model = peaky_vit()
+    x = images(64, 1)
+    labels, _ = measure(model, x, None)
+    labels = torch.where(torch.arange(64) % 5 == 0, (labels + 1) % 10, labels)  # dense is not perfect
+    items = torch.arange(64) // 4  # 16 items of 4 images
+    search = Calibration(model, x, labels, method="ats-fuse", progress=False, items=items, holdout=0.25)
+    held = _holdout_mask(x, items, 0.25)
+    assert held.sum() == 16 and search.search.images == 48 and search.check.images == 16
+    assert all(bool(held[items == i].all()) or not bool(held[items == i].any()) for i in range(16))
+    budget = search(0.7)
+    cal = budget.calibration
+    assert cal["images"] == 48 and cal["holdout_images"] == 16
+    predictions, _ = measure(model, x[held], budget)
+    dense, _ = measure(model, x[held], None)
+    assert cal["holdout_accuracy"] == pytest.approx((predictions == labels[held]).float().mean().item())
+    assert cal["holdout_dense_accuracy"] == pytest.approx((dense == labels[held]).float().mean().item())
+    assert torch.equal(_holdout_mask(x, items, 0.25), held), "the same images every time"
+    assert _holdout_mask(x, None, 0.0) is None
+    with pytest.raises(ValueError, match=r"holdout=0\.01 of 16 independent items"):
+        Calibration(model, x, labels, progress=False, items=items, holdout=0.01)
+    with pytest.raises(ValueError, match=r"holdout must be in \[0, 1\)"):
+        Calibration(model, x, labels, progress=False, holdout=1.0)

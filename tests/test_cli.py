@@ -379,6 +379,12 @@ def test_calibrate_takes_skip_bad_images(tmp_path, tiny_checkpoint, capsys):
     assert main(argv) == 2
     assert "broken.png" in capsys.readouterr().err
     assert main([*argv, "--skip-bad-images", "--no-labels"]) == 0  # 7 of 8 images: each its own item
+    capsys.readouterr()
+    assert main([*argv, "--skip-bad-images", "--holdout", "0.25", "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "calibration images, 2 of them held out of the search" in out
+    assert "held out (2 images):" in out
+    assert json.loads((tmp_path / "b.json").read_text())["calibration"]["holdout_images"] == 2
 
 
 def test_ctrl_c_during_training_says_where_to_resume(tmp_path, monkeypatch, capsys):

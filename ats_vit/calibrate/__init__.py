@@ -83,7 +83,10 @@ class Calibration:
     ``passes`` counts the work done, in forward passes over all calibration images.
     ``items`` (N,): the independent source item of each calibration image
     (:func:`ats_vit.data.calibration_items`; None: each image its own), so that `auto`'s
-    switch rule counts independent evidence.
+    switch rule counts independent evidence. ``holdout``: the fraction of the images (whole
+    items) the search never sees; each chosen budget and the dense model are scored on them
+    too, so the budget's record says whether its calibration result holds on images it was
+    not chosen on (``holdout_images``, ``holdout_<objective>``, ``holdout_dense_<objective>``).
     """
 
     def __init__(
@@ -106,10 +109,26 @@ class Calibration:
         progress: bool = True,
         memory_limit: float = 8.0,
         items: Tensor | None = None,
+        holdout: float = 0.0,
     ) -> None:
         self.method = check_method(method)
         if timing_batch is not None:
             _validate.positive_int("timing_batch", timing_batch)
+        held = _holdout_mask(images, items, _validate.probability("holdout", holdout))
+        self.check: BudgetSearch | None = None
+        if held is not None:
+            check_labels = None if labels is None else labels[held]
+            self.check = BudgetSearch(
+                model,
+                images[held],
+                check_labels,
+                start_layers=start_layers,
+                batch_size=batch_size,
+                probe=False,
+                memory_limit=memory_limit,
+            )
+            images, labels = images[~held], None if labels is None else labels[~held]
+            items = None if items is None else items[~held]
         self.search = BudgetSearch(
             model,
             images,
@@ -277,7 +296,34 @@ class Calibration:
             )
         if measured is not None:
             record["measured_latency_ratio"] = measured
+        if self.check is not None:  # the same budget on the images the search never saw
+            held = self.check.trial(*best.key)
+            record.update(
+                {
+                    "holdout_images": self.check.images,
+                    f"holdout_{search.objective}": held.score,
+                    f"holdout_dense_{search.objective}": self.check.dense_score,
+                    "holdout_gflops_ratio": held.gflops,
+                }
+            )
         return record
+
+
+def _holdout_mask(images: Tensor, items: Tensor | None, fraction: float) -> Tensor | None:
+    """(N,) bool: the images held out of the search (whole items, drawn with a fixed seed so a
+    rerun holds out the same ones), or None for ``fraction == 0``."""
+    if fraction == 0:
+        return None
+    groups = torch.arange(len(images)) if items is None else torch.unique(items.cpu(), return_inverse=True)[1]
+    count = int(groups.max()) + 1
+    held_groups = round(fraction * count)
+    if not 1 <= held_groups < count:
+        raise ValueError(
+            f"holdout={fraction:g} of {count} independent items holds out {held_groups}: it must leave at "
+            "least one item on each side (more calibration images, or another fraction)"
+        )
+    chosen = torch.randperm(count, generator=torch.Generator().manual_seed(0))[:held_groups]
+    return torch.isin(groups, chosen).to(images.device)
 
 
 def calibrate(
@@ -297,7 +343,8 @@ def calibrate(
     ``batch_size``, ``tolerance`` and ``steps`` (of the bisection of each knob), ``probe``
     (stop GFLOPs trials that are clearly far from the target on a quarter of the images; the
     same budgets, faster), ``verify`` (time a latency budget and correct), ``progress``,
-    ``items`` (each image's independent source item, for `auto`'s switch rule).
+    ``items`` (each image's independent source item, for `auto`'s switch rule), ``holdout``
+    (a fraction of the images kept from the search to check the chosen budget on).
     Raises :class:`~ats_vit.budget.BudgetError` naming the reachable range when ``target`` is
     out of it.
     """
