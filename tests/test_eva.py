@@ -66,7 +66,7 @@ def test_family_scoring_prefix_and_batch_equals_each_image_alone(name):
     family = family_of(model)
     assert (family.scoring, family.num_prefix_tokens) == (scoring, prefix)
     x = inputs(model, 5, seed=1)
-    for dropped in ("discard", "fuse"):
+    for dropped in ("discard", "fuse", "soft"):
         options = SamplingOptions(dropped=dropped, temperature=0.3)
         ats_timm.apply(model, caps=(10, 5), start_layer=1, options=options)
         with torch.no_grad():
@@ -155,3 +155,17 @@ def test_after_a_selection_tokens_keep_their_rotations_and_see_only_the_alive_ke
         reference = EvaBlock.forward(block, full, rope=seen["rope"], attn_mask=alive[:, None, None, :])
     expected = reference.gather(1, positions[..., None].expand(-1, -1, c))
     torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["tome", "pitome"])
+def test_merging_rules_run_with_rotary_positions(sampler):
+    """A merged token keeps the position of the token it joined, so rotary embeddings stay
+    defined after ToMe or PiToMe; each image gives what it gives alone."""
+    model = make("eva02-cls", peaked=8.0)
+    x = inputs(model, 3, seed=2)
+    ats_timm.apply(model, caps=(10, 5), start_layer=1, options=SamplingOptions(sampler=sampler))
+    with torch.no_grad():
+        batch = model(x)
+        assert ats_timm.last_info(model).kept_per_layer[0].tolist()[-2:] == [10, 5]
+        for i in range(3):
+            torch.testing.assert_close(model(x[i : i + 1])[0], batch[i], atol=1e-4, rtol=1e-5)
