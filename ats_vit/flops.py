@@ -159,21 +159,23 @@ def _divided_flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
         significance, tubes * cost.heads, 0.0
     )
     merging = torch.where(merges, n_in * t * d, 0.0)
-    similarity = _similarity(trace, n_in, p, head_dim)
+    similarity = _similarity(trace, n_in, n_out, p, head_dim)
     mlp = (p + (n_out - p) * t) * 2 * d * hidden
     blocks = (time + space + scoring + merging + similarity + mlp).sum(dim=1)
     return blocks + trace.num_patches * t * cost.patch_dim * d + d * cost.num_classes
 
 
-def _similarity(trace: TokenTrace, n_in: Tensor, p: int, head_dim: float) -> Tensor:
+def _similarity(trace: TokenTrace, n_in: Tensor, n_out: Tensor, p: int, head_dim: float) -> Tensor:
     """(b, depth) the key comparisons of the merging rules: ToMe's bipartite split over every
     token, prefix included (|A| x |B| dot products); PiToMe's energy over every pair of its
-    candidates (its matches read that matrix, no new products), and as many for spreading
-    dropped tokens over kept ones (``dropped="soft"``)."""
+    candidates (its matches read that matrix, no new products); spreading dropped tokens over
+    kept ones (``dropped="soft"``) compares every candidate with the kept ones."""
     tome = _layers(trace, n_in.device, lambda r, _: r is Rule.TOME)
-    pitome = _layers(trace, n_in.device, lambda r, _: r in (Rule.PITOME, Rule.SOFT))
+    pitome = _layers(trace, n_in.device, lambda r, _: r is Rule.PITOME)
+    soft = _layers(trace, n_in.device, lambda r, _: r is Rule.SOFT)
     halves = torch.where(tome, torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0)
-    return halves + torch.where(pitome, (n_in - p) ** 2 * head_dim, 0.0)
+    energy = torch.where(pitome, (n_in - p) ** 2 * head_dim, 0.0)
+    return halves + energy + torch.where(soft, (n_in - p) * (n_out - p) * head_dim, 0.0)
 
 
 def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
@@ -214,7 +216,7 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     # same two as fusing
     merging = merging + torch.where(soft, 2 * n_out * n_in * d, 0.0)
     merging = merging + torch.where(soft_received, n_out * n_in * (d + a), 0.0)
-    similarity = _similarity(trace, n_in, p, head_dim)
+    similarity = _similarity(trace, n_in, n_out, p, head_dim)
     attention = 2 * queries * n_in * a
     rest = queries * a * d + 2 * n_out * d * hidden  # output projection and MLP
     blocks = (qkv + scoring + merging + similarity + attention + rest).sum(dim=1)

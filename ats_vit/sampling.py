@@ -418,24 +418,26 @@ def soft_plan(
     keep, dropped: (b, t) bool over the candidates (padding is neither); metric: (b, n, d) the
     keys summed over heads, prefix first; size: (b, n) or None (one patch each)."""
     p, (b, m) = num_prefix, selection.index.shape
-    n, t = metric.shape[1], keep.shape[1]
-    unit = _unit(_float(metric[:, p:]))
-    logits = (unit @ unit.transpose(-1, -2)) / SOFT_TEMPERATURE  # (b, t, t)
-    share = logits.masked_fill(~keep[:, None, :], float("-inf")).softmax(dim=-1)  # over kept ones
-    # source x destination: a kept token only into itself, a dropped one by its shares, padding nowhere
-    to = torch.where(dropped[..., None], share, torch.diag_embed(keep.to(share.dtype)))
+    n = metric.shape[1]
+    kept = selection.index[:, p:] - p  # (b, k) each slot's candidate (padded slots: any)
+    padding = selection.padding
+    real = torch.ones_like(kept, dtype=torch.bool) if padding is None else padding.mask[:, p:]
+    unit = _unit(_float(metric[:, p:]))  # (b, t, d)
+    # every candidate against the kept ones only: (b, t, k), not (b, t, t)
+    logits = unit @ unit.gather(1, kept[..., None].expand(-1, -1, unit.shape[-1])).transpose(1, 2)
+    share = (logits / SOFT_TEMPERATURE).masked_fill(~real[:, None, :], float("-inf")).softmax(dim=-1)
     patches = torch.ones(b, n, device=metric.device) if size is None else _float(size)
-    mass = to * patches[:, p:, None]
-    rows = mass.transpose(1, 2).gather(1, (selection.index[:, p:] - p)[..., None].expand(-1, -1, t))
-    if selection.padding is not None:  # a padded slot's index repeats a real token: zero its row
-        rows = rows * selection.padding.mask[:, p:, None]
-    size_c = rows.sum(dim=-1)  # (b, m - p)
+    own = patches[:, p:].gather(1, kept) * real  # (b, k) each slot's kept token
+    # slot x candidate: the dropped candidates' shares, then each kept token into its own slot
+    rows = (share * (patches[:, p:] * dropped)[..., None]).transpose(1, 2)
+    rows = rows.scatter_add(2, kept[..., None], own[..., None])
+    size_c = rows.sum(dim=-1)  # (b, k)
     mix = rows.new_zeros(b, m, n)
     mix[:, :p, :p] = torch.eye(p, device=metric.device)
     mix[:, p:, p:] = rows / size_c.clamp_min(torch.finfo(rows.dtype).tiny)[..., None]
     # where each token's patches go for restore(): its own slot, or its largest share's
     slot = p + keep.long().cumsum(dim=-1) - 1
-    primary = torch.where(dropped, slot.gather(1, share.argmax(dim=-1)), slot)
+    primary = torch.where(dropped, p + share.argmax(dim=-1), slot)
     dest = _after_prefix(torch.where(keep | dropped, primary, m), p)
     size_out = torch.cat((patches[:, :p], size_c), dim=1)
     merge = Merge(dest, torch.ones_like(patches), mix=mix)
