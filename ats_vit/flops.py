@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ats_vit.options import Rule
-from ats_vit.sampling import Padding, _shape_cached
+from ats_vit.sampling import SOFT_TOP, Padding, _shape_cached
 
 __all__ = ["TokenTrace", "ViTCost", "flops", "gflops"]
 
@@ -212,10 +212,11 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     merging = torch.where(fuse, 2 * n_in * d, 0.0)
     merging = merging + torch.where(fuse_received, n_in * (d + a), 0.0)
     merging = merging + torch.where(late, n_in * d, 0.0)
-    # spreading the dropped tokens over the kept ones: a (out x in) mixing matrix applied to the
+    # spreading: every token into SOFT_TOP slots (fewer when fewer are kept), applied to the
     # same two as fusing
-    merging = merging + torch.where(soft, 2 * n_out * n_in * d, 0.0)
-    merging = merging + torch.where(soft_received, n_out * n_in * (d + a), 0.0)
+    spread = torch.clamp(n_out - p, max=SOFT_TOP) * n_in
+    merging = merging + torch.where(soft, 2 * spread * d, 0.0)
+    merging = merging + torch.where(soft_received, spread * (d + a), 0.0)
     similarity = _similarity(trace, n_in, n_out, p, head_dim)
     attention = 2 * queries * n_in * a
     rest = queries * a * d + 2 * n_out * d * hidden  # output projection and MLP

@@ -46,7 +46,8 @@ class SamplingOptions:
     dropped: ``"discard"`` (the paper) or ``"fuse"`` (EViT-style: one token, the
         significance-weighted mean of the dropped ones), ``"soft"`` (each dropped token spread
         over the kept ones by the softmax of its key's cosine similarity to theirs, at
-        :data:`~ats_vit.sampling.SOFT_TEMPERATURE`: many-to-many, size-weighted); ``"merge"`` is
+        :data:`~ats_vit.sampling.SOFT_TEMPERATURE`, its largest 3 shares kept: many-to-many,
+        size-weighted); ``"merge"`` is
         ToMe's and PiToMe's,
         and only theirs. ``None`` means the sampler's own: ``"merge"`` for those, else
         ``"discard"``.
@@ -105,7 +106,7 @@ class Rule(str, Enum):
     significance scores, dropped tokens discarded; ``OFFICIAL`` the authors' selection (its own
     scores and de-duplication); ``FIXED`` top-k or random picks of a fixed count, discarded;
     ``FUSE`` any scored selection whose dropped tokens fuse into one token; ``SOFT`` one whose
-    dropped tokens are spread over the kept ones (keys compared, a mixing matrix); ``TOME`` ToMe
+    dropped tokens are spread over the kept ones (keys compared, each into 3 slots); ``TOME`` ToMe
     (attention for every token, then merging); ``PITOME`` PiToMe (as ToMe, plus every pair of
     tokens compared for their energy). ``SCORE`` and ``OFFICIAL`` count the same FLOPs;
     ``FIXED`` computes no significance scores.

@@ -60,6 +60,8 @@ PITOME_MARGIN = 0.75
 # cosine similarity over this temperature (fixed before any measurement: 0.1 puts nearly all
 # of a token into kept tokens within ~0.2 of its best match's similarity)
 SOFT_TEMPERATURE = 0.1
+# ... and only its largest this many shares are kept (renormalised): spreading stays sparse
+SOFT_TOP = 3
 # the seed's epsilon inside log(scores) for Gumbel draws
 GUMBEL_EPS = 1e-6
 # the authors' ATS never keeps fewer than this many tokens (their n_tokens clamp)
@@ -97,18 +99,18 @@ class Merge(NamedTuple):
     whole: every input token joins a slot (no ``dest == m``: no padding, nothing discarded),
         so :func:`select_tokens` needs no spare row for the tokens that join none (ToMe's
         plan without padding).
-    mix: (b, m, n) the weight of every input token in every slot (rows sum to 1; padded slots
-        0), for many-to-many rules (``dropped="soft"``) where a token is shared by several
-        slots; :func:`select_tokens` is then one batched matmul, and ``dest`` names the slot
-        holding the largest share of each token (where :meth:`~ats_vit.tokens.TokenState.restore`
-        puts its patch).
+    spread: ``(dests, weights)``, each (b, n, k): the ``k`` slots every input token joins
+        and its share of each (``dests == m``: none), for rules that share a token among
+        several slots (``dropped="soft"``); ``weight`` is then unused and ``dest`` names the
+        slot holding its largest share (where :meth:`~ats_vit.tokens.TokenState.restore` puts
+        its patch).
     """
 
     dest: Tensor
     weight: Tensor
     fused: Tensor | None = None
     whole: bool = False
-    mix: Tensor | None = None
+    spread: tuple[Tensor, Tensor] | None = None
 
 
 class TokenSelection(NamedTuple):
@@ -411,37 +413,40 @@ def soft_plan(
 ) -> TokenSelection:
     """``selection`` (the kept tokens, compacted) with the dropped tokens spread over the kept
     ones (``dropped="soft"``): each dropped candidate's shares are the softmax over the kept
-    candidates of their keys' cosine similarity / :data:`SOFT_TEMPERATURE`; each slot is the
-    size-weighted mean of its kept token and the shares it receives, and stands for as many
-    patches (its ``size``: proportional attention follows).
+    candidates of their keys' cosine similarity / :data:`SOFT_TEMPERATURE`, kept for its
+    :data:`SOFT_TOP` largest (renormalised); each slot is the size-weighted mean of its kept
+    token and the shares it receives, and stands for as many patches (its ``size``:
+    proportional attention follows). Sparse, so spreading costs ``SOFT_TOP`` multiply-adds per
+    token and channel, not a dense (m x n) mixing matrix.
 
     keep, dropped: (b, t) bool over the candidates (padding is neither); metric: (b, n, d) the
     keys summed over heads, prefix first; size: (b, n) or None (one patch each)."""
     p, (b, m) = num_prefix, selection.index.shape
     n = metric.shape[1]
-    kept = selection.index[:, p:] - p  # (b, k) each slot's candidate (padded slots: any)
+    kept = selection.index[:, p:] - p  # (b, m - p) each slot's candidate (padded slots: any)
     padding = selection.padding
     real = torch.ones_like(kept, dtype=torch.bool) if padding is None else padding.mask[:, p:]
     unit = _unit(_float(metric[:, p:]))  # (b, t, d)
-    # every candidate against the kept ones only: (b, t, k), not (b, t, t)
+    # every candidate against the kept ones only: (b, t, m - p), not (b, t, t)
     logits = unit @ unit.gather(1, kept[..., None].expand(-1, -1, unit.shape[-1])).transpose(1, 2)
     share = (logits / SOFT_TEMPERATURE).masked_fill(~real[:, None, :], float("-inf")).softmax(dim=-1)
+    top = min(SOFT_TOP, m - p)
+    shares, slots = share.topk(top, dim=-1)  # (b, t, top), largest first
+    shares = shares / shares.sum(dim=-1, keepdim=True)
+    own = p + keep.long().cumsum(dim=-1) - 1  # (b, t) a kept candidate's slot
+    first = torch.arange(top, device=metric.device) == 0
+    # a kept candidate: all of it into its own slot; a dropped one: its shares; padding: nowhere
+    alone = keep[..., None] & first
+    dests = torch.where(dropped[..., None], p + slots, torch.where(alone, own[..., None], m))
     patches = torch.ones(b, n, device=metric.device) if size is None else _float(size)
-    own = patches[:, p:].gather(1, kept) * real  # (b, k) each slot's kept token
-    # slot x candidate: the dropped candidates' shares, then each kept token into its own slot
-    rows = (share * (patches[:, p:] * dropped)[..., None]).transpose(1, 2)
-    rows = rows.scatter_add(2, kept[..., None], own[..., None])
-    size_c = rows.sum(dim=-1)  # (b, k)
-    mix = rows.new_zeros(b, m, n)
-    mix[:, :p, :p] = torch.eye(p, device=metric.device)
-    mix[:, p:, p:] = rows / size_c.clamp_min(torch.finfo(rows.dtype).tiny)[..., None]
-    # where each token's patches go for restore(): its own slot, or its largest share's
-    slot = p + keep.long().cumsum(dim=-1) - 1
-    primary = torch.where(dropped, p + share.argmax(dim=-1), slot)
-    dest = _after_prefix(torch.where(keep | dropped, primary, m), p)
-    size_out = torch.cat((patches[:, :p], size_c), dim=1)
-    merge = Merge(dest, torch.ones_like(patches), mix=mix)
-    return selection._replace(merge=merge, size=size_out)
+    fraction = torch.where(dropped[..., None], shares, alone.to(shares.dtype))
+    prefix = torch.arange(p, device=metric.device)
+    dests = torch.cat((torch.where(first, prefix[:, None], m).expand(b, p, top), dests), dim=1)
+    mass = torch.cat((first.to(shares.dtype).expand(b, p, top), fraction), dim=1) * patches[..., None]
+    total = mass.new_zeros(b, m + 1).scatter_add_(1, dests.flatten(1), mass.flatten(1))
+    weights = mass / total.gather(1, dests.flatten(1)).view(b, n, top).clamp_min(torch.finfo(mass.dtype).tiny)
+    merge = Merge(dests[..., 0], torch.ones_like(patches), spread=(dests, weights))
+    return selection._replace(merge=merge, size=total[:, :m])
 
 
 def _descending(values: Tensor) -> Tensor:
@@ -626,12 +631,14 @@ def select_tokens(x: Tensor, selection: TokenSelection) -> Tensor:
     when the selection merges, each slot the weighted mean of the rows sent to it."""
     if selection.merge is None:
         return gather_tokens(x, selection.index)
-    dest, weight, fused, whole, mix = selection.merge
+    dest, weight, fused, whole, spread = selection.merge
     b, m = selection.index.shape
     n = x.shape[1]
-    if mix is not None:
-        mix = mix if mix.dtype == x.dtype else mix.to(x.dtype)
-        return torch.bmm(mix, x.reshape(b, n, -1)).view(b, m, *x.shape[2:])
+    if spread is not None:  # each token into k slots: the general path over its k copies
+        dest, weight = (t.flatten(1) for t in spread)
+        k = spread[0].shape[2]
+        x = x.unsqueeze(2).expand(b, n, k, *x.shape[2:]).reshape(b, n * k, *x.shape[2:])
+        n = n * k
     if whole:  # every token joins a slot: one index_add_ of the weighted rows, no spare row
         share = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         rows = x.reshape(b * n, -1) * share.view(b * n, 1)
