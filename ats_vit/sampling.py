@@ -634,11 +634,15 @@ def select_tokens(x: Tensor, selection: TokenSelection) -> Tensor:
     dest, weight, fused, whole, spread = selection.merge
     b, m = selection.index.shape
     n = x.shape[1]
-    if spread is not None:  # each token into k slots: the general path over its k copies
-        dest, weight = (t.flatten(1) for t in spread)
-        k = spread[0].shape[2]
-        x = x.unsqueeze(2).expand(b, n, k, *x.shape[2:]).reshape(b, n * k, *x.shape[2:])
-        n = n * k
+    if spread is not None:  # each token into k slots: its k weighted copies in one product
+        dests, shares = spread
+        k = dests.shape[2]
+        share = shares if shares.dtype == x.dtype else shares.to(x.dtype)
+        rows = (x.reshape(b, n, 1, -1) * share.view(b, n, k, 1)).view(b * n * k, -1)
+        offsets = _row_offsets(b, m, dests.device)[..., None]  # (b, 1, 1)
+        target = torch.where(dests < m, dests + offsets, b * m).view(-1)
+        out = rows.new_zeros(b * m + 1, rows.shape[1]).index_add_(0, target, rows)
+        return out[: b * m].view(b, m, *x.shape[2:])
     if whole:  # every token joins a slot: one index_add_ of the weighted rows, no spare row
         share = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         rows = x.reshape(b * n, -1) * share.view(b * n, 1)
