@@ -638,7 +638,8 @@ def select_tokens(x: Tensor, selection: TokenSelection) -> Tensor:
         dests, shares = spread
         k = dests.shape[2]
         share = shares if shares.dtype == x.dtype else shares.to(x.dtype)
-        rows = (x.reshape(b, n, 1, -1) * share.view(b, n, k, 1)).view(b * n * k, -1)
+        # reshape, not view: x may be strided (a transposed view), and so then is the product
+        rows = (x.reshape(b, n, 1, -1) * share.reshape(b, n, k, 1)).reshape(b * n * k, -1)
         offsets = _row_offsets(b, m, dests.device)[..., None]  # (b, 1, 1)
         target = torch.where(dests < m, dests + offsets, b * m).view(-1)
         out = rows.new_zeros(b * m + 1, rows.shape[1]).index_add_(0, target, rows)

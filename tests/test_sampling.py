@@ -419,6 +419,8 @@ def test_soft_spreads_each_dropped_token_over_the_kept_ones_by_key_similarity():
     assert (patches_in[:, 2, p + 4] > 0.99).all(), "candidate 4 goes into candidate 1's slot (slot 2)"
     assert (sel.merge.dest[:, p + 4] == 2).all() and (sel.merge.dest[1, p + 7] == 6)
     assert sel.size[1, -1] == 0, "a padded slot stands for no patch"
+    strided = torch.randn(b, 5, p + t).transpose(1, 2)  # a transposed view, as attention outputs can be
+    torch.testing.assert_close(select_tokens(strided, sel), mix @ strided)
 
 
 def test_soft_needs_the_keys():
