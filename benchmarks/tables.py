@@ -312,8 +312,8 @@ def frontier_seeds(recipe: str, *names: str) -> str:
     """One recipe's frontier pooled over its seeds (from one run, or one run per seed): the
     mean over seeds ± their standard deviation, ▲/▼ where the paired test over seeds x test
     items against `auto` is significant after Benjamini-Hochberg over this table's
-    comparisons; the sanity checks a trained DeiT passes (ToMe and top-k at least as accurate
-    as random dropping at every target)."""
+    comparisons; the sanity checks a trained DeiT passes (ToMe, PiToMe where it ran, and top-k
+    at least as accurate as random dropping at every target)."""
     from ats_vit.bench.frontier import pool_seeds, recipe_of
 
     records = {name: load(name) for name in names}
@@ -338,7 +338,9 @@ def frontier_seeds(recipe: str, *names: str) -> str:
     below = [r for r in tested if r["vs_auto_p_adj"] < 0.05 and r["vs_auto_diff"] > 0]
     above = [r for r in tested if r["vs_auto_p_adj"] < 0.05 and r["vs_auto_diff"] < 0]
     sanity = []
-    for peer in ("tome", "topk"):
+    for peer in ("tome", "pitome", "topk"):
+        if not any((peer, t) in cell for t in targets):
+            continue  # not run in this table
         worse = [
             t
             for t in targets

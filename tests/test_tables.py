@@ -64,3 +64,20 @@ def test_the_demo_table_carries_every_run_of_the_json(tables):
     for row in rows[1:]:
         assert tables.spread(row["speedup_runs"]) in text
         assert f"{100 * row['accuracy']:.2f}" in text
+
+
+def test_the_sanity_line_names_each_merging_peer_that_ran(tables, monkeypatch):
+    """ToMe, PiToMe and top-k should stay at least as accurate as random dropping; a peer that
+    was not run in a table is left out of the line rather than reported as passing."""
+    name = "frontier_glyphs196_seeds_1.json"
+    record = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    assert "`pitome`" not in tables.frontier_seeds("glyphs196", name), "not run: not in the line"
+    random_at = {r["target"]: r for r in record["rows"] if r["method"] == "random"}
+    extra = []
+    for row in record["rows"]:
+        if row["method"] == "tome":
+            worse = random_at[row["target"]]["accuracy"] - 0.01 if row["target"] == 0.4 else row["accuracy"]
+            extra.append({**row, "method": "pitome", "accuracy": worse, "accuracy_pct": 100 * worse})
+    record["rows"] += extra
+    monkeypatch.setattr(tables, "load", lambda _name: record)
+    assert "`pitome` below `random` at 0.4;" in tables.frontier_seeds("glyphs196", name)
