@@ -63,32 +63,43 @@ def reference_bipartite_soft_matching(metric, r, class_token=True, distill_token
     return merge
 
 
-def reference_tome_forward(model, x, rates, distill_token=False):
-    """A timm ViT's forward with ToMe's patched blocks (``ToMeBlock``, ``ToMeAttention``,
-    ``merge_wavg``), written out for timm's ``VisionTransformer``."""
-    x = model.patch_embed(x)
-    x = model._pos_embed(x)
-    x = model.norm_pre(x)
+def reference_merging_forward(model, x, plan, proportional):
+    """A timm ViT's forward with a merging method's patched blocks, as ToMe's ``ToMeBlock`` /
+    ``ToMeAttention`` and PiToMe's ``PiToMeBlock`` / ``PiToMeAttention`` run them: attention
+    over every token (with ``log(size)`` added when ``proportional``), the residual, then
+    ``plan(i, keys averaged over heads)``'s merge (or None) applied by size (``merge_wavg``),
+    then the MLP."""
+    x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
     size = None
-    for block, r in zip(model.blocks, rates, strict=True):
+    for i, block in enumerate(model.blocks):
         attn = block.attn
         h = block.norm1(x)
         b, n, c = h.shape
         qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         logits = (q @ k.transpose(-2, -1)) * attn.scale
-        if size is not None:
+        if proportional and size is not None:
             logits = logits + size.log()[:, None, None, :, 0]
         out = (logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
         x = x + block.ls1(attn.proj(out))
-        if r > 0:
-            merge = reference_bipartite_soft_matching(k.mean(1), r, True, distill_token)
+        merge = plan(i, k.mean(1))
+        if merge is not None:
             size = torch.ones_like(x[..., 0, None]) if size is None else size
             x = merge(x * size, mode="sum")
             size = merge(size, mode="sum")
             x = x / size
         x = x + block.ls2(block.mlp(block.norm2(x)))
     return model.forward_head(model.norm(x))
+
+
+def reference_tome_forward(model, x, rates, distill_token=False):
+    """ToMe's patched timm ViT (proportional attention on)."""
+
+    def plan(i, metric):
+        r = rates[i]
+        return reference_bipartite_soft_matching(metric, r, True, distill_token) if r > 0 else None
+
+    return reference_merging_forward(model, x, plan, proportional=True)
 
 
 @pytest.mark.parametrize("r", [8, 16])
@@ -290,28 +301,16 @@ def _reference_pitome_bsm(indices, scores, r):
 
 
 def reference_pitome_forward(model, x, ratio):
-    """A timm ViT's forward with PiToMe's patched blocks (``PiToMeBlock``, ``PiToMeAttention``,
-    ``merge_wavg``) as its authors' ``apply_patch`` sets them: margins ``0.75 - 0.75 i / L``,
-    the first ``ceil(L / 2)`` blocks matching by energy-ordered halves."""
-    x = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    """PiToMe's patched timm ViT as its authors' ``apply_patch`` sets it: margins
+    ``0.75 - 0.75 i / L``, the first ``ceil(L / 2)`` blocks matching by energy-ordered halves,
+    no proportional attention (their block never passes the sizes to attention)."""
     depth = len(model.blocks)
-    size = None
-    for i, block in enumerate(model.blocks):
-        attn = block.attn
-        h = block.norm1(x)
-        b, n, c = h.shape
-        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        out = (((q @ k.transpose(-2, -1)) * attn.scale).softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
-        x = x + block.ls1(attn.proj(out))
+
+    def plan(i, metric):
         margin, use_bsm = 0.75 - 0.75 * (i / depth), i < math.ceil(depth * 0.5)
-        merge = reference_pitome_vision(k.mean(1), ratio, margin, use_bsm)
-        size = torch.ones_like(x[..., 0, None]) if size is None else size
-        x = merge(x * size, mode="sum")
-        size = merge(size, mode="sum")
-        x = x / size
-        x = x + block.ls2(block.mlp(block.norm2(x)))
-    return model.forward_head(model.norm(x))
+        return reference_pitome_vision(metric, ratio, margin, use_bsm)
+
+    return reference_merging_forward(model, x, plan, proportional=False)
 
 
 @pytest.mark.parametrize("ratio", [0.9, 0.95])
