@@ -640,10 +640,7 @@ def select_tokens(x: Tensor, selection: TokenSelection) -> Tensor:
         share = shares if shares.dtype == x.dtype else shares.to(x.dtype)
         # reshape, not view: x may be strided (a transposed view), and so then is the product
         rows = (x.reshape(b, n, 1, -1) * share.reshape(b, n, k, 1)).reshape(b * n * k, -1)
-        offsets = _row_offsets(b, m, dests.device)[..., None]  # (b, 1, 1)
-        target = torch.where(dests < m, dests + offsets, b * m).view(-1)
-        out = rows.new_zeros(b * m + 1, rows.shape[1]).index_add_(0, target, rows)
-        return out[: b * m].view(b, m, *x.shape[2:])
+        return _add_into_slots(rows, dests.flatten(1), m).view(b, m, *x.shape[2:])
     if whole:  # every token joins a slot: one index_add_ of the weighted rows, no spare row
         share = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         rows = x.reshape(b * n, -1) * share.view(b * n, 1)
@@ -660,12 +657,18 @@ def select_tokens(x: Tensor, selection: TokenSelection) -> Tensor:
         at = torch.arange(b, device=dest.device) * m + fused.squeeze(1).clamp_min(0)
         return rows.index_copy_(0, at, mean).view(b, m, *x.shape[2:])
     rows = x.reshape(b * n, -1) * weight.reshape(b * n, 1).to(x.dtype)  # (b n, c)
-    # one flat index_add_ over rows (several times faster than a scatter_add_ along the token
-    # axis on CPU); tokens that join no slot (dest == m) all land in one spare row at the end
-    offsets = torch.arange(b, device=dest.device)[:, None] * m
-    target = torch.where(dest < m, dest + offsets, b * m).flatten()
+    return _add_into_slots(rows, dest, m).view(b, m, *x.shape[2:])
+
+
+def _add_into_slots(rows: Tensor, dest: Tensor, m: int) -> Tensor:
+    """rows: (b n', c) weighted token rows in image order; dest: (b, n') the slot in [0, m] each
+    joins -> (b m, c) each slot's sum. One flat index_add_ (several times faster than a
+    scatter_add_ along the token axis on CPU); rows that join no slot (dest == m) all land in
+    one spare row at the end, dropped."""
+    b = dest.shape[0]
+    target = torch.where(dest < m, dest + _row_offsets(b, m, dest.device), b * m).flatten()
     out = rows.new_zeros(b * m + 1, rows.shape[1]).index_add_(0, target, rows)
-    return out[: b * m].view(b, m, *x.shape[2:])
+    return out[: b * m]
 
 
 def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> TokenSelection:
