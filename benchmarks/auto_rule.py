@@ -24,15 +24,17 @@ only is evidence, not a choice: ``auto`` changes only on the full set.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from ats_vit._io import write_text_atomic
+from ats_vit._io import write_atomic, write_text_atomic
 from ats_vit._progress import bar as progress_bar
 from ats_vit.bench.common import checkpoint_splits, json_arguments, machine, print_table
 from ats_vit.calibrate import AUTO, SWITCH_Z, Calibration, Trial, prefer
@@ -98,6 +100,36 @@ def measure_points(cfg: Config, index: int) -> list[Point]:
             trials[method] = found[0]
             hits[method] = measure(model, test_x, found[0].budget)[0] == test_y
         points.append(Point(loaded.name, target, trials, hits, loaded.test_items, search.search.items))
+    return points
+
+
+def cached_points(cfg: Config, index: int, cache: str | None) -> list[Point]:
+    """`measure_points`, kept in ``cache`` per checkpoint so that a killed run resumes where it
+    stopped. The key holds everything the measurement depends on (the checkpoint file's size
+    and modification time, its data, calibration count, targets, seed and candidate members)."""
+    if cache is None:
+        return measure_points(cfg, index)
+    path = cfg.checkpoints[index]
+    stat = os.stat(path)
+    key = json.dumps(
+        [
+            os.path.abspath(path),
+            stat.st_size,
+            stat.st_mtime_ns,
+            cfg.data_of(index),
+            cfg.calib_images_of(index),
+            cfg.targets,
+            cfg.seed,
+            sorted({m for members in MEMBER_LISTS for m in members}),
+        ]
+    )
+    file = os.path.join(cache, hashlib.sha256(key.encode()).hexdigest()[:16] + ".pt")
+    if os.path.exists(file):
+        print(f"{path}: measured before, read from {file}")
+        return torch.load(file, weights_only=False)  # our own cache: it holds Trial objects
+    points = measure_points(cfg, index)
+    os.makedirs(cache, exist_ok=True)
+    write_atomic(file, lambda f: torch.save(points, f), binary=True)
     return points
 
 
@@ -167,6 +199,11 @@ def main() -> None:
         help="one count, or one per checkpoint (the frontier's: 320 for demo and gap, 1000 for glyphs196)",
     )
     parser.add_argument("--targets", type=float, nargs="+", default=list(Config.targets))
+    parser.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="keep each checkpoint's measurement here; a rerun reads it instead of measuring again",
+    )
     args = json_arguments(parser, "config, machine, rows, summary and the pick")()
     for name in ("data", "calib_images"):
         if len(getattr(args, name)) not in (1, len(args.checkpoints)):
@@ -175,7 +212,7 @@ def main() -> None:
                 f"({len(args.checkpoints)}), got {len(getattr(args, name))}"
             )
     cfg = Config(tuple(args.checkpoints), tuple(args.data), tuple(args.calib_images), tuple(args.targets))
-    points = [p for i in range(len(cfg.checkpoints)) for p in measure_points(cfg, i)]
+    points = [p for i in range(len(cfg.checkpoints)) for p in cached_points(cfg, i, args.cache)]
     rows, summary = replay(points, cfg.zs)
     chosen = pick(summary)
     print_table(

@@ -129,6 +129,23 @@ def test_auto_rule(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
     assert "the rule keeps: members" in capsys.readouterr().out
 
 
+def test_auto_rule_reads_a_measured_checkpoint_from_the_cache(
+    tmp_path, monkeypatch, tiny_checkpoint, tiny_splits
+):
+    argv = [str(tiny_checkpoint), "--data", "tiny", "--targets", "0.7", "--cache", str(tmp_path / "c")]
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    assert run_script("auto_rule.py", *argv, "--json", str(first), monkeypatch=monkeypatch) == 0
+    assert len(list((tmp_path / "c").iterdir())) == 1
+    import ats_vit.evaluate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again instead of reading the cache")
+
+    monkeypatch.setattr(ats_vit.evaluate, "measure", refuse)
+    assert run_script("auto_rule.py", *argv, "--json", str(second), monkeypatch=monkeypatch) == 0
+    assert json.loads(first.read_text())["rows"] == json.loads(second.read_text())["rows"]
+
+
 def test_auto_rule_takes_one_calibration_count_or_one_per_checkpoint(monkeypatch, capsys):
     argv = ["a.safetensors", "b.safetensors", "--calib-images", "1", "2", "3"]
     assert run_script("auto_rule.py", *argv, monkeypatch=monkeypatch) == 2
