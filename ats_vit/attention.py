@@ -305,7 +305,7 @@ def sampled_self_attention(
 
     bias = key_bias(padding, size if ats is None or ats.proportional else None)
     all_proj = _projections(parts.qkv_weight, parts.qkv_bias)
-    if ats is None or not ats.needed(x.shape[1]) or ats.late:
+    if ats is None or not ats.needed(x.shape[1]) or ats.late or ats.after_mlp:
         q, k, v = _project(x, all_proj, padding, heads)
         q, k = rotate(q_norm(q), positions), rotate(k_norm(k), positions)
         selection, out_padding, queries, q_positions = None, padding, x, positions

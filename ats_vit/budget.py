@@ -158,6 +158,17 @@ class Budget:
             caps.append(tokens)
         return cls(0, tuple(caps), sampler="pitome", depth=depth, num_patches=num_patches, method="pitome")
 
+    @classmethod
+    def dct(cls, r: int | Sequence[int] | tuple[int, float], depth: int, num_patches: int) -> Budget:
+        """OpenToMe's DCT schedule as caps: after every block's MLP ``r`` patch tokens fewer (an
+        int; a per-layer list or ToMe's ``(r, inflection)`` as :meth:`tome` takes them), at most
+        half of them, as its ``parse_r`` and ``dc_matching`` count them."""
+        tokens, caps = num_patches, []
+        for rate in tome_rates(r, depth):
+            tokens -= max(0, min(rate, tokens // 2))
+            caps.append(tokens)
+        return cls(0, tuple(caps), sampler="dct", depth=depth, num_patches=num_patches, method="dct")
+
     def options(self, runtime: SamplingOptions | None = None) -> SamplingOptions:
         """This budget's rule on ``runtime``'s static shape and jitter (how the model runs)."""
         return (runtime or SamplingOptions()).with_rule(self.sampler, self.temperature, self.dropped)

@@ -4,8 +4,9 @@ Convention: one multiply-add counts as one FLOP (fvcore's, used by DeiT and the 
 DeiT-S dense = 4.6 GFLOPs). Counted: patch embedding, qkv, the CLS scoring row (or, scoring by
 received attention, every query's logits), attention (QKᵀ and AV), the significance scores
 (heads * candidates), output projection, MLP and head, and in layers that fuse or merge, the
-weighted merging itself (and ToMe's token similarities). Norms, softmax, GELU and the sort/search steps of
-sampling are ignored, as fvcore ignores such element-wise work. Only real tokens are counted:
+weighted merging itself (and ToMe's token similarities), and the cosine transform's token mix.
+Norms, softmax, GELU and the sort/search steps of sampling are ignored, as fvcore ignores such
+element-wise work. Only real tokens are counted:
 token-wise layers run on packed real tokens whenever at least 1/32 of the batch grid is padding
 (below that they run on the grid, and up to 1/32 more rows are computed than counted), and
 attention is counted over real queries and real keys.
@@ -189,9 +190,9 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     head_dim = a / cost.heads
     n_in, n_out = _in_out(cost, trace)
     device = n_in.device
-    early = _layers(trace, device, lambda r, _: not r.late)  # only the kept tokens get outputs
-    received = _layers(trace, device, lambda r, rec: not r.late and rec)
-    cls_row = _layers(trace, device, lambda r, rec: not r.late and not rec)
+    early = _layers(trace, device, lambda r, _: not r.attends_all)  # only the kept tokens get outputs
+    received = _layers(trace, device, lambda r, rec: not r.attends_all and rec)
+    cls_row = _layers(trace, device, lambda r, rec: not r.attends_all and not rec)
     fuse = _layers(trace, device, lambda r, rec: r is Rule.FUSE and not rec)
     fuse_received = _layers(trace, device, lambda r, rec: r is Rule.FUSE and rec)
     soft = _layers(trace, device, lambda r, rec: r is Rule.SOFT and not rec)
@@ -205,7 +206,7 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     # computed by top-k or random picks, which keep a fixed count)
     scoring = torch.where(cls_row, d * a + n_in * a, 0.0)
     scoring = scoring + torch.where(received, n_in * n_in * a, 0.0)
-    significance = _layers(trace, device, lambda r, _: not r.late and r is not Rule.FIXED)
+    significance = _layers(trace, device, lambda r, _: not r.attends_all and r is not Rule.FIXED)
     scoring = scoring + torch.where(significance, candidates * cost.heads, 0.0)
     # fusing averages the residual stream and the normalised input (received: the queries,
     # already projected) into the kept slots; ToMe and PiToMe average the residual stream
@@ -218,8 +219,11 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     merging = merging + torch.where(soft, 2 * spread * d, 0.0)
     merging = merging + torch.where(soft_received, spread * (d + a), 0.0)
     similarity = _similarity(trace, n_in, n_out, p, head_dim)
+    # the cosine transform: every token through the MLP, then one (m x t) mix of the patches
+    whole = _layers(trace, device, lambda r, _: r.whole_block)
+    merging = merging + torch.where(whole, (n_out - p) * (n_in - p) * d, 0.0)
     attention = 2 * queries * n_in * a
-    rest = queries * a * d + 2 * n_out * d * hidden  # output projection and MLP
+    rest = queries * a * d + 2 * torch.where(whole, n_in, n_out) * d * hidden  # output projection, MLP
     blocks = (qkv + scoring + merging + similarity + attention + rest).sum(dim=1)
     stem = trace.num_patches * cost.patch_dim * d + d * cost.num_classes
     return blocks + stem

@@ -84,13 +84,19 @@ RULE_OPTIONS = {
     Rule.SOFT: SamplingOptions(dropped="soft"),
     Rule.TOME: SamplingOptions(sampler="tome"),
     Rule.PITOME: SamplingOptions(sampler="pitome"),
+    Rule.DCT: SamplingOptions(sampler="dct"),
     Rule.OFFICIAL: SamplingOptions(sampler="official"),
     Rule.FIXED: SamplingOptions(sampler="topk"),
 }
 # the rules whole passes are timed with to fit the table to the model in place; the others
 # take the multiplier of their nearest kin
 REFERENCE_RULES = (Rule.SCORE, Rule.FUSE, Rule.TOME, Rule.OFFICIAL)
-KIN = {Rule.FIXED.value: "dense", Rule.PITOME.value: Rule.TOME.value, Rule.SOFT.value: Rule.FUSE.value}
+KIN = {
+    Rule.FIXED.value: "dense",
+    Rule.PITOME.value: Rule.TOME.value,
+    Rule.SOFT.value: Rule.FUSE.value,
+    Rule.DCT.value: "dense",
+}
 
 
 def code_digest(root: Path | None = None) -> str:

@@ -18,10 +18,19 @@ from ats_vit import _validate
 
 __all__ = ["DROPPED", "SAMPLERS", "Dropped", "Rule", "Sampler", "SamplingOptions"]
 
-Sampler = Literal["inverse_transform", "official", "gumbel", "topk", "random", "tome", "pitome"]
-# "topk", "random", "tome" and "pitome" keep a fixed count per image: the peers ATS is compared
-# to; "official" is the authors' released selection
-SAMPLERS: tuple[str, ...] = ("inverse_transform", "official", "gumbel", "topk", "random", "tome", "pitome")
+Sampler = Literal["inverse_transform", "official", "gumbel", "topk", "random", "tome", "pitome", "dct"]
+# "topk", "random", "tome", "pitome" and "dct" keep a fixed count per image: the peers ATS is
+# compared to; "official" is the authors' released selection
+SAMPLERS: tuple[str, ...] = (
+    "inverse_transform",
+    "official",
+    "gumbel",
+    "topk",
+    "random",
+    "tome",
+    "pitome",
+    "dct",
+)
 Dropped = Literal["discard", "fuse", "soft", "merge"]
 DROPPED: tuple[str, ...] = ("discard", "fuse", "soft", "merge")
 # the samplers that merge what they drop: "merge" is their only (and default) choice of
@@ -40,7 +49,9 @@ class SamplingOptions:
         draws), or a fixed-count peer: ``"topk"`` (EViT's CLS attention), ``"random"``,
         ``"tome"`` (ToMe: attention for all tokens, then the closest pairs merge), ``"pitome"``
         (PiToMe: as ToMe, but tokens in dense, redundant regions merge first and the distinct
-        ones are protected; no proportional attention, as in its authors' code).
+        ones are protected; no proportional attention, as in its authors' code), ``"dct"``
+        (many-to-many: after the block's MLP the patch tokens, in patch order, are low-passed
+        by a discrete cosine transform to fewer tokens, each a mix of all; OpenToMe's DCT).
     temperature: scores reshaped as ``S^(1/temperature)`` before the ATS samplers draw (the
         cost knob of a budget); 1 is the paper's op.
     dropped: ``"discard"`` (the paper) or ``"fuse"`` (EViT-style: one token, the
@@ -82,6 +93,11 @@ class SamplingOptions:
                 "dropped must be 'discard', 'fuse' or 'soft' (merging into the nearest kept token was "
                 "removed in 1.0)"
             )
+        if self.sampler == "dct" and dropped != "discard":
+            raise ValueError(
+                f"sampler='dct' discards the high frequencies of the token sequence; dropped must be "
+                f"'discard', got {dropped!r}"
+            )
         object.__setattr__(self, "dropped", dropped)
         object.__setattr__(self, "temperature", _validate.positive_float("temperature", self.temperature))
         for name in ("static_shape", "jitter", "restorable"):
@@ -108,8 +124,9 @@ class Rule(str, Enum):
     ``FUSE`` any scored selection whose dropped tokens fuse into one token; ``SOFT`` one whose
     dropped tokens are spread over the kept ones (keys compared, each into 3 slots); ``TOME`` ToMe
     (attention for every token, then merging); ``PITOME`` PiToMe (as ToMe, plus every pair of
-    tokens compared for their energy). ``SCORE`` and ``OFFICIAL`` count the same FLOPs;
-    ``FIXED`` computes no significance scores.
+    tokens compared for their energy); ``DCT`` the cosine transform after the MLP (every token
+    attends and goes through the MLP; then fewer tokens, each a mix of all). ``SCORE`` and
+    ``OFFICIAL`` count the same FLOPs; ``FIXED`` computes no significance scores.
     """
 
     SCORE = "score"
@@ -119,6 +136,7 @@ class Rule(str, Enum):
     SOFT = "soft"
     TOME = "tome"
     PITOME = "pitome"
+    DCT = "dct"
 
     @classmethod
     def of(cls, options: SamplingOptions) -> Rule:
@@ -127,6 +145,8 @@ class Rule(str, Enum):
             return cls.TOME
         if options.sampler == "pitome":
             return cls.PITOME
+        if options.sampler == "dct":
+            return cls.DCT
         if options.dropped == "fuse":
             return cls.FUSE
         if options.dropped == "soft":
@@ -147,3 +167,14 @@ class Rule(str, Enum):
     def late(self) -> bool:
         """Whether it selects after attention over every token (the merging rules)."""
         return self in (Rule.TOME, Rule.PITOME)
+
+    @property
+    def whole_block(self) -> bool:
+        """Whether every token attends and goes through the MLP, the tokens reduced only
+        after (the cosine transform)."""
+        return self is Rule.DCT
+
+    @property
+    def attends_all(self) -> bool:
+        """Whether every token gets a query (no scores choose which)."""
+        return self.late or self.whole_block

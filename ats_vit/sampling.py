@@ -18,6 +18,7 @@ merging make tokens stand for several patches; their ``size`` then biases attent
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,6 +34,8 @@ __all__ = [
     "Padding",
     "TokenSelection",
     "compact",
+    "dct_count",
+    "dct_reduce",
     "gather_tokens",
     "gumbel_sample",
     "inverse_transform_sample",
@@ -617,6 +620,44 @@ def _row_offsets(b: int, n: int, device: torch.device) -> Tensor:
     return torch.arange(b, device=device)[:, None] * n
 
 
+def dct_count(candidates: int, keep_count: int) -> int:
+    """How many patch tokens the cosine transform leaves of ``candidates``: ``keep_count``, but
+    at least half (OpenToMe's ``dc_matching`` removes at most ``t // 2`` of ``t``)."""
+    return candidates - min(max(candidates - keep_count, 0), candidates // 2)
+
+
+@_shape_cached
+def _dct_matrix(t: int, m: int, device: torch.device) -> Tensor:
+    """(m, t) float32: the orthonormal DCT-II of length ``t``, its ``m`` lowest frequencies
+    kept, then the inverse transform of length ``m``: ``C_m^T C_t[:m]`` (``C_n[k, j] = s_k
+    cos(pi (2j + 1) k / 2n)``, ``s_0 = sqrt(1/n)``, else ``sqrt(2/n)``). Built in float64."""
+
+    def dct(n: int, rows: int) -> Tensor:
+        k = torch.arange(rows, dtype=torch.float64)[:, None]
+        j = torch.arange(n, dtype=torch.float64)[None]
+        scale = torch.full((rows, 1), math.sqrt(2 / n), dtype=torch.float64)
+        scale[0] = math.sqrt(1 / n)
+        return scale * torch.cos(math.pi * (2 * j + 1) * k / (2 * n))
+
+    return (dct(m, m).T @ dct(t, m)).to(device=device, dtype=torch.float32)
+
+
+def dct_reduce(x: Tensor, keep_count: int, num_prefix: int) -> Tensor:
+    """OpenToMe's DCT token reduction (``opentome/tome/dct.py``, after the Fourier Transformer
+    of He et al., ACL 2023), applied to a block's output: the patch tokens (b, t, c), in their
+    order, are transformed along the token axis (orthonormal DCT-II), the highest frequencies
+    cut to leave :func:`dct_count` of them, and transformed back at that length, so each output
+    token is a fixed mix of all input tokens (many-to-many, the same for every image: one
+    (m x t) matrix product). Prefix tokens pass unchanged. Computed in float32, as theirs, and
+    returned in ``x``'s dtype."""
+    p, t = num_prefix, x.shape[1] - num_prefix
+    m = dct_count(t, keep_count)
+    if m == t:
+        return x
+    mixed = torch.matmul(_dct_matrix(t, m, x.device), _float(x[:, p:])).to(x.dtype)
+    return torch.cat((x[:, :p], mixed), dim=1)
+
+
 def merge_plan(dest: Tensor, weight: Tensor, num_slots: int) -> Merge:
     """A :class:`Merge` whose weights are normalised per slot.
 
@@ -823,8 +864,14 @@ class AdaptiveTokenSampling(nn.Module):
     @property
     def uses_attention_scores(self) -> bool:
         """Whether the rule needs attention scores (the CLS row or received attention); the
-        merging rules compare keys instead."""
-        return not self.late
+        merging rules compare keys instead, and the cosine transform needs none."""
+        return not self.late and not self.after_mlp
+
+    @property
+    def after_mlp(self) -> bool:
+        """Whether the layer reduces its tokens after the block's MLP instead of in its
+        attention (``sampler="dct"``: :meth:`ats_vit.tokens.TokenState.after_mlp`)."""
+        return self.options.sampler == "dct"
 
     @property
     def late(self) -> bool:
@@ -865,6 +912,11 @@ class AdaptiveTokenSampling(nn.Module):
         or None; size: (b, n) patches per token, or None (all 1)."""
         p, cap, o = self.num_prefix_tokens, self.cap, self.options
         b, _, n, _ = v.shape
+        if self.after_mlp:
+            raise ValueError(
+                "sampler='dct' reduces a block's output after its MLP, not in its attention: "
+                "the block calls TokenState.after_mlp (as ats_vit's models and patches do)"
+            )
         if not self.needed(n):
             return TokenSelection(torch.arange(n, device=v.device).expand(b, n), padding, size=size)
         if k is None and (self.late or o.dropped == "soft"):

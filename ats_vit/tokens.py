@@ -21,7 +21,15 @@ import torch
 from torch import Tensor
 
 from ats_vit.flops import TokenTrace, ViTCost, gflops
-from ats_vit.sampling import Padding, TokenSelection, gather_tokens, select_tokens
+from ats_vit.options import Rule
+from ats_vit.sampling import (
+    AdaptiveTokenSampling,
+    Padding,
+    TokenSelection,
+    dct_reduce,
+    gather_tokens,
+    select_tokens,
+)
 
 __all__ = ["ATSInfo", "TokenState"]
 
@@ -138,6 +146,31 @@ class TokenState:
         last = self.last if norm is None else norm(self.last)
         return torch.where((self.slot_of < 0)[..., None], last.to(full.dtype), full)
 
+    def after_mlp(self, x: Tensor, ats: AdaptiveTokenSampling | None) -> Tensor:
+        """A block's output x: (b, n, c) after its MLP, reduced when ``ats`` does it there
+        (``sampler="dct"``: every token attended and went through the MLP; now fewer tokens,
+        each a mix of all, :func:`ats_vit.sampling.dct_reduce`); else x unchanged. The mixed
+        tokens stand for no one patch: their positions become -1 (no picture, no restore)."""
+        if ats is None or not ats.after_mlp or not ats.needed(x.shape[1]):
+            return x
+        if self.padding is not None:
+            raise ValueError(
+                "sampler='dct' transforms the same count in every image and takes no padded token grid "
+                "(an earlier layer kept an adaptive count); use it in every sampling layer"
+            )
+        if self.slot_of is not None:
+            raise ValueError(
+                "sampler='dct' mixes every patch into every token, so restore() has no patch to put "
+                "back: run it with restorable=False"
+            )
+        p = self.num_prefix_tokens
+        x = dct_reduce(x, ats.cap, p)
+        b, m = x.shape[:2]
+        prefix = torch.arange(p, device=x.device).expand(b, p)
+        self.positions = torch.cat((prefix, prefix.new_full((b, m - p), -1)), dim=1)
+        self._selection = TokenSelection(self.positions, None, rule=Rule.DCT)
+        return x
+
     def record(self, x: Tensor) -> None:
         """Record a block's output x: (b, m, c) in the trace (after :meth:`follow`)."""
         selection, self._selection = self._selection, None
@@ -147,9 +180,10 @@ class TokenState:
         self.trace.record(x, self.padding, selection.rule, self.positions, selection.received)
 
     def token_ids(self) -> Tensor:
-        """(b, m) patch indices alive now (0-based, prefix excluded), -1 for padding."""
+        """(b, m) patch indices alive now (0-based, prefix excluded), -1 for padding and for the
+        tokens of a cosine transform (each a mix of all patches)."""
         p = self.num_prefix_tokens
-        ids = self.positions[:, p:] - p
+        ids = (self.positions[:, p:] - p).clamp_min(-1)
         return ids if self.padding is None else ids.masked_fill(~self.padding.mask[:, p:], -1)
 
     def info(self, cost: ViTCost) -> ATSInfo:

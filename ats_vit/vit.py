@@ -82,6 +82,7 @@ class Block(nn.Module):
         x = state.follow(x, out, selection)
         del out  # not alive during the MLP, whose hidden activations set the peak memory
         x = x + tokenwise(lambda t: self.mlp(self.norm2(t)), x, state.padding)
+        x = state.after_mlp(x, self.attn.ats)
         state.record(x)
         return x
 

@@ -1,4 +1,4 @@
-"""The ImageNet reproduction: a pretrained timm ViT, dense against ToMe, PiToMe, the paper's ATS
+"""The ImageNet reproduction: a pretrained timm ViT, dense against ToMe, PiToMe, DCT, the paper's ATS
 setting, the authors' ATS (`official`) and `auto`, at fixed GFLOP fractions and in time, with
 the published numbers beside.
 
@@ -13,8 +13,8 @@ images, one class folder each, as ``torchvision``'s ImageNet layout or the ATS r
 
 - ``dense``; ``tome r=8``, ``tome r=13``: ToMe's constant schedules (``Budget.tome``);
 - ``paper``: the ATS paper's DeiT-S setting as ats-vit states it (``Budget.paper(0.55, 3)``);
-- ``official``, ``pitome`` and ``auto`` calibrated to each ``--targets`` fraction of the dense
-  GFLOPs;
+- ``official``, ``pitome``, ``dct`` and ``auto`` calibrated to each ``--targets`` fraction of
+  the dense GFLOPs;
 - ``auto time T``: ``auto`` calibrated to T of the dense *time* at ``--timing-batch`` images on
   ``--device`` (one process only: under torchrun the time rows are left out).
 
@@ -119,7 +119,9 @@ def budgets_for(args: argparse.Namespace, model: torch.nn.Module, calib: Any) ->
     ]
     images, labels = calib
     search = Calibration(model, images, labels, batch_size=args.batch_size)
-    wanted = [(f"{m} {t:g}", search, t, m) for m in ("official", "pitome", "auto") for t in args.targets]
+    wanted = [
+        (f"{m} {t:g}", search, t, m) for m in ("official", "pitome", "dct", "auto") for t in args.targets
+    ]
     if args.time_targets and rank_world()[1] == 1 and args.timing_repeats > 0:
         timed = Calibration(
             model, images, labels, cost="latency", timing_batch=args.timing_batch, batch_size=args.batch_size

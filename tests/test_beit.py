@@ -89,6 +89,13 @@ def test_kept_tokens_get_the_bias_of_their_grid_positions(name):
     torch.testing.assert_close(sampled[:, 0], dense[:, 0], atol=1e-5, rtol=1e-5)
 
 
+def test_the_cosine_transform_is_refused_where_the_pair_bias_needs_positions():
+    model = make("beit-cls")
+    ats_timm.apply(model, caps=(10, 5), start_layer=1, options=SamplingOptions(sampler="dct"))
+    with pytest.raises(ValueError, match="sampler='dct' is not supported on BEiT"):
+        model(images(1))
+
+
 def test_pair_bias_gathers_the_dense_table_by_query_and_key_position():
     table = torch.randn(1, 3, 7, 7)
     q = torch.tensor([[0, 4], [2, 6]])

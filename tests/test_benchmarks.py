@@ -355,6 +355,7 @@ def test_imagenet_reproduction_runs_end_to_end_on_a_fake_imagenet(tmp_path, monk
         "paper",
         "official 0.6",
         "pitome 0.6",
+        "dct 0.6",
         "auto 0.6",
         "auto time 0.85",
     ]
@@ -364,10 +365,11 @@ def test_imagenet_reproduction_runs_end_to_end_on_a_fake_imagenet(tmp_path, monk
     assert record["weights"] == str(weights) and record["config"]["model"] == "deit_tiny_patch16_224"
     assert rows["tome r=8"]["budget"] == Budget.tome(8, 12, 16).to_dict()
     assert rows["paper"]["budget"] == Budget.paper(0.55, 3, 12, 16).to_dict()
-    for label in ("official 0.6", "pitome 0.6", "auto 0.6"):
+    for label in ("official 0.6", "pitome 0.6", "dct 0.6", "auto 0.6"):
         assert rows[label]["gflops_ratio"] == pytest.approx(0.6, abs=0.03), label
     assert rows["official 0.6"]["budget"]["method"] == "official"
     assert rows["pitome 0.6"]["budget"]["sampler"] == "pitome"
+    assert rows["dct 0.6"]["budget"]["sampler"] == "dct"
     assert rows["auto time 0.85"]["budget"]["calibration"]["cost"] == "latency"
     for row in rows.values():
         assert row["speedup"] > 0
@@ -379,7 +381,16 @@ def test_imagenet_reproduction_runs_end_to_end_on_a_fake_imagenet(tmp_path, monk
     ddp_out = tmp_path / "imagenet_ddp.json"
     torchrun(SCRIPTS / "imagenet.py", 29577, *argv, "--weights", str(weights), "--json", str(ddp_out))
     ddp = {r["label"]: r for r in json.loads(ddp_out.read_text())["rows"]}
-    assert list(ddp) == ["dense", "tome r=8", "tome r=13", "paper", "official 0.6", "pitome 0.6", "auto 0.6"]
+    assert list(ddp) == [
+        "dense",
+        "tome r=8",
+        "tome r=13",
+        "paper",
+        "official 0.6",
+        "pitome 0.6",
+        "dct 0.6",
+        "auto 0.6",
+    ]
     assert ddp["dense"]["images"] == 12 and ddp["dense"]["accuracy"] == 1.0
     assert all(math.isnan(r["speedup"]) for r in ddp.values()), "no timing across processes"
     for label in ("tome r=8", "paper"):

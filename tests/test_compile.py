@@ -22,8 +22,9 @@ RULES = [
     dict(sampler="tome"),
     dict(sampler="pitome"),
     dict(dropped="soft"),
+    dict(sampler="dct"),
 ]
-IDS = ["paper", "fuse", "official", "tome", "pitome", "soft"]
+IDS = ["paper", "fuse", "official", "tome", "pitome", "soft", "dct"]
 
 
 def peaky_vit(**options):

@@ -17,8 +17,9 @@ RULES = [
     dict(sampler="pitome"),
     dict(sampler="official"),
     dict(dropped="soft"),
+    dict(sampler="dct"),
 ]
-IDS = ["paper", "fuse", "topk", "tome", "pitome", "official", "soft"]
+IDS = ["paper", "fuse", "topk", "tome", "pitome", "official", "soft", "dct"]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=IDS)

@@ -157,6 +157,13 @@ def test_after_a_selection_tokens_keep_their_rotations_and_see_only_the_alive_ke
     torch.testing.assert_close(seen["out"], expected, atol=1e-5, rtol=1e-5)
 
 
+def test_the_cosine_transform_is_refused_where_rotary_positions_are_needed():
+    model = make("eva02-cls")
+    ats_timm.apply(model, caps=(10, 5), start_layer=1, options=SamplingOptions(sampler="dct"))
+    with pytest.raises(ValueError, match="sampler='dct' is not supported on EVA"):
+        model(inputs(model, 1))
+
+
 @pytest.mark.parametrize("sampler", ["tome", "pitome"])
 def test_merging_rules_run_with_rotary_positions(sampler):
     """A merged token keeps the position of the token it joined, so rotary embeddings stay

@@ -155,6 +155,26 @@ def test_analytic_count_matches_pytorch_flop_counter(name):
     assert ats_hf.last_info(model).gflops.item() == pytest.approx(measured, rel=1e-6)
 
 
+@pytest.mark.parametrize("name", ["CLIPForImageClassification", "Dinov2WithRegistersForImageClassification"])
+def test_the_cosine_transform_runs_on_hugging_face_encoders(name):
+    """DCT after the MLP of a served layer: its counts, a batch that equals each image alone,
+    and the FLOPs as the PyTorch counter sees them (the cached matrix built beforehand)."""
+    from helpers import measured_gflops
+
+    model = build(name, peaky=True)
+    ats_hf.apply(model, caps=(12, 9), start_layer=1, options=SamplingOptions(sampler="dct"))
+    x = images(3, seed=1)
+    with torch.no_grad():
+        batch = model(pixel_values=x).logits
+        assert ats_hf.last_info(model).kept_per_layer[0].tolist()[1:] == [12, 9]
+        for i in range(3):
+            torch.testing.assert_close(
+                model(pixel_values=x[i : i + 1]).logits[0], batch[i], atol=1e-5, rtol=1e-5
+            )
+    measured = measured_gflops(lambda: model(pixel_values=images(1)))
+    assert ats_hf.last_info(model).gflops.item() == pytest.approx(measured, rel=1e-6)
+
+
 @pytest.mark.parametrize("name", ["CLIPVisionModel", "SiglipVisionModel", "Dinov2WithRegistersModel"])
 def test_restore_gives_the_dense_grid_back_when_nothing_is_dropped(name):
     model = build(name)

@@ -177,6 +177,7 @@ def test_a_latency_budget_that_misses_its_timing_is_searched_again(monkeypatch):
         (SamplingOptions("tome"), Rule.TOME),
         (SamplingOptions("pitome"), Rule.PITOME),
         (SamplingOptions(dropped="soft"), Rule.SOFT),
+        (SamplingOptions("dct"), Rule.DCT),
     ],
 )
 def test_the_trace_records_what_each_layer_ran_and_the_prediction_takes_its_cells(options, rule):

@@ -384,6 +384,132 @@ def test_pitome_schedules_follow_the_released_ratio():
 # ---------------------------------------------------------------- ATS, as the authors released it
 
 
+# DCT: a port of OpenToMe's released code (Westlake-AI/OpenToMe, opentome/tome/dct.py:
+# dc_matching with its FFT-based dct/idct; opentome/timm/dct.py: DCTBlock, which transforms after
+# the MLP, and parse_r for the schedule), kept in the test so ours is checked against theirs
+
+
+def _reference_dct(metric, norm=None):
+    shape = metric.shape
+    n = shape[-1]
+    metric = metric.contiguous().view(-1, n)
+    v = torch.cat([metric[:, ::2], metric[:, 1::2].flip([1])], dim=1)
+    vc = torch.fft.fft(v, dim=1)
+    k = -torch.arange(n, dtype=metric.dtype)[None, :] * math.pi / (2 * n)
+    out = vc.real * torch.cos(k) - vc.imag * torch.sin(k)
+    if norm == "ortho":
+        out[:, 0] /= math.sqrt(n) * 2
+        out[:, 1:] /= math.sqrt(n / 2) * 2
+    return 2 * out.view(*shape)
+
+
+def _reference_idct(metric, norm=None):
+    shape = metric.shape
+    n = shape[-1]
+    metric = metric.contiguous().view(-1, n) / 2
+    if norm == "ortho":
+        metric[:, 0] *= math.sqrt(n) * 2
+        metric[:, 1:] *= math.sqrt(n / 2) * 2
+    k = torch.arange(n, dtype=metric.dtype)[None, :] * math.pi / (2 * n)
+    w_r, w_i = torch.cos(k), torch.sin(k)
+    v_t_r = metric
+    v_t_i = torch.cat([metric[:, :1] * 0, -metric.flip([1])[:, :-1]], dim=1)
+    v_r = v_t_r * w_r - v_t_i * w_i
+    v_i = v_t_r * w_i + v_t_i * w_r
+    v = torch.fft.ifft(torch.view_as_complex(torch.stack([v_r, v_i], dim=2)), dim=1).real
+    x = v.new_zeros(v.shape)
+    x[:, ::2] += v[:, : n - (n // 2)]
+    x[:, 1::2] += v.flip([1])[:, : n // 2]
+    return x.view(*shape)
+
+
+def reference_dc_matching(x, r, class_token=True):
+    if class_token:
+        cls_t = x[:, :1]
+        x = x[:, 1:]
+    t = x.shape[1]
+    r = min(r, t // 2)
+    metric = x.float().permute(1, 0, 2)
+    spectrum = _reference_dct(metric.transpose(0, 2), norm="ortho").transpose(0, 2)[: t - r]
+    x = _reference_idct(spectrum.transpose(0, 2), norm="ortho").transpose(0, 2).permute(1, 0, 2)
+    return torch.cat([cls_t, x], dim=1) if class_token else x
+
+
+def reference_dct_forward(model, x, r):
+    """timm's VisionTransformer.forward with OpenToMe's DCTBlock in every block."""
+    rates = tome_rates(r, len(model.blocks))
+    x = model._pos_embed(model.patch_embed(x))
+    x = model.norm_pre(x)
+    for block, rate in zip(model.blocks, rates, strict=True):
+        x = x + block.attn(block.norm1(x))
+        x = x + block.mlp(block.norm2(x))
+        if rate > 0:
+            x = reference_dc_matching(x, rate)
+    return model.forward_head(model.norm(x))
+
+
+@pytest.mark.parametrize("r", [4, 13])
+def test_dct_gives_the_logits_of_the_released_code(r):
+    """Same logits (1e-5) as OpenToMe's DCT on timm's DeiT-Tiny (random weights): the token mix
+    after every block's MLP, ``r`` fewer tokens each (at most half), the class token kept."""
+    timm = pytest.importorskip("timm")
+    import ats_vit.timm as ats_timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = reference_dct_forward(model, x, r)
+        budget = Budget.dct(r, depth=12, num_patches=196)
+        budget.apply(model)
+        ours = model(x)
+        info = ats_timm.last_info(model)
+    assert info.kept_per_layer[0].tolist() == list(budget.caps) == [196 - r * (i + 1) for i in range(12)]
+    assert (ours - reference).abs().max().item() <= 1e-5, f"max |diff| {(ours - reference).abs().max():.2e}"
+
+
+def test_dct_transform_is_the_released_fft_pair():
+    """The (m x t) matrix equals OpenToMe's FFT-based DCT, truncation and inverse, and leaves
+    at least half the tokens (their ``r = min(r, t // 2)``)."""
+    from ats_vit.sampling import dct_count, dct_reduce
+
+    x = torch.randn(3, 1 + 37, 16)
+    for keep in (37, 30, 19, 5):
+        ours = dct_reduce(x, keep, num_prefix=1)
+        assert ours.shape[1] == 1 + dct_count(37, keep) == 1 + max(keep, 19)
+        reference = reference_dc_matching(x, 37 - keep)
+        assert (ours - reference).abs().max().item() <= 1e-5
+    assert torch.equal(dct_reduce(x, 37, num_prefix=1), x)  # nothing to cut: x itself
+
+
+def test_dct_runs_after_the_mlp_and_is_refused_where_tokens_need_patches():
+    """A DCT layer attends and runs its MLP on every token; its tokens stand for no patch
+    (ids -1), so restore(), padded grids and families that need positions refuse it."""
+    from ats_vit import ViT
+    from ats_vit.sampling import AdaptiveTokenSampling
+
+    ats = AdaptiveTokenSampling(4, SamplingOptions(sampler="dct"))
+    assert ats.after_mlp and not ats.late and not ats.uses_attention_scores
+    with pytest.raises(ValueError, match="after its MLP"):
+        ats(None, torch.randn(1, 2, 9, 4), k=torch.randn(1, 2, 9, 4))
+    with pytest.raises(ValueError, match="dropped must be 'discard'"):
+        SamplingOptions(sampler="dct", dropped="fuse")
+    model = ViT(
+        image_size=32,
+        patch_size=8,
+        num_classes=3,
+        dim=16,
+        depth=2,
+        heads=2,
+        dim_head=8,
+        mlp_dim=32,
+        max_tokens_per_depth=(12, 8),
+        options=SamplingOptions(sampler="dct"),
+    ).eval()
+    logits, ids = model(torch.randn(2, 3, 32, 32), return_sampled_token_ids=True)
+    assert logits.shape == (2, 3) and ids.shape == (2, 8) and (ids == -1).all()
+
+
 def reference_official_picks(significance, n_ref):
     """The selection of the authors' ``AdaptiveTokenSampler`` (``score_assignment_step``'s
     sort, ``create_ys``, ``inverse_transform_sampling``'s nearest picks and

@@ -73,6 +73,7 @@ def test_budget_that_drops_nothing_equals_the_unpatched_model(name, fused):
         dict(sampler="tome"),
         dict(sampler="pitome"),
         dict(temperature=0.1, dropped="soft"),
+        dict(sampler="dct"),
     ],
 )
 def test_batch_equals_each_image_alone(name, rule):

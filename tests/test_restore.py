@@ -63,6 +63,13 @@ def test_restore_needs_a_tracked_pass():
         ats_vit.restore(model, features)
 
 
+def test_restore_refuses_the_cosine_transform():
+    """Its tokens each mix every patch: no patch to put back, so a tracked pass refuses it."""
+    model = small_vit((16, 10, 6, 6), sampler="dct", restorable=True).eval()
+    with pytest.raises(ValueError, match="restore\\(\\) has no patch to put back"):
+        model.forward_features(images(2))
+
+
 def test_timm_features_come_back_normalised_like_the_kept_ones():
     model = peaked_timm_tiny()
     import ats_vit.timm as ats_timm

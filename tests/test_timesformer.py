@@ -178,6 +178,9 @@ def test_what_is_not_served_is_refused():
     ats_hf.apply(model, caps=(8, 4), start_layer=1, options=SamplingOptions(dropped="soft"))
     with pytest.raises(ValueError, match="dropped='soft' is not supported on TimeSformer"):
         model(pixel_values=clips(1))
+    ats_hf.apply(model, caps=(8, 4), start_layer=1, options=SamplingOptions(sampler="dct"))
+    with pytest.raises(ValueError, match="sampler='dct' is not supported on TimeSformer"):
+        model(pixel_values=clips(1))
 
 
 def test_pictures_of_kept_tubes_are_patch_grids(tmp_path):

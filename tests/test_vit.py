@@ -100,8 +100,9 @@ RULES = [
     dict(sampler="pitome"),
     dict(sampler="official"),
     dict(temperature=0.5, dropped="soft"),
+    dict(sampler="dct"),
 ]
-RULE_IDS = ["paper", "hot", "cold-fuse", "topk", "evit", "tome", "pitome", "official", "cold-soft"]
+RULE_IDS = ["paper", "hot", "cold-fuse", "topk", "evit", "tome", "pitome", "official", "cold-soft", "dct"]
 
 
 @pytest.mark.parametrize("static_shape", [False, True])

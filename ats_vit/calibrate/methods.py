@@ -11,8 +11,8 @@
 - ``"ats-soft"``: as ``"ats-fuse"``, but each dropped token is spread over the kept ones by
   key similarity (many-to-many, :func:`ats_vit.sampling.soft_plan`) instead of fused into one.
 - ``"topk"``, ``"evit"`` (top-k with fusion, EViT), ``"random"``, ``"tome"`` (ToMe),
-  ``"pitome"`` (PiToMe): the peers, each keeping a fixed count that decays geometrically from
-  the start layer.
+  ``"pitome"`` (PiToMe), ``"dct"`` (OpenToMe's cosine transform, many-to-many): the peers,
+  each keeping a fixed count that decays geometrically from the start layer.
 - ``"auto"`` (recommended): the members of :data:`AUTO`, one of them kept by
   :func:`ats_vit.calibrate.choice.prefer`.
 """
@@ -84,6 +84,7 @@ METHODS: dict[str, Method] = {
     "random": Method("random"),
     "tome": Method("tome", "merge"),
     "pitome": Method("pitome", "merge"),
+    "dct": Method("dct"),
 }
 # what method="auto" searches (the first is kept unless another is ahead: choice.prefer): the
 # ATS variants and ToMe-style merging. Chosen on a checkpoint that is not reported (glyphs196-s1,

@@ -51,6 +51,16 @@ def block_state(block: Any, x: Tensor) -> TokenState:
     return carrier.state
 
 
+def refuse_dct(block: Any, model: str, why: str) -> None:
+    """Refuse ``sampler="dct"`` in a family whose blocks need each token's patch: the cosine
+    transform's tokens mix all patches."""
+    if block.ats.after_mlp:
+        raise ValueError(
+            f"sampler='dct' is not supported on {model} ({why}; each DCT token mixes all patches): "
+            "it runs on ats_vit.ViT, timm VisionTransformer and the Hugging Face image encoders"
+        )
+
+
 class PatchedFamily(Family):
     """A third-party model whose blocks are patched; subclasses say how to get logits."""
 

@@ -575,6 +575,7 @@ def _layer_forward(
     del out  # not alive during the MLP, whose hidden activations set the peak memory
     # drop path is per image, so it must see the padded (b, m, c) grid, not packed tokens
     x = x + p.residual2(tokenwise(lambda t: p.mlp(p.norm2(t)), x, state.padding))
+    x = state.after_mlp(x, self.ats)
     state.record(x)
     return x
 

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.nn.functional import linear
 
 from ats_vit.attention import attend, cls_attention, key_bias
-from ats_vit.families._patched import block_state, patched_once
+from ats_vit.families._patched import block_state, patched_once, refuse_dct
 from ats_vit.families.hf import HFFamily
 from ats_vit.sampling import Padding, TokenSelection, gather_tokens, tokenwise
 from ats_vit.tokens import TokenState
@@ -133,6 +133,7 @@ def _layer_forward(
     bias = key_bias(padding, size if self.ats.proportional else None)
     frame_bias = None if bias is None else bias.repeat_interleave(frames, dim=0)
     selection: TokenSelection | None = None
+    refuse_dct(self, "TimeSformer", "its tubes are counted and timed per patch position")
     if self.ats.needed(m):
         if self.ats.options.dropped == "soft":
             raise ValueError(

@@ -142,6 +142,7 @@ def _block_forward(self: Any, x: Tensor, attn_mask: Tensor | None = None, is_cau
     del out  # not alive during the MLP, whose hidden activations set the peak memory
     # drop path is per image, so it must see the padded (b, m, c) grid, not packed tokens
     x = x + self.drop_path2(tokenwise(lambda t: self.ls2(self.mlp(self.norm2(t))), x, state.padding))
+    x = state.after_mlp(x, self.ats)
     state.record(x)
     return x
 

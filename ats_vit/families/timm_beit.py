@@ -21,7 +21,14 @@ from timm.models.beit import Attention, Beit, Block
 from torch import Tensor
 
 from ats_vit.attention import AttentionParts, sampled_self_attention
-from ats_vit.families._patched import TimmStyleFamily, block_state, model_name, patched_once, weighted_mean
+from ats_vit.families._patched import (
+    TimmStyleFamily,
+    block_state,
+    model_name,
+    patched_once,
+    refuse_dct,
+    weighted_mean,
+)
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
 
@@ -88,6 +95,7 @@ def _dense_bias(attn: Any, shared: Tensor | None) -> Tensor | None:
 
 def _block_forward(self: Any, x: Tensor, shared_rel_pos_bias: Tensor | None = None) -> Tensor:
     """beit.Block.forward with token sampling; bound to patched block instances."""
+    refuse_dct(self, "BEiT", "its relative position bias needs each token's patch")
     state = block_state(self, x)
     skipped = state.skip(self._ats_index)
     if skipped is not None:

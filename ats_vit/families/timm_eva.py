@@ -23,7 +23,14 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import Tensor
 
 from ats_vit.attention import AttentionParts, sampled_self_attention
-from ats_vit.families._patched import TimmStyleFamily, block_state, model_name, patched_once, weighted_mean
+from ats_vit.families._patched import (
+    TimmStyleFamily,
+    block_state,
+    model_name,
+    patched_once,
+    refuse_dct,
+    weighted_mean,
+)
 from ats_vit.flops import ViTCost, mlp_width
 from ats_vit.sampling import tokenwise
 
@@ -97,6 +104,7 @@ def _block_forward(
     """EvaBlock.forward with token sampling; bound to patched block instances."""
     if attn_mask is not None or is_causal:
         raise ValueError("ATS-patched blocks do not support attn_mask or is_causal")
+    refuse_dct(self, "EVA", "its rotary embeddings need each token's patch")
     state = block_state(self, x)
     skipped = state.skip(self._ats_index)
     if skipped is not None:
