@@ -53,6 +53,10 @@ MEMBER_LISTS: tuple[tuple[str, ...], ...] = (
     ("pitome", "ats-fuse"),
     ("ats-soft", "official", "paper", "tome"),
     ("ats-soft", "tome"),
+    # added with the per-layer search (before any run on glyphs196's selection seeds)
+    ("ats-fuse", "official", "paper", "tome-layers"),
+    ("ats-fuse", "tome-layers"),
+    ("tome-layers", "ats-fuse"),
 )
 TIE = 0.05  # points: means closer than this are equal
 

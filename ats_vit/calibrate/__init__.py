@@ -196,7 +196,7 @@ class Calibration:
         found, near = self.search.near(methods, target)
         if not near:
             best = min(found, key=lambda t: abs(t.cost - target))
-            return self.search.trial(*best.key) if best.estimated else best
+            return self.search.evaluate(best.budget, best.key) if best.estimated else best
         return choose(near, methods, self.images, timed=self.latency is not None, items=self.search.items)
 
     def measured_ratio(self, budget: Budget, rounds: int = 21) -> float:
@@ -297,7 +297,7 @@ class Calibration:
         if measured is not None:
             record["measured_latency_ratio"] = measured
         if self.check is not None:  # the same budget on the images the search never saw
-            held = self.check.trial(*best.key)
+            held = self.check.evaluate(best.budget, best.key)
             record.update(
                 {
                     "holdout_images": self.check.images,
