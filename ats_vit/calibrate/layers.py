@@ -115,6 +115,8 @@ def _rank(search: BudgetSearch, budget: Budget) -> tuple[float, float]:
         counts.append(state.trace.kept_per_layer())
         rules = state.trace.rules
     latency = search.latency
+    if search.on_new_trial is not None:  # each ranked cut is a trial (on fewer images)
+        search.on_new_trial()
     if search.cost == "latency" and latency is not None:
         cost = latency.seconds(torch.cat(counts), rules) / latency.dense_seconds()
     else:
