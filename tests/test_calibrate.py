@@ -1,3 +1,4 @@
+import itertools
 import math
 from dataclasses import replace
 
@@ -304,9 +305,9 @@ def test_layers_search_cuts_the_cheapest_layer_first_and_lands_on_the_target():
     assert cal["images"] == 48 and cal["holdout_images"] == 16 and "holdout_agreement" in cal
     path = search.search.greedy_paths["tome-layers"]
     steps = path.steps
-    assert steps[0].caps == (16,) * 4 and all(a.cost > b.cost for a, b in zip(steps, steps[1:]))
+    assert steps[0].caps == (16,) * 4 and all(a.cost > b.cost for a, b in itertools.pairwise(steps))
     assert all(list(s.caps) == sorted(s.caps, reverse=True) for s in steps)
-    for before, after in zip(steps[:3], steps[1:4]):
+    for before, after in itertools.pairwise(steps[:4]):
         rates = []
         for layer, cap in enumerate(before.caps):
             caps = layers._cut(before.caps, layer, max(1, round(layers.LAYER_STEP * cap)))
