@@ -41,7 +41,7 @@ def tiny_splits(monkeypatch):
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py", "tables.py"}
     tested |= {"calibration_speed.py", "latency_model.py", "demo.py", "latency_budgets.py", "imagenet.py"}
-    tested |= {"auto_rule.py"}
+    tested |= {"auto_rule.py", "finetune_recipe.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
 
@@ -172,6 +172,47 @@ def test_auto_rule_picks_by_mean_then_the_earlier_list_then_the_larger_z():
     assert rule["pick"](summary) == summary[2]
     summary[0]["mean_pct"] = 90.2  # clearly ahead: the other list
     assert rule["pick"](summary) == summary[0]
+
+
+def test_finetune_recipe(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
+    work, out = tmp_path / "work", tmp_path / "r.json"
+    argv = [str(tiny_checkpoint), "--data", "tiny", "--target", "0.7", "--lrs", "5e-4", "1e-3"]
+    argv += ["--epochs", "1", "--work", str(work), "--json", str(out)]
+    assert run_script("finetune_recipe.py", *argv, monkeypatch=monkeypatch) == 0
+    record = json.loads(out.read_text())
+    rows = {r["key"]: r for r in record["rows"]}
+    assert list(rows) == ["dense", "before", "lr 0.0005", "lr 0.001"]
+    assert rows["dense"]["vs_dense_pct"] == 0 and rows["lr 0.0005"]["vs_recipe_p"] == 1.0
+    tiny = len(tiny_splits["test"])
+    for row in rows.values():  # pooled over the one checkpoint: its own accuracy
+        assert row["accuracy_pct"] == pytest.approx(row["per_checkpoint_pct"][0])
+        assert round(row["accuracy_pct"] * tiny / 100) == pytest.approx(
+            row["accuracy_pct"] * tiny / 100, abs=1e-6
+        )
+    assert record["pick"] in rows and "the rule keeps:" in capsys.readouterr().out
+    # the work folder is refused without --resume; with it the measured checkpoint is read back
+    assert run_script("finetune_recipe.py", *argv, "--overwrite", monkeypatch=monkeypatch) == 2
+    import ats_vit.train
+
+    def refuse(*a, **k):
+        raise AssertionError("a measured checkpoint was trained again")
+
+    monkeypatch.setattr(ats_vit.train, "train", refuse)
+    argv_again = [*argv, "--overwrite", "--resume"]
+    assert run_script("finetune_recipe.py", *argv_again, monkeypatch=monkeypatch) == 0
+    assert json.loads(out.read_text())["rows"] == record["rows"]
+
+
+def test_finetune_recipe_keeps_its_learning_rate_unless_another_is_significantly_ahead():
+    pick = runpy.run_path(str(SCRIPTS / "finetune_recipe.py"))["pick"]
+
+    def row(key, ahead, p):
+        return dict(key=key, accuracy_pct=90 + ahead, vs_recipe_pct=ahead, vs_recipe_p_adj=p)
+
+    rows = [row("dense", 3.0, 0.001), row("before", 1.0, 0.01), row("lr 0.0005", 0.0, 1.0)]
+    assert pick([*rows, row("lr 0.001", 0.8, 0.2)]) == "lr 0.0005"  # ahead, not significantly
+    assert pick([*rows, row("lr 0.001", -0.8, 0.01)]) == "lr 0.0005"  # significantly behind
+    assert pick([*rows, row("lr 0.001", 0.8, 0.01), row("lr 0.002", 0.5, 0.02)]) == "lr 0.001"
 
 
 def test_gpu_check_on_the_cpu(monkeypatch, capsys):

@@ -1,0 +1,202 @@
+"""Does fine-tuning recover the dense accuracy, and at which learning rate: the recipe of
+`ats-vit finetune`, measured on the selection seeds.
+
+For every checkpoint: calibrate ``ats-fuse`` to the target on its calibration split, fine-tune
+it for 3 epochs with that budget active at each candidate peak learning rate (the rest as
+`ats-vit finetune`: AdamW, cosine, 20 warm-up steps, batch 64), calibrate again on the
+fine-tuned weights (the recipe: the kept counts drift while the attention sharpens), and
+score on the test split: dense, the calibrated budget without fine-tuning, and each
+fine-tuned model. The checkpoints are pooled (each checkpoint's items their own ids): mean
+accuracy, the difference to dense and to the recipe's learning rate, exact paired p-values
+(`ats_vit.stats.paired_test`) with the Benjamini-Hochberg adjustment over the table.
+
+The rule, fixed before the run: run it on the held-out seeds only (`frontier_checkpoints.py
+--held-out`: seeds 100 and 101 of ``demo`` and ``gap``, in no reported table) and keep the
+recipe's learning rate (:data:`RECIPE_LR`) unless another is ahead of it with an adjusted
+p < 0.05.
+
+    python benchmarks/frontier_checkpoints.py runs/held --only demo gap --held-out
+    python benchmarks/finetune_recipe.py runs/held/{demo,gap}-s{100,101}/final.safetensors \\
+        --data demo@100 demo@101 demo@100 demo@101 --work runs/ft-recipe --json finetune_recipe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ats_vit._io import write_atomic, write_text_atomic
+from ats_vit.bench.common import checkpoint_splits, json_arguments, machine, print_table
+from ats_vit.calibrate import calibrate
+from ats_vit.checkpoint import load_model
+from ats_vit.evaluate import measure
+from ats_vit.stats import adjust_bh, paired_test
+from ats_vit.train import TrainConfig, train
+
+RECIPE_LR = 5e-4  # `ats-vit finetune`'s default peak learning rate
+METHOD = "ats-fuse"
+
+
+@dataclass
+class Config:
+    checkpoints: tuple[str, ...]
+    data: tuple[str, ...] = ("demo",)
+    target: float = 0.4
+    lrs: tuple[float, ...] = (RECIPE_LR, 1e-4, 1e-3)
+    epochs: int = 3
+    calib_images: int = 512  # `ats-vit calibrate`'s default
+    seed: int = 0
+
+    def data_of(self, index: int) -> str:
+        return self.data[0] if len(self.data) == 1 else self.data[index]
+
+
+def measure_checkpoint(cfg: Config, index: int, work: Path, progress: bool) -> dict[str, torch.Tensor]:
+    """Test-split hits of dense, the calibrated budget and each fine-tuned model, and the test
+    items, for one checkpoint. Kept in ``work``: a killed run resumes at the next checkpoint."""
+    from ats_vit import data as datasets  # looked up when called (tests put tiny data in its place)
+
+    path, data = cfg.checkpoints[index], cfg.data_of(index)
+    done = work / f"{index}-{Path(path).parent.name}.pt"
+    if done.exists():
+        return torch.load(done)
+    loaded = checkpoint_splits(path, data, cfg.calib_images, cfg.seed)
+    model, test_x, test_y = loaded.model, loaded.test_x, loaded.test_y
+
+    def budget_of(net: torch.nn.Module) -> Any:
+        torch.manual_seed(cfg.seed)
+        return calibrate(
+            net, loaded.calib_x, cfg.target, loaded.calib_y, method=METHOD, items=loaded.calib_items
+        )
+
+    hits = dict(items=loaded.test_items, dense=measure(model, test_x, None)[0] == test_y)
+    budget = budget_of(model)
+    hits["before"] = measure(model, test_x, budget)[0] == test_y
+    model_cfg = load_model(path)[1]
+    train_data = datasets.load_split(data, "train", model_cfg.image_size, channels=model_cfg.channels)
+    for lr in cfg.lrs:
+        run = TrainConfig(
+            model=replace(model_cfg, budget=budget.to_dict()),
+            epochs=cfg.epochs,
+            lr=lr,
+            warmup_steps=20,
+            seed=cfg.seed,
+            out_dir=str(work / f"{index}-lr{lr:g}"),
+            init_from=path,
+            data=data,
+        )
+        tuned, _ = load_model(train(run, train_data, overwrite=True, progress=progress))
+        hits[f"lr {lr:g}"] = measure(tuned, test_x, budget_of(tuned))[0] == test_y
+    write_atomic(done, lambda f: torch.save(hits, f), binary=True)
+    return hits
+
+
+def pooled(measured: list[dict[str, torch.Tensor]], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``key``'s hits over every checkpoint and the items, each checkpoint's items their own ids."""
+    hits, items, offset = [], [], 0
+    for m in measured:
+        hits.append(m[key])
+        items.append(m["items"] + offset)
+        offset += int(m["items"].max()) + 1
+    return torch.cat(hits), torch.cat(items)
+
+
+def table(measured: list[dict[str, torch.Tensor]], cfg: Config) -> list[dict[str, Any]]:
+    dense, items = pooled(measured, "dense")
+    recipe = pooled(measured, f"lr {RECIPE_LR:g}")[0]
+    rows = []
+    for key in ["dense", "before", *(f"lr {lr:g}" for lr in cfg.lrs)]:
+        hits = pooled(measured, key)[0]
+        vs_dense, p_dense = paired_test(hits, dense, items)
+        vs_recipe, p_recipe = paired_test(hits, recipe, items)
+        rows.append(
+            dict(
+                model="dense"
+                if key == "dense"
+                else f"{METHOD} {cfg.target:g}, "
+                + ("calibrated, not fine-tuned" if key == "before" else f"fine-tuned at {key}"),
+                key=key,
+                accuracy_pct=100 * hits.float().mean().item(),
+                per_checkpoint_pct=[100 * m[key].float().mean().item() for m in measured],
+                spread_pct=statistics.pstdev(100 * m[key].float().mean().item() for m in measured),
+                vs_dense_pct=100 * vs_dense,
+                vs_dense_p=p_dense,
+                vs_recipe_pct=100 * vs_recipe,
+                vs_recipe_p=p_recipe,
+            )
+        )
+    for name in ("vs_dense", "vs_recipe"):
+        for row, adjusted in zip(rows, adjust_bh([r[f"{name}_p"] for r in rows]), strict=True):
+            row[f"{name}_p_adj"] = adjusted
+    return rows
+
+
+def pick(rows: list[dict[str, Any]]) -> str:
+    """The rule of the module docstring: the recipe's learning rate unless another is ahead of it
+    with an adjusted p < 0.05 (the best such one)."""
+    ahead = [
+        r
+        for r in rows
+        if r["key"].startswith("lr ") and r["vs_recipe_pct"] > 0 and r["vs_recipe_p_adj"] < 0.05
+    ]
+    return max(ahead, key=lambda r: r["accuracy_pct"])["key"] if ahead else f"lr {RECIPE_LR:g}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "checkpoints", nargs="+", help="held-out checkpoints (frontier_checkpoints.py --held-out)"
+    )
+    parser.add_argument("--data", nargs="+", default=["demo"], help="one data spec, or one per checkpoint")
+    parser.add_argument("--target", type=float, default=Config.target, help="fraction of the dense GFLOPs")
+    parser.add_argument("--lrs", type=float, nargs="+", default=list(Config.lrs), help="peak learning rates")
+    parser.add_argument("--epochs", type=int, default=Config.epochs, help="fine-tuning epochs")
+    parser.add_argument(
+        "--work", required=True, help="folder for the fine-tuned runs and each checkpoint's hits"
+    )
+    parser.add_argument("--resume", action="store_true", help="reuse the checkpoints measured in --work")
+    args = json_arguments(parser, "config, machine, rows and the pick")()
+    if len(args.data) not in (1, len(args.checkpoints)):
+        parser.error(
+            f"--data takes one value or one per checkpoint ({len(args.checkpoints)}), got {len(args.data)}"
+        )
+    if RECIPE_LR not in args.lrs:
+        parser.error(f"--lrs must include the recipe's learning rate {RECIPE_LR:g}, got {args.lrs}")
+    work = Path(args.work)
+    if work.exists() and any(work.iterdir()) and not args.resume:
+        parser.error(f"{work} is not empty: pass --resume to reuse what it holds, or choose another --work")
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = Config(tuple(args.checkpoints), tuple(args.data), args.target, tuple(args.lrs), args.epochs)
+    measured = []
+    for index in range(len(cfg.checkpoints)):
+        measured.append(measure_checkpoint(cfg, index, work, progress=True))
+        print(f"measured {cfg.checkpoints[index]} ({index + 1} of {len(cfg.checkpoints)})", flush=True)
+    rows = table(measured, cfg)
+    print_table(
+        rows,
+        (
+            ("model", "model", "<44"),
+            ("accuracy_pct", "test %", ".2f"),
+            ("spread_pct", "across checkpoints ±", ".2f"),
+            ("vs_dense_pct", "vs dense", "+.2f"),
+            ("vs_dense_p_adj", "p (adj.)", ".3f"),
+            ("vs_recipe_pct", f"vs lr {RECIPE_LR:g}", "+.2f"),
+            ("vs_recipe_p_adj", "p (adj.)", ".3f"),
+        ),
+    )
+    chosen = pick(rows)
+    print(f"the rule keeps: {chosen} (the recipe: lr {RECIPE_LR:g})")
+    if args.json:
+        record = dict(config=asdict(cfg), machine=machine("cpu"), rows=rows, pick=chosen)
+        write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
