@@ -193,7 +193,9 @@ def main() -> None:
     chosen = pick(rows)
     print(f"the rule keeps: {chosen} (the recipe: lr {RECIPE_LR:g})")
     if args.json:
-        record = dict(config=asdict(cfg), machine=machine("cpu"), rows=rows, pick=chosen)
+        record = dict(
+            config=asdict(cfg), machine=machine("cpu"), rows=rows, recipe=f"lr {RECIPE_LR:g}", pick=chosen
+        )
         write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.json}")
 

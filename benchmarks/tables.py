@@ -99,7 +99,8 @@ def where(record: dict[str, Any], name: str) -> str:
     if isinstance(machine, str):
         machine = {"cpu": machine}
     device = machine.get("gpu") or (
-        f"CPU ({machine.get('cpu_capability', 'x86_64')}, {machine.get('threads', '?')} threads)"
+        f"CPU ({machine.get('cpu_capability', 'x86_64')}, {machine.get('threads', '?')} "
+        f"thread{'' if machine.get('threads') == 1 else 's'})"
     )
     code = machine.get("commit") or PROVENANCE.get(name, "unknown code")
     return f"`benchmarks/results/{name}`: {device}, torch {machine.get('torch', '?')}, ats-vit {code}."
@@ -554,6 +555,35 @@ def train_speed() -> str:
     )
 
 
+def finetune_recipe(name: str) -> str:
+    """`benchmarks/finetune_recipe.py`: fine-tuned at the target, per learning rate, against dense
+    and against the recipe's learning rate, pooled over the held-out checkpoints."""
+    record = load(name)
+    body = [
+        [
+            r["model"],
+            f"{r['accuracy_pct']:.2f}",
+            " / ".join(f"{a:.2f}" for a in r["per_checkpoint_pct"]),
+            "" if r["key"] == "dense" else f"{r['vs_dense_pct']:+.2f} (p = {r['vs_dense_p_adj']:.2g})",
+            ""
+            if r["key"] in ("dense", record["recipe"])
+            else f"{r['vs_recipe_pct']:+.2f} (p = {r['vs_recipe_p_adj']:.2g})",
+        ]
+        for r in record["rows"]
+    ]
+    cfg = record["config"]
+    checkpoints = ", ".join(Path(c).parent.name for c in cfg["checkpoints"])
+    note = (
+        f"`python benchmarks/finetune_recipe.py` on the held-out checkpoints {checkpoints} "
+        f"({cfg['epochs']} epochs, {cfg['calib_images']} calibration images, each checkpoint's test "
+        "split; the checkpoints pooled, each one's items their own): vs dense and vs the recipe's "
+        "learning rate, exact paired test, Benjamini-Hochberg adjusted over the column. The rule "
+        f"keeps: {record['pick']}. " + where(record, name)
+    )
+    header = ["model", "test %", "per checkpoint %", "vs dense (adj. p)", "vs the recipe (adj. p)"]
+    return table(header, body) + "\n\n" + note
+
+
 def calibration_speed() -> str:
     record = load("calibration_speed_demo.json")
     body = [
@@ -685,6 +715,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "speed-cpu-compiled": speed_cpu_compiled,
     "speed-h100": speed_h100,
     "train-speed": train_speed,
+    "finetune-recipe": lambda: finetune_recipe("finetune_recipe.json"),
     "calibration-speed": calibration_speed,
     "latency-model": latency_model,
     "latency-budgets": latency_budgets,
