@@ -18,17 +18,15 @@ shortened (in whole tokens) to land as close to the target as the window allows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from ats_vit.budget import Budget, configure
 from ats_vit.flops import gflops
-
-if TYPE_CHECKING:
-    from ats_vit.calibrate.search import BudgetSearch, Trial
 
 __all__ = ["LAYER_STEP", "RANK_IMAGES", "GreedyPath"]
 
@@ -55,6 +53,29 @@ class GreedyPath:
 
     method: str
     steps: list[Step] = field(default_factory=list)
+
+
+class BudgetSearch(Protocol):
+    """What the greedy search reads of :class:`ats_vit.calibrate.search.BudgetSearch` (which
+    runs it, so this module cannot import it): the calibration images in batches, their dense
+    outputs and the search's settings."""
+
+    family: Any
+    depth: int
+    num_patches: int
+    layers: list[int]
+    cost: str
+    latency: Any
+    features: bool
+    images: int
+    batches: list[Tensor]
+    dense: list[tuple[Tensor, Tensor, dict[int, Tensor]]]
+    dense_gflops: float
+    passes: float
+    on_new_trial: Callable[[], None] | None
+    greedy_paths: dict[str, GreedyPath]
+
+    def window(self, target: float) -> float: ...
 
 
 def _budget(search: BudgetSearch, method: str, caps: tuple[int, ...]) -> Budget:
@@ -184,11 +205,12 @@ def _landing(search: BudgetSearch, path: GreedyPath, target: float) -> Step:
     return best
 
 
-def greedy_trial(search: BudgetSearch, method: str, target: float) -> Trial:
-    """The per-layer budget of ``method`` at ``target``, scored on every calibration image."""
+def greedy_budget(search: BudgetSearch, method: str, target: float) -> tuple[Budget, tuple[Any, ...]]:
+    """The per-layer budget of ``method`` at ``target`` and its trial key (the search scores it
+    on every calibration image)."""
     path = search.greedy_paths.setdefault(method, GreedyPath(method))
     if not path.steps or path.steps[-1].cost > target - search.window(target):
         _extend(search, path, target)
     step = _landing(search, path, target)
     budget = _budget(search, method, step.caps)
-    return search.evaluate(budget, (method, budget.start_layer, step.caps, 1.0))
+    return budget, (method, budget.start_layer, step.caps, 1.0)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ats_vit import _validate
 from ats_vit.budget import COST_KINDS, Budget, BudgetError, configure
-from ats_vit.calibrate.layers import GreedyPath, greedy_trial
+from ats_vit.calibrate.layers import GreedyPath, greedy_budget
 from ats_vit.calibrate.methods import METHODS
 from ats_vit.families import family_of
 from ats_vit.flops import gflops
@@ -296,7 +296,7 @@ class BudgetSearch:
         budget, :mod:`ats_vit.calibrate.layers`)."""
         spec = METHODS[method]
         if spec.knob == "layers":
-            return [greedy_trial(self, method, target)]
+            return [self.evaluate(*greedy_budget(self, method, target))]
         found: list[Trial] = []
         for start in self.layers:
             if self.floor(method, start, target).cost > target + self.tolerance:
