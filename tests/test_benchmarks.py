@@ -422,16 +422,8 @@ def test_imagenet_reproduction_runs_end_to_end_on_a_fake_imagenet(tmp_path, monk
     ddp_out = tmp_path / "imagenet_ddp.json"
     torchrun(SCRIPTS / "imagenet.py", 29577, *argv, "--weights", str(weights), "--json", str(ddp_out))
     ddp = {r["label"]: r for r in json.loads(ddp_out.read_text())["rows"]}
-    assert list(ddp) == [
-        "dense",
-        "tome r=8",
-        "tome r=13",
-        "paper",
-        "official 0.6",
-        "pitome 0.6",
-        "dct 0.6",
-        "auto 0.6",
-    ]
+    # the one-process run's rows but its time targets (nothing is timed across processes)
+    assert list(ddp) == [label for label in rows if not label.startswith("auto time")]
     assert ddp["dense"]["images"] == 12 and ddp["dense"]["accuracy"] == 1.0
     assert all(math.isnan(r["speedup"]) for r in ddp.values()), "no timing across processes"
     for label in ("tome r=8", "paper"):

@@ -102,14 +102,20 @@ def reference_tome_forward(model, x, rates, distill_token=False):
     return reference_merging_forward(model, x, plan, proportional=True)
 
 
-@pytest.mark.parametrize("r", [8, 16])
-def test_tome_gives_the_logits_of_the_published_algorithm(r):
+def _deit_tiny_and_images() -> tuple[torch.nn.Module, torch.Tensor]:
+    """The reference tests' model and input: timm's DeiT-Tiny with seeded random weights (no
+    download) and two seeded images."""
     timm = pytest.importorskip("timm")
-    import ats_vit.timm as ats_timm
-
     torch.manual_seed(0)
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    return model, torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("r", [8, 16])
+def test_tome_gives_the_logits_of_the_published_algorithm(r):
+    import ats_vit.timm as ats_timm
+
+    model, x = _deit_tiny_and_images()
     rates = tome_rates(r, 12)
     with torch.no_grad():
         reference = reference_tome_forward(model, x, rates)
@@ -315,12 +321,9 @@ def reference_pitome_forward(model, x, ratio):
 
 @pytest.mark.parametrize("ratio", [0.9, 0.95])
 def test_pitome_gives_the_logits_of_the_released_code(ratio):
-    timm = pytest.importorskip("timm")
     import ats_vit.timm as ats_timm
 
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    model, x = _deit_tiny_and_images()
     with torch.no_grad():
         reference = reference_pitome_forward(model, x, ratio)
         budget = Budget.pitome(ratio, depth=12, num_patches=196)
@@ -452,12 +455,9 @@ def reference_dct_forward(model, x, r):
 def test_dct_gives_the_logits_of_the_released_code(r):
     """Same logits (1e-5) as OpenToMe's DCT on timm's DeiT-Tiny (random weights): the token mix
     after every block's MLP, ``r`` fewer tokens each (at most half), the class token kept."""
-    timm = pytest.importorskip("timm")
     import ats_vit.timm as ats_timm
 
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    model, x = _deit_tiny_and_images()
     with torch.no_grad():
         reference = reference_dct_forward(model, x, r)
         budget = Budget.dct(r, depth=12, num_patches=196)
