@@ -327,9 +327,18 @@ def frontier_seeds(recipe: str, *names: str) -> str:
     rows = [r for r in pooled if r["method"] != "dense"]
     targets, cell, body = _method_grid(
         rows,
-        lambda r: f"{r['accuracy_pct']:.2f}" if one else f"{r['accuracy_pct']:.2f} ± {r['seed_sd_pct']:.2f}",
+        lambda r: (
+            f"{r['accuracy_pct']:.2f}"
+            if r["seeds"] == 1
+            else f"{r['accuracy_pct']:.2f} ± {r['seed_sd_pct']:.2f}"
+        ),
         "vs_auto_p_adj",
     )
+    # a method run on fewer seeds than dense (too slow to run on every seed) says on which
+    fewer = {r["method"]: r["checkpoints"] for r in rows if r["seeds"] < dense["seeds"]}
+    for line, method in zip(body, dict.fromkeys(r["method"] for r in rows), strict=True):
+        if method in fewer:
+            line[0] += f" ({', '.join(fewer[method])} only)"
     if all(("auto", t) in cell for t in targets):
         # one seed: its own median and range over the timing processes
         speed = {(r["method"], r["target"]): r["speedup_text"] for r in raw} if one else {}
@@ -365,9 +374,10 @@ def frontier_seeds(recipe: str, *names: str) -> str:
         seeds = (
             f"{recipe}: {dense['seeds']} seeds ({', '.join(dense['checkpoints'])}), each trained on its "
             f"own data draw; dense {dense['accuracy_pct']:.2f}% ± {dense['seed_sd_pct']:.2f} across seeds. "
-            "Cells: mean over seeds ± their standard deviation; the 95% interval within one checkpoint "
-            f"(test items) is {span}. Speed-up: median over seeds of each seed's median over {processes} "
-            "separate processes (lowest–highest seed). "
+            "Cells: mean over seeds ± their standard deviation"
+            + ("; a line marked *only* ran on those seeds (one: no ±)" if fewer else "")
+            + f"; the 95% interval within one checkpoint (test items) is {span}. Speed-up: median "
+            f"over seeds of each seed's median over {processes} separate processes (lowest–highest seed). "
         )
     note = (
         seeds + "▲/▼: better/worse than `auto` at that target by "

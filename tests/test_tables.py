@@ -71,6 +71,8 @@ def test_the_sanity_line_names_each_merging_peer_that_ran(tables, monkeypatch):
     was not run in a table is left out of the line rather than reported as passing."""
     name = "frontier_glyphs196_seeds_1.json"
     record = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    record["rows"] = [r for r in record["rows"] if r["method"] != "pitome"]
+    monkeypatch.setattr(tables, "load", lambda _name: record)
     assert "`pitome`" not in tables.frontier_seeds("glyphs196", name), "not run: not in the line"
     random_at = {r["target"]: r for r in record["rows"] if r["method"] == "random"}
     extra = []
@@ -79,5 +81,24 @@ def test_the_sanity_line_names_each_merging_peer_that_ran(tables, monkeypatch):
             worse = random_at[row["target"]]["accuracy"] - 0.01 if row["target"] == 0.4 else row["accuracy"]
             extra.append({**row, "method": "pitome", "accuracy": worse, "accuracy_pct": 100 * worse})
     record["rows"] += extra
-    monkeypatch.setattr(tables, "load", lambda _name: record)
     assert "`pitome` below `random` at 0.4;" in tables.frontier_seeds("glyphs196", name)
+
+
+def test_a_method_run_on_fewer_seeds_says_on_which(tables, monkeypatch):
+    """A method too slow to run on every seed is pooled over the seeds it ran on, and its line
+    names them; its cells carry no spread across seeds when it ran on one."""
+    name = "frontier_glyphs196_seeds_1.json"
+    record = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    second = [
+        {**r, "checkpoint": "glyphs196-s9", "data": "glyphs@9"}
+        for r in record["rows"]
+        if r["method"] != "tome"
+    ]
+    record["rows"] += second
+    monkeypatch.setattr(tables, "load", lambda _name: record)
+    text = tables.frontier_seeds("glyphs196", name)
+    tome = next(line for line in text.splitlines() if line.startswith("| `tome` "))
+    assert "(glyphs196-s1 only)" in tome and "±" not in tome
+    auto = next(line for line in text.splitlines() if line.startswith("| `auto` (recommended)"))
+    assert "±" in auto and "only)" not in auto
+    assert "2 seeds (glyphs196-s1, glyphs196-s9)" in text
