@@ -286,7 +286,8 @@ def auto_rule(name: str) -> str:
     pick = record["pick"]
     checkpoints = ", ".join(Path(c).parent.name for c in record["config"]["checkpoints"])
     note = (
-        f"Held-out checkpoints {checkpoints} ({record['config']['calib_images']} calibration images, "
+        f"Held-out checkpoints {checkpoints} ({_counts(record['config']['calib_images'])} calibration "
+        "images, "
         f"targets {', '.join(f'{t:g}' for t in record['config']['targets'])}): mean test accuracy of "
         "`auto`'s pick over all points; *below best*: points where the pick is below the best member "
         "of its list by the exact paired test (p < 0.05); *left the first*: how often it switched. "
@@ -307,6 +308,13 @@ def auto_rule(name: str) -> str:
         + "\n\n"
         + note
     )
+
+
+def _counts(value: int | list[int]) -> str:
+    """A count given once or per checkpoint: "320" when every checkpoint had the same."""
+    if isinstance(value, int):
+        return str(value)
+    return str(value[0]) if len(set(value)) == 1 else ", ".join(map(str, value))
 
 
 def frontier_seeds(recipe: str, *names: str) -> str:
