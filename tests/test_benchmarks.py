@@ -158,6 +158,22 @@ def test_auto_rule_takes_one_calibration_count_or_one_per_checkpoint(monkeypatch
     assert config(("a", "b")).calib_images_of(1) == 320
 
 
+def test_auto_rule_takes_one_target_list_per_checkpoint(
+    tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys
+):
+    argv = ["a.safetensors", "b.safetensors", "--targets-per-checkpoint", "0.4,0.6"]
+    assert run_script("auto_rule.py", *argv, monkeypatch=monkeypatch) == 2
+    assert "--targets-per-checkpoint takes one list per checkpoint (2), got 1" in capsys.readouterr().err
+    assert run_script("auto_rule.py", "a", "--targets-per-checkpoint", "0.4,x", monkeypatch=monkeypatch) == 2
+    assert "expected comma-separated fractions" in capsys.readouterr().err
+    ckpt = str(tiny_checkpoint)
+    argv = [ckpt, ckpt, "--data", "tiny", "--targets-per-checkpoint", "0.7", "0.6,0.8"]
+    assert run_script("auto_rule.py", *argv, "--json", str(tmp_path / "a.json"), monkeypatch=monkeypatch) == 0
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    first = [r for r in rows if r["members"] == rows[0]["members"] and r["z"] == rows[0]["z"]]
+    assert [r["target"] for r in first] == [0.7, 0.6, 0.8], "each checkpoint at its own targets"
+
+
 def test_auto_rule_picks_by_mean_then_the_earlier_list_then_the_larger_z():
     import runpy
 
