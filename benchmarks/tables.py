@@ -45,6 +45,8 @@ PROVENANCE = {
 }
 # methods 1.0 removed: their rows stay in older JSON, the tables leave them out
 REMOVED_METHODS = ("hybrid", "ats", "ats-merge", "tome-early")
+# `auto` in rows that do not record its members and switch threshold (before 1.1): 1.0's
+AUTO_1_0 = ("ats-fuse+official+paper+tome", 0.5)
 
 
 # ---------------------------------------------------------------- helpers
@@ -154,17 +156,42 @@ def demo() -> str:
     return table(header, body) + "\n\n" + note
 
 
+def auto_label(rows: Sequence[dict[str, Any]]) -> str:
+    """What the `auto` line of a table says: "(recommended)" when its rows ran today's `auto`
+    (its members and switch threshold), else which `auto` they ran."""
+    from ats_vit.calibrate import AUTO, SWITCH_Z
+
+    ran = {
+        (r.get("auto_members", AUTO_1_0[0]), float(r.get("switch_z", AUTO_1_0[1])))
+        for r in rows
+        if r["method"] == "auto"
+    }
+    if not ran or ran == {("+".join(AUTO), float(SWITCH_Z))}:
+        return " (recommended)"
+    return (
+        " (as run: "
+        + "; ".join(
+            " + ".join(f"`{m}`" for m in members.split("+")) + f", z = {z:g}" for members, z in sorted(ran)
+        )
+        + ")"
+    )
+
+
 def _method_grid(
-    rows: list[dict[str, Any]], accuracy: Callable[[dict[str, Any]], str], p_key: str
+    rows: list[dict[str, Any]],
+    accuracy: Callable[[dict[str, Any]], str],
+    p_key: str,
+    auto: str = " (recommended)",
 ) -> tuple[list[float], dict[tuple[str, float], dict[str, Any]], list[list[str]]]:
     """(targets, (method, target) -> row, table body) of a frontier: a line per method, a
     column per target; a cell is ``accuracy(row)``, then ▲/▼ when ``row[p_key]`` < 0.05 (better
-    or worse than `auto`), then @x when the method landed away from the target."""
+    or worse than `auto`), then @x when the method landed away from the target. ``auto``: what
+    the `auto` line's name is followed by (:func:`auto_label`)."""
     targets = sorted({r["target"] for r in rows})
     cell = {(r["method"], r["target"]): r for r in rows}
     body = []
     for method in dict.fromkeys(r["method"] for r in rows):
-        line = [f"`{method}`" + (" (recommended)" if method == "auto" else "")]
+        line = [f"`{method}`" + (auto if method == "auto" else "")]
         for t in targets:
             r = cell.get((method, t))
             if r is None:
@@ -186,7 +213,10 @@ def _frontier(name: str, checkpoint: str) -> str:
     rows = [r for r in record["rows"] if r["checkpoint"] == checkpoint and r["method"] not in REMOVED_METHODS]
     dense = next(r for r in rows if r["method"] == "dense")
     targets, cell, body = _method_grid(
-        [r for r in rows if r["method"] != "dense"], lambda r: f"{r['accuracy_pct']:.2f}", "vs_auto_p"
+        [r for r in rows if r["method"] != "dense"],
+        lambda r: f"{r['accuracy_pct']:.2f}",
+        "vs_auto_p",
+        auto_label(rows),
     )
     auto = [cell.get(("auto", t)) for t in targets]
     if all(auto):
@@ -341,6 +371,7 @@ def frontier_seeds(recipe: str, *names: str) -> str:
             else f"{r['accuracy_pct']:.2f} ± {r['seed_sd_pct']:.2f}"
         ),
         "vs_auto_p_adj",
+        auto_label(raw),
     )
     # a method run on fewer seeds than dense (too slow to run on every seed) says on which
     fewer = {r["method"]: r["checkpoints"] for r in rows if r["seeds"] < dense["seeds"]}

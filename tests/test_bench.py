@@ -18,7 +18,7 @@ from ats_vit.bench import (
 )
 from ats_vit.bench.frontier import pack_hits, pool_seeds, unpack_hits
 from ats_vit.budget import Budget
-from ats_vit.calibrate import AUTO
+from ats_vit.calibrate import AUTO, SWITCH_Z
 from ats_vit.checkpoint import load_model
 from ats_vit.cli import main
 from ats_vit.data import take
@@ -265,6 +265,9 @@ def test_frontier_calibrates_each_method_and_reports_the_test_split(
         # 80 independent items: the bootstrap interval is about the binomial one
         assert r["ci95"] == pytest.approx(binomial_ci95(r["accuracy"], 80), abs=0.03)
         assert Budget.from_dict(r["budget"]).method in (*AUTO, "topk")
+        # auto's rows record which auto ran (the tables label older ones by it)
+        ran = (r["auto_members"], r["switch_z"]) if r["method"] == "auto" else None
+        assert ran == (("+".join(AUTO), SWITCH_Z) if r["method"] == "auto" else None)
     for i, r in enumerate(rows[1:], start=1):
         for key in ("speedup", "speedup_low", "speedup_high"):
             assert r[key] == pytest.approx(6 / (i + 1)), (key, r["method"], r["target"])

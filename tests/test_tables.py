@@ -109,3 +109,17 @@ def test_a_method_run_on_fewer_seeds_says_on_which(tables, monkeypatch):
     auto = next(line for line in text.splitlines() if line.startswith("| `auto` (recommended)"))
     assert "±" in auto and "only)" not in auto
     assert "2 seeds (glyphs196-s1, glyphs196-s9)" in text
+
+
+def test_the_auto_line_says_which_auto_ran_when_it_is_not_todays(tables):
+    """A table measured before `auto` changed says which members and threshold its `auto` had;
+    rows that record today's `auto` are "(recommended)"."""
+    from ats_vit.calibrate import AUTO, SWITCH_Z
+
+    today = {"method": "auto", "auto_members": "+".join(AUTO), "switch_z": SWITCH_Z}
+    assert tables.auto_label([today, {"method": "tome"}]) == " (recommended)"
+    older = {"method": "auto", "auto_members": "tome+ats-fuse", "switch_z": -1.0}
+    assert tables.auto_label([older]) == " (as run: `tome` + `ats-fuse`, z = -1)"
+    before_1_1 = {"method": "auto"}  # rows from before auto was recorded: 1.0's
+    expected = " (recommended)" if ("+".join(AUTO), SWITCH_Z) == tables.AUTO_1_0 else " (as run: `ats-fuse`"
+    assert tables.auto_label([before_1_1]).startswith(expected)

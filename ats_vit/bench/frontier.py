@@ -37,7 +37,7 @@ import torch
 from ats_vit._progress import bar as progress_bar
 from ats_vit.bench.common import checkpoint_splits
 from ats_vit.budget import Budget, BudgetError
-from ats_vit.calibrate import METHOD_CHOICES, RECOMMENDED, Calibration
+from ats_vit.calibrate import AUTO, METHOD_CHOICES, RECOMMENDED, SWITCH_Z, Calibration
 from ats_vit.data import source_items
 from ats_vit.evaluate import measure, time_budgets
 from ats_vit.stats import adjust_bh, bootstrap_ci95, paired_test
@@ -349,6 +349,8 @@ def _row(
         test_images=len(correct),
         test_items=int(items.unique().numel()),
         hits=pack_hits(correct),
+        # what `auto` was when this ran (its members and switch threshold change by benchmark)
+        **(dict(auto_members="+".join(AUTO), switch_z=SWITCH_Z) if method == RECOMMENDED else {}),
     )
 
 
