@@ -301,43 +301,61 @@ def checkpoints(*names: str) -> str:
 
 def auto_rule(name: str) -> str:
     """`benchmarks/auto_rule.py`'s replay of `auto` on held-out checkpoints: per member list and
-    switch threshold, the mean test accuracy over every (checkpoint, target)."""
+    switch threshold, the mean test accuracy over every (checkpoint, target), and per recipe."""
+    from ats_vit.bench.frontier import recipe_of
+
     record = load(name)
+    recipes = list(dict.fromkeys(recipe_of(r["checkpoint"]) for r in record["rows"]))
+    per_recipe: dict[tuple[str, float, str], list[float]] = {}
+    for r in record["rows"]:
+        per_recipe.setdefault((r["members"], r["z"], recipe_of(r["checkpoint"])), []).append(
+            r["accuracy_pct"]
+        )
+    several = len(recipes) > 1
     body = [
         [
             " + ".join(f"`{m}`" for m in s["members"].split("+")),
             f"{s['z']:g}",
             f"{s['mean_pct']:.3f}",
+            *(
+                [f"{statistics.fmean(per_recipe[s['members'], s['z'], recipe]):.3f}" for recipe in recipes]
+                if several
+                else []
+            ),
             str(s["below_best"]),
             f"{s['switches']} of {s['points']}",
         ]
         for s in record["summary"]
     ]
     pick = record["pick"]
-    checkpoints = ", ".join(Path(c).parent.name for c in record["config"]["checkpoints"])
+    config = record["config"]
+    names = [Path(c).parent.name for c in config["checkpoints"]]
+    each = config.get("checkpoint_targets") or [config["targets"]] * len(names)
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for checkpoint, targets in zip(names, each, strict=True):
+        groups.setdefault(tuple(targets), []).append(checkpoint)
+    at = "; ".join(
+        f"{', '.join(ckpts) if len(groups) > 1 else 'every checkpoint'} at {', '.join(f'{t:g}' for t in ts)}"
+        for ts, ckpts in groups.items()
+    )
     note = (
-        f"Held-out checkpoints {checkpoints} ({_counts(record['config']['calib_images'])} calibration "
-        "images, "
-        f"targets {', '.join(f'{t:g}' for t in record['config']['targets'])}): mean test accuracy of "
-        "`auto`'s pick over all points; *below best*: points where the pick is below the best member "
+        f"Held-out checkpoints {', '.join(names)} ({_counts(config['calib_images'])} calibration "
+        f"images; targets: {at}): mean test accuracy of `auto`'s pick over all points"
+        + (" and per recipe" if several else "")
+        + "; *below best*: points where the pick is below the best member "
         "of its list by the exact paired test (p < 0.05); *left the first*: how often it switched. "
         f"The rule's pick on these checkpoints: {pick['members'].replace('+', ' + ')}, z = {pick['z']:g}. "
         + where(record, name)
     )
-    return (
-        table(
-            [
-                "members (first kept unless another is ahead)",
-                "z",
-                "mean test %",
-                "below best",
-                "left the first",
-            ],
-            body,
-        )
-        + "\n\n"
-        + note
-    )
+    header = [
+        "members (first kept unless another is ahead)",
+        "z",
+        "mean test %",
+        *(f"{recipe} %" for recipe in (recipes if several else [])),
+        "below best",
+        "left the first",
+    ]
+    return table(header, body) + "\n\n" + note
 
 
 def _counts(value: int | list[int]) -> str:

@@ -123,3 +123,25 @@ def test_the_auto_line_says_which_auto_ran_when_it_is_not_todays(tables):
     before_1_1 = {"method": "auto"}  # rows from before auto was recorded: 1.0's
     expected = " (recommended)" if ("+".join(AUTO), SWITCH_Z) == tables.AUTO_1_0 else " (as run: `ats-fuse`"
     assert tables.auto_label([before_1_1]).startswith(expected)
+
+
+def test_the_auto_rule_table_gives_each_recipe_its_mean_and_its_targets(tables, monkeypatch):
+    """Recipes measured at different targets (glyphs196 at its frontier's three) are named with
+    their targets, and each recipe's mean is a column beside the mean over all points."""
+    name = "auto_rule_demo_gap.json"
+    record = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    config = record["config"]
+    config["checkpoint_targets"] = [config["targets"]] * 3 + [[0.4, 0.6, 0.8]]
+    config["checkpoints"][3] = "runs/held/glyphs196-s100/final.safetensors"
+    for row in record["rows"]:
+        if row["checkpoint"] == "gap-s101":
+            row["checkpoint"], row["accuracy_pct"] = "glyphs196-s100", 50.0
+    monkeypatch.setattr(tables, "load", lambda _name: record)
+    text = tables.auto_rule(name)
+    assert "| mean test % | demo % | gap % | glyphs196 % |" in text
+    assert (
+        "demo-s100, demo-s101, gap-s100 at 0.4, 0.5, 0.6, 0.7, 0.8, 0.9; glyphs196-s100 at 0.4, 0.6, 0.8"
+        in text
+    )
+    first = text.splitlines()[2].split(" | ")
+    assert first[-3] == "50.000", "glyphs196's column is the mean of its own rows"
