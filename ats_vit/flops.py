@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ats_vit.options import Rule
-from ats_vit.sampling import SOFT_TOP, Padding, _shape_cached
+from ats_vit.sampling import Padding, _shape_cached
 
 __all__ = ["TokenTrace", "ViTCost", "flops", "gflops"]
 
@@ -169,14 +169,12 @@ def _divided_flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
 def _similarity(trace: TokenTrace, n_in: Tensor, n_out: Tensor, p: int, head_dim: float) -> Tensor:
     """(b, depth) the key comparisons of the merging rules: ToMe's bipartite split over every
     token, prefix included (|A| x |B| dot products); PiToMe's energy over every pair of its
-    candidates (its matches read that matrix, no new products); spreading dropped tokens over
-    kept ones (``dropped="soft"``) compares every candidate with the kept ones."""
+    candidates (its matches read that matrix, no new products)."""
     tome = _layers(trace, n_in.device, lambda r, _: r is Rule.TOME)
     pitome = _layers(trace, n_in.device, lambda r, _: r is Rule.PITOME)
-    soft = _layers(trace, n_in.device, lambda r, _: r is Rule.SOFT)
     halves = torch.where(tome, torch.ceil(n_in / 2) * torch.floor(n_in / 2) * head_dim, 0.0)
     energy = torch.where(pitome, (n_in - p) ** 2 * head_dim, 0.0)
-    return halves + energy + torch.where(soft, (n_in - p) * (n_out - p) * head_dim, 0.0)
+    return halves + energy
 
 
 def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
@@ -195,8 +193,6 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     cls_row = _layers(trace, device, lambda r, rec: not r.attends_all and not rec)
     fuse = _layers(trace, device, lambda r, rec: r is Rule.FUSE and not rec)
     fuse_received = _layers(trace, device, lambda r, rec: r is Rule.FUSE and rec)
-    soft = _layers(trace, device, lambda r, rec: r is Rule.SOFT and not rec)
-    soft_received = _layers(trace, device, lambda r, rec: r is Rule.SOFT and rec)
     late = _layers(trace, device, lambda r, _: r.late)
     queries = torch.where(early, n_out, n_in)
     candidates = n_in - p
@@ -213,11 +209,6 @@ def flops(cost: ViTCost, trace: TokenTrace) -> Tensor:
     merging = torch.where(fuse, 2 * n_in * d, 0.0)
     merging = merging + torch.where(fuse_received, n_in * (d + a), 0.0)
     merging = merging + torch.where(late, n_in * d, 0.0)
-    # spreading: every token into SOFT_TOP slots (fewer when fewer are kept), applied to the
-    # same two as fusing
-    spread = torch.clamp(n_out - p, max=SOFT_TOP) * n_in
-    merging = merging + torch.where(soft, 2 * spread * d, 0.0)
-    merging = merging + torch.where(soft_received, spread * (d + a), 0.0)
     similarity = _similarity(trace, n_in, n_out, p, head_dim)
     # the cosine transform: every token through the MLP, then one (m x t) mix of the patches
     whole = _layers(trace, device, lambda r, _: r.whole_block)

@@ -81,7 +81,6 @@ BUSY_LOAD = 1.5
 RULE_OPTIONS = {
     Rule.SCORE: SamplingOptions(),
     Rule.FUSE: SamplingOptions(dropped="fuse"),
-    Rule.SOFT: SamplingOptions(dropped="soft"),
     Rule.TOME: SamplingOptions(sampler="tome"),
     Rule.PITOME: SamplingOptions(sampler="pitome"),
     Rule.DCT: SamplingOptions(sampler="dct"),
@@ -94,7 +93,6 @@ REFERENCE_RULES = (Rule.SCORE, Rule.FUSE, Rule.TOME, Rule.OFFICIAL)
 KIN = {
     Rule.FIXED.value: "dense",
     Rule.PITOME.value: Rule.TOME.value,
-    Rule.SOFT.value: Rule.FUSE.value,
     Rule.DCT.value: "dense",
 }
 

@@ -31,8 +31,8 @@ SAMPLERS: tuple[str, ...] = (
     "pitome",
     "dct",
 )
-Dropped = Literal["discard", "fuse", "soft", "merge"]
-DROPPED: tuple[str, ...] = ("discard", "fuse", "soft", "merge")
+Dropped = Literal["discard", "fuse", "merge"]
+DROPPED: tuple[str, ...] = ("discard", "fuse", "merge")
 # the samplers that merge what they drop: "merge" is their only (and default) choice of
 # `dropped`, and no other sampler's (1.0 removed merging into the nearest kept token, which
 # measured no better than fusing: CHANGELOG.md)
@@ -55,11 +55,7 @@ class SamplingOptions:
     temperature: scores reshaped as ``S^(1/temperature)`` before the ATS samplers draw (the
         cost knob of a budget); 1 is the paper's op.
     dropped: ``"discard"`` (the paper) or ``"fuse"`` (EViT-style: one token, the
-        significance-weighted mean of the dropped ones), ``"soft"`` (each dropped token spread
-        over the kept ones by the softmax of its key's cosine similarity to theirs, at
-        :data:`~ats_vit.sampling.SOFT_TEMPERATURE`, its largest 3 shares kept: many-to-many,
-        size-weighted); ``"merge"`` is
-        ToMe's and PiToMe's,
+        significance-weighted mean of the dropped ones); ``"merge"`` is ToMe's and PiToMe's,
         and only theirs. ``None`` means the sampler's own: ``"merge"`` for those, else
         ``"discard"``.
     static_shape: pad each sampling layer's output to its cap instead of the batch's largest
@@ -90,8 +86,8 @@ class SamplingOptions:
         if dropped == "merge" and self.sampler not in MERGING_SAMPLERS:
             raise ValueError(
                 f"dropped='merge' belongs to sampler='tome' or 'pitome'; with sampler={self.sampler!r} "
-                "dropped must be 'discard', 'fuse' or 'soft' (merging into the nearest kept token was "
-                "removed in 1.0)"
+                "dropped must be 'discard' or 'fuse' (merging into the nearest kept token was removed "
+                "in 1.0)"
             )
         if self.sampler == "dct" and dropped != "discard":
             raise ValueError(
@@ -121,8 +117,7 @@ class Rule(str, Enum):
     ``SCORE`` the paper's sampling (or the seed's Gumbel draws) of an adaptive count from the
     significance scores, dropped tokens discarded; ``OFFICIAL`` the authors' selection (its own
     scores and de-duplication); ``FIXED`` top-k or random picks of a fixed count, discarded;
-    ``FUSE`` any scored selection whose dropped tokens fuse into one token; ``SOFT`` one whose
-    dropped tokens are spread over the kept ones (keys compared, each into 3 slots); ``TOME`` ToMe
+    ``FUSE`` any scored selection whose dropped tokens fuse into one token; ``TOME`` ToMe
     (attention for every token, then merging); ``PITOME`` PiToMe (as ToMe, plus every pair of
     tokens compared for their energy); ``DCT`` the cosine transform after the MLP (every token
     attends and goes through the MLP; then fewer tokens, each a mix of all). ``SCORE`` and
@@ -133,7 +128,6 @@ class Rule(str, Enum):
     OFFICIAL = "official"
     FIXED = "fixed"
     FUSE = "fuse"
-    SOFT = "soft"
     TOME = "tome"
     PITOME = "pitome"
     DCT = "dct"
@@ -149,8 +143,6 @@ class Rule(str, Enum):
             return cls.DCT
         if options.dropped == "fuse":
             return cls.FUSE
-        if options.dropped == "soft":
-            return cls.SOFT
         if options.sampler == "official":
             return cls.OFFICIAL
         if options.sampler in ("topk", "random"):
@@ -161,7 +153,7 @@ class Rule(str, Enum):
     def merges(self) -> bool:
         """Whether its output tokens carry sizes (a later merge weights by them; later attention
         adds ``log(size)`` unless the rule is PiToMe, which its authors run without)."""
-        return self in (Rule.FUSE, Rule.SOFT, Rule.TOME, Rule.PITOME)
+        return self in (Rule.FUSE, Rule.TOME, Rule.PITOME)
 
     @property
     def late(self) -> bool:

@@ -46,7 +46,6 @@ __all__ = [
     "select_tokens",
     "sharpen",
     "significance_scores",
-    "soft_plan",
     "tokenwise",
     "topk_select",
 ]
@@ -59,12 +58,6 @@ PACK_MIN_PADDING = 1 / 32
 # PiToMe's margin in layer i of L is PITOME_MARGIN * (1 - i / L), and its first ceil(L / 2)
 # layers match by bipartite halves of the energy order (its authors' patch/timm.py, deit.py)
 PITOME_MARGIN = 0.75
-# dropped="soft": a dropped token's share of each kept token is the softmax of their keys'
-# cosine similarity over this temperature (fixed before any measurement: 0.1 puts nearly all
-# of a token into kept tokens within ~0.2 of its best match's similarity)
-SOFT_TEMPERATURE = 0.1
-# ... and only its largest this many shares are kept (renormalised): spreading stays sparse
-SOFT_TOP = 3
 # the seed's epsilon inside log(scores) for Gumbel draws
 GUMBEL_EPS = 1e-6
 # the authors' ATS never keeps fewer than this many tokens (their n_tokens clamp)
@@ -102,18 +95,12 @@ class Merge(NamedTuple):
     whole: every input token joins a slot (no ``dest == m``: no padding, nothing discarded),
         so :func:`select_tokens` needs no spare row for the tokens that join none (ToMe's
         plan without padding).
-    spread: ``(dests, weights)``, each (b, n, k): the ``k`` slots every input token joins
-        and its share of each (``dests == m``: none), for rules that share a token among
-        several slots (``dropped="soft"``); ``weight`` is then unused and ``dest`` names the
-        slot holding its largest share (where :meth:`~ats_vit.tokens.TokenState.restore` puts
-        its patch).
     """
 
     dest: Tensor
     weight: Tensor
     fused: Tensor | None = None
     whole: bool = False
-    spread: tuple[Tensor, Tensor] | None = None
 
 
 class TokenSelection(NamedTuple):
@@ -406,52 +393,6 @@ def pitome_plan(
     return TokenSelection(index, None, Merge(dest, weight, whole=True), total, Rule.PITOME, late=True)
 
 
-def soft_plan(
-    selection: TokenSelection,
-    keep: Tensor,
-    dropped: Tensor,
-    metric: Tensor,
-    size: Tensor | None,
-    num_prefix: int,
-) -> TokenSelection:
-    """``selection`` (the kept tokens, compacted) with the dropped tokens spread over the kept
-    ones (``dropped="soft"``): each dropped candidate's shares are the softmax over the kept
-    candidates of their keys' cosine similarity / :data:`SOFT_TEMPERATURE`, kept for its
-    :data:`SOFT_TOP` largest (renormalised); each slot is the size-weighted mean of its kept
-    token and the shares it receives, and stands for as many patches (its ``size``:
-    proportional attention follows). Sparse, so spreading costs ``SOFT_TOP`` multiply-adds per
-    token and channel, not a dense (m x n) mixing matrix.
-
-    keep, dropped: (b, t) bool over the candidates (padding is neither); metric: (b, n, d) the
-    keys summed over heads, prefix first; size: (b, n) or None (one patch each)."""
-    p, (b, m) = num_prefix, selection.index.shape
-    n = metric.shape[1]
-    kept = selection.index[:, p:] - p  # (b, m - p) each slot's candidate (padded slots: any)
-    padding = selection.padding
-    real = torch.ones_like(kept, dtype=torch.bool) if padding is None else padding.mask[:, p:]
-    unit = _unit(_float(metric[:, p:]))  # (b, t, d)
-    # every candidate against the kept ones only: (b, t, m - p), not (b, t, t)
-    logits = unit @ unit.gather(1, kept[..., None].expand(-1, -1, unit.shape[-1])).transpose(1, 2)
-    share = (logits / SOFT_TEMPERATURE).masked_fill(~real[:, None, :], float("-inf")).softmax(dim=-1)
-    top = min(SOFT_TOP, m - p)
-    shares, slots = share.topk(top, dim=-1)  # (b, t, top), largest first
-    shares = shares / shares.sum(dim=-1, keepdim=True)
-    own = p + keep.long().cumsum(dim=-1) - 1  # (b, t) a kept candidate's slot
-    first = torch.arange(top, device=metric.device) == 0
-    # a kept candidate: all of it into its own slot; a dropped one: its shares; padding: nowhere
-    alone = keep[..., None] & first
-    dests = torch.where(dropped[..., None], p + slots, torch.where(alone, own[..., None], m))
-    patches = torch.ones(b, n, device=metric.device) if size is None else _float(size)
-    fraction = torch.where(dropped[..., None], shares, alone.to(shares.dtype))
-    prefix = torch.arange(p, device=metric.device)
-    dests = torch.cat((torch.where(first, prefix[:, None], m).expand(b, p, top), dests), dim=1)
-    mass = torch.cat((first.to(shares.dtype).expand(b, p, top), fraction), dim=1) * patches[..., None]
-    total = mass.new_zeros(b, m + 1).scatter_add_(1, dests.flatten(1), mass.flatten(1))
-    weights = mass / total.gather(1, dests.flatten(1)).view(b, n, top).clamp_min(torch.finfo(mass.dtype).tiny)
-    merge = Merge(dests[..., 0], torch.ones_like(patches), spread=(dests, weights))
-    return selection._replace(merge=merge, size=total[:, :m])
-
-
 def _descending(values: Tensor) -> Tensor:
     """(b, k) positions sorted by value, largest first: ties by position (a stable sort), or,
     in ONNX exports (no stable sort there), in top-k's order."""
@@ -672,16 +613,9 @@ def select_tokens(x: Tensor, selection: TokenSelection) -> Tensor:
     when the selection merges, each slot the weighted mean of the rows sent to it."""
     if selection.merge is None:
         return gather_tokens(x, selection.index)
-    dest, weight, fused, whole, spread = selection.merge
+    dest, weight, fused, whole = selection.merge
     b, m = selection.index.shape
     n = x.shape[1]
-    if spread is not None:  # each token into k slots: its k weighted copies in one product
-        dests, shares = spread
-        k = dests.shape[2]
-        share = shares if shares.dtype == x.dtype else shares.to(x.dtype)
-        # reshape, not view: x may be strided (a transposed view), and so then is the product
-        rows = (x.reshape(b, n, 1, -1) * share.reshape(b, n, k, 1)).reshape(b * n * k, -1)
-        return _add_into_slots(rows, dests.flatten(1), m).view(b, m, *x.shape[2:])
     if whole:  # every token joins a slot: one index_add_ of the weighted rows, no spare row
         share = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         rows = x.reshape(b * n, -1) * share.view(b * n, 1)
@@ -919,7 +853,7 @@ class AdaptiveTokenSampling(nn.Module):
             )
         if not self.needed(n):
             return TokenSelection(torch.arange(n, device=v.device).expand(b, n), padding, size=size)
-        if k is None and (self.late or o.dropped == "soft"):
+        if k is None and self.late:
             raise ValueError(
                 f"sampler={o.sampler!r}, dropped={o.dropped!r} needs the keys k to compare tokens"
             )
@@ -978,8 +912,6 @@ class AdaptiveTokenSampling(nn.Module):
             return (
                 selection if size is None else selection._replace(size=gather_tokens(size, selection.index))
             )
-        if o.dropped == "soft":
-            return soft_plan(selection, keep, dropped, head_sum(_required(k)), size, p)
         return self._fused(selection, keep, dropped, _required(scores), size)
 
     def _pitome(self, k: Tensor, padding: Padding | None, size: Tensor | None) -> TokenSelection:

@@ -52,15 +52,11 @@ MEMBER_LISTS: tuple[tuple[str, ...], ...] = (
     ("tome", "ats-fuse"),
     ("ats-fuse", "official", "paper", "tome", "evit"),
     ("tome", "ats-fuse", "evit"),
-    # added with PiToMe and ats-soft (before any run on glyphs196's selection seeds)
+    # added with PiToMe (before any run on glyphs196's selection seeds)
     ("ats-fuse", "official", "paper", "tome", "pitome"),
     ("pitome", "ats-fuse"),
-    ("ats-soft", "official", "paper", "tome"),
-    ("ats-soft", "tome"),
-    # added with the per-layer search (before any run on glyphs196's selection seeds)
-    ("ats-fuse", "official", "paper", "tome-layers"),
-    ("ats-fuse", "tome-layers"),
-    ("tome-layers", "ats-fuse"),
+    # 1.1's run also replayed ats-soft's and tome-layers' lists (auto_rule.json records them);
+    # both methods were removed after it: they measured no better than ats-fuse and tome
 )
 TIE = 0.05  # points: means closer than this are equal
 

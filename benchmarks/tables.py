@@ -43,8 +43,9 @@ PROVENANCE = {
     "speed_cpu_compiled_B.json": "0.2 (65ed10e)",
     "gpu_check_h100.log": "0.2 (71e789f)",
 }
-# methods 1.0 removed: their rows stay in older JSON, the tables leave them out
-REMOVED_METHODS = ("hybrid", "ats", "ats-merge", "tome-early")
+# methods removed (1.0; 1.1: ats-soft, tome-layers): their rows stay in older JSON, the tables
+# leave them out
+REMOVED_METHODS = ("hybrid", "ats", "ats-merge", "tome-early", "ats-soft", "tome-layers")
 # `auto` in rows that do not record its members and switch threshold (before 1.1): 1.0's
 AUTO_1_0 = ("ats-fuse+official+paper+tome", 0.5)
 
@@ -375,7 +376,12 @@ def frontier_seeds(recipe: str, *names: str) -> str:
 
     records = {name: load(name) for name in names}
     record = next(iter(records.values()))
-    rows = [r for rec in records.values() for r in rec["rows"] if recipe_of(r["checkpoint"]) == recipe]
+    rows = [
+        r
+        for rec in records.values()
+        for r in rec["rows"]
+        if recipe_of(r["checkpoint"]) == recipe and r["method"] not in REMOVED_METHODS
+    ]
     raw = rows
     pooled = pool_seeds(rows)
     dense = next(r for r in pooled if r["method"] == "dense")

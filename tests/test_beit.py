@@ -62,7 +62,7 @@ def test_scoring_and_batch_equals_each_image_alone(name):
     model = make(name, peaked=8.0)
     assert family_of(model).scoring == BEITS[name][2]
     x = images(5, seed=1)
-    for dropped in ("discard", "fuse", "soft"):
+    for dropped in ("discard", "fuse"):
         options = SamplingOptions(dropped=dropped, temperature=0.3)
         ats_timm.apply(model, caps=(10, 5), start_layer=1, options=options)
         with torch.no_grad():

@@ -1,4 +1,3 @@
-import itertools
 import math
 from dataclasses import replace
 
@@ -287,38 +286,3 @@ def test_holdout_keeps_whole_items_from_the_search_and_scores_the_chosen_budget_
         Calibration(model, x, labels, progress=False, items=items, holdout=0.01)
     with pytest.raises(ValueError, match=r"holdout must be in \[0, 1\)"):
         Calibration(model, x, labels, progress=False, holdout=1.0)
-
-
-def test_layers_search_cuts_the_cheapest_layer_first_and_lands_on_the_target():
-    """The greedy path: each step is the one cut (of those tried from the step before) with the
-    least divergence per cost saved; caps never grow with depth; the budget lands in the
-    window; a higher target later reuses the path (no new cuts), and the budget is scored on
-    the held-out images like any other."""
-    from ats_vit.calibrate import layers
-
-    model = small_vit(peaked=6.0).eval()
-    search = Calibration(model, images(64, 1), None, progress=False, holdout=0.25)
-    budget = search(0.6, "tome-layers")
-    cal = budget.calibration
-    assert budget.method == "tome-layers" and budget.sampler == "tome"
-    assert abs(cal["gflops_ratio"] - 0.6) <= search.search.window(0.6)
-    assert cal["images"] == 48 and cal["holdout_images"] == 16 and "holdout_agreement" in cal
-    path = search.search.greedy_paths["tome-layers"]
-    steps = path.steps
-    assert steps[0].caps == (16,) * 4 and all(a.cost > b.cost for a, b in itertools.pairwise(steps))
-    assert all(list(s.caps) == sorted(s.caps, reverse=True) for s in steps)
-    for before, after in itertools.pairwise(steps[:4]):
-        rates = []
-        for layer, cap in enumerate(before.caps):
-            caps = layers._cut(before.caps, layer, max(1, round(layers.LAYER_STEP * cap)))
-            cost, divergence = layers._rank(search.search, layers._budget(search.search, "tome-layers", caps))
-            rates.append(((divergence - before.divergence) / (before.cost - cost), caps))
-        assert after.caps == min(rates)[1]
-    passes = search.passes
-    assert abs(search(0.8, "tome-layers").calibration["gflops_ratio"] - 0.8) <= 0.01
-    assert len(path.steps) == len(steps) and search.passes - passes < 2, "0.8 lies on the path already"
-
-
-def test_layers_methods_have_no_single_knob():
-    with pytest.raises(ValueError, match="greedy search"):
-        METHODS["tome-layers"].budget("tome-layers", 0, 0.5, 1.0, depth=4, num_patches=16)

@@ -21,10 +21,9 @@ RULES = [
     dict(sampler="official"),
     dict(sampler="tome"),
     dict(sampler="pitome"),
-    dict(dropped="soft"),
     dict(sampler="dct"),
 ]
-IDS = ["paper", "fuse", "official", "tome", "pitome", "soft", "dct"]
+IDS = ["paper", "fuse", "official", "tome", "pitome", "dct"]
 
 
 def peaky_vit(**options):

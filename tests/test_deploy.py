@@ -16,10 +16,9 @@ RULES = [
     dict(sampler="tome"),
     dict(sampler="pitome"),
     dict(sampler="official"),
-    dict(dropped="soft"),
     dict(sampler="dct"),
 ]
-IDS = ["paper", "fuse", "topk", "tome", "pitome", "official", "soft", "dct"]
+IDS = ["paper", "fuse", "topk", "tome", "pitome", "official", "dct"]
 
 
 @pytest.mark.parametrize("rule", RULES, ids=IDS)

@@ -66,7 +66,7 @@ def test_family_scoring_prefix_and_batch_equals_each_image_alone(name):
     family = family_of(model)
     assert (family.scoring, family.num_prefix_tokens) == (scoring, prefix)
     x = inputs(model, 5, seed=1)
-    for dropped in ("discard", "fuse", "soft"):
+    for dropped in ("discard", "fuse"):
         options = SamplingOptions(dropped=dropped, temperature=0.3)
         ats_timm.apply(model, caps=(10, 5), start_layer=1, options=options)
         with torch.no_grad():

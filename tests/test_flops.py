@@ -5,7 +5,6 @@ from helpers import measured_gflops
 from ats_vit import SamplingOptions, ViT
 from ats_vit.flops import TokenTrace, ViTCost, gflops
 from ats_vit.options import Rule
-from ats_vit.sampling import SOFT_TOP
 
 DEIT_S = dict(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536)
 
@@ -47,14 +46,13 @@ def test_analytic_count_matches_pytorch_flop_counter(schedule):
         dict(temperature=3.0),
         dict(dropped="fuse"),
         dict(sampler="topk", dropped="fuse"),
-        dict(dropped="soft"),
         dict(sampler="tome"),
         dict(sampler="pitome"),
         dict(sampler="official"),
         dict(sampler="topk"),
         dict(sampler="dct"),
     ],
-    ids=["hot", "fuse", "evit", "soft", "tome", "pitome", "official", "topk", "dct"],
+    ids=["hot", "fuse", "evit", "tome", "pitome", "official", "topk", "dct"],
 )
 def test_analytic_count_of_every_rule_matches_pytorch_flop_counter(rule):
     """The counter sees every matmul (similarities included) but not the weighted merging
@@ -77,8 +75,7 @@ def test_analytic_count_of_every_rule_matches_pytorch_flop_counter(rule):
     trace = traces[-1]
     assert trace.rules[2] == model.blocks[2].attn.ats.rule
     n_in = [197] + [int(c) + 1 for c in trace.kept_per_layer()[0, :-1]]
-    # spreading: every token into SOFT_TOP slots, for the residual and the normalised input
-    merged = {Rule.FUSE: 2, Rule.TOME: 1, Rule.PITOME: 1, Rule.SOFT: 2 * SOFT_TOP}
+    merged = {Rule.FUSE: 2, Rule.TOME: 1, Rule.PITOME: 1}
     merging = sum(merged.get(r, 0) * n * 384 for n, r in zip(n_in, trace.rules, strict=True))
     assert gflops(model.cost, trace).item() == pytest.approx(measured + merging / 1e9, rel=1e-6)
 

@@ -176,7 +176,6 @@ def test_a_latency_budget_that_misses_its_timing_is_searched_again(monkeypatch):
         (SamplingOptions("topk", dropped="fuse"), Rule.FUSE),
         (SamplingOptions("tome"), Rule.TOME),
         (SamplingOptions("pitome"), Rule.PITOME),
-        (SamplingOptions(dropped="soft"), Rule.SOFT),
         (SamplingOptions("dct"), Rule.DCT),
     ],
 )

@@ -23,7 +23,6 @@ LAYERS = [
     {"timm", "hf", "testing", "deploy"},
     {"budget", "latency"},
     {"calibrate.methods", "data", "models"},
-    {"calibrate.layers"},
     {"calibrate.search"},
     {"calibrate.choice", "calibrate.verify"},
     {"calibrate"},

@@ -72,7 +72,6 @@ def test_budget_that_drops_nothing_equals_the_unpatched_model(name, fused):
         dict(sampler="topk"),
         dict(sampler="tome"),
         dict(sampler="pitome"),
-        dict(temperature=0.1, dropped="soft"),
         dict(sampler="dct"),
     ],
 )

@@ -26,7 +26,6 @@ def test_with_nothing_dropped_restore_is_the_dense_features():
     [
         dict(),
         dict(dropped="fuse"),
-        dict(dropped="soft"),
         dict(sampler="tome"),
         dict(sampler="pitome"),
         dict(sampler="topk"),
@@ -49,8 +48,6 @@ def test_every_patch_gets_its_tokens_features_or_its_last_state(rule):
         assert alive.all(), "merging drops nothing: every patch lives in some token"
         sizes = torch.zeros(4, features.shape[1]).scatter_add_(1, state.slot_of, torch.ones(4, 17))
         torch.testing.assert_close(sizes[:, 1:], state.size[:, 1:])
-    elif rule.get("dropped") == "soft":
-        assert alive.all(), "spreading drops nothing: every patch lives in its largest share's token"
     elif rule.get("dropped") != "fuse":
         assert (~alive).any() and (full[~alive] != 0).all(), "dropped patches carry their last state"
 

@@ -393,38 +393,8 @@ def test_the_0_x_name_of_the_cap_still_works_and_warns():
         AdaptiveTokenSampling()
 
 
-def test_soft_spreads_each_dropped_token_over_the_kept_ones_by_key_similarity():
-    """dropped="soft": a dropped token whose key equals a kept token's goes (almost) wholly into
-    it; every slot is a weighted mean (the weights of each slot sum to 1), a token joins at most
-    SOFT_TOP slots, sizes add up to the patches, prefix tokens stay alone, padding joins nothing."""
-    from ats_vit.sampling import SOFT_TOP, compact, select_tokens, soft_plan
-
-    torch.manual_seed(0)
-    b, p, t, d = 2, 1, 8, 8
-    keys = torch.randn(b, p + t, d)
-    keys[:, 1 + 4] = keys[:, 1 + 1] * 3.0  # candidate 4 (dropped) points where candidate 1 (kept) does
-    keep = torch.tensor([[True, True, False, True, False, False, True, True]] * 2)
-    valid = torch.tensor([[True] * 8, [True] * 7 + [False]])
-    keep, dropped = keep & valid, valid & ~keep  # image 1 keeps 4, image 0 keeps 5: a padded slot
-    sel = soft_plan(compact(keep, num_prefix=p), keep, dropped, keys, None, p)
-    mix = select_tokens(torch.eye(p + t).expand(b, -1, -1), sel)  # (b, m, n): each input's share of each slot
-    assert mix.shape == (b, 6, p + t) and sel.padding.mask[:, -1].tolist() == [True, False]
-    torch.testing.assert_close(mix.sum(-1), sel.padding.mask.float())
-    assert (mix[:, 0, 0] == 1).all() and (mix[:, 0, 1:] == 0).all() and (mix[:, 1:, 0] == 0).all()
-    assert (mix[1, :, p + 7] == 0).all(), "padding joins no slot"
-    torch.testing.assert_close(sel.size.sum(-1), valid.sum(-1).float() + p)
-    patches_in = mix * sel.size[..., None]  # patches of each input in each slot
-    torch.testing.assert_close(patches_in.sum(1)[:, p:], valid.float())
-    assert ((patches_in > 0).sum(1) <= SOFT_TOP).all()
-    assert (patches_in[:, 2, p + 4] > 0.99).all(), "candidate 4 goes into candidate 1's slot (slot 2)"
-    assert (sel.merge.dest[:, p + 4] == 2).all() and (sel.merge.dest[1, p + 7] == 6)
-    assert sel.size[1, -1] == 0, "a padded slot stands for no patch"
-    strided = torch.randn(b, 5, p + t).transpose(1, 2)  # a transposed view, as attention outputs can be
-    torch.testing.assert_close(select_tokens(strided, sel), mix @ strided)
-
-
-def test_soft_needs_the_keys():
-    ats = AdaptiveTokenSampling(3, SamplingOptions(dropped="soft"))
+def test_merging_needs_the_keys():
+    ats = AdaptiveTokenSampling(3, SamplingOptions(sampler="tome"))
     v = torch.randn(1, 2, 9, 4)
     with pytest.raises(ValueError, match="needs the keys k"):
         ats(torch.rand(1, 2, 9).softmax(-1), v)

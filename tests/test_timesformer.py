@@ -175,9 +175,6 @@ def test_what_is_not_served_is_refused():
     model = ats_hf.apply(build(), caps=None)
     with pytest.raises(ValueError, match="output_attentions=True"):
         model(pixel_values=clips(1), output_attentions=True)
-    ats_hf.apply(model, caps=(8, 4), start_layer=1, options=SamplingOptions(dropped="soft"))
-    with pytest.raises(ValueError, match="dropped='soft' is not supported on TimeSformer"):
-        model(pixel_values=clips(1))
     ats_hf.apply(model, caps=(8, 4), start_layer=1, options=SamplingOptions(sampler="dct"))
     with pytest.raises(ValueError, match="sampler='dct' is not supported on TimeSformer"):
         model(pixel_values=clips(1))

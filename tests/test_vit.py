@@ -99,10 +99,9 @@ RULES = [
     dict(sampler="tome"),
     dict(sampler="pitome"),
     dict(sampler="official"),
-    dict(temperature=0.5, dropped="soft"),
     dict(sampler="dct"),
 ]
-RULE_IDS = ["paper", "hot", "cold-fuse", "topk", "evit", "tome", "pitome", "official", "cold-soft", "dct"]
+RULE_IDS = ["paper", "hot", "cold-fuse", "topk", "evit", "tome", "pitome", "official", "dct"]
 
 
 @pytest.mark.parametrize("static_shape", [False, True])

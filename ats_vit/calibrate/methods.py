@@ -8,14 +8,9 @@
 - ``"ats-fuse"``: the paper's inverse-transform sampling with the temperature knob, the dropped
   tokens of each image fused into one; the cap decays geometrically from the start layer and
   the temperature sets how much of it is used.
-- ``"ats-soft"``: as ``"ats-fuse"``, but each dropped token is spread over the kept ones by
-  key similarity (many-to-many, :func:`ats_vit.sampling.soft_plan`) instead of fused into one.
 - ``"topk"``, ``"evit"`` (top-k with fusion, EViT), ``"random"``, ``"tome"`` (ToMe),
   ``"pitome"`` (PiToMe), ``"dct"`` (OpenToMe's cosine transform, many-to-many): the peers,
   each keeping a fixed count that decays geometrically from the start layer.
-- ``"tome-layers"``: ``tome`` with every layer's cap found on its own by a greedy search
-  (:mod:`ats_vit.calibrate.layers`) instead of one decay. (ATS has no such method: its cap only
-  bounds an adaptive count, so cutting one layer's cap moves the cost in jumps.)
 - ``"auto"`` (recommended): the members of :data:`AUTO`, one of them kept by
   :func:`ats_vit.calibrate.choice.prefer`.
 """
@@ -38,9 +33,7 @@ class Method:
     ``knob="temperature"``: the ATS temperature, for each cap decay in ``decays``;
     ``knob="decay"``: the cap decay itself (caps ``round(n * decay ** (l - start + 1))``);
     ``knob="keep"``: one cap ``round(n * keep)`` in every layer from the start (the paper's
-    configuration: with ATS, later layers sample only when an image still has more);
-    ``knob="layers"``: every layer's cap on its own, found greedily
-    (:mod:`ats_vit.calibrate.layers`; fixed-count rules only).
+    configuration: with ATS, later layers sample only when an image still has more).
     """
 
     sampler: str
@@ -61,11 +54,6 @@ class Method:
     ) -> Budget:
         """The budget of this method from layer ``start`` at a knob value (the cap decay, or the
         keep ratio) and temperature, for a model of ``depth`` layers and ``num_patches`` patches."""
-        if self.knob == "layers":
-            raise ValueError(
-                f"{name!r} finds each layer's cap by its greedy search (ats_vit.calibrate.layers), "
-                "not by one knob"
-            )
         layers = depth - start
         if self.knob == "keep":
             caps = (max(1, round(num_patches * knob)),) * layers
@@ -88,14 +76,12 @@ METHODS: dict[str, Method] = {
     "paper": Method("inverse_transform", knob="keep"),
     "official": Method("official", knob="keep"),
     "ats-fuse": Method("inverse_transform", "fuse", "temperature", (0.5, 0.7, 0.85, 0.95)),
-    "ats-soft": Method("inverse_transform", "soft", "temperature", (0.5, 0.7, 0.85, 0.95)),
     "topk": Method("topk"),
     "evit": Method("topk", "fuse"),
     "random": Method("random"),
     "tome": Method("tome", "merge"),
     "pitome": Method("pitome", "merge"),
     "dct": Method("dct"),
-    "tome-layers": Method("tome", "merge", "layers"),
 }
 # what method="auto" searches (the first is kept unless another is ahead: choice.prefer): the
 # ATS variants and ToMe-style merging. Chosen on a checkpoint that is not reported (glyphs196-s1,

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 
 from ats_vit import _validate
 from ats_vit.budget import COST_KINDS, Budget, BudgetError, configure
-from ats_vit.calibrate.layers import GreedyPath, greedy_budget
 from ats_vit.calibrate.methods import METHODS
 from ats_vit.families import family_of
 from ats_vit.flops import gflops
@@ -33,8 +32,8 @@ __all__ = ["BudgetSearch", "Trial"]
 PROBE_MARGIN = 0.01
 MIN_PROBE = 32
 
-# (method, start layer, knob: the cap decay or keep ratio, or a per-layer method's caps, temperature)
-TrialKey = tuple[str, int, float | tuple[int, ...], float]
+# (method, start layer, knob: the cap decay or keep ratio, temperature)
+TrialKey = tuple[str, int, float, float]
 
 
 @dataclass
@@ -137,7 +136,6 @@ class BudgetSearch:
             _validate.class_labels(labels, self.family.num_classes, "calibration labels")
         self.images = len(images)
         self.trials: dict[TrialKey, Trial] = {}
-        self.greedy_paths: dict[str, GreedyPath] = {}  # the per-layer methods' cuts so far
         self.passes = 0.0
         self.on_new_trial: Callable[[], None] | None = None  # e.g. a progress bar's update
 
@@ -227,8 +225,8 @@ class BudgetSearch:
 
     @torch.inference_mode()
     def evaluate(self, budget: Budget, key: TrialKey) -> Trial:
-        """Cost and score of a budget made elsewhere (per-layer caps), on every image, kept
-        under ``key`` (remembered)."""
+        """Cost and score of a budget on every image (an estimated trial measured in full, or
+        a chosen budget on the held-out images), kept under ``key`` (remembered)."""
         known = self.trials.get(key)
         if known is not None and not known.estimated:
             return known
@@ -267,13 +265,7 @@ class BudgetSearch:
 
     def floor(self, method: str, start: int, target: float | None = None) -> Trial:
         """One token per layer from ``start`` on: the cheapest budget of ``method`` there."""
-        spec = METHODS[method]
-        if spec.knob == "layers":
-            caps = (1,) * (self.depth - start)
-            n = self.num_patches
-            budget = Budget(start, caps, spec.sampler, dropped=spec.dropped, depth=self.depth, num_patches=n)
-            return self.evaluate(budget, (method, start, caps, 1.0))
-        temperature = 1e-3 if spec.knob == "temperature" else 1.0
+        temperature = 1e-3 if METHODS[method].knob == "temperature" else 1.0
         return self.trial(method, start, 1e-9, temperature, target)
 
     def _bisect(self, target: float, make: Callable[[float], Trial], low: float, high: float) -> list[Trial]:
@@ -292,11 +284,8 @@ class BudgetSearch:
 
     def search(self, method: str, target: float) -> list[Trial]:
         """Every trial the bisection of ``method``'s knob at ``target`` runs, from each start layer
-        whose cheapest budget can still meet the target (a per-layer method: its greedy
-        budget, :mod:`ats_vit.calibrate.layers`)."""
+        whose cheapest budget can still meet the target."""
         spec = METHODS[method]
-        if spec.knob == "layers":
-            return [self.evaluate(*greedy_budget(self, method, target))]
         found: list[Trial] = []
         for start in self.layers:
             if self.floor(method, start, target).cost > target + self.tolerance:

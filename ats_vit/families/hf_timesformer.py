@@ -135,10 +135,6 @@ def _layer_forward(
     selection: TokenSelection | None = None
     refuse_dct(self, "TimeSformer", "its tubes are counted and timed per patch position")
     if self.ats.needed(m):
-        if self.ats.options.dropped == "soft":
-            raise ValueError(
-                "dropped='soft' is not supported on TimeSformer (tubes of frames): use 'fuse' or 'tome'"
-            )
         kv = tokenwise(partial(linear, weight=w_kv, bias=b_kv), normed, frame_pad)
         k, v = rearrange(kv, "b n (t h d) -> t b h n d", t=2, h=heads).unbind(0)
 
