@@ -776,7 +776,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "frontier-map": lambda: _frontier("frontier.json", "map"),
     "frontier-glyphs196": lambda: _frontier("frontier_glyphs196.json", "glyphs196"),
     "frontier-summary": frontier_summary,
-    "auto-rule": lambda: auto_rule("auto_rule_demo_gap.json"),
+    "auto-rule": lambda: auto_rule("auto_rule.json"),
     "checkpoints": lambda: checkpoints("checkpoints_demo_gap.json", "checkpoints_glyphs196.json"),
     "frontier-seeds-demo": lambda: frontier_seeds("demo", "frontier_demo_seeds.json"),
     "frontier-seeds-gap": lambda: frontier_seeds("gap", "frontier_gap_seeds.json"),
