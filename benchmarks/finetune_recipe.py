@@ -18,6 +18,14 @@ p < 0.05.
     python benchmarks/frontier_checkpoints.py runs/held --only demo gap --held-out
     python benchmarks/finetune_recipe.py runs/held/{demo,gap}-s{100,101}/final.safetensors \\
         --data demo@100 demo@101 demo@100 demo@101 --work runs/ft-recipe --json finetune_recipe.json
+
+``--report`` then measures the kept recipe alone (its learning rate only, no pick) on the
+reported seeds, whose data and weights the choice never saw:
+
+    python benchmarks/frontier_checkpoints.py runs/frontier --only demo gap
+    python benchmarks/finetune_recipe.py runs/frontier/{demo,gap}-s{1,2,3,4,5}/final.safetensors \\
+        --data demo@{1,2,3,4,5} demo@{1,2,3,4,5} --report --work runs/ft-report \\
+        --json finetune_seeds.json
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ class Config:
     epochs: int = 3
     calib_images: int = 512  # `ats-vit calibrate`'s default
     seed: int = 0
+    report: bool = False  # the recipe alone on the reported seeds (no learning rate is chosen)
 
     def data_of(self, index: int) -> str:
         return self.data[0] if len(self.data) == 1 else self.data[index]
@@ -155,24 +164,49 @@ def main() -> None:
     )
     parser.add_argument("--data", nargs="+", default=["demo"], help="one data spec, or one per checkpoint")
     parser.add_argument("--target", type=float, default=Config.target, help="fraction of the dense GFLOPs")
-    parser.add_argument("--lrs", type=float, nargs="+", default=list(Config.lrs), help="peak learning rates")
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        help="peak learning rates (default: "
+        + " ".join(f"{lr:g}" for lr in Config.lrs)
+        + f"; with --report: {RECIPE_LR:g})",
+    )
     parser.add_argument("--epochs", type=int, default=Config.epochs, help="fine-tuning epochs")
     parser.add_argument(
         "--work", required=True, help="folder for the fine-tuned runs and each checkpoint's hits"
     )
     parser.add_argument("--resume", action="store_true", help="reuse the checkpoints measured in --work")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help=f"measure the recipe alone (--lrs {RECIPE_LR:g}) on reported seeds: no learning rate is chosen",
+    )
     args = json_arguments(parser, "config, machine, rows and the pick")()
+    if args.lrs is None:
+        args.lrs = [RECIPE_LR] if args.report else list(Config.lrs)
     if len(args.data) not in (1, len(args.checkpoints)):
         parser.error(
             f"--data takes one value or one per checkpoint ({len(args.checkpoints)}), got {len(args.data)}"
         )
     if RECIPE_LR not in args.lrs:
         parser.error(f"--lrs must include the recipe's learning rate {RECIPE_LR:g}, got {args.lrs}")
+    if args.report and args.lrs != [RECIPE_LR]:
+        parser.error(
+            f"--report measures the recipe alone: --lrs must be {RECIPE_LR:g} (or left out), got {args.lrs}"
+        )
     work = Path(args.work)
     if work.exists() and any(work.iterdir()) and not args.resume:
         parser.error(f"{work} is not empty: pass --resume to reuse what it holds, or choose another --work")
     work.mkdir(parents=True, exist_ok=True)
-    cfg = Config(tuple(args.checkpoints), tuple(args.data), args.target, tuple(args.lrs), args.epochs)
+    cfg = Config(
+        tuple(args.checkpoints),
+        tuple(args.data),
+        args.target,
+        tuple(args.lrs),
+        args.epochs,
+        report=args.report,
+    )
     measured = []
     for index in range(len(cfg.checkpoints)):
         measured.append(measure_checkpoint(cfg, index, work, progress=True))
@@ -190,8 +224,9 @@ def main() -> None:
             ("vs_recipe_p_adj", "p (adj.)", ".3f"),
         ),
     )
-    chosen = pick(rows)
-    print(f"the rule keeps: {chosen} (the recipe: lr {RECIPE_LR:g})")
+    chosen = None if cfg.report else pick(rows)
+    if chosen is not None:
+        print(f"the rule keeps: {chosen} (the recipe: lr {RECIPE_LR:g})")
     if args.json:
         record = dict(
             config=asdict(cfg), machine=machine("cpu"), rows=rows, recipe=f"lr {RECIPE_LR:g}", pick=chosen

@@ -219,6 +219,27 @@ def test_finetune_recipe(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, ca
     assert json.loads(out.read_text())["rows"] == record["rows"]
 
 
+def test_finetune_recipe_report_measures_the_recipe_alone(
+    tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys
+):
+    work, out = tmp_path / "work", tmp_path / "r.json"
+    argv = [str(tiny_checkpoint), "--data", "tiny", "--target", "0.7", "--epochs", "1", "--report"]
+    # another learning rate on reported seeds would be a choice made on them: refused
+    argv_lrs = [*argv, "--lrs", "1e-3", "5e-4", "--work", str(work)]
+    assert run_script("finetune_recipe.py", *argv_lrs, monkeypatch=monkeypatch) == 2
+    assert "--report measures the recipe alone" in capsys.readouterr().err
+    assert (
+        run_script(
+            "finetune_recipe.py", *argv, "--work", str(work), "--json", str(out), monkeypatch=monkeypatch
+        )
+        == 0
+    )
+    record = json.loads(out.read_text())
+    assert [r["key"] for r in record["rows"]] == ["dense", "before", "lr 0.0005"]
+    assert record["config"]["report"] is True and record["pick"] is None
+    assert "the rule keeps" not in capsys.readouterr().out
+
+
 def test_finetune_recipe_keeps_its_learning_rate_unless_another_is_significantly_ahead():
     pick = runpy.run_path(str(SCRIPTS / "finetune_recipe.py"))["pick"]
 
