@@ -35,6 +35,7 @@ __all__ = [
     "AttentionParts",
     "SamplingAttention",
     "attend",
+    "attend_padded",
     "cls_attention",
     "key_bias",
     "received_attention",
@@ -160,6 +161,53 @@ def attend(
             )
         attn_mask = pair.to(q.dtype) if attn_mask is None else attn_mask + pair.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+def attend_padded(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Tensor | None,
+    dropout_p: float,
+    scale: float | None,
+    pair: Tensor | None,
+    q_padding: Padding | None,
+    k_padding: Padding | None,
+) -> Tensor:
+    """:func:`attend` on padded grids, in the buckets of images of similar count that the
+    queries' padding names (:class:`~ats_vit.sampling.Buckets`), each at its own width; the
+    whole grid at once where it names none.
+
+    q: (b, h, m, d) on the grid of ``q_padding``; k, v: (b, h, n, d) on that of ``k_padding``
+    (the same grid, or the layer's input grid when the layer samples). -> (b, h, m, d), whose
+    padded query rows are unspecified (finite; always masked downstream).
+    """
+    buckets = None if q_padding is None else q_padding.buckets
+    if buckets is None:
+        return attend(q, k, v, bias, dropout_p, scale, pair)
+    # (b, tokens, h, d) views: their slices gather into the layout the fused kernel runs fastest on
+    q_t, k_t, v_t = (t.transpose(1, 2) for t in (q, k, v))
+    out = q_t.new_zeros(q_t.shape)
+    key_counts = None if k_padding is None or k_padding.buckets is None else k_padding.buckets.counts
+    for start, stop, width in buckets.groups:
+        images = buckets.order[start:stop]
+        if k_padding is q_padding:
+            keys = width
+        elif k_padding is None or key_counts is None:
+            keys = k.shape[2]
+        else:
+            keys = max(key_counts[i] for i in buckets.ranked[start:stop])
+
+        def part(t: Tensor, rows: int, images: Tensor = images) -> Tensor:
+            return t[:, :rows].index_select(0, images).transpose(1, 2)
+
+        group_bias = None if bias is None else bias[:, :keys].index_select(0, images)
+        group_pair = None if pair is None else pair[:, :, :width, :keys].index_select(0, images)
+        result = attend(
+            part(q_t, width), part(k_t, keys), part(v_t, keys), group_bias, dropout_p, scale, group_pair
+        )
+        out[:, :width].index_copy_(0, images, result.transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 def _matmul_attention(q: Tensor, k: Tensor, mask: Tensor | None, dropout_p: float) -> bool:
@@ -343,7 +391,8 @@ def sampled_self_attention(
     pair = None
     if pair_bias is not None and positions is not None and q_positions is not None:
         pair = pair_bias(q_positions, positions)
-    out = attend(q, k, v, bias, dropout_p, scale, pair).transpose(1, 2).flatten(2)  # (b, m, h d)
+    out = attend_padded(q, k, v, bias, dropout_p, scale, pair, out_padding, padding)
+    out = out.transpose(1, 2).flatten(2)  # (b, m, h d)
     if gate is None:
         return tokenwise(lambda t: proj(out_norm(t)), out, out_padding), selection
     gated = tokenwise(lambda t, t_in: proj(out_norm(t) * gate(t_in).sigmoid()), out, out_padding, queries)

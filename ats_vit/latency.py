@@ -51,7 +51,7 @@ from ats_vit._progress import bar as progress_bar
 from ats_vit.families import Family
 from ats_vit.flops import TokenTrace
 from ats_vit.options import Rule, SamplingOptions
-from ats_vit.sampling import PACK_MIN_PADDING, Padding
+from ats_vit.sampling import PACK_MIN_PADDING, Padding, bucket_images
 
 __all__ = ["LatencyModel", "LatencyTable", "cache_dir", "cached_tables", "clear_cache"]
 
@@ -234,7 +234,8 @@ def _padding(b: int, width: int, num_prefix: int, device: torch.device) -> Paddi
     kept = (width - shortfall.round()).clamp_min(num_prefix + 1)
     mask = torch.arange(width, device=device) < kept[:, None]
     padded = 1 - mask.float().mean().item()
-    return Padding(mask, mask.flatten().nonzero().squeeze(1) if padded >= PACK_MIN_PADDING else None)
+    rows = mask.flatten().nonzero().squeeze(1) if padded >= PACK_MIN_PADDING else None
+    return Padding(mask, rows, bucket_images(kept, kept.long().tolist()))  # as compact() pads
 
 
 class LatencyModel:

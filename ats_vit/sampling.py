@@ -18,8 +18,9 @@ merging make tokens stand for several patches; their ``size`` then biases attent
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -30,9 +31,11 @@ from ats_vit.options import MERGING_SAMPLERS, Rule, SamplingOptions
 
 __all__ = [
     "AdaptiveTokenSampling",
+    "Buckets",
     "Merge",
     "Padding",
     "TokenSelection",
+    "bucket_images",
     "compact",
     "dct_count",
     "dct_reduce",
@@ -55,6 +58,19 @@ __all__ = [
 # on CPU, so packing a grid that is nearly full loses more than the padded GEMM rows it saves
 # (0.2's benchmarks/profile_sampling.py, in git).
 PACK_MIN_PADDING = 1 / 32
+# Attention on a padded grid runs in buckets of images of similar count, each at its own width
+# (:class:`Buckets`): at most MAX_BUCKETS buckets of at least MIN_BUCKET images, only with at
+# least MIN_BUCKETS of them (a batch of 32 or more), and only where the buckets' query-key pairs
+# are at most BUCKET_MAX_SHARE of the whole grid's. Chosen on glyphs196-s100 (a selection
+# seed; 2 CPU threads): ats-fuse at 60% of the GFLOPs ran 1.32x -> 1.45x dense at batch 64 and
+# 1.30x -> 1.46x at 128; at batch 16 two buckets lost 2-4% (each bucket's gathers cost more
+# than it saves), hence MIN_BUCKETS. Measured on CPU only: other devices attend over the whole
+# grid. The reported measurement: benchmarks/bucketed_attention.py.
+MAX_BUCKETS = 8
+MIN_BUCKET = 8
+MIN_BUCKETS = 4
+BUCKET_MAX_SHARE = 0.8
+BUCKET_DEVICES = ("cpu",)
 # PiToMe's margin in layer i of L is PITOME_MARGIN * (1 - i / L), and its first ceil(L / 2)
 # layers match by bipartite halves of the energy order (its authors' patch/timm.py, deit.py)
 PITOME_MARGIN = 0.75
@@ -68,6 +84,24 @@ OFFICIAL_MIN_TOKENS = 8
 SCORING = ("cls", "received")
 
 
+class Buckets(NamedTuple):
+    """Images of a padded grid in groups of similar count, so that attention runs each group at
+    its own width instead of every image at the widest (its cost is quadratic in the width).
+
+    order: (b,) int64 the images by descending count (a stable sort: ties keep batch order).
+    groups: ``(start, stop, width)`` per bucket: ``order[start:stop]`` are its images, ``width``
+        its widest real count (prefix tokens included), known on the host.
+    ranked: ``order`` on the host.
+    counts: each image's real tokens (prefix included) in batch order, on the host: what a
+        later layer needs to size its keys per bucket when it samples again.
+    """
+
+    order: Tensor
+    groups: tuple[tuple[int, int, int], ...]
+    ranked: tuple[int, ...]
+    counts: tuple[int, ...]
+
+
 class Padding(NamedTuple):
     """Where a padded (b, m) token grid holds real tokens.
 
@@ -76,10 +110,13 @@ class Padding(NamedTuple):
         token-wise layers (linear, MLP) skip the padding. ``None`` when unknown without a
         host sync (static shapes) or when too little of the grid is padding to be worth
         packing (:data:`PACK_MIN_PADDING`); token-wise layers then run on the whole grid.
+    buckets: how attention splits the batch by count (:func:`bucket_images`); ``None``:
+        attention runs over the whole grid.
     """
 
     mask: Tensor
     rows: Tensor | None
+    buckets: Buckets | None = None
 
 
 class Merge(NamedTuple):
@@ -658,10 +695,12 @@ def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> Token
     b, n = keep.shape
     before = keep.cumsum(dim=-1)  # (b, n) kept candidates up to each position
     counts = before[:, -1]  # (b,)
-    total = None
+    total, host = None, None
     if size is None:
-        # one sync answers "how wide", "is any row padded" and "how many real tokens"
-        smallest, size, total = torch.stack((counts.min(), counts.max(), counts.sum())).tolist()
+        # one sync answers "how wide", "is any row padded", "how many real tokens" and how
+        # attention may split the batch by count
+        host = counts.tolist()
+        smallest, size, total = min(host), max(host), sum(host)
     # kept tokens first, then dropped ones, each in original order (what a stable argsort on
     # "dropped" gives, without a sort: ONNX has no stable sort, and one cumsum is cheaper)
     positions = torch.arange(n, device=keep.device)
@@ -676,7 +715,32 @@ def compact(keep: Tensor, size: int | None = None, num_prefix: int = 0) -> Token
     rows = None
     if total is not None and (b * size - total) >= PACK_MIN_PADDING * b * (num_prefix + size):
         rows = mask.flatten().nonzero().squeeze(1)
-    return TokenSelection(index, Padding(mask, rows))
+    buckets = None if host is None else bucket_images(counts + num_prefix, [c + num_prefix for c in host])
+    return TokenSelection(index, Padding(mask, rows, buckets))
+
+
+def bucket_images(counts: Tensor, host: Sequence[int]) -> Buckets | None:
+    """How attention splits a padded batch: images sorted by count, in up to
+    :data:`MAX_BUCKETS` equal groups of at least :data:`MIN_BUCKET`, or ``None`` where that
+    would not pay (another device than :data:`BUCKET_DEVICES`, fewer than :data:`MIN_BUCKETS`
+    groups, or query-key pairs above :data:`BUCKET_MAX_SHARE` of the whole grid's).
+
+    counts: (b,) real tokens per image (prefix included) on the device; host: the same values
+    on the host (the caller's one sync). No further sync: the device's stable sort orders the
+    images as the host's does.
+    """
+    b = len(host)
+    buckets = min(MAX_BUCKETS, b // MIN_BUCKET)
+    if counts.device.type not in BUCKET_DEVICES or buckets < MIN_BUCKETS:
+        return None
+    ranked = sorted(range(b), key=lambda i: -host[i])  # stable, as the device's sort below
+    bounds = [round(i * b / buckets) for i in range(buckets + 1)]
+    groups = tuple((start, stop, host[ranked[start]]) for start, stop in itertools.pairwise(bounds))
+    pairs = sum((stop - start) * width * width for start, stop, width in groups)
+    if pairs > BUCKET_MAX_SHARE * b * max(host) ** 2:
+        return None
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return Buckets(order, groups, tuple(ranked), tuple(host))
 
 
 def tokenwise(fn: Callable[..., Tensor], x: Tensor, padding: Padding | None, *others: Tensor) -> Tensor:

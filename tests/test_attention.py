@@ -191,3 +191,109 @@ def test_matmul_attention_trains_as_the_fused_kernel(monkeypatch, keys):
         for matmul, fused in zip(*grads, strict=True):
             torch.testing.assert_close(matmul, fused)
     assert len(calls) == 2, "the fused kernel ran only where it was switched off"
+
+
+def _bucketed(counts: list[int], width: int, num_prefix: int = 1) -> Padding:
+    """A padded grid of ``width`` slots whose images hold ``counts`` real tokens, with buckets."""
+    from ats_vit.sampling import bucket_images
+
+    real = torch.tensor(counts)
+    mask = torch.arange(width) < real[:, None]
+    buckets = bucket_images(real, counts)
+    assert buckets is not None
+    return Padding(mask, mask.flatten().nonzero().squeeze(1), buckets)
+
+
+def test_buckets_sort_the_images_and_cover_the_batch():
+    from ats_vit.sampling import MIN_BUCKET, MIN_BUCKETS, bucket_images
+
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.randint(10, 60, (40,), generator=gen)
+    counts[[3, 7]] = 59  # ties keep batch order, on the host as on the device
+    buckets = bucket_images(counts, counts.tolist())
+    assert buckets is not None and len(buckets.groups) == 40 // MIN_BUCKET
+    assert buckets.order.tolist() == list(buckets.ranked)
+    assert sorted(buckets.ranked) == list(range(40)) and buckets.counts == tuple(counts.tolist())
+    ranked = counts[buckets.order]
+    assert (ranked[:-1] >= ranked[1:]).all() and buckets.ranked.index(3) < buckets.ranked.index(7)
+    assert [g[0] for g in buckets.groups[1:]] == [g[1] for g in buckets.groups[:-1]]
+    assert buckets.groups[0][0] == 0 and buckets.groups[-1][1] == 40
+    for start, stop, width in buckets.groups:
+        assert width == int(counts[buckets.order[start:stop]].max())
+    # too few images, counts too alike to pay, or a device the buckets were not measured on: none
+    few = counts[: MIN_BUCKETS * MIN_BUCKET - 1]
+    assert bucket_images(few, few.tolist()) is None
+    assert bucket_images(torch.full((40,), 30), [30] * 40) is None
+    assert bucket_images(counts.to("meta"), counts.tolist()) is None
+
+
+@pytest.mark.parametrize("keys_on", ["same grid", "unpadded input", "padded input"])
+@pytest.mark.parametrize("extra", ["mask", "sizes", "pair"])
+def test_bucketed_attention_equals_attention_over_the_whole_grid(keys_on, extra):
+    """Each bucket at its own width gives every real query the output (and, training, the
+    gradients) of attention over the whole padded grid."""
+    from ats_vit.attention import attend_padded
+
+    gen = torch.Generator().manual_seed(0)
+    b, h, d, m = 32, 2, 8, 40
+    counts = torch.randint(3, m + 1, (b,), generator=gen).tolist()
+    q_padding = _bucketed(counts, m)
+    if keys_on == "same grid":
+        k_padding, n = q_padding, m
+    elif keys_on == "unpadded input":
+        k_padding, n = None, 50
+    else:
+        n = 50
+        k_padding = _bucketed([min(n, c + int(torch.randint(0, 10, (1,), generator=gen))) for c in counts], n)
+    inputs = [torch.randn(b, h, m, d, generator=gen)] + [torch.randn(b, h, n, d, generator=gen) for _ in "kv"]
+    size = torch.randint(1, 4, (b, n), generator=gen).float()
+    bias = key_bias(k_padding, size if extra == "sizes" else None)
+    pair = torch.randn(b, h, m, n, generator=gen) if extra == "pair" else None
+    results = []
+    for padding in (q_padding, q_padding._replace(buckets=None)):
+        q, k, v = (t.clone().requires_grad_() for t in inputs)
+        out = attend_padded(q, k, v, bias, 0.0, None, pair, padding, k_padding)
+        real = padding.mask[:, None, :, None]
+        (out * real).pow(2).sum().backward()
+        results.append((out * real, q.grad * real, k.grad, v.grad))
+    for bucketed, whole in zip(*results, strict=True):
+        torch.testing.assert_close(bucketed, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_a_model_with_adaptive_counts_gives_the_same_logits_in_buckets(monkeypatch):
+    """End to end: ATS's adaptive counts (several sampling layers, fused tokens) with and
+    without buckets give the same logits, and buckets did run."""
+    import ats_vit.attention as attention
+    import ats_vit.sampling as sampling
+    from ats_vit import ViT
+
+    torch.manual_seed(0)
+    model = ViT(
+        image_size=32,
+        patch_size=4,
+        num_classes=10,
+        dim=32,
+        depth=4,
+        max_tokens_per_depth=(56, 40, 24, 12),
+        heads=2,
+        mlp_dim=64,
+    ).eval()
+    with torch.no_grad():  # peakier attention than at initialisation: counts that differ by image
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(2.0)
+    x = torch.randn(32, 3, 32, 32)
+    runs = []
+    real = attention.attend_padded
+    monkeypatch.setattr(
+        attention,
+        "attend_padded",
+        lambda *a: runs.append(a[7] is not None and a[7].buckets is not None) or real(*a),
+    )
+    with torch.no_grad():
+        bucketed = model(x)
+        assert any(runs)
+        monkeypatch.setattr(sampling, "BUCKET_DEVICES", ())
+        runs.clear()
+        whole = model(x)
+        assert runs and not any(runs)
+    torch.testing.assert_close(bucketed, whole, atol=1e-5, rtol=1e-5)

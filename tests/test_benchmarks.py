@@ -41,7 +41,7 @@ def tiny_splits(monkeypatch):
 def test_every_script_has_a_smoke_test():
     tested = {"speed.py", "frontier.py", "frontier_checkpoints.py", "gpu_check.py", "tables.py"}
     tested |= {"calibration_speed.py", "latency_model.py", "demo.py", "latency_budgets.py", "imagenet.py"}
-    tested |= {"auto_rule.py", "finetune_recipe.py"}
+    tested |= {"auto_rule.py", "finetune_recipe.py", "bucketed_attention.py"}
     assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
 
@@ -188,6 +188,27 @@ def test_auto_rule_picks_by_mean_then_the_earlier_list_then_the_larger_z():
     assert rule["pick"](summary) == summary[2]
     summary[0]["mean_pct"] = 90.2  # clearly ahead: the other list
     assert rule["pick"](summary) == summary[0]
+
+
+def test_bucketed_attention(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
+    out = tmp_path / "b.json"
+    argv = [str(tiny_checkpoint), "--data", "tiny", "--methods", "ats-fuse", "--targets", "0.7"]
+    argv += ["--batch-sizes", "4", "16", "--processes", "2", "--repeats", "2", "--calib-images", "32"]
+    assert run_script("bucketed_attention.py", *argv, "--json", str(out), monkeypatch=monkeypatch) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["target"], r["batch"]) for r in rows] == [
+        ("ats-fuse", 0.7, 4),
+        ("ats-fuse", 0.7, 16),
+    ]
+    for row in rows:
+        assert len(row["buckets_runs"]) == len(row["whole_runs"]) == 2  # one per timing process
+        assert row["ideal"] == pytest.approx(1 / row["gflops_ratio"]) and 0 <= row["padding_pct"] < 100
+        assert row["efficiency_buckets"] == pytest.approx(row["buckets"] / row["ideal"])
+    assert "buckets / whole" in capsys.readouterr().out
+    # a batch larger than the test split would time fewer images than it says: refused
+    with pytest.raises(ValueError, match="fewer than --batch-sizes"):
+        run_script("bucketed_attention.py", *argv, "--batch-sizes", "1000", monkeypatch=monkeypatch)
+    assert run_script("bucketed_attention.py", *argv, "--data", "tiny", "tiny", monkeypatch=monkeypatch) == 2
 
 
 def test_finetune_recipe(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
