@@ -747,6 +747,51 @@ def latency_budgets() -> str:
     return table(header, body) + "\n\n" + note
 
 
+def bucketed_attention() -> str:
+    """`benchmarks/bucketed_attention.py`: adaptive counts timed with attention in buckets and
+    over the whole padded grid, against the FLOP ideal."""
+    record = load("bucketed_attention.json")
+    body = [
+        [
+            r["checkpoint"],
+            f"`{r['method']}`",
+            f"{r['target']:g}",
+            str(r["batch"]),
+            f"{r['gflops_ratio']:.0%}",
+            f"{r['padding_pct']:.0f}%",
+            f"{r['ideal']:.2f}×",
+            spread(r["buckets_runs"], speedup=True),
+            spread(r["whole_runs"], speedup=True),
+            f"{r['efficiency_buckets']:.2f} / {r['efficiency_whole']:.2f}",
+            f"{r['gain']:.2f}×",
+        ]
+        for r in record["rows"]
+    ]
+    header = [
+        "checkpoint",
+        "method",
+        "target",
+        "batch",
+        "GFLOPs",
+        "padding",
+        "FLOP ideal",
+        "in buckets",
+        "whole grid",
+        "efficiency (buckets / whole)",
+        "buckets vs whole",
+    ]
+    cfg = record["config"]
+    note = (
+        f"`python benchmarks/bucketed_attention.py`: each budget calibrated on {cfg['calib_images']} "
+        f"images, then timed against dense in {cfg['processes']} separate processes of "
+        f"{cfg['repeats']} interleaved rounds in random order (median speed-up and range over the "
+        "processes; *padding*: the share of the sampled layers' token slots that is padding; "
+        "*buckets vs whole*: the median per-process ratio of the two speed-ups). "
+        + where(record, "bucketed_attention.json")
+    )
+    return table(header, body) + "\n\n" + note
+
+
 def gpu_check() -> str:
     lines = (RESULTS / "gpu_check_h100.log").read_text().splitlines()
     pattern = re.compile(
@@ -813,6 +858,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "calibration-speed": calibration_speed,
     "latency-model": latency_model,
     "latency-budgets": latency_budgets,
+    "bucketed-attention": bucketed_attention,
     "gpu-check": gpu_check,
     "cli": cli,
 }
