@@ -7,7 +7,7 @@ from helpers import images, peaked_timm_tiny, small_vit
 
 from ats_vit import family_of
 from ats_vit.budget import Budget, BudgetError
-from ats_vit.calibrate import AUTO, METHODS, RECOMMENDED, Calibration, Trial, calibrate, prefer
+from ats_vit.calibrate import AUTO, METHODS, RECOMMENDED, SWITCH_Z, Calibration, Trial, calibrate, prefer
 from ats_vit.evaluate import measure
 
 
@@ -70,15 +70,34 @@ def test_auto_keeps_the_first_member_unless_another_is_significantly_better_and_
     search = Calibration(peaky_vit(), images(48, 1), progress=False, steps=8)
     best = search(0.6)
     assert best.calibration["searched"] == "auto" and best.method in AUTO
+    # with SWITCH_Z infinite and no latency model the first member's budget is kept whenever it
+    # reaches the target: the others are not searched beyond their cheapest budget
+    assert math.isinf(SWITCH_Z) and best.method == AUTO[0]
+    searched = {key[0] for key in search.trials if key[2] != 1e-9}  # beyond each floor
+    assert searched == {AUTO[0]}, searched
     trials = len(search.trials)
-    each = {m: search(0.6, m) for m in AUTO}
-    assert len(search.trials) == trials, "the single-method searches reuse auto's trials"
+    each = {AUTO[0]: search(0.6, AUTO[0])}
+    assert len(search.trials) == trials, "the single-method search reuses auto's trials"
+    each |= {m: search(0.6, m) for m in AUTO[1:]}
     candidates = search.candidates(0.6)
     assert [t.budget.method for t in candidates] == [m for m in AUTO if m in each]
     for t in candidates:
         assert t.per_image is not None and t.per_image.mean().item() == pytest.approx(t.score)
         assert t.score == pytest.approx(each[t.budget.method].calibration["agreement"])
     assert best == replace(prefer(candidates).budget, target=0.6, calibration=best.calibration)
+
+
+def test_auto_searches_its_other_members_where_the_first_has_no_budget_near_the_target(monkeypatch):
+    search = Calibration(peaky_vit(), images(48, 1), progress=False, steps=8)
+    near = search.search.near
+
+    def first_misses(methods, target):  # as if the first member could not come near the target
+        found, close = near(methods, target)
+        return found, [t for t in close if t.budget.method != AUTO[0]]
+
+    monkeypatch.setattr(search.search, "near", first_misses)
+    assert search(0.6).method == AUTO[1]
+    assert {key[0] for key in search.trials if key[2] != 1e-9} == set(AUTO)
 
 
 def _scored(method, per_image):
