@@ -1,9 +1,12 @@
 """How fast calibration searches: trials per second, forward passes and seconds per target.
 
-Runs `ats_vit.calibrate.Calibration` on a checkpoint's calibration split for each target,
-with the probe (trials clearly far from the target stop on a quarter of the images) and
-without, interleaved, several times; prints medians and checks that both choose the same
-budget. Nothing here is asserted as a timing in tests.
+Runs `ats_vit.calibrate.Calibration` on a checkpoint's calibration split for each target in
+three ways, interleaved, several times: as it runs (the probe: trials clearly far from the
+target stop on a quarter of the images; and, for `auto` at a GFLOP target, its later members
+searched only where the first has no budget near the target), with every member searched
+(``SWITCH_Z`` set finite but unreachable: the same pick, found the long way), and with neither
+shortcut; prints medians and checks that every way chooses the budget of the last. Nothing
+here is asserted as a timing in tests.
 
     python benchmarks/calibration_speed.py runs/demo/final.safetensors --json calib.json
 """
@@ -35,50 +38,65 @@ class Config:
     threads: int = torch.get_num_threads()
 
 
+# (name, probe, every member searched)
+WAYS = (("as it runs", True, False), ("every member", True, True), ("neither shortcut", False, True))
+# a switch threshold no member reaches (the picks of SWITCH_Z = inf) that still searches them all
+UNREACHABLE_Z = 1e300
+
 COLUMNS = (
     ("target", "target", ".2f"),
-    ("probe", "probe", "<5"),
+    ("way", "search", "<16"),
     ("trials", "trials", "d"),
     ("passes", "passes", ".1f"),
     ("seconds", "seconds", ".1f"),
     ("trials_per_s", "trials/s", ".2f"),
-    ("speedup", "vs no probe", ".2f"),
+    ("speedup", "vs neither", ".2f"),
     ("same", "same budget", "<5"),
 )
 
 
 def run(cfg: Config) -> list[dict]:
+    import ats_vit.calibrate.choice as choice
+
     use_threads(cfg.threads)
     model, model_cfg = load_model(cfg.checkpoint)
     model.eval()
     split = load_split(cfg.data, "calib", model_cfg.image_size, channels=model_cfg.channels)
     images, labels = take(split, cfg.images)
     rows = []
-    bar = progress_bar(total=len(cfg.targets) * cfg.runs * 2, desc="calibration", unit="search")
+    bar = progress_bar(total=len(cfg.targets) * cfg.runs * len(WAYS), desc="calibration", unit="search")
+    switch_z = choice.SWITCH_Z
     for target in cfg.targets:
-        seconds: dict[bool, list[float]] = {True: [], False: []}
+        seconds: dict[str, list[float]] = {way: [] for way, _, _ in WAYS}
         found = {}
         for _ in range(cfg.runs):
-            for probe in (True, False):  # interleaved, so machine load hits both alike
-                search = Calibration(model, images, labels, method=cfg.method, probe=probe, progress=False)
-                start = time.perf_counter()
-                budget = search(target)
-                seconds[probe].append(time.perf_counter() - start)
-                found[probe] = (budget, len(search.trials), search.passes)
+            for way, probe, every in WAYS:  # interleaved, so machine load hits them alike
+                choice.SWITCH_Z = UNREACHABLE_Z if every and switch_z == float("inf") else switch_z
+                try:
+                    search = Calibration(
+                        model, images, labels, method=cfg.method, probe=probe, progress=False
+                    )
+                    start = time.perf_counter()
+                    budget = search(target)
+                    seconds[way].append(time.perf_counter() - start)
+                finally:
+                    choice.SWITCH_Z = switch_z
+                found[way] = (budget, len(search.trials), search.passes)
                 bar.update()
-        same = found[True][0].caps == found[False][0].caps and found[True][0].method == found[False][0].method
-        for probe in (True, False):
-            budget, trials, passes = found[probe]
-            median = statistics.median(seconds[probe])
+        full = WAYS[-1][0]
+        for way, _, _ in WAYS:
+            budget, trials, passes = found[way]
+            median = statistics.median(seconds[way])
+            same = budget.caps == found[full][0].caps and budget.method == found[full][0].method
             rows.append(
                 dict(
                     target=target,
-                    probe=str(probe),
+                    way=way,
                     trials=trials,
                     passes=passes,
                     seconds=median,
                     trials_per_s=trials / median,
-                    speedup=statistics.median(seconds[False]) / median,
+                    speedup=statistics.median(seconds[full]) / median,
                     same=str(same),
                     method=budget.method,
                     caps=list(budget.caps),

@@ -635,23 +635,32 @@ def finetune_recipe(name: str) -> str:
     record = load(name)
     cfg = record["config"]
     report = cfg.get("report", False)
+    recipes: dict[str, list[int]] = {}  # recipe -> its checkpoints' positions (NAME-sS)
+    for i, path in enumerate(cfg["checkpoints"]):
+        recipes.setdefault(Path(path).parent.name.rsplit("-s", 1)[0], []).append(i)
+
+    def per_recipe(row: dict[str, Any]) -> str:
+        means = {k: statistics.mean(row["per_checkpoint_pct"][i] for i in v) for k, v in recipes.items()}
+        if row["key"] == "dense":
+            return " / ".join(f"{m:.2f}" for m in means.values())
+        dense = next(r for r in record["rows"] if r["key"] == "dense")
+        return " / ".join(
+            f"{m - statistics.mean(dense['per_checkpoint_pct'][i] for i in recipes[k]):+.2f}"
+            for k, m in means.items()
+        )
+
     body = [
         [
             r["model"],
             f"{r['accuracy_pct']:.2f}",
             f"{r['spread_pct']:.2f}",
             " / ".join(f"{a:.2f}" for a in r["per_checkpoint_pct"]),
+            per_recipe(r),
             "" if r["key"] == "dense" else f"{r['vs_dense_pct']:+.2f} (p = {r['vs_dense_p_adj']:.2g})",
+            ""
+            if r["key"] in ("dense", record["recipe"])
+            else f"{r['vs_recipe_pct']:+.2f} (p = {r['vs_recipe_p_adj']:.2g})",
         ]
-        + (
-            []
-            if report
-            else [
-                ""
-                if r["key"] in ("dense", record["recipe"])
-                else f"{r['vs_recipe_pct']:+.2f} (p = {r['vs_recipe_p_adj']:.2g})"
-            ]
-        )
         for r in record["rows"]
     ]
     checkpoints = ", ".join(Path(c).parent.name for c in cfg["checkpoints"])
@@ -663,41 +672,54 @@ def finetune_recipe(name: str) -> str:
     if report:
         note = (
             f"`python benchmarks/finetune_recipe.py --report` on the reported seeds {checkpoints} "
-            f"{common}, exact paired test, Benjamini-Hochberg adjusted over the column. The recipe "
+            f"{common} and vs the recipe, exact paired test, Benjamini-Hochberg adjusted over each "
+            "column. The recipe "
             f"({record['recipe']}) was chosen on the held-out seeds above, not on these. "
         )
     else:
         note = (
             f"`python benchmarks/finetune_recipe.py` on the held-out checkpoints {checkpoints} "
             f"{common} and vs the recipe's learning rate, exact paired test, Benjamini-Hochberg "
-            f"adjusted over the column. The rule keeps: {record['pick']}. "
+            f"adjusted over each column. The rule keeps: {record['pick']}. "
         )
-    header = ["model", "test %", "± across checkpoints", "per checkpoint %", "vs dense (adj. p)"]
-    if not report:
-        header.append("vs the recipe (adj. p)")
+    header = [
+        "model",
+        "test %",
+        "± across checkpoints",
+        "per checkpoint %",
+        f"per recipe ({' / '.join(recipes)}): dense %, else vs dense",
+        "vs dense (adj. p)",
+    ]
+    header.append("vs the recipe (adj. p)")
     return table(header, body) + "\n\n" + note + where(record, name)
 
 
 def calibration_speed() -> str:
     record = load("calibration_speed_demo.json")
+    rows = record["rows"]
+    if "way" not in rows[0]:  # before 1.1: the probe on or off
+        rows = [dict(r, way="as it runs" if r["probe"] == "True" else "without the probe") for r in rows]
     body = [
         [
             f"{r['target']:g}",
-            "yes" if r["probe"] == "True" else "no",
+            r["way"],
+            f"`{r['method']}`",
             str(r["trials"]),
             f"{r['passes']:.0f}",
             f"{r['seconds']:.1f}",
             f"{r['speedup']:.2f}×",
             "yes" if r["same"] == "True" else "**no**",
         ]
-        for r in record["rows"]
+        for r in rows
     ]
     note = (
         f"`benchmarks/calibration_speed.py` on the demo checkpoint (`{record['config']['method']}`, "
-        f"{record['config']['runs']} interleaved runs: medians). "
-        + where(record, "calibration_speed_demo.json")
+        f"{record['config']['runs']} interleaved runs: medians; *as it runs*: with the probe and, for "
+        "`auto`, later members searched only where the first has no budget near the target; *every "
+        "member*: the probe, every member searched; *neither shortcut*: the slowest way, which the "
+        "speed-up and *same budget* compare with). " + where(record, "calibration_speed_demo.json")
     )
-    header = ["target", "probe", "trials", "forward passes", "seconds", "vs no probe", "same budget"]
+    header = ["target", "search", "kept", "trials", "forward passes", "seconds", "speed-up", "same budget"]
     return table(header, body) + "\n\n" + note
 
 
@@ -855,6 +877,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "speed-h100": speed_h100,
     "train-speed": train_speed,
     "finetune-recipe": lambda: finetune_recipe("finetune_recipe.json"),
+    "finetune-seeds": lambda: finetune_recipe("finetune_seeds.json"),
     "calibration-speed": calibration_speed,
     "latency-model": latency_model,
     "latency-budgets": latency_budgets,

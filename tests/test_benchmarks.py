@@ -288,7 +288,14 @@ def test_calibration_speed(tmp_path, monkeypatch, tiny_checkpoint, capsys):
     argv = [str(tiny_checkpoint), "--targets", "0.7", "--runs", "1", "--json", str(tmp_path / "c.json")]
     assert run_script("calibration_speed.py", *argv, monkeypatch=monkeypatch) == 0
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
-    assert [r["probe"] for r in rows] == ["True", "False"] and rows[0]["same"] == "True"
+    assert [r["way"] for r in rows] == ["as it runs", "every member", "neither shortcut"]
+    assert all(r["same"] == "True" for r in rows)
+    # auto's later members are searched only where its first has nothing near the target
+    assert rows[0]["trials"] < rows[1]["trials"] == rows[2]["trials"]
+    assert rows[2]["passes"] == pytest.approx(rows[2]["trials"])  # no probe: every trial a whole pass
+    from ats_vit.calibrate import choice
+
+    assert math.isinf(choice.SWITCH_Z)  # restored
 
 
 def test_latency_model(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
