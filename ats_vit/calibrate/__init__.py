@@ -197,7 +197,7 @@ class Calibration:
         every image."""
         # prefer() never leaves the first member that has a budget near the target when
         # SWITCH_Z is infinite: the others are searched only where the first has none
-        # (the same picks in a quarter of the forward passes on demo-s100 and gap-s100)
+        # (the same picks in a fifth of the forward passes: benchmarks/calibration_speed.py)
         shortcut = self.latency is None and len(methods) > 1 and math.isinf(choice.SWITCH_Z)
         if shortcut and (first := self.search.near(methods[:1], target)[1]):
             return choose(first, methods[:1], self.images, timed=False, items=self.search.items)
