@@ -65,10 +65,13 @@ PACK_MIN_PADDING = 1 / 32
 # seed; 2 CPU threads): ats-fuse at 60% of the GFLOPs ran 1.32x -> 1.45x dense at batch 64 and
 # 1.30x -> 1.46x at 128; at batch 16 two buckets lost 2-4% (each bucket's gathers cost more
 # than it saves), hence MIN_BUCKETS. Measured on CPU only: other devices attend over the whole
-# grid. The reported measurement: benchmarks/bucketed_attention.py.
+# grid. Nor below MIN_BUCKET_WIDTH tokens: the demo model's budgets (at most 13 tokens after
+# sampling, attention a few matmuls) ran 5-7% slower in buckets, where glyphs196's widths of
+# 60-200 gained. The reported measurement: benchmarks/bucketed_attention.py.
 MAX_BUCKETS = 8
 MIN_BUCKET = 8
 MIN_BUCKETS = 4
+MIN_BUCKET_WIDTH = 64
 BUCKET_MAX_SHARE = 0.8
 BUCKET_DEVICES = ("cpu",)
 # PiToMe's margin in layer i of L is PITOME_MARGIN * (1 - i / L), and its first ceil(L / 2)
@@ -723,7 +726,8 @@ def bucket_images(counts: Tensor, host: Sequence[int]) -> Buckets | None:
     """How attention splits a padded batch: images sorted by count, in up to
     :data:`MAX_BUCKETS` equal groups of at least :data:`MIN_BUCKET`, or ``None`` where that
     would not pay (another device than :data:`BUCKET_DEVICES`, fewer than :data:`MIN_BUCKETS`
-    groups, or query-key pairs above :data:`BUCKET_MAX_SHARE` of the whole grid's).
+    groups, a grid narrower than :data:`MIN_BUCKET_WIDTH`, or query-key pairs above
+    :data:`BUCKET_MAX_SHARE` of the whole grid's).
 
     counts: (b,) real tokens per image (prefix included) on the device; host: the same values
     on the host (the caller's one sync). No further sync: the device's stable sort orders the
@@ -731,7 +735,7 @@ def bucket_images(counts: Tensor, host: Sequence[int]) -> Buckets | None:
     """
     b = len(host)
     buckets = min(MAX_BUCKETS, b // MIN_BUCKET)
-    if counts.device.type not in BUCKET_DEVICES or buckets < MIN_BUCKETS:
+    if counts.device.type not in BUCKET_DEVICES or buckets < MIN_BUCKETS or max(host) < MIN_BUCKET_WIDTH:
         return None
     ranked = sorted(range(b), key=lambda i: -host[i])  # stable, as the device's sort below
     bounds = [round(i * b / buckets) for i in range(buckets + 1)]

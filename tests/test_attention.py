@@ -205,11 +205,11 @@ def _bucketed(counts: list[int], width: int, num_prefix: int = 1) -> Padding:
 
 
 def test_buckets_sort_the_images_and_cover_the_batch():
-    from ats_vit.sampling import MIN_BUCKET, MIN_BUCKETS, bucket_images
+    from ats_vit.sampling import MIN_BUCKET, MIN_BUCKET_WIDTH, MIN_BUCKETS, bucket_images
 
     gen = torch.Generator().manual_seed(0)
-    counts = torch.randint(10, 60, (40,), generator=gen)
-    counts[[3, 7]] = 59  # ties keep batch order, on the host as on the device
+    counts = torch.randint(30, 120, (40,), generator=gen)
+    counts[[3, 7]] = 119  # ties keep batch order, on the host as on the device
     buckets = bucket_images(counts, counts.tolist())
     assert buckets is not None and len(buckets.groups) == 40 // MIN_BUCKET
     assert buckets.order.tolist() == list(buckets.ranked)
@@ -223,7 +223,9 @@ def test_buckets_sort_the_images_and_cover_the_batch():
     # too few images, counts too alike to pay, or a device the buckets were not measured on: none
     few = counts[: MIN_BUCKETS * MIN_BUCKET - 1]
     assert bucket_images(few, few.tolist()) is None
-    assert bucket_images(torch.full((40,), 30), [30] * 40) is None
+    assert bucket_images(torch.full((40,), 90), [90] * 40) is None
+    narrow = counts * (MIN_BUCKET_WIDTH - 1) // 119  # the same spread on a narrow grid
+    assert int(narrow.max()) == MIN_BUCKET_WIDTH - 1 and bucket_images(narrow, narrow.tolist()) is None
     assert bucket_images(counts.to("meta"), counts.tolist()) is None
 
 
@@ -235,15 +237,16 @@ def test_bucketed_attention_equals_attention_over_the_whole_grid(keys_on, extra)
     from ats_vit.attention import attend_padded
 
     gen = torch.Generator().manual_seed(0)
-    b, h, d, m = 32, 2, 8, 40
+    b, h, d, m = 32, 2, 8, 80
     counts = torch.randint(3, m + 1, (b,), generator=gen).tolist()
+    counts[0] = m
     q_padding = _bucketed(counts, m)
     if keys_on == "same grid":
         k_padding, n = q_padding, m
     elif keys_on == "unpadded input":
-        k_padding, n = None, 50
+        k_padding, n = None, 90
     else:
-        n = 50
+        n = 90
         k_padding = _bucketed([min(n, c + int(torch.randint(0, 10, (1,), generator=gen))) for c in counts], n)
     inputs = [torch.randn(b, h, m, d, generator=gen)] + [torch.randn(b, h, n, d, generator=gen) for _ in "kv"]
     size = torch.randint(1, 4, (b, n), generator=gen).float()
@@ -282,6 +285,7 @@ def test_a_model_with_adaptive_counts_gives_the_same_logits_in_buckets(monkeypat
         for block in model.blocks:
             block.attn.qkv.weight.mul_(2.0)
     x = torch.randn(32, 3, 32, 32)
+    monkeypatch.setattr(sampling, "MIN_BUCKET_WIDTH", 0)  # this small model's grid is 65 wide at most
     runs = []
     real = attention.attend_padded
     monkeypatch.setattr(
