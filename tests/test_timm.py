@@ -314,3 +314,38 @@ def test_info_errors_and_attn_mask():
         model.blocks[0](torch.randn(1, 17, 32), attn_mask=torch.ones(17, 17, dtype=torch.bool))
     with pytest.raises(TypeError, match="timm VisionTransformer"):
         ats_timm.remove(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "share"),
+    [("vit_tiny_patch16_224", 128, None), ("eva02_tiny_patch14_224.mim_in22k", 112, 1.01)],  # EVA: rope
+)
+def test_adaptive_counts_attend_in_buckets_with_the_logits_of_the_whole_grid(monkeypatch, name, size, share):
+    """A patched timm model whose images keep different counts (64+ tokens, batch 32) attends in
+    buckets (forced for EVA, whose counts here are too alike to pay) with the logits it gives
+    attending over the whole padded grid."""
+    import ats_vit.attention as attention
+    import ats_vit.sampling as sampling
+    from ats_vit.budget import Budget
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=size, patch_size=8, depth=4, num_classes=10).eval()
+    model = sharpen_queries(model, 30.0)
+    Budget.paper(0.6, start_layer=1, depth=4, num_patches=(size // 8) ** 2).apply(model)
+    if share is not None:
+        monkeypatch.setattr(sampling, "BUCKET_MAX_SHARE", share)
+    bucketed_calls = []
+    real = attention.attend_padded
+
+    def spy(*args):
+        bucketed_calls.append(args[7] is not None and args[7].buckets is not None)
+        return real(*args)
+
+    monkeypatch.setattr(attention, "attend_padded", spy)
+    x = torch.randn(32, 3, size, size)
+    with torch.no_grad():
+        bucketed = model(x)
+        assert any(bucketed_calls)
+        monkeypatch.setattr(sampling, "BUCKET_DEVICES", ())
+        whole = model(x)
+    torch.testing.assert_close(bucketed, whole, atol=1e-5, rtol=1e-5)
