@@ -197,17 +197,17 @@ def attend_padded(
             keys = k.shape[2]
         else:
             keys = max(key_counts[i] for i in buckets.ranked[start:stop])
-
-        def part(t: Tensor, rows: int, images: Tensor = images) -> Tensor:
-            return t[:, :rows].index_select(0, images).transpose(1, 2)
-
         group_bias = None if bias is None else bias[:, :keys].index_select(0, images)
         group_pair = None if pair is None else pair[:, :, :width, :keys].index_select(0, images)
-        result = attend(
-            part(q_t, width), part(k_t, keys), part(v_t, keys), group_bias, dropout_p, scale, group_pair
-        )
+        q_g, k_g, v_g = (_bucket(t, rows, images) for t, rows in ((q_t, width), (k_t, keys), (v_t, keys)))
+        result = attend(q_g, k_g, v_g, group_bias, dropout_p, scale, group_pair)
         out[:, :width].index_copy_(0, images, result.transpose(1, 2))
     return out.transpose(1, 2)
+
+
+def _bucket(t: Tensor, rows: int, images: Tensor) -> Tensor:
+    """(b, tokens, h, d) -> (images, h, rows, d): a bucket's images and first ``rows`` tokens."""
+    return t[:, :rows].index_select(0, images).transpose(1, 2)
 
 
 def _matmul_attention(q: Tensor, k: Tensor, mask: Tensor | None, dropout_p: float) -> bool:

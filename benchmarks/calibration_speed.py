@@ -14,6 +14,7 @@ here is asserted as a timing in tests.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ def run(cfg: Config) -> list[dict]:
         found = {}
         for _ in range(cfg.runs):
             for way, probe, every in WAYS:  # interleaved, so machine load hits them alike
-                choice.SWITCH_Z = UNREACHABLE_Z if every and switch_z == float("inf") else switch_z
+                choice.SWITCH_Z = UNREACHABLE_Z if every and math.isinf(switch_z) else switch_z
                 try:
                     search = Calibration(
                         model, images, labels, method=cfg.method, probe=probe, progress=False

@@ -263,12 +263,14 @@ def test_bucketed_attention_equals_attention_over_the_whole_grid(keys_on, extra)
         torch.testing.assert_close(bucketed, whole, atol=1e-5, rtol=1e-5)
 
 
-def test_a_model_with_adaptive_counts_gives_the_same_logits_in_buckets(monkeypatch):
-    """End to end: ATS's adaptive counts (several sampling layers, fused tokens) with and
-    without buckets give the same logits, and buckets did run."""
+@pytest.mark.parametrize("dropped", ["discard", "fuse"])
+def test_a_model_with_adaptive_counts_gives_the_same_logits_in_buckets(monkeypatch, dropped):
+    """End to end: ATS's adaptive counts (several sampling layers, dropped tokens discarded or
+    fused) with and without buckets give the same logits, and buckets did run."""
     import ats_vit.attention as attention
     import ats_vit.sampling as sampling
-    from ats_vit import ViT
+    from ats_vit import SamplingOptions, ViT
+    from ats_vit.testing import sharpen_queries
 
     torch.manual_seed(0)
     model = ViT(
@@ -280,10 +282,10 @@ def test_a_model_with_adaptive_counts_gives_the_same_logits_in_buckets(monkeypat
         max_tokens_per_depth=(56, 40, 24, 12),
         heads=2,
         mlp_dim=64,
+        options=SamplingOptions(dropped=dropped),
     ).eval()
     with torch.no_grad():  # peakier attention than at initialisation: counts that differ by image
-        for block in model.blocks:
-            block.attn.qkv.weight.mul_(2.0)
+        sharpen_queries(model, 4.0)
     x = torch.randn(32, 3, 32, 32)
     monkeypatch.setattr(sampling, "MIN_BUCKET_WIDTH", 0)  # this small model's grid is 65 wide at most
     runs = []
