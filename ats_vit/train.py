@@ -47,10 +47,7 @@ class TrainConfig:
     """A training run. ``model.budget`` (if any) is active while training: the model learns to
     work with the tokens it keeps. ``init_from`` names a checkpoint whose weights the run starts
     from (fine-tuning); ``jitter=False`` keeps the inverse-transform points at their evaluation
-    positions during training too (deterministic selection, as DDP equivalence tests need).
-    ``distill`` (fine-tuning only) mixes into the loss, with this weight, the divergence from
-    the dense model's own predictions (the ``init_from`` weights without a budget, frozen), as
-    DynamicViT fine-tunes its pruned models."""
+    positions during training too (deterministic selection, as DDP equivalence tests need)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     epochs: int = 10
@@ -66,7 +63,6 @@ class TrainConfig:
     init_from: str | None = None
     jitter: bool = True
     data: str | None = None  # what the training images are ("demo", a folder): recorded, for resuming
-    distill: float = 0.0  # loss = (1 - distill) * cross-entropy + distill * KL(dense teacher || model)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -226,35 +222,6 @@ def check_resumable(cfg: TrainConfig) -> None:
         )
 
 
-def _teacher(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
-    """The frozen dense model that ``cfg.distill`` learns from: the ``init_from`` weights with
-    no budget, in eval mode, or None without distillation."""
-    if not 0.0 <= cfg.distill <= 1.0:
-        raise ValueError(f"distill must be a weight in [0, 1], got {cfg.distill!r}")
-    if cfg.distill == 0.0:
-        return None
-    if cfg.init_from is None:
-        raise ValueError(
-            "distill > 0 learns from the dense model of init_from: it needs init_from (fine-tuning)"
-        )
-    teacher = build_model(replace(cfg.model, budget=None)).to(device)
-    teacher.load_state_dict(_initial_weights(cfg))
-    return teacher.eval().requires_grad_(False)
-
-
-def _loss(
-    logits: Tensor, labels: Tensor, cfg: TrainConfig, teacher: nn.Module | None, images: Tensor
-) -> Tensor:
-    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
-    if teacher is None:
-        return loss
-    with torch.no_grad():
-        target = F.log_softmax(teacher(images).float(), dim=-1)
-    student = F.log_softmax(logits.float(), dim=-1)
-    divergence = F.kl_div(student, target, log_target=True, reduction="batchmean")
-    return (1.0 - cfg.distill) * loss + cfg.distill * divergence
-
-
 def _check_labels(data: Dataset, num_classes: int) -> None:
     """Refuse training labels the model's head cannot score (before the run writes anything)."""
     labels = None
@@ -335,7 +302,6 @@ def train(
     out = Path(cfg.out_dir)
     last = out / "last.safetensors"
     # every refusal before anything is written or removed
-    teacher = _teacher(cfg, device)
     prepare_run_dir(out, resume=resume, overwrite=overwrite, init_from=cfg.init_from, remove=False)
     if resume:
         check_resumable(cfg)
@@ -404,7 +370,7 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = _lr_at(step, total, cfg)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = _loss(ddp(images), labels, cfg, teacher, images)
+                    loss = F.cross_entropy(ddp(images), labels, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

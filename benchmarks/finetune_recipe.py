@@ -1,6 +1,5 @@
-"""Does fine-tuning recover the dense accuracy, and at which learning rate (and with
-distillation from the dense model or not): the recipe of `ats-vit finetune`, measured on the
-selection seeds.
+"""Does fine-tuning recover the dense accuracy, and at which learning rate: the recipe of
+`ats-vit finetune`, measured on the selection seeds.
 
 For every checkpoint: calibrate ``ats-fuse`` to the target on its calibration split, fine-tune
 it for 3 epochs with that budget active at each candidate peak learning rate (the rest as
@@ -20,13 +19,8 @@ p < 0.05.
     python benchmarks/finetune_recipe.py runs/held/{demo,gap}-s{100,101}/final.safetensors \\
         --data demo@100 demo@101 demo@100 demo@101 --work runs/ft-recipe --json finetune_recipe.json
 
-``--distill W ...`` adds runs at the recipe's learning rate whose loss mixes in, with weight
-W, the divergence from the dense model's predictions (``TrainConfig.distill``); the same rule
-keeps one only if it is ahead of the recipe with an adjusted p < 0.05:
-
-    python benchmarks/finetune_recipe.py runs/held/{demo,gap}-s{100,101}/final.safetensors \\
-        --data demo@100 demo@101 demo@100 demo@101 --lrs 5e-4 --distill 0.5 \\
-        --work runs/ft-distill --json finetune_distill.json
+Distillation from the dense model was measured by this script at commit 9b88893 (``--lrs 5e-4
+--distill 0.5``, ``finetune_distill.json``) and, no better than the recipe, removed.
 
 ``--report`` then measures the kept recipe alone (its learning rate only, no pick) on the
 reported seeds, whose data and weights the choice never saw:
@@ -66,7 +60,6 @@ class Config:
     data: tuple[str, ...] = ("demo",)
     target: float = 0.4
     lrs: tuple[float, ...] = (RECIPE_LR, 1e-4, 1e-3)
-    distill: tuple[float, ...] = ()  # distillation weights tried at the recipe's learning rate
     epochs: int = 3
     calib_images: int = 512  # `ats-vit calibrate`'s default
     seed: int = 0
@@ -74,11 +67,6 @@ class Config:
 
     def data_of(self, index: int) -> str:
         return self.data[0] if len(self.data) == 1 else self.data[index]
-
-    def candidates(self) -> list[tuple[str, float, float]]:
-        """(key, learning rate, distillation weight) of every fine-tuning run, recipe first."""
-        runs = [(f"lr {lr:g}", lr, 0.0) for lr in self.lrs]
-        return runs + [(f"lr {RECIPE_LR:g}, distill {a:g}", RECIPE_LR, a) for a in self.distill]
 
 
 def measure_checkpoint(cfg: Config, index: int, work: Path, progress: bool) -> dict[str, torch.Tensor]:
@@ -104,20 +92,19 @@ def measure_checkpoint(cfg: Config, index: int, work: Path, progress: bool) -> d
     hits["before"] = measure(model, test_x, budget)[0] == test_y
     model_cfg = load_model(path)[1]
     train_data = datasets.load_split(data, "train", model_cfg.image_size, channels=model_cfg.channels)
-    for key, lr, distill in cfg.candidates():
+    for lr in cfg.lrs:
         run = TrainConfig(
             model=replace(model_cfg, budget=budget.to_dict()),
             epochs=cfg.epochs,
             lr=lr,
             warmup_steps=20,
             seed=cfg.seed,
-            out_dir=str(work / (f"{index}-lr{lr:g}" + (f"-distill{distill:g}" if distill else ""))),
+            out_dir=str(work / f"{index}-lr{lr:g}"),
             init_from=path,
             data=data,
-            distill=distill,
         )
         tuned, _ = load_model(train(run, train_data, overwrite=True, progress=progress))
-        hits[key] = measure(tuned, test_x, budget_of(tuned))[0] == test_y
+        hits[f"lr {lr:g}"] = measure(tuned, test_x, budget_of(tuned))[0] == test_y
     write_atomic(done, lambda f: torch.save(hits, f), binary=True)
     return hits
 
@@ -136,7 +123,7 @@ def table(measured: list[dict[str, torch.Tensor]], cfg: Config) -> list[dict[str
     dense, items = pooled(measured, "dense")
     recipe = pooled(measured, f"lr {RECIPE_LR:g}")[0]
     rows = []
-    for key in ["dense", "before", *(key for key, _, _ in cfg.candidates())]:
+    for key in ["dense", "before", *(f"lr {lr:g}" for lr in cfg.lrs)]:
         hits = pooled(measured, key)[0]
         vs_dense, p_dense = paired_test(hits, dense, items)
         vs_recipe, p_recipe = paired_test(hits, recipe, items)
@@ -188,13 +175,6 @@ def main() -> None:
         + " ".join(f"{lr:g}" for lr in Config.lrs)
         + f"; with --report: {RECIPE_LR:g})",
     )
-    parser.add_argument(
-        "--distill",
-        type=float,
-        nargs="+",
-        default=[],
-        help=f"also fine-tune at lr {RECIPE_LR:g} distilling from the dense model with these weights",
-    )
     parser.add_argument("--epochs", type=int, default=Config.epochs, help="fine-tuning epochs")
     parser.add_argument(
         "--work", required=True, help="folder for the fine-tuned runs and each checkpoint's hits"
@@ -214,10 +194,9 @@ def main() -> None:
         )
     if RECIPE_LR not in args.lrs:
         parser.error(f"--lrs must include the recipe's learning rate {RECIPE_LR:g}, got {args.lrs}")
-    if args.report and (args.lrs != [RECIPE_LR] or args.distill):
+    if args.report and args.lrs != [RECIPE_LR]:
         parser.error(
-            f"--report measures the recipe alone: --lrs must be {RECIPE_LR:g} (or left out) and --distill "
-            f"left out, got --lrs {args.lrs} --distill {args.distill}"
+            f"--report measures the recipe alone: --lrs must be {RECIPE_LR:g} (or left out), got {args.lrs}"
         )
     work = Path(args.work)
     if work.exists() and any(work.iterdir()) and not args.resume:
@@ -228,7 +207,6 @@ def main() -> None:
         tuple(args.data),
         args.target,
         tuple(args.lrs),
-        tuple(args.distill),
         args.epochs,
         report=args.report,
     )

@@ -677,11 +677,16 @@ def finetune_recipe(name: str) -> str:
             f"({record['recipe']}) was chosen on the held-out seeds above, not on these. "
         )
     else:
+        distill = cfg.get("distill") or []
+        lrs, weights = (" ".join(f"{v:g}" for v in values) for values in (cfg["lrs"], distill))
+        options = f" --lrs {lrs} --distill {weights}" if distill else ""
         note = (
-            f"`python benchmarks/finetune_recipe.py` on the held-out checkpoints {checkpoints} "
+            f"`python benchmarks/finetune_recipe.py{options}` on the held-out checkpoints {checkpoints} "
             f"{common} and vs the recipe's learning rate, exact paired test, Benjamini-Hochberg "
             f"adjusted over each column. The rule keeps: {record['pick']}. "
         )
+        if distill:  # the option measured no better and was removed: its code is the run's commit's
+            note += "Distillation (`TrainConfig.distill`) was removed since: run it with the commit below. "
     header = [
         "model",
         "test %",
@@ -878,6 +883,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "train-speed": train_speed,
     "finetune-recipe": lambda: finetune_recipe("finetune_recipe.json"),
     "finetune-seeds": lambda: finetune_recipe("finetune_seeds.json"),
+    "finetune-distill": lambda: finetune_recipe("finetune_distill.json"),
     "calibration-speed": calibration_speed,
     "latency-model": latency_model,
     "latency-budgets": latency_budgets,

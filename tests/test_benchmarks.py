@@ -214,12 +214,11 @@ def test_bucketed_attention(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits,
 def test_finetune_recipe(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
     work, out = tmp_path / "work", tmp_path / "r.json"
     argv = [str(tiny_checkpoint), "--data", "tiny", "--target", "0.7", "--lrs", "5e-4", "1e-3"]
-    argv += ["--distill", "0.5", "--epochs", "1", "--work", str(work), "--json", str(out)]
+    argv += ["--epochs", "1", "--work", str(work), "--json", str(out)]
     assert run_script("finetune_recipe.py", *argv, monkeypatch=monkeypatch) == 0
     record = json.loads(out.read_text())
     rows = {r["key"]: r for r in record["rows"]}
-    assert list(rows) == ["dense", "before", "lr 0.0005", "lr 0.001", "lr 0.0005, distill 0.5"]
-    assert json.loads((work / "0-lr0.0005-distill0.5" / "config.json").read_text())["distill"] == 0.5
+    assert list(rows) == ["dense", "before", "lr 0.0005", "lr 0.001"]
     assert rows["dense"]["vs_dense_pct"] == 0 and rows["lr 0.0005"]["vs_recipe_p"] == 1.0
     tiny = len(tiny_splits["test"])
     for row in rows.values():  # pooled over the one checkpoint: its own accuracy
@@ -250,9 +249,6 @@ def test_finetune_recipe_report_measures_the_recipe_alone(
     argv_lrs = [*argv, "--lrs", "1e-3", "5e-4", "--work", str(work)]
     assert run_script("finetune_recipe.py", *argv_lrs, monkeypatch=monkeypatch) == 2
     assert "--report measures the recipe alone" in capsys.readouterr().err
-    argv_distill = [*argv, "--distill", "0.5", "--work", str(work)]
-    assert run_script("finetune_recipe.py", *argv_distill, monkeypatch=monkeypatch) == 2
-    assert "--distill left out" in capsys.readouterr().err
     assert (
         run_script(
             "finetune_recipe.py", *argv, "--work", str(work), "--json", str(out), monkeypatch=monkeypatch
