@@ -893,6 +893,42 @@ TABLES: dict[str, Callable[[], str]] = {
 }
 
 
+# ---------------------------------------------------------------- figures
+
+# the multi-seed frontier runs, one panel per recipe in the figure of the methods guide
+SEED_RUNS = (
+    "frontier_demo_seeds.json",
+    "frontier_gap_seeds.json",
+    "frontier_glyphs196_seeds_1.json",
+    "frontier_glyphs196_seeds_2.json",
+    "frontier_glyphs196_seeds_3.json",
+)
+
+
+def frontier_seeds_figure(path: Path) -> None:
+    """Every method's frontier per recipe, pooled over its seeds (mean accuracy with the mean
+    within-checkpoint 95% interval, against the GFLOPs and the median speed-up); an `auto`
+    that is not today's is drawn as "auto (1.0)"."""
+    from ats_vit.bench.frontier import pool_seeds
+    from ats_vit.calibrate import AUTO, SWITCH_Z
+    from ats_vit.viz import plot_frontier
+
+    today = ("+".join(AUTO), float(SWITCH_Z))
+    rows = []
+    for name in SEED_RUNS:
+        for r in load(name)["rows"]:
+            if r["method"] in REMOVED_METHODS:
+                continue
+            ran = (r.get("auto_members", AUTO_1_0[0]), float(r.get("switch_z", AUTO_1_0[1])))
+            rows.append(dict(r, method="auto (1.0)") if r["method"] == "auto" and ran != today else r)
+    pooled = pool_seeds(rows)
+    seeds = {r["recipe"]: r["seeds"] for r in pooled if r["method"] == "dense"}
+    plot_frontier([dict(r, checkpoint=f"{r['recipe']}, {seeds[r['recipe']]} seeds") for r in pooled], path)
+
+
+FIGURES: dict[str, Callable[[Path], None]] = {"docs/assets/frontier_seeds.png": frontier_seeds_figure}
+
+
 # ---------------------------------------------------------------- rewriting the files
 
 
@@ -923,6 +959,7 @@ def stale() -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a table is out of date")
+    p.add_argument("--figures", action="store_true", help="also redraw the figures generated from JSON")
     args = p.parse_args(argv)
     if args.check:
         changed = stale()
@@ -931,13 +968,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         print("every generated table matches its JSON")
         return 0
+    from ats_vit._io import write_text_atomic
+
     cache: dict[str, str] = {}
     for path in documents():
         text = path.read_text()
         new = render(text, cache)
         if new != text:
-            path.write_text(new)
+            write_text_atomic(path, new)
             print(f"wrote {path.relative_to(ROOT)}")
+    if args.figures:  # not compared by --check: the same data draws other bytes on another matplotlib
+        for name, draw in FIGURES.items():
+            draw(ROOT / name)
+            print(f"wrote {name}")
     return 0
 
 

@@ -86,10 +86,12 @@ def test_frontier_checkpoints(tmp_path, monkeypatch, capsys):
     pytest.importorskip("sklearn")
     out, report = tmp_path / "runs", tmp_path / "checkpoints.json"
     argv = [str(out), "--only", "p6", "--epochs", "2", "--train-images", "64", "--seeds", "0", "2"]
+    argv += ["--lr", "1e-3"]  # p6's recipe trains at 1.5e-3
     assert run_script("frontier_checkpoints.py", *argv, "--json", str(report), monkeypatch=monkeypatch) == 0
     for name, seed in (("p6", 0), ("p6-s2", 2)):
         assert (out / name / "final.safetensors").exists()
-        assert json.loads((out / name / "config.json").read_text())["seed"] == seed
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["seed"] == seed and config["lr"] == 1e-3
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed.endswith("--data demo@0 demo@2") and "p6-s2/final.safetensors" in printed
     rows = json.loads(report.read_text())["rows"]
@@ -97,6 +99,7 @@ def test_frontier_checkpoints(tmp_path, monkeypatch, capsys):
         ("p6", 0, "demo@0"),
         ("p6-s2", 2, "demo@2"),
     ]
+    assert all(row["lr"] == 1e-3 for row in rows)
     for row in rows:  # two epochs of 64 images at batch 64: a loss and a validation score each
         assert len(row["loss_per_epoch"]) == len(row["val_accuracy_per_epoch"]) == 2 and row["steps"] == 2
         assert len(row["attention_entropy"]) == 6 and all(0 < e <= 1 for e in row["attention_entropy"])
@@ -109,7 +112,20 @@ def test_frontier_checkpoints(tmp_path, monkeypatch, capsys):
     from helpers import weights
 
     before = weights(out / "p6" / "final.safetensors")
-    argv = [str(out), "--only", "p6", "--epochs", "2", "--train-images", "64", "--seeds", "0", "3"]
+    argv = [
+        str(out),
+        "--only",
+        "p6",
+        "--epochs",
+        "2",
+        "--train-images",
+        "64",
+        "--seeds",
+        "0",
+        "3",
+        "--lr",
+        "1e-3",
+    ]
     assert run_script("frontier_checkpoints.py", *argv, "--resume", monkeypatch=monkeypatch) == 0
     assert (out / "p6-s3" / "final.safetensors").exists()
     after = weights(out / "p6" / "final.safetensors")
