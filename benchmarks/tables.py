@@ -33,9 +33,6 @@ BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- 
 
 # results measured before 1.0 and not re-measured since (no commit in their JSON)
 PROVENANCE = {
-    "frontier.json": "0.2 (fac8910)",
-    "frontier_glyphs196.json": "0.2 (fac8910)",
-    "frontier_glyphs196_s1.json": "0.2 (58b97fc)",
     "speed_h100_float32.json": "0.2 (71e789f)",
     "speed_h100_bfloat16.json": "0.2 (71e789f)",
     "speed_h100_compiled.json": "0.2 (df564f2)",
@@ -84,16 +81,6 @@ def spread(values: Sequence[float], fmt: str = ".2f", suffix: str = "×", speedu
     if speedup and min(values) <= 1.0 and max(values) != 1.0:
         text += " not faster"
     return text
-
-
-def quartiles(row: dict[str, Any], key: str = "speedup") -> str:
-    """One run's median and interquartile range over its rounds."""
-    mid, q1, q3 = row.get(key, math.nan), row.get(f"{key}_q1", math.nan), row.get(f"{key}_q3", math.nan)
-    if mid is None or math.isnan(mid):
-        return "–"
-    if q1 is None or math.isnan(q1):
-        return f"{mid:.2f}×"
-    return f"{mid:.2f}× ({q1:.2f}–{q3:.2f})"
 
 
 def where(record: dict[str, Any], name: str) -> str:
@@ -207,32 +194,6 @@ def _method_grid(
             line.append(text)
         body.append(line)
     return targets, cell, body
-
-
-def _frontier(name: str, checkpoint: str) -> str:
-    record = load(name)
-    rows = [r for r in record["rows"] if r["checkpoint"] == checkpoint and r["method"] not in REMOVED_METHODS]
-    dense = next(r for r in rows if r["method"] == "dense")
-    targets, cell, body = _method_grid(
-        [r for r in rows if r["method"] != "dense"],
-        lambda r: f"{r['accuracy_pct']:.2f}",
-        "vs_auto_p",
-        auto_label(rows),
-    )
-    auto = [cell.get(("auto", t)) for t in targets]
-    if all(auto):
-        body.append(["`auto` chose", *(str(r["chosen"]) for r in auto if r)])
-        if any(not math.isnan(r.get("speedup", math.nan)) for r in auto if r):
-            body.append(["`auto` speed-up, batch 64 (IQR)", *(quartiles(r) for r in auto if r)])
-    header = ["method", *(f"{t:g}" for t in targets)]
-    note = (
-        f"{checkpoint}: dense {dense['accuracy_pct']:.2f}% ± {dense['ci95_pct']:.1f} on "
-        f"{dense['test_images']} test images of {dense['test_items']} independent items. "
-        "▲/▼: better/worse than `auto` at that target (paired bootstrap over the items, p < 0.05, "
-        "not corrected for the number of comparisons); "
-        "@x: the cost a method landed at when it could not reach the target. " + where(record, name)
-    )
-    return table(header, body) + "\n\n" + note
 
 
 def _last_epochs(rows: list[dict[str, Any]], key: str, fmt: str, scale: float = 1.0, epochs: int = 3) -> str:
@@ -449,35 +410,6 @@ def frontier_seeds(recipe: str, *names: str) -> str:
         + (" (" + "; ".join(f"`{r['method']}` at {r['target']:g}" for r in below) + ")" if below else "")
         + f". Sanity: {'; '.join(sanity)}. "
         + " ".join(where(rec, name) for name, rec in records.items())
-    )
-    return table(header, body) + "\n\n" + note
-
-
-def frontier_summary() -> str:
-    """Per checkpoint: how often `auto` is significantly below or above a peer, and where below."""
-    body = []
-    for name in ("frontier.json", "frontier_glyphs196.json"):
-        record = load(name)
-        rows = [r for r in record["rows"] if r["method"] not in ("dense", "auto", *REMOVED_METHODS)]
-        for checkpoint in dict.fromkeys(r["checkpoint"] for r in rows):
-            mine = [r for r in rows if r["checkpoint"] == checkpoint]
-            tested = [r for r in mine if not math.isnan(r["vs_auto_p"])]
-            below = [r for r in tested if r["vs_auto_p"] < 0.05 and r["vs_auto_diff"] > 0]
-            above = [r for r in tested if r["vs_auto_p"] < 0.05 and r["vs_auto_diff"] < 0]
-            where_below = "; ".join(
-                f"`{r['method']}` at {r['target']:g} ({100 * r['vs_auto_diff']:+.2f})" for r in below
-            )
-            body.append([checkpoint, str(len(tested)), str(len(above)), str(len(below)), where_below or "–"])
-    header = [
-        "checkpoint",
-        "comparisons",
-        "`auto` above a peer",
-        "`auto` below a peer",
-        "below: peer, target (points)",
-    ]
-    note = (
-        "Paired bootstrap over the test items, p < 0.05 each, **not corrected** for the number of "
-        "comparisons (at that level about 1 in 20 comparisons of equal methods reads as a difference)."
     )
     return table(header, body) + "\n\n" + note
 
@@ -864,15 +796,13 @@ def cli() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "demo": demo,
-    "frontier-demo": lambda: _frontier("frontier.json", "demo"),
-    "frontier-gap": lambda: _frontier("frontier.json", "gap"),
-    "frontier-map": lambda: _frontier("frontier.json", "map"),
-    "frontier-glyphs196": lambda: _frontier("frontier_glyphs196.json", "glyphs196"),
-    "frontier-summary": frontier_summary,
     "auto-rule": lambda: auto_rule("auto_rule.json"),
-    "checkpoints": lambda: checkpoints("checkpoints_demo_gap.json", "checkpoints_glyphs196.json"),
+    "checkpoints": lambda: checkpoints(
+        "checkpoints_demo_gap.json", "checkpoints_map.json", "checkpoints_glyphs196.json"
+    ),
     "frontier-seeds-demo": lambda: frontier_seeds("demo", "frontier_demo_seeds.json"),
     "frontier-seeds-gap": lambda: frontier_seeds("gap", "frontier_gap_seeds.json"),
+    "frontier-seeds-map": lambda: frontier_seeds("map", "frontier_map_seeds.json"),
     "frontier-seeds-glyphs196": lambda: frontier_seeds(
         "glyphs196", *sorted(p.name for p in RESULTS.glob("frontier_glyphs196_seeds_*.json"))
     ),
@@ -899,6 +829,7 @@ TABLES: dict[str, Callable[[], str]] = {
 SEED_RUNS = (
     "frontier_demo_seeds.json",
     "frontier_gap_seeds.json",
+    "frontier_map_seeds.json",
     "frontier_glyphs196_seeds_1.json",
     "frontier_glyphs196_seeds_2.json",
     "frontier_glyphs196_seeds_3.json",

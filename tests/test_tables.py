@@ -143,3 +143,19 @@ def test_the_auto_rule_table_gives_each_recipe_its_mean_and_its_targets(tables):
     assert len(mine) == 6
     cells = text.splitlines()[2].split(" | ")
     assert cells[5] == f"{sum(mine) / len(mine):.3f}", "glyphs196's column is the mean of its own rows"
+
+
+def test_the_frontier_figure_pools_each_recipe_and_names_an_older_auto(tables, monkeypatch, tmp_path):
+    """One panel per recipe of the multi-seed runs, each pooled over its seeds; an `auto` that
+    is not today's (glyphs196 ran 1.0's) is drawn under another name than today's."""
+    import ats_vit.viz
+
+    drawn = {}
+    monkeypatch.setattr(ats_vit.viz, "plot_frontier", lambda rows, path: drawn.update(rows=rows, path=path))
+    tables.frontier_seeds_figure(tmp_path / "f.png")
+    rows = drawn["rows"]
+    panels = {r["checkpoint"]: r["seeds"] for r in rows if r["method"] == "dense"}
+    assert panels == {"demo, 5 seeds": 5, "gap, 5 seeds": 5, "map, 5 seeds": 5, "glyphs196, 3 seeds": 3}
+    autos = {(r["checkpoint"], r["method"]) for r in rows if r["method"].startswith("auto")}
+    assert ("glyphs196, 3 seeds", "auto (1.0)") in autos and ("demo, 5 seeds", "auto") in autos
+    assert not {r["method"] for r in rows} & set(tables.REMOVED_METHODS)
