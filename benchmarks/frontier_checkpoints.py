@@ -185,6 +185,8 @@ def main() -> None:
         "--json", help="write each checkpoint's loss and validation curves and attention entropy here"
     )
     args = parser.parse_args()
+    if args.lr is not None and not args.lr > 0:
+        parser.error(f"--lr must be a positive learning rate, got {args.lr}")
     if args.seeds and min(args.seeds) < 0:
         parser.error(f"--seeds must be non-negative integers, got {args.seeds}")
     if args.json and Path(args.json).exists() and not args.overwrite:
@@ -202,7 +204,7 @@ def main() -> None:
             cfg = replace(base, out_dir=str(Path(args.out) / name), seed=seed)
             if args.epochs:
                 cfg = replace(cfg, epochs=args.epochs, warmup_steps=min(cfg.warmup_steps, 1))
-            if args.lr:
+            if args.lr is not None:
                 cfg = replace(cfg, lr=args.lr)
             # --resume continues the runs that OUT holds and starts the ones it does not
             resume = args.resume and (Path(cfg.out_dir) / "last.safetensors").is_file()

@@ -100,6 +100,7 @@ def test_frontier_checkpoints(tmp_path, monkeypatch, capsys):
         ("p6-s2", 2, "demo@2"),
     ]
     assert all(row["lr"] == 1e-3 for row in rows)
+    assert run_script("frontier_checkpoints.py", str(out), "--lr", "0", monkeypatch=monkeypatch) == 2
     for row in rows:  # two epochs of 64 images at batch 64: a loss and a validation score each
         assert len(row["loss_per_epoch"]) == len(row["val_accuracy_per_epoch"]) == 2 and row["steps"] == 2
         assert len(row["attention_entropy"]) == 6 and all(0 < e <= 1 for e in row["attention_entropy"])
@@ -112,20 +113,8 @@ def test_frontier_checkpoints(tmp_path, monkeypatch, capsys):
     from helpers import weights
 
     before = weights(out / "p6" / "final.safetensors")
-    argv = [
-        str(out),
-        "--only",
-        "p6",
-        "--epochs",
-        "2",
-        "--train-images",
-        "64",
-        "--seeds",
-        "0",
-        "3",
-        "--lr",
-        "1e-3",
-    ]
+    argv = [str(out), "--only", "p6", "--epochs", "2", "--train-images", "64", "--seeds", "0", "3"]
+    argv += ["--lr", "1e-3"]  # a resume keeps the run's own settings: the same rate
     assert run_script("frontier_checkpoints.py", *argv, "--resume", monkeypatch=monkeypatch) == 0
     assert (out / "p6-s3" / "final.safetensors").exists()
     after = weights(out / "p6" / "final.safetensors")
