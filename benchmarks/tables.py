@@ -262,11 +262,14 @@ def checkpoints(*names: str) -> str:
 
 
 def auto_rule(name: str) -> str:
-    """`benchmarks/auto_rule.py`'s replay of `auto` on held-out checkpoints: per member list and
-    switch threshold, the mean test accuracy over every (checkpoint, target), and per recipe."""
+    """`benchmarks/auto_rule.py`'s replay of `auto` on held-out checkpoints: one line per member
+    list, its mean test accuracy over every (checkpoint, target) at each switch threshold, and,
+    at the threshold the rule picked, per recipe and how often it was below its best member or
+    switched."""
     from ats_vit.bench.frontier import recipe_of
 
     record = load(name)
+    pick = record["pick"]
     recipes = list(dict.fromkeys(recipe_of(r["checkpoint"]) for r in record["rows"]))
     per_recipe: dict[tuple[str, float, str], list[float]] = {}
     for r in record["rows"]:
@@ -274,22 +277,24 @@ def auto_rule(name: str) -> str:
             r["accuracy_pct"]
         )
     several = len(recipes) > 1
-    body = [
-        [
-            " + ".join(f"`{m}`" for m in s["members"].split("+")),
-            f"{s['z']:g}",
-            f"{s['mean_pct']:.3f}",
-            *(
-                [f"{statistics.fmean(per_recipe[s['members'], s['z'], recipe]):.3f}" for recipe in recipes]
-                if several
-                else []
-            ),
-            str(s["below_best"]),
-            f"{s['switches']} of {s['points']}",
-        ]
-        for s in record["summary"]
-    ]
-    pick = record["pick"]
+    zs = sorted({s["z"] for s in record["summary"]})
+    summary = {(s["members"], s["z"]): s for s in record["summary"]}
+    body = []
+    for members in dict.fromkeys(s["members"] for s in record["summary"]):
+        at_pick = summary[members, pick["z"]]
+        body.append(
+            [
+                " + ".join(f"`{m}`" for m in members.split("+")),
+                *(f"{summary[members, z]['mean_pct']:.3f}" for z in zs),
+                *(
+                    [f"{statistics.fmean(per_recipe[members, pick['z'], recipe]):.3f}" for recipe in recipes]
+                    if several
+                    else []
+                ),
+                str(at_pick["below_best"]),
+                f"{at_pick['switches']} of {at_pick['points']}",
+            ]
+        )
     config = record["config"]
     names = [Path(c).parent.name for c in config["checkpoints"]]
     each = config.get("checkpoint_targets") or [config["targets"]] * len(names)
@@ -302,17 +307,17 @@ def auto_rule(name: str) -> str:
     )
     note = (
         f"Held-out checkpoints {', '.join(names)} ({_counts(config['calib_images'])} calibration "
-        f"images; targets: {at}): mean test accuracy of `auto`'s pick over all points"
-        + (" and per recipe" if several else "")
-        + "; *below best*: points where the pick is below the best member "
+        f"images; targets: {at}): mean test accuracy of `auto`'s pick over all points at each "
+        "switch threshold z"
+        + (f", and at the picked z = {pick['z']:g} per recipe" if several else "")
+        + f"; *below best* (at z = {pick['z']:g}): points where the pick is below the best member "
         "of its list by the exact paired test (p < 0.05); *left the first*: how often it switched. "
         f"The rule's pick on these checkpoints: {pick['members'].replace('+', ' + ')}, z = {pick['z']:g}. "
         + where(record, name)
     )
     header = [
         "members (first kept unless another is ahead)",
-        "z",
-        "mean test %",
+        *(f"z = {z:g}" for z in zs),
         *(f"{recipe} %" for recipe in (recipes if several else [])),
         "below best",
         "left the first",

@@ -131,18 +131,22 @@ def test_the_auto_rule_table_gives_each_recipe_its_mean_and_its_targets(tables):
     name = "auto_rule.json"
     record = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
     text = tables.auto_rule(name)
-    assert "| mean test % | demo % | gap % | glyphs196 % |" in text
+    assert "| z = 0 | z = 0.5 | z = 1 | z = 1.645 | z = 2 | z = inf | demo % | gap % | glyphs196 % |" in text
     assert "gap-s101 at 0.4, 0.5, 0.6, 0.7, 0.8, 0.9; glyphs196-s100, glyphs196-s101 at 0.4, 0.6, 0.8" in text
     first = record["summary"][0]
+    lists = list(dict.fromkeys(s["members"] for s in record["summary"]))
+    assert len(text.splitlines()) == 2 + len(lists) + 2, "one line per member list"
     mine = [
         r["accuracy_pct"]
         for r in record["rows"]
-        if (r["members"], r["z"]) == (first["members"], first["z"])
+        if (r["members"], r["z"]) == (first["members"], record["pick"]["z"])
         and r["checkpoint"].startswith("glyphs196")
     ]
     assert len(mine) == 6
     cells = text.splitlines()[2].split(" | ")
-    assert cells[5] == f"{sum(mine) / len(mine):.3f}", "glyphs196's column is the mean of its own rows"
+    means = {s["z"]: s["mean_pct"] for s in record["summary"] if s["members"] == first["members"]}
+    assert cells[1:7] == [f"{means[z]:.3f}" for z in sorted(means)], "each z's mean over all points"
+    assert cells[9] == f"{sum(mine) / len(mine):.3f}", "glyphs196's column is the mean of its own rows"
 
 
 def test_the_frontier_figure_pools_each_recipe_and_names_an_older_auto(tables, monkeypatch, tmp_path):
