@@ -144,16 +144,18 @@ def demo() -> str:
     return table(header, body) + "\n\n" + note
 
 
+def auto_ran(row: dict[str, Any]) -> tuple[str, float]:
+    """The members and switch threshold of the `auto` a frontier row ran (1.0's before 1.1
+    recorded them)."""
+    return row.get("auto_members", AUTO_1_0[0]), float(row.get("switch_z", AUTO_1_0[1]))
+
+
 def auto_label(rows: Sequence[dict[str, Any]]) -> str:
     """What the `auto` line of a table says: "(recommended)" when its rows ran today's `auto`
     (its members and switch threshold), else which `auto` they ran."""
     from ats_vit.calibrate import AUTO, SWITCH_Z
 
-    ran = {
-        (r.get("auto_members", AUTO_1_0[0]), float(r.get("switch_z", AUTO_1_0[1])))
-        for r in rows
-        if r["method"] == "auto"
-    }
+    ran = {auto_ran(r) for r in rows if r["method"] == "auto"}
     if not ran or ran == {("+".join(AUTO), float(SWITCH_Z))}:
         return " (recommended)"
     return (
@@ -855,8 +857,8 @@ def frontier_seeds_figure(path: Path) -> None:
         for r in load(name)["rows"]:
             if r["method"] in REMOVED_METHODS:
                 continue
-            ran = (r.get("auto_members", AUTO_1_0[0]), float(r.get("switch_z", AUTO_1_0[1])))
-            rows.append(dict(r, method="auto (1.0)") if r["method"] == "auto" and ran != today else r)
+            older = r["method"] == "auto" and auto_ran(r) != today
+            rows.append(dict(r, method="auto (1.0)") if older else r)
     pooled = pool_seeds(rows)
     seeds = {r["recipe"]: r["seeds"] for r in pooled if r["method"] == "dense"}
     plot_frontier([dict(r, checkpoint=f"{r['recipe']}, {seeds[r['recipe']]} seeds") for r in pooled], path)
