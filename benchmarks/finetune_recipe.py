@@ -12,8 +12,14 @@ accuracy, the difference to dense and to the recipe's learning rate, exact paire
 
 The rule, fixed before the run: run it on the held-out seeds only (`frontier_checkpoints.py
 --held-out`: seeds 100 and 101 of ``demo`` and ``gap``, in no reported table) and keep the
-recipe's learning rate (:data:`RECIPE_LR`) unless another is ahead of it with an adjusted
-p < 0.05.
+recipe (:data:`RECIPE_METHOD` at :data:`RECIPE_LR`) unless another method or learning rate is
+ahead of it with an adjusted p < 0.05. ``--methods`` fine-tunes with other selection methods'
+budgets as well (each calibrated to the same target, before and after fine-tuning, as the
+recipe's):
+
+    python benchmarks/finetune_recipe.py runs/held/{demo,gap}-s{100,101}/final.safetensors \\
+        --data demo@100 demo@101 demo@100 demo@101 --lrs 5e-4 --methods ats-fuse tome \\
+        --work runs/ft-methods --json finetune_methods.json
 
     python benchmarks/frontier_checkpoints.py runs/held --only demo gap --held-out
     python benchmarks/finetune_recipe.py runs/held/{demo,gap}-s{100,101}/final.safetensors \\
@@ -44,14 +50,14 @@ import torch
 
 from ats_vit._io import write_atomic, write_text_atomic
 from ats_vit.bench.common import checkpoint_splits, json_arguments, machine, print_table
-from ats_vit.calibrate import calibrate
+from ats_vit.calibrate import METHODS, calibrate
 from ats_vit.checkpoint import load_model
 from ats_vit.evaluate import measure
 from ats_vit.stats import adjust_bh, paired_test
 from ats_vit.train import TrainConfig, train
 
 RECIPE_LR = 5e-4  # `ats-vit finetune`'s default peak learning rate
-METHOD = "ats-fuse"
+RECIPE_METHOD = "ats-fuse"  # the method the recipe calibrates (docs/guides/training.md)
 
 
 @dataclass
@@ -60,6 +66,7 @@ class Config:
     data: tuple[str, ...] = ("demo",)
     target: float = 0.4
     lrs: tuple[float, ...] = (RECIPE_LR, 1e-4, 1e-3)
+    methods: tuple[str, ...] = (RECIPE_METHOD,)
     epochs: int = 3
     calib_images: int = 512  # `ats-vit calibrate`'s default
     seed: int = 0
@@ -81,32 +88,40 @@ def measure_checkpoint(cfg: Config, index: int, work: Path, progress: bool) -> d
     loaded = checkpoint_splits(path, data, cfg.calib_images, cfg.seed)
     model, test_x, test_y = loaded.model, loaded.test_x, loaded.test_y
 
-    def budget_of(net: torch.nn.Module) -> Any:
+    def budget_of(net: torch.nn.Module, method: str) -> Any:
         torch.manual_seed(cfg.seed)
         return calibrate(
-            net, loaded.calib_x, cfg.target, loaded.calib_y, method=METHOD, items=loaded.calib_items
+            net, loaded.calib_x, cfg.target, loaded.calib_y, method=method, items=loaded.calib_items
         )
 
     hits = dict(items=loaded.test_items, dense=measure(model, test_x, None)[0] == test_y)
-    budget = budget_of(model)
-    hits["before"] = measure(model, test_x, budget)[0] == test_y
     model_cfg = load_model(path)[1]
     train_data = datasets.load_split(data, "train", model_cfg.image_size, channels=model_cfg.channels)
-    for lr in cfg.lrs:
-        run = TrainConfig(
-            model=replace(model_cfg, budget=budget.to_dict()),
-            epochs=cfg.epochs,
-            lr=lr,
-            warmup_steps=20,
-            seed=cfg.seed,
-            out_dir=str(work / f"{index}-lr{lr:g}"),
-            init_from=path,
-            data=data,
-        )
-        tuned, _ = load_model(train(run, train_data, overwrite=True, progress=progress))
-        hits[f"lr {lr:g}"] = measure(tuned, test_x, budget_of(tuned))[0] == test_y
+    for method in cfg.methods:
+        budget = budget_of(model, method)
+        hits[key_of(method)] = measure(model, test_x, budget)[0] == test_y
+        for lr in cfg.lrs:
+            run = TrainConfig(
+                model=replace(model_cfg, budget=budget.to_dict()),
+                epochs=cfg.epochs,
+                lr=lr,
+                warmup_steps=20,
+                seed=cfg.seed,
+                out_dir=str(work / f"{index}-{method}-lr{lr:g}"),
+                init_from=path,
+                data=data,
+            )
+            tuned, _ = load_model(train(run, train_data, overwrite=True, progress=progress))
+            hits[key_of(method, lr)] = measure(tuned, test_x, budget_of(tuned, method))[0] == test_y
     write_atomic(done, lambda f: torch.save(hits, f), binary=True)
     return hits
+
+
+def key_of(method: str, lr: float | None = None) -> str:
+    """A row's key: ``before``/``lr 0.0005`` for the recipe's method (the keys of the runs
+    before ``--methods``), ``tome before``/``tome lr 0.0005`` for another."""
+    key = "before" if lr is None else f"lr {lr:g}"
+    return key if method == RECIPE_METHOD else f"{method} {key}"
 
 
 def pooled(measured: list[dict[str, torch.Tensor]], key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,9 +136,12 @@ def pooled(measured: list[dict[str, torch.Tensor]], key: str) -> tuple[torch.Ten
 
 def table(measured: list[dict[str, torch.Tensor]], cfg: Config) -> list[dict[str, Any]]:
     dense, items = pooled(measured, "dense")
-    recipe = pooled(measured, f"lr {RECIPE_LR:g}")[0]
+    recipe = pooled(measured, key_of(RECIPE_METHOD, RECIPE_LR))[0]
     rows = []
-    for key in ["dense", "before", *(f"lr {lr:g}" for lr in cfg.lrs)]:
+    variants = [("dense", "dense", None)]
+    for method in cfg.methods:
+        variants += [(key_of(method), method, None), *((key_of(method, lr), method, lr) for lr in cfg.lrs)]
+    for key, method, lr in variants:
         hits = pooled(measured, key)[0]
         vs_dense, p_dense = paired_test(hits, dense, items)
         vs_recipe, p_recipe = paired_test(hits, recipe, items)
@@ -131,8 +149,8 @@ def table(measured: list[dict[str, torch.Tensor]], cfg: Config) -> list[dict[str
             dict(
                 model="dense"
                 if key == "dense"
-                else f"{METHOD} {cfg.target:g}, "
-                + ("calibrated, not fine-tuned" if key == "before" else f"fine-tuned at {key}"),
+                else f"{method} {cfg.target:g}, "
+                + ("calibrated, not fine-tuned" if lr is None else f"fine-tuned at lr {lr:g}"),
                 key=key,
                 accuracy_pct=100 * hits.float().mean().item(),
                 per_checkpoint_pct=[100 * m[key].float().mean().item() for m in measured],
@@ -150,14 +168,12 @@ def table(measured: list[dict[str, torch.Tensor]], cfg: Config) -> list[dict[str
 
 
 def pick(rows: list[dict[str, Any]]) -> str:
-    """The rule of the module docstring: the recipe's learning rate unless another is ahead of it
-    with an adjusted p < 0.05 (the best such one)."""
+    """The rule of the module docstring: the recipe (its method at its learning rate) unless
+    another fine-tuned model is ahead of it with an adjusted p < 0.05 (the best such one)."""
     ahead = [
-        r
-        for r in rows
-        if r["key"].startswith("lr ") and r["vs_recipe_pct"] > 0 and r["vs_recipe_p_adj"] < 0.05
+        r for r in rows if " lr " in f" {r['key']}" and r["vs_recipe_pct"] > 0 and r["vs_recipe_p_adj"] < 0.05
     ]
-    return max(ahead, key=lambda r: r["accuracy_pct"])["key"] if ahead else f"lr {RECIPE_LR:g}"
+    return max(ahead, key=lambda r: r["accuracy_pct"])["key"] if ahead else key_of(RECIPE_METHOD, RECIPE_LR)
 
 
 def main() -> None:
@@ -174,6 +190,13 @@ def main() -> None:
         help="peak learning rates (default: "
         + " ".join(f"{lr:g}" for lr in Config.lrs)
         + f"; with --report: {RECIPE_LR:g})",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(Config.methods),
+        choices=list(METHODS),
+        help=f"selection methods to calibrate and fine-tune with (including the recipe's, {RECIPE_METHOD})",
     )
     parser.add_argument("--epochs", type=int, default=Config.epochs, help="fine-tuning epochs")
     parser.add_argument(
@@ -194,9 +217,12 @@ def main() -> None:
         )
     if RECIPE_LR not in args.lrs:
         parser.error(f"--lrs must include the recipe's learning rate {RECIPE_LR:g}, got {args.lrs}")
-    if args.report and args.lrs != [RECIPE_LR]:
+    if RECIPE_METHOD not in args.methods:
+        parser.error(f"--methods must include the recipe's method {RECIPE_METHOD}, got {args.methods}")
+    if args.report and (args.lrs != [RECIPE_LR] or args.methods != [RECIPE_METHOD]):
         parser.error(
-            f"--report measures the recipe alone: --lrs must be {RECIPE_LR:g} (or left out), got {args.lrs}"
+            f"--report measures the recipe alone: --lrs must be {RECIPE_LR:g} and --methods {RECIPE_METHOD} "
+            f"(or left out), got {args.lrs} and {args.methods}"
         )
     work = Path(args.work)
     if work.exists() and any(work.iterdir()) and not args.resume:
@@ -207,6 +233,7 @@ def main() -> None:
         tuple(args.data),
         args.target,
         tuple(args.lrs),
+        tuple(args.methods),
         args.epochs,
         report=args.report,
     )
@@ -223,17 +250,16 @@ def main() -> None:
             ("spread_pct", "across checkpoints ±", ".2f"),
             ("vs_dense_pct", "vs dense", "+.2f"),
             ("vs_dense_p_adj", "p (adj.)", ".3f"),
-            ("vs_recipe_pct", f"vs lr {RECIPE_LR:g}", "+.2f"),
+            ("vs_recipe_pct", "vs the recipe", "+.2f"),
             ("vs_recipe_p_adj", "p (adj.)", ".3f"),
         ),
     )
     chosen = None if cfg.report else pick(rows)
     if chosen is not None:
-        print(f"the rule keeps: {chosen} (the recipe: lr {RECIPE_LR:g})")
+        print(f"the rule keeps: {chosen} (the recipe: {RECIPE_METHOD} at lr {RECIPE_LR:g})")
     if args.json:
-        record = dict(
-            config=asdict(cfg), machine=machine("cpu"), rows=rows, recipe=f"lr {RECIPE_LR:g}", pick=chosen
-        )
+        recipe = key_of(RECIPE_METHOD, RECIPE_LR)
+        record = dict(config=asdict(cfg), machine=machine("cpu"), rows=rows, recipe=recipe, pick=chosen)
         write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.json}")
 

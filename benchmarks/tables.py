@@ -567,6 +567,13 @@ def train_speed() -> str:
     )
 
 
+def finetuned(key: str) -> str:
+    """A fine-tuned row's key as a reader names it: ``lr 0.0005`` (the recipe's method, the
+    only one before ``--methods``) is ats-fuse at lr 0.0005, ``tome lr 0.0005`` tome at it."""
+    method, _, lr = key.rpartition("lr ")
+    return f"{method.strip() or 'ats-fuse'} at lr {lr}"
+
+
 def finetune_recipe(name: str) -> str:
     """`benchmarks/finetune_recipe.py`: fine-tuned at the target, per learning rate, against dense
     and against the recipe's learning rate, pooled over the checkpoints: the held-out ones
@@ -613,16 +620,19 @@ def finetune_recipe(name: str) -> str:
             f"`python benchmarks/finetune_recipe.py --report` on the reported seeds {checkpoints} "
             f"{common} and vs the recipe, exact paired test, Benjamini-Hochberg adjusted over each "
             "column. The recipe "
-            f"({record['recipe']}) was chosen on the held-out seeds above, not on these. "
+            f"({finetuned(record['recipe'])}) was chosen on the held-out seeds above, not on these. "
         )
     else:
         distill = cfg.get("distill") or []
         lrs, weights = (" ".join(f"{v:g}" for v in values) for values in (cfg["lrs"], distill))
         options = f" --lrs {lrs} --distill {weights}" if distill else ""
+        methods = cfg.get("methods") or []
+        if len(methods) > 1:
+            options = f" --lrs {lrs} --methods {' '.join(methods)}"
         note = (
             f"`python benchmarks/finetune_recipe.py{options}` on the held-out checkpoints {checkpoints} "
-            f"{common} and vs the recipe's learning rate, exact paired test, Benjamini-Hochberg "
-            f"adjusted over each column. The rule keeps: {record['pick']}. "
+            f"{common} and vs the recipe ({finetuned(record['recipe'])}), exact paired test, "
+            f"Benjamini-Hochberg adjusted over each column. The rule keeps: {finetuned(record['pick'])}. "
         )
         if distill:  # the option measured no better and was removed: its code is the run's commit's
             note += "Distillation (`TrainConfig.distill`) was removed since: run it with the commit below. "
@@ -821,6 +831,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "finetune-recipe": lambda: finetune_recipe("finetune_recipe.json"),
     "finetune-seeds": lambda: finetune_recipe("finetune_seeds.json"),
     "finetune-distill": lambda: finetune_recipe("finetune_distill.json"),
+    "finetune-methods": lambda: finetune_recipe("finetune_methods.json"),
     "calibration-speed": calibration_speed,
     "latency-model": latency_model,
     "latency-budgets": latency_budgets,

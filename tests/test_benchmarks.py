@@ -245,6 +245,34 @@ def test_finetune_recipe(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, ca
     assert json.loads(out.read_text())["rows"] == record["rows"]
 
 
+def test_finetune_recipe_methods(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
+    """--methods fine-tunes with each method's own budget; the recipe's method keeps its keys."""
+    work, out = tmp_path / "work", tmp_path / "r.json"
+    argv = [str(tiny_checkpoint), "--data", "tiny", "--target", "0.7", "--lrs", "5e-4", "--epochs", "1"]
+    # without the recipe's method there is nothing to compare with: refused
+    no_recipe = [*argv, "--methods", "tome", "--work", str(work)]
+    assert run_script("finetune_recipe.py", *no_recipe, monkeypatch=monkeypatch) == 2
+    assert "must include the recipe's method ats-fuse" in capsys.readouterr().err
+    both = [*argv, "--methods", "ats-fuse", "tome", "--work", str(work), "--json", str(out)]
+    assert run_script("finetune_recipe.py", *both, monkeypatch=monkeypatch) == 0
+    record = json.loads(out.read_text())
+    rows = {r["key"]: r for r in record["rows"]}
+    assert list(rows) == ["dense", "before", "lr 0.0005", "tome before", "tome lr 0.0005"]
+    assert rows["tome lr 0.0005"]["model"] == "tome 0.7, fine-tuned at lr 0.0005"
+    assert rows["tome before"]["model"] == "tome 0.7, calibrated, not fine-tuned"
+    assert record["recipe"] == "lr 0.0005" and rows["lr 0.0005"]["vs_recipe_p"] == 1.0
+    assert record["config"]["methods"] == ["ats-fuse", "tome"]
+    # each method fine-tuned in its own run folder, with its own method's budget
+    from ats_vit.checkpoint import load_model
+
+    for method in ("ats-fuse", "tome"):
+        run = work / f"0-{method}-lr0.0005"
+        assert load_model(str(run / "final.safetensors"))[1].budget["method"] == method
+    # --report is the recipe alone: another method there would be a choice made on reported seeds
+    report = [*argv, "--report", "--methods", "ats-fuse", "tome", "--work", str(tmp_path / "w2")]
+    assert run_script("finetune_recipe.py", *report, monkeypatch=monkeypatch) == 2
+
+
 def test_finetune_recipe_report_measures_the_recipe_alone(
     tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys
 ):
@@ -276,6 +304,9 @@ def test_finetune_recipe_keeps_its_learning_rate_unless_another_is_significantly
     assert pick([*rows, row("lr 0.001", 0.8, 0.2)]) == "lr 0.0005"  # ahead, not significantly
     assert pick([*rows, row("lr 0.001", -0.8, 0.01)]) == "lr 0.0005"  # significantly behind
     assert pick([*rows, row("lr 0.001", 0.8, 0.01), row("lr 0.002", 0.5, 0.02)]) == "lr 0.001"
+    # another method's fine-tuned model competes by the same rule; its un-tuned budget does not
+    assert pick([*rows, row("tome before", 0.9, 0.01)]) == "lr 0.0005"
+    assert pick([*rows, row("tome lr 0.0005", 0.6, 0.01), row("lr 0.001", 0.5, 0.02)]) == "tome lr 0.0005"
 
 
 def test_gpu_check_on_the_cpu(monkeypatch, capsys):
