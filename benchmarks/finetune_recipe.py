@@ -76,15 +76,27 @@ class Config:
         return self.data[0] if len(self.data) == 1 else self.data[index]
 
 
-def measure_checkpoint(cfg: Config, index: int, work: Path, progress: bool) -> dict[str, torch.Tensor]:
+def measure_checkpoint(cfg: Config, index: int, work: Path, progress: bool) -> dict[str, Any]:
     """Test-split hits of dense, the calibrated budget and each fine-tuned model, and the test
     items, for one checkpoint. Kept in ``work``: a killed run resumes at the next checkpoint."""
     from ats_vit import data as datasets  # looked up when called (tests put tiny data in its place)
 
     path, data = cfg.checkpoints[index], cfg.data_of(index)
     done = work / f"{index}-{Path(path).parent.name}.pt"
+    # what the hits were measured with: a --resume with other settings would mix two experiments
+    settings = dict(checkpoint=path, data=data, target=cfg.target, epochs=cfg.epochs, seed=cfg.seed)
+    settings.update(calib_images=cfg.calib_images)
     if done.exists():
-        return torch.load(done)
+        kept = torch.load(done)
+        wanted = [key_of(m, lr) for m in cfg.methods for lr in (None, *cfg.lrs)]
+        missing = [k for k in wanted if k not in kept]
+        if kept.get("settings") != settings or missing:
+            raise ValueError(
+                f"{done} was measured with {kept.get('settings')}"
+                + (f" and lacks {missing}" if missing else "")
+                + f", not {settings}: resume with the same settings, or choose another --work"
+            )
+        return kept
     loaded = checkpoint_splits(path, data, cfg.calib_images, cfg.seed)
     model, test_x, test_y = loaded.model, loaded.test_x, loaded.test_y
 
@@ -94,7 +106,8 @@ def measure_checkpoint(cfg: Config, index: int, work: Path, progress: bool) -> d
             net, loaded.calib_x, cfg.target, loaded.calib_y, method=method, items=loaded.calib_items
         )
 
-    hits = dict(items=loaded.test_items, dense=measure(model, test_x, None)[0] == test_y)
+    hits: dict[str, Any] = dict(items=loaded.test_items, dense=measure(model, test_x, None)[0] == test_y)
+    hits["settings"] = settings
     model_cfg = load_model(path)[1]
     train_data = datasets.load_split(data, "train", model_cfg.image_size, channels=model_cfg.channels)
     for method in cfg.methods:
@@ -124,7 +137,7 @@ def key_of(method: str, lr: float | None = None) -> str:
     return key if method == RECIPE_METHOD else f"{method} {key}"
 
 
-def pooled(measured: list[dict[str, torch.Tensor]], key: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pooled(measured: list[dict[str, Any]], key: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``key``'s hits over every checkpoint and the items, each checkpoint's items their own ids."""
     hits, items, offset = [], [], 0
     for m in measured:
@@ -134,7 +147,7 @@ def pooled(measured: list[dict[str, torch.Tensor]], key: str) -> tuple[torch.Ten
     return torch.cat(hits), torch.cat(items)
 
 
-def table(measured: list[dict[str, torch.Tensor]], cfg: Config) -> list[dict[str, Any]]:
+def table(measured: list[dict[str, Any]], cfg: Config) -> list[dict[str, Any]]:
     dense, items = pooled(measured, "dense")
     recipe = pooled(measured, key_of(RECIPE_METHOD, RECIPE_LR))[0]
     rows = []

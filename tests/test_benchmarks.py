@@ -243,6 +243,12 @@ def test_finetune_recipe(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, ca
     argv_again = [*argv, "--overwrite", "--resume"]
     assert run_script("finetune_recipe.py", *argv_again, monkeypatch=monkeypatch) == 0
     assert json.loads(out.read_text())["rows"] == record["rows"]
+    # a resume with other settings (target, or a method never measured there) is refused
+    with pytest.raises(ValueError, match="resume with the same settings"):
+        run_script("finetune_recipe.py", *argv_again, "--target", "0.6", monkeypatch=monkeypatch)
+    with pytest.raises(ValueError, match=r"lacks \['tome before'"):
+        both = [*argv_again, "--methods", "ats-fuse", "tome"]
+        run_script("finetune_recipe.py", *both, monkeypatch=monkeypatch)
 
 
 def test_finetune_recipe_methods(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
