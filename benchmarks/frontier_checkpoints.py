@@ -170,11 +170,17 @@ def main() -> None:
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seeds", type=int, nargs="+", help="these seeds (default: the reported ones)")
     seeds.add_argument("--held-out", action="store_true", help=f"the selection seeds {HELD_OUT_SEEDS}")
-    parser.add_argument("--epochs", type=int, help="override every recipe's epochs (smoke tests)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help="override every recipe's epochs, its warm-up kept (to choose them on --held-out)",
+    )
     parser.add_argument(
         "--lr", type=float, help="override every recipe's peak learning rate (to choose one on --held-out)"
     )
-    parser.add_argument("--train-images", type=int, help="train on the first N images only (smoke tests)")
+    parser.add_argument(
+        "--train-images", type=int, help="train on the first N images only, warm-up 1 step (smoke tests)"
+    )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -203,7 +209,9 @@ def main() -> None:
             val = load_split(data_spec, "calib", base.model.image_size, channels=base.model.channels)
             cfg = replace(base, out_dir=str(Path(args.out) / name), seed=seed)
             if args.epochs:
-                cfg = replace(cfg, epochs=args.epochs, warmup_steps=min(cfg.warmup_steps, 1))
+                cfg = replace(cfg, epochs=args.epochs)
+            if args.train_images:  # a smoke run of a few steps: no warm-up to speak of
+                cfg = replace(cfg, warmup_steps=min(cfg.warmup_steps, 1))
             if args.lr is not None:
                 cfg = replace(cfg, lr=args.lr)
             # --resume continues the runs that OUT holds and starts the ones it does not

@@ -123,6 +123,27 @@ def test_frontier_checkpoints(tmp_path, monkeypatch, capsys):
         assert [r["step"] for r in csv.DictReader(f)] == ["1", "2"]
 
 
+def test_frontier_checkpoints_epochs_keep_the_warmup(tmp_path, monkeypatch):
+    """--epochs changes a recipe's length only (to choose it on the selection seeds); the smoke
+    option --train-images is what cuts the warm-up."""
+    import ats_vit.train
+
+    seen = []
+
+    def record(cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise KeyboardInterrupt  # stop before any training
+
+    monkeypatch.setattr(ats_vit.train, "train", record)
+    recipe = runpy.run_path(str(SCRIPTS / "frontier_checkpoints.py"))["RECIPES"]["demo"][1]
+    assert recipe.warmup_steps > 1
+    for extra, warmup in (([], recipe.warmup_steps), (["--train-images", "64"], 1)):
+        argv = [str(tmp_path / "runs"), "--only", "demo", "--seeds", "100", "--epochs", "12", *extra]
+        with pytest.raises(KeyboardInterrupt):
+            run_script("frontier_checkpoints.py", *argv, monkeypatch=monkeypatch)
+        assert (seen[-1].epochs, seen[-1].warmup_steps, seen[-1].lr) == (12, warmup, recipe.lr)
+
+
 def test_auto_rule(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
     argv = [str(tiny_checkpoint), "--data", "tiny", "--targets", "0.7", "--json", str(tmp_path / "a.json")]
     assert run_script("auto_rule.py", *argv, monkeypatch=monkeypatch) == 0
