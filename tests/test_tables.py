@@ -163,3 +163,12 @@ def test_the_frontier_figure_pools_each_recipe_and_names_an_older_auto(tables, m
     autos = {(r["checkpoint"], r["method"]) for r in rows if r["method"].startswith("auto")}
     assert ("glyphs196, 3 seeds", "auto (1.0)") in autos and ("demo, 5 seeds", "auto") in autos
     assert not {r["method"] for r in rows} & set(tables.REMOVED_METHODS)
+
+
+def test_a_fine_tuned_row_is_named_by_its_method(tables):
+    """Rows of the runs before --methods carry no method in their key: the recipe's ats-fuse."""
+    assert tables.finetuned("lr 0.0005") == "ats-fuse at lr 0.0005"
+    assert tables.finetuned("tome lr 0.001") == "tome at lr 0.001"
+    text = tables.finetune_recipe("finetune_methods.json")
+    assert "--methods ats-fuse tome" in text and "vs the recipe (ats-fuse at lr 0.0005)" in text
+    assert "| tome 0.4, fine-tuned at lr 0.0005 |" in text
