@@ -916,7 +916,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--out", default=out, help="output folder (checkpoints, metrics.csv, config.json)")
         p.add_argument("--epochs", type=_positive_int, default=epochs, help="training epochs")
-        p.add_argument("--budget", metavar="FILE", help="train with this budget active (`ats-vit calibrate`)")
+        p.add_argument(
+            "--budget",
+            metavar="FILE",
+            help="train with this budget active (`ats-vit calibrate`; to fine-tune, its --method ats-fuse)",
+        )
         p.add_argument("--keep", type=_keep_ratio, help="or with the paper's budget: this keep ratio ...")
         p.add_argument("--start-layer", type=_count, help="... from this layer on (default: 3, or the last)")
         p.add_argument("--batch-size", type=_positive_int, default=64, help="per process")
