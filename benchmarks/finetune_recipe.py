@@ -83,9 +83,11 @@ def measure_checkpoint(cfg: Config, index: int, work: Path, progress: bool) -> d
 
     path, data = cfg.checkpoints[index], cfg.data_of(index)
     done = work / f"{index}-{Path(path).parent.name}.pt"
-    # what the hits were measured with: a --resume with other settings would mix two experiments
-    settings = dict(checkpoint=path, data=data, target=cfg.target, epochs=cfg.epochs, seed=cfg.seed)
-    settings.update(calib_images=cfg.calib_images)
+    # what the hits were measured with: a --resume with other settings, or after the checkpoint
+    # was trained again (its size and modification time), would mix two experiments
+    stat = Path(path).stat()
+    settings = dict(checkpoint=path, size=stat.st_size, mtime_ns=stat.st_mtime_ns, data=data)
+    settings.update(target=cfg.target, epochs=cfg.epochs, seed=cfg.seed, calib_images=cfg.calib_images)
     if done.exists():
         kept = torch.load(done)
         wanted = [key_of(m, lr) for m in cfg.methods for lr in (None, *cfg.lrs)]

@@ -3,7 +3,9 @@
 import csv
 import json
 import math
+import os
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -239,7 +241,10 @@ def test_bucketed_attention(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits,
 
 def test_finetune_recipe(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, capsys):
     work, out = tmp_path / "work", tmp_path / "r.json"
-    argv = [str(tiny_checkpoint), "--data", "tiny", "--target", "0.7", "--lrs", "5e-4", "1e-3"]
+    checkpoint = tmp_path / "tiny" / "final.safetensors"  # a copy: this test touches it
+    checkpoint.parent.mkdir()
+    shutil.copy(tiny_checkpoint, checkpoint)
+    argv = [str(checkpoint), "--data", "tiny", "--target", "0.7", "--lrs", "5e-4", "1e-3"]
     argv += ["--epochs", "1", "--work", str(work), "--json", str(out)]
     assert run_script("finetune_recipe.py", *argv, monkeypatch=monkeypatch) == 0
     record = json.loads(out.read_text())
@@ -267,6 +272,9 @@ def test_finetune_recipe(tmp_path, monkeypatch, tiny_checkpoint, tiny_splits, ca
     # a resume with other settings (target, or a method never measured there) is refused
     with pytest.raises(ValueError, match="resume with the same settings"):
         run_script("finetune_recipe.py", *argv_again, "--target", "0.6", monkeypatch=monkeypatch)
+    os.utime(checkpoint, ns=(0, 10**9))  # the checkpoint as if written again: its hits are stale
+    with pytest.raises(ValueError, match="resume with the same settings"):
+        run_script("finetune_recipe.py", *argv_again, monkeypatch=monkeypatch)
     with pytest.raises(ValueError, match=r"lacks \['tome before'"):
         both = [*argv_again, "--methods", "ats-fuse", "tome"]
         run_script("finetune_recipe.py", *both, monkeypatch=monkeypatch)
