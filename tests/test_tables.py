@@ -151,11 +151,22 @@ def test_the_auto_rule_table_gives_each_recipe_its_mean_and_its_targets(tables):
 
 def test_the_frontier_figure_pools_each_recipe_and_names_an_older_auto(tables, monkeypatch, tmp_path):
     """One panel per recipe of the multi-seed runs, each pooled over its seeds; an `auto` that
-    is not today's (glyphs196 ran 1.0's) is drawn under another name than today's."""
+    is not today's (rows from before 1.1 record no members: 1.0's) is drawn under another name
+    than today's."""
     import ats_vit.viz
 
     drawn = {}
     monkeypatch.setattr(ats_vit.viz, "plot_frontier", lambda rows, path: drawn.update(rows=rows, path=path))
+    load = tables.load
+
+    def before_1_1(name):  # glyphs196 as if run before 1.1
+        run = load(name)
+        if "glyphs196" in name:
+            keep = {"auto_members", "switch_z"}
+            run["rows"] = [{k: v for k, v in r.items() if k not in keep} for r in run["rows"]]
+        return run
+
+    monkeypatch.setattr(tables, "load", before_1_1)
     tables.frontier_seeds_figure(tmp_path / "f.png")
     rows = drawn["rows"]
     panels = {r["checkpoint"]: r["seeds"] for r in rows if r["method"] == "dense"}
