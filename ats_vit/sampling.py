@@ -386,6 +386,17 @@ def pitome_margin(layer: int, depth: int) -> float:
     return PITOME_MARGIN - PITOME_MARGIN * (layer / depth)
 
 
+def pitome_energy(sim: Tensor, margin: float) -> Tensor:
+    """PiToMe's energy of each token, ``mean_j elu(sim[..., j] - margin)`` over the last axis.
+
+    ``elu(x) = exp(min(x, 0)) - 1 + max(x, 0)`` written out: torch's CPU ``elu`` (an ``expm1``)
+    ran about ten times slower than ``exp`` on a (64, 190, 190) similarity and took a fifth of a
+    forward pass. The energy only orders the tokens, so it carries no gradient."""
+    shifted = sim.detach() - margin
+    energy = shifted.clamp(max=0).exp_()
+    return energy.add_(shifted.clamp_(min=0)).mean(dim=-1).sub_(1)
+
+
 def pitome_plan(
     metric: Tensor, keep_count: int, num_prefix: int, size: Tensor | None, *, margin: float, bipartite: bool
 ) -> TokenSelection:
@@ -406,7 +417,7 @@ def pitome_plan(
     merges = min(max(t - keep_count, 0), t // 2)
     unit = _unit(_float(metric[:, p:]))
     sim = unit @ unit.transpose(-1, -2)  # (b, t, t)
-    energy = torch.nn.functional.elu(sim - margin).mean(dim=-1)
+    energy = pitome_energy(sim, margin)
     order = _descending(energy)  # (b, t)
     if bipartite:
         a, half_b = order[:, ::2], order[:, 1::2]

@@ -338,6 +338,19 @@ def test_pitome_gives_the_logits_of_the_released_code(ratio):
     assert (ours - reference).abs().max().item() <= 1e-5, f"max |diff| {(ours - reference).abs().max():.2e}"
 
 
+def test_pitome_energy_is_the_released_elu_mean_without_a_gradient():
+    """The energy is written with ``exp`` (torch's CPU ``elu`` is slow); it must equal the
+    authors' ``F.elu(sim - margin).mean(-1)`` on similarities across [-1, 1], margins included."""
+    from ats_vit.sampling import pitome_energy
+
+    sim = torch.linspace(-1, 1, 4 * 64 * 64).reshape(4, 64, 64)[:, torch.randperm(64)].requires_grad_()
+    for margin in (0.0, 0.375, 0.75):
+        energy = pitome_energy(sim, margin)
+        torch.testing.assert_close(energy, F.elu(sim.detach() - margin).mean(-1), atol=1e-6, rtol=0)
+        assert not energy.requires_grad
+    assert sim.grad is None
+
+
 def test_pitome_protects_distinct_tokens_and_keeps_position_order():
     """Outside the bipartite layers, the tokens of lowest energy (least like the others) are
     never merged; the output keeps the survivors in position order, sizes add up."""
